@@ -1,0 +1,71 @@
+"""Exact byte accounting of what autograd holds for backward."""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class Stats:
+    """Bytes held for backward, without actpack (baseline) and with it.
+
+    ``baseline_bytes`` counts each distinct storage autograd would keep alive
+    once (a saved view keeps its whole storage); parameters, buffers and
+    their casts are excluded (see ``weight_bytes``).
+    ``compressed_bytes`` counts every encoding once plus the storages of
+    tensors passed through unchanged.
+    """
+
+    baseline_bytes: int = 0
+    compressed_bytes: int = 0
+    #: Casts of parameters and buffers autograd holds (autocast's bf16 weight
+    #: copies): never compressed, the same with or without actpack.
+    weight_bytes: int = 0
+    tensors: int = 0
+    by_module: dict[str, list[int]] = field(default_factory=dict)
+    by_op: dict[str, list[int]] = field(default_factory=dict)
+    passthrough: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return (
+            self.baseline_bytes / self.compressed_bytes if self.compressed_bytes else float("inf")
+        )
+
+    def add(self, module: str | None, op: str | None, before: int, after: int) -> None:
+        self.baseline_bytes += before
+        self.compressed_bytes += after
+        for table, key in ((self.by_module, module or "<none>"), (self.by_op, op or "<none>")):
+            row = table.setdefault(key, [0, 0])
+            row[0] += before
+            row[1] += after
+
+
+class StorageSet:
+    """Storages seen so far, valid only while a tensor that uses them is alive.
+
+    A freed storage's address can be reused by a new tensor; tying each entry
+    to live weak references keeps a new tensor from being taken for an old one.
+    """
+
+    def __init__(self) -> None:
+        self._refs: dict[tuple, list[weakref.ref]] = {}
+
+    @staticmethod
+    def key(t: Tensor) -> tuple:
+        return (t.device, t.untyped_storage().data_ptr())
+
+    def add(self, t: Tensor) -> bool:
+        """Record ``t``'s storage; True if it was not already held."""
+        key = self.key(t)
+        refs = [r for r in self._refs.get(key, ()) if r() is not None]
+        fresh = not refs
+        refs.append(weakref.ref(t))
+        self._refs[key] = refs
+        return fresh
+
+    def clear(self) -> None:
+        self._refs.clear()

@@ -1,0 +1,115 @@
+"""DIVISION dual precision for (N, C, *S) maps with 1, 2 or 3 spatial dims.
+
+The low-frequency component (LFC) is the exact mean of each non-overlapping
+block (a trailing partial block averages only what it covers), kept in bf16.
+The high-frequency component (HFC) is ``x - up(LFC as stored)``, so the LFC's
+rounding error moves into the HFC, which is quantized per (n, c) row with
+:func:`quantize_groups`.  Decoding is unbiased.
+"""
+
+from __future__ import annotations
+
+import math
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from actpack.codec.groupquant import GroupCode, dequantize_groups, quantize_groups
+from actpack.codec.pack import _check_bits
+
+_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+@dataclass(frozen=True)
+class DivisionCode:
+    """Block means plus the quantized residual; see :func:`division_encode`."""
+
+    lfc: Tensor  # (N, C, *ceil(S_i / B_i)) bfloat16 block means
+    hfc: GroupCode  # rows N*C, one group of prod(S) per row
+    shape: tuple[int, ...]
+    block: tuple[int, ...]  # effective block per spatial dim, min(block, S_i)
+
+    @property
+    def nbytes(self) -> int:
+        """Storage in bytes, from shapes only."""
+        return self.lfc.numel() * self.lfc.element_size() + self.hfc.nbytes
+
+
+def _upsample(lfc: Tensor, block: tuple[int, ...], spatial: tuple[int, ...]) -> Tensor:
+    """Repeat each block mean over exactly the elements of its block."""
+    up = lfc
+    for i, (b, s) in enumerate(zip(block, spatial)):
+        up = up.repeat_interleave(b, dim=2 + i).narrow(2 + i, 0, s)
+    return up
+
+
+def division_encode(
+    x: Tensor,
+    block: int = 8,
+    bits: int = 2,
+    *,
+    stochastic: bool = True,
+    generator: torch.Generator | None = None,
+) -> DivisionCode:
+    """Split ``x`` (N, C, *S) into bf16 block means and a ``bits``-bit residual.
+
+    A row (n, c) whose residual is not finite although ``x`` is (sums or
+    differences overflowing float32 near its maximum) stores a zero LFC and
+    quantizes ``x`` itself, so extreme finite values never decode to NaN.
+    A row holding NaN/Inf is poisoned in the HFC and decodes as described in
+    :mod:`actpack.codec.groupquant`; its LFC is stored as zero.
+    """
+    if x.dim() not in (3, 4, 5):
+        raise ValueError(
+            f"x must be (N, C, L), (N, C, H, W) or (N, C, D, H, W), got shape {tuple(x.shape)}"
+        )
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an integer >= 1, got {block!r}")
+    bits = _check_bits(bits)
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    shape = tuple(x.shape)
+    n, c, spatial = shape[0], shape[1], shape[2:]
+    if min(spatial) < 1:
+        raise ValueError(f"spatial dims must be non-empty, got shape {shape}")
+    eff = tuple(min(block, s) for s in spatial)
+
+    with torch.no_grad():
+        xf = x.detach().float()
+        pool = _POOL[len(spatial)]
+        lfc = pool(xf, eff, eff, padding=0, ceil_mode=True, count_include_pad=False)
+        lfc = lfc.to(torch.bfloat16)
+        hfc = xf - _upsample(lfc.float(), eff, spatial)
+        size = math.prod(spatial)
+        rows = hfc.reshape(n * c, size)
+        # Rows with a non-finite residual fall back to LFC = 0: the HFC is then x
+        # itself, so groupquant poisons exactly the rows where x is non-finite and
+        # handles huge finite ranges safely.
+        ok = torch.isfinite(rows).all(dim=1)
+        rows = torch.where(ok.unsqueeze(1), rows, xf.reshape(n * c, size))
+        lfc = torch.where(ok.view(n, c, *([1] * len(spatial))), lfc, torch.zeros_like(lfc))
+        code = quantize_groups(
+            rows,
+            bits,
+            size,
+            stochastic=stochastic,
+            generator=generator,
+            meta_dtype=torch.bfloat16,
+        )
+        return DivisionCode(lfc, code, shape, eff)
+
+
+def division_decode(code: DivisionCode, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Rebuild a tensor of ``code.shape`` and ``dtype`` from a :class:`DivisionCode`."""
+    with torch.no_grad():
+        shape, spatial = code.shape, code.shape[2:]
+        hq = dequantize_groups(code.hfc, torch.float32).reshape(shape)
+        out = _upsample(code.lfc.float(), code.block, spatial) + hq
+        # A poisoned row decodes from its classes alone: its LFC must not leak in.
+        poisoned = torch.isnan(code.hfc.lo).view(shape[0], shape[1], *([1] * len(spatial)))
+        big = torch.finfo(dtype).max
+        out = torch.where(poisoned, hq, out.clamp(-big, big))  # finite stays finite in dtype
+        return out.to(dtype)

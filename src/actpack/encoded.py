@@ -1,0 +1,137 @@
+"""Containers for what the engine keeps instead of a saved tensor.
+
+Each holds the compressed form plus what is needed to rebuild a tensor of
+the original dtype and shape; ``nbytes`` is computed from shapes only, so
+accounting never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from actpack.codec import (
+    DivisionCode,
+    GroupCode,
+    dequantize_groups,
+    division_decode,
+    pack_bits,
+    unpack_bits,
+)
+
+
+def tensor_bytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Encoded:
+    """A saved tensor in compressed form."""
+
+    nbytes: int
+
+    def decode(self) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class Cast(Encoded):
+    data: Tensor
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.data)
+
+    def decode(self) -> Tensor:
+        return self.data.to(self.dtype)
+
+
+@dataclass
+class Bits(Encoded):
+    """A bool tensor, one bit per element, lossless."""
+
+    packed: Tensor
+    shape: torch.Size
+
+    @classmethod
+    def encode(cls, mask: Tensor) -> Bits:
+        return cls(pack_bits(mask.reshape(-1).to(torch.uint8), 1), mask.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.packed)
+
+    def decode(self) -> Tensor:
+        return unpack_bits(self.packed, 1, self.shape.numel()).view(self.shape).bool()
+
+
+@dataclass
+class Groups(Encoded):
+    """Per-group quantized tensor; ``shape`` is the logical shape to restore."""
+
+    code: GroupCode
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.code.nbytes
+
+    def decode(self) -> Tensor:
+        return dequantize_groups(self.code, self.dtype).reshape(self.shape)
+
+
+@dataclass
+class Dual(Encoded):
+    """DIVISION code of a tensor viewed as (N, C, *S) after ``permute``."""
+
+    code: DivisionCode
+    permute: tuple[int, ...] | None
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.code.nbytes
+
+    def decode(self) -> Tensor:
+        x = division_decode(self.code, self.dtype)
+        if self.permute is not None:
+            inverse = [0] * len(self.permute)
+            for i, p in enumerate(self.permute):
+                inverse[p] = i
+            x = x.permute(inverse)
+        return x.reshape(self.shape)
+
+
+@dataclass
+class Guarded(Encoded):
+    """A lossy code plus the exact region of each element (see exactness)."""
+
+    inner: Encoded
+    mask: Bits
+    rule: object
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes + self.mask.nbytes
+
+    def decode(self) -> Tensor:
+        return self.rule.restore(self.inner.decode(), self.mask.decode())
+
+
+@dataclass
+class LogOf(Encoded):
+    """Code of ``exp(x)`` restored as ``log``: for log_softmax outputs."""
+
+    inner: Encoded
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+    def decode(self) -> Tensor:
+        p = self.inner.decode()
+        return p.clamp_min(torch.finfo(p.dtype).tiny).log()

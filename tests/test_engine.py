@@ -1,0 +1,321 @@
+"""The saved-tensor engine: what is compressed, what is not, and restore semantics."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import actpack
+from actpack.encoded import Bits
+
+LOSSY = ["fp16", "bf16", "int8", "actnn", "division"]
+ALL = ["none", *LOSSY]
+
+
+def test_parameters_and_buffers_are_never_compressed():
+    lin = nn.Linear(64, 64)
+    x = torch.randn(64, 64)
+    with actpack.compress("actnn", min_numel=0) as ctx:
+        y = lin(x)
+    assert ctx.stats.baseline_bytes == x.numel() * 4  # only the input, never the weight
+    before = lin.weight.detach().clone()
+    y.sum().backward()
+    assert torch.equal(lin.weight, before)
+
+
+def test_autocast_weight_casts_pass_through():
+    lin = nn.Linear(64, 64)
+    x = torch.randn(64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16), actpack.compress("actnn", min_numel=0) as ctx:
+        lin(x).float().sum().backward()
+    assert ctx.stats.weight_bytes == 64 * 64 * 2
+
+
+def test_frozen_weight_cast_under_autocast_passes_through():
+    lin = nn.Linear(64, 64).requires_grad_(False)
+    x = torch.randn(64, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16), actpack.compress("actnn", min_numel=0) as ctx:
+        lin(x * 2).float().sum().backward()
+    assert ctx.stats.weight_bytes == 64 * 64 * 2
+
+
+def test_same_tensor_saved_twice_is_stored_once():
+    x = torch.randn(8, 4096, requires_grad=True)
+    w1, w2 = torch.randn(4096, requires_grad=True), torch.randn(4096, requires_grad=True)
+    with actpack.compress("actnn") as ctx:
+        y = x * 3
+        (y * w1 + y * w2).sum().backward()
+    # y is saved by both multiplications: one encoding, one storage in the baseline.
+    assert ctx.stats.baseline_bytes == y.numel() * 4
+    single = actpack.ActNN().encode(y.detach(), actpack.SaveInfo()).nbytes
+    assert ctx.stats.compressed_bytes == single
+
+
+class _UnpackTwice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        (a,) = ctx.saved_tensors
+        (b,) = ctx.saved_tensors
+        assert torch.equal(a, b)
+        return g * a * 0 + g * 2
+
+
+@pytest.mark.parametrize("strategy", LOSSY)
+def test_double_unpack_returns_same_values(strategy):
+    x = torch.randn(4, 4096).mul(3).requires_grad_()
+    with actpack.compress(strategy):
+        y = _UnpackTwice.apply(x * 1)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
+
+
+@pytest.mark.parametrize("strategy", LOSSY)
+def test_retain_graph_backward_twice_is_deterministic(strategy):
+    lin = nn.Linear(256, 256)
+    x = torch.randn(32, 256)
+    with actpack.compress(strategy):
+        loss = torch.tanh(lin(x)).pow(2).sum()
+    loss.backward(retain_graph=True)
+    g1 = lin.weight.grad.clone()
+    lin.weight.grad = None
+    loss.backward()
+    assert torch.equal(g1, lin.weight.grad)
+
+
+def test_create_graph_raises_clear_error():
+    x = torch.randn(32, 256, requires_grad=True)
+    with actpack.compress("actnn"):
+        y = (x * 1).tanh()
+    with pytest.raises(RuntimeError, match="create_graph"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+def test_create_graph_works_with_exact_strategy():
+    x = torch.randn(32, 256, requires_grad=True)
+    with actpack.compress("none"):
+        y = (x * 1).tanh().sum()
+    (g,) = torch.autograd.grad(y, x, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    t = torch.tanh(x.detach())
+    torch.testing.assert_close(gg, -2 * t * (1 - t**2))
+
+
+def _with_tiny_values(shape):
+    z = torch.randn(shape)
+    z.view(-1)[::7] = 1e-30  # positives a lossy code would round to zero
+    z.view(-1)[1::7] = -1e-30
+    z.view(-1)[2::11] = 0.0
+    return z
+
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "relu_inplace": lambda z: F.relu(z * 1, inplace=True),
+    "leaky_relu": lambda z: F.leaky_relu(z, 0.1),
+    "relu6": lambda z: F.relu6(z * 4),
+    "hardtanh": lambda z: F.hardtanh(z, -0.5, 0.5),
+    "threshold": lambda z: F.threshold(z, 0.3, -1.0),
+    "module_relu": nn.ReLU(),
+}
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+@pytest.mark.parametrize("strategy", LOSSY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_family_backward_is_exact(act, strategy, dtype):
+    fn = ACTIVATIONS[act]
+    z0 = _with_tiny_values((4, 8, 16, 16)).to(dtype)
+    if act in ("relu6", "hardtanh", "threshold"):
+        z0.view(-1)[3::13] = 0.5 if act == "hardtanh" else 0.3  # exactly on a boundary
+    g = torch.randn(z0.shape, dtype=dtype)
+    grads = []
+    for ctx in (actpack.compress("none"), actpack.compress(strategy)):
+        z = z0.clone().requires_grad_()
+        with ctx:
+            y = fn(z * 1)
+        y.backward(g)
+        grads.append(z.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_relu_output_under_actnn_needs_no_mask_bit():
+    z = torch.randn(8, 4096, requires_grad=True)
+    with actpack.compress("actnn") as ctx:
+        F.relu(z * 1).sum().backward()
+    # 2 bits per element + min/max (2 x 16 bit) per group of 256 -> 2.125 bits
+    assert ctx.stats.compressed_bytes == 8 * 4096 * 2 // 8 + 8 * 16 * 4
+
+
+@pytest.mark.parametrize("strategy", LOSSY)
+def test_non_finite_values_reach_the_gradients(strategy):
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(2, 4, 32, 32)
+    x[0, 1, 5, 7] = float("nan")
+    x[1, 2, 20, 3] = float("inf")
+    x[1, 3, 30, 30] = float("-inf")
+    grads = []
+    for s in ("none", strategy):
+        conv.zero_grad()
+        with actpack.compress(s):
+            y = conv(x * 1)
+        y.backward(torch.ones_like(y))
+        grads.append(conv.weight.grad.clone())
+    exact, comp = grads
+    assert not torch.isfinite(comp[~torch.isfinite(exact)]).any()
+
+
+@pytest.mark.parametrize("strategy", ["int8", "actnn", "division"])
+def test_non_finite_damage_is_contained(strategy):
+    x = torch.randn(4, 16, 16, 16).requires_grad_()
+    g = torch.randn_like(x)
+    with actpack.compress(strategy):
+        a = x * 1
+        y = a * a  # saves a
+    a_poisoned = a.detach().clone()
+    y.backward(g)
+    x2 = x.detach().clone()
+    x2[2, 3, 4, 5] = float("nan")
+    x2.requires_grad_()
+    with actpack.compress(strategy):
+        a = x2 * 1
+        y = a * a
+    y.backward(g)
+    bad = ~torch.isfinite(x2.grad)
+    assert bad[2, 3, 4, 5]
+    # only the unit that shares a range may be damaged: one (sample, channel) map
+    assert bad.sum() <= 16 * 16
+    assert bad[[0, 1, 3]].sum() == 0 and bad[2, [0, 1, 2] + list(range(4, 16))].sum() == 0
+    del a_poisoned
+
+
+@pytest.mark.parametrize("strategy", LOSSY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed"])
+def test_restored_tensor_keeps_dtype_shape_strides(strategy, dtype, layout):
+    x = torch.randn(4, 8, 16, 16, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = x.transpose(2, 3)
+    seen = {}
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            ctx.save_for_backward(t)
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            (t,) = ctx.saved_tensors
+            seen["t"] = t
+            return g
+
+    leaf = x.detach().requires_grad_()
+    with actpack.compress(strategy):
+        Probe.apply(leaf * 1).sum().backward()
+    t = seen["t"]
+    assert t.dtype == dtype and t.shape == x.shape and t.device == x.device
+    assert t.stride() == (leaf * 1).stride()
+    step = (x.float().amax() - x.float().amin()) / (1 if strategy not in ("fp16", "bf16") else 64)
+    assert (t.float() - x.float()).abs().max() <= step
+
+
+def test_bool_masks_are_one_bit_and_lossless():
+    mask = torch.rand(64, 4096) > 0.5
+    enc = Bits.encode(mask)
+    assert enc.nbytes == mask.numel() // 8
+    assert torch.equal(enc.decode(), mask)
+
+
+def test_dropout_is_exact_under_compression():
+    x = torch.randn(16, 4096, requires_grad=True)
+    torch.manual_seed(3)
+    F.dropout(x, 0.5).sum().backward()
+    ref = x.grad.clone()
+    x.grad = None
+    torch.manual_seed(3)
+    with actpack.compress("actnn"):
+        y = F.dropout(x, 0.5)
+    y.sum().backward()
+    assert torch.equal(ref, x.grad)
+
+
+def test_tiny_tensors_pass_through():
+    x = torch.randn(10, 10, requires_grad=True)
+    with actpack.compress("actnn") as ctx:
+        (x * 1).tanh().sum().backward()
+    assert ctx.stats.compressed_bytes == ctx.stats.baseline_bytes
+    assert ctx.stats.passthrough["tiny"] > 0
+
+
+def test_two_models_in_one_process_do_not_interfere():
+    def make():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10))
+
+    x = torch.randn(64, 256)
+
+    def grads(model, strategy):
+        model.zero_grad()
+        model(x).pow(2).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    a = actpack.wrap(make(), actpack.ActNN(seed=11))
+    alone = grads(a, None)
+    actpack.unwrap(a)
+    a = actpack.wrap(make(), actpack.ActNN(seed=11))
+    b = actpack.wrap(make(), actpack.Division(seed=12))
+    torch.manual_seed(5)  # consuming global RNG must not matter: strategies own theirs
+    grads(b, None)
+    together = grads(a, None)
+    for g1, g2 in zip(alone, together):
+        assert torch.equal(g1, g2)
+
+
+def test_wrap_keeps_parameters_state_dict_and_weights():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten())
+    keys = list(model.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    wrapped = actpack.wrap(model, "division")
+    assert wrapped is model
+    assert list(wrapped.state_dict()) == keys
+    assert all(torch.equal(a, b) for a, b in zip(params, wrapped.parameters()))
+    wrapped(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert actpack.engine_of(wrapped).stats.ratio > 1.5
+    with pytest.raises(ValueError, match="already wrapped"):
+        actpack.wrap(model, "actnn")
+    actpack.unwrap(model)
+    with pytest.raises(ValueError, match="not wrapped"):
+        actpack.unwrap(model)
+
+
+def test_wrap_exits_cleanly_when_forward_raises():
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    model = actpack.wrap(Boom(), "actnn")
+    with pytest.raises(RuntimeError, match="boom"):
+        model(torch.randn(2))
+    x = torch.randn(8, 4096, requires_grad=True)
+    (x * 1).tanh().sum().backward()  # no actpack hooks left installed
+    assert torch.allclose(x.grad, 1 - torch.tanh(x.detach()) ** 2)
+
+
+def test_unknown_strategy_and_bad_knobs_raise_value_error():
+    with pytest.raises(ValueError, match="valid names"):
+        actpack.compress("actnm")
+    with pytest.raises(ValueError, match="bits"):
+        actpack.ActNN(bits=9)
+    with pytest.raises(ValueError, match="group_size"):
+        actpack.ActNN(group_size=0)
+    with pytest.raises(ValueError, match="block_size"):
+        actpack.Division(block_size=0)
+    with pytest.raises(ValueError, match="min_numel"):
+        actpack.compress("actnn", min_numel=-1)
