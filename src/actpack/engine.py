@@ -211,7 +211,9 @@ class Engine:
         reason = self._skip_reason(t)
         module = self._modules.current if self._modules is not None else None
         op, args, kwargs = self._ops.name, self._ops.args, self._ops.kwargs
-        compact = compact_integer(t, op, args, kwargs) if reason == "integer" else None
+        compact = None
+        if reason == "integer" and not self.strategy.lossless:
+            compact = compact_integer(t, op, args, kwargs)
         if compact is not None:
             reason = None
         before = t.untyped_storage().nbytes() if self._held.add(t) else 0

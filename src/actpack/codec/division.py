@@ -10,7 +10,6 @@ rounding error moves into the HFC, which is quantized per (n, c) row with
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch

@@ -54,9 +54,18 @@ def _round_out(v: Tensor, meta_dtype: torch.dtype, down: bool) -> Tensor:
     becoming infinite; see the note in :func:`quantize_groups`.
     """
     m = v.to(meta_dtype)
+    if m.element_size() >= 4:
+        return m  # float32/float64 hold every float32 value exactly
+    # One ulp outwards via the 16-bit pattern (sign-magnitude), because
+    # torch.nextafter lacks CUDA float16 support before torch 2.6.
     back = m.float()
     off = back > v if down else back < v
-    m = torch.where(off, torch.nextafter(m, torch.full_like(m, -math.inf if down else math.inf)), m)
+    bits = m.view(torch.int16)
+    away = (m > 0) != down  # moving away from zero grows the magnitude field
+    moved = torch.where(away, bits + 1, bits - 1).to(torch.int16)
+    tiniest = -32767 if down else 1  # 0x8001 / 0x0001: smallest subnormal, signed
+    moved = torch.where(m == 0, torch.full_like(bits, tiniest), moved)
+    m = torch.where(off, moved.view(meta_dtype), m)
     big = torch.finfo(meta_dtype).max
     return m.clamp(-big, big)
 
