@@ -21,6 +21,8 @@ class Stats:
 
     baseline_bytes: int = 0
     compressed_bytes: int = 0
+    #: Elements in the baseline storages, for bits per saved element.
+    baseline_elements: int = 0
     #: Casts of parameters and buffers autograd holds (autocast's bf16 weight
     #: copies): never compressed, the same with or without actpack.
     weight_bytes: int = 0
@@ -35,8 +37,15 @@ class Stats:
             self.baseline_bytes / self.compressed_bytes if self.compressed_bytes else float("inf")
         )
 
-    def add(self, module: str | None, op: str | None, before: int, after: int) -> None:
+    @property
+    def bits_per_element(self) -> float:
+        return 8 * self.compressed_bytes / self.baseline_elements if self.baseline_elements else 0.0
+
+    def add(
+        self, module: str | None, op: str | None, before: int, after: int, elements: int = 0
+    ) -> None:
         self.baseline_bytes += before
+        self.baseline_elements += elements
         self.compressed_bytes += after
         for table, key in ((self.by_module, module or "<none>"), (self.by_op, op or "<none>")):
             row = table.setdefault(key, [0, 0])

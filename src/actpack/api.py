@@ -113,6 +113,7 @@ class Report:
     baseline_bytes: int
     compressed_bytes: int
     tensors: int
+    baseline_elements: int = 0
     weight_bytes: int = 0
     modules: dict[str, tuple[int, int]] = field(default_factory=dict)
     ops: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -125,6 +126,11 @@ class Report:
         return (
             self.baseline_bytes / self.compressed_bytes if self.compressed_bytes else float("inf")
         )
+
+    @property
+    def bits_per_element(self) -> float:
+        """Compressed bits per element autograd would have held."""
+        return 8 * self.compressed_bytes / self.baseline_elements if self.baseline_elements else 0.0
 
     def __str__(self) -> str:
         lines = [
@@ -212,6 +218,7 @@ def measure(
         baseline_bytes=s.baseline_bytes,
         compressed_bytes=s.compressed_bytes,
         tensors=s.tensors,
+        baseline_elements=s.baseline_elements,
         weight_bytes=s.weight_bytes,
         modules={k: (v[0], v[1]) for k, v in s.by_module.items()},
         ops={k: (v[0], v[1]) for k, v in s.by_op.items()},

@@ -217,6 +217,7 @@ class Engine:
         if compact is not None:
             reason = None
         before = t.untyped_storage().nbytes() if self._held.add(t) else 0
+        elements = before // t.element_size()
         if reason in ("parameter", "buffer"):
             return t  # the model's own storage: exists anyway
         if reason == "parameter cast":
@@ -228,14 +229,14 @@ class Engine:
             after = t.untyped_storage().nbytes() if self._held_compressed.add(t) else 0
             self.stats.passthrough[reason] = self.stats.passthrough.get(reason, 0) + after
             self.stats.tensors += 1
-            self.stats.add(module, op, before, after)
+            self.stats.add(module, op, before, after, elements)
             return t
         rule = rule_for(t, op, args, kwargs) if t.is_floating_point() else None
         dedupe = (t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride(), t._version)
         for ref, entry_rule, saved in self._table.get(dedupe, ()):
             # A live entry pins its memory, so equal keys mean equal bytes.
             if ref() is not None and (rule is None or entry_rule == rule):
-                self.stats.add(module, op, before, 0)
+                self.stats.add(module, op, before, 0, elements)
                 return saved
         n = self._ordinals.get((module, op), 0)
         self._ordinals[(module, op)] = n + 1
@@ -244,7 +245,7 @@ class Engine:
         entries = self._table.setdefault(dedupe, [])
         entries.append((weakref.ref(t, lambda _r, k=dedupe: self._table.pop(k, None)), rule, saved))
         self.stats.tensors += 1
-        self.stats.add(module, op, before, saved.encoded.nbytes)
+        self.stats.add(module, op, before, saved.encoded.nbytes, elements)
         return saved
 
     def _encode(self, t: Tensor, info: SaveInfo, compact: Encoded | None) -> Saved:
