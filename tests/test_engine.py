@@ -368,3 +368,23 @@ def test_packed_data_is_freed_with_the_graph(strategy):
     del loss
     gc.collect()
     assert all(r() is None for r in refs)
+
+
+def test_small_view_of_a_large_storage_is_copied_exactly():
+    x = torch.randn(64, 256, requires_grad=True)
+    w = torch.randn(256, 10, requires_grad=True)
+    with actpack.compress("actnn") as ctx:
+        h = x * 2  # 16384 elements
+        out = h[:, 0:1] * w[:1]  # saves a 64-element view of h's storage
+    assert ctx.stats.passthrough["tiny"] == 64 * 4  # the copy, not h's 64 KiB storage
+    out.sum().backward()
+    assert torch.equal(w.grad[0], (x.detach()[:, 0] * 2).sum().expand(10))
+
+
+def test_cast_strategies_leave_16_bit_tensors_alone():
+    x = torch.randn(64, 4096, dtype=torch.bfloat16, requires_grad=True)
+    with actpack.compress("fp16") as ctx:
+        y = torch.relu(x * 1)
+    assert ctx.stats.passthrough["already 16-bit"] == x.numel() * 2
+    assert ctx.stats.compressed_bytes == ctx.stats.baseline_bytes
+    y.sum().backward()

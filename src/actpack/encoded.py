@@ -49,6 +49,20 @@ class Cast(Encoded):
 
 
 @dataclass
+class Copy(Encoded):
+    """An exact copy (of a small view whose storage is large)."""
+
+    data: Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.data)
+
+    def decode(self) -> Tensor:
+        return self.data
+
+
+@dataclass
 class Bits(Encoded):
     """A bool tensor, one bit per element, lossless."""
 

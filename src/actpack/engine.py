@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from actpack.accounting import Stats, StorageSet
 from actpack.compact import compact_integer
-from actpack.encoded import Bits, Encoded, Guarded, LogOf
+from actpack.encoded import Bits, Copy, Encoded, Guarded, LogOf
 from actpack.exactness import ReluOutput, rule_for, same_tensor
 from actpack.strategies import SaveInfo, Strategy, resolve
 from actpack.tracking import ModuleTracker, OpTracker
@@ -21,8 +21,14 @@ DEFAULT_MIN_NUMEL = 2048
 # (autocast's cached weight casts, their transposes and views).
 _CAST_NODES = frozenset(
     {"ToCopyBackward0", "TBackward0", "ViewBackward0", "TransposeBackward0",
-     "PermuteBackward0", "ExpandBackward0", "UnsqueezeBackward0", "AliasBackward0"}
+     "PermuteBackward0", "ExpandBackward0", "UnsqueezeBackward0", "AliasBackward0",
+     "SliceBackward0", "SelectBackward0", "SqueezeBackward0", "SqueezeBackward1",
+     "ReshapeAliasBackward0", "AsStridedBackward0"}
 )  # fmt: skip
+
+
+# Reasons to keep a tensor exact under which an exact copy is still fine.
+_COPYABLE = frozenset({"tiny", "integer", "float64 (kept exact)", "op statistics"})
 
 
 def _dense_order(t: Tensor) -> bool:
@@ -179,7 +185,12 @@ class Engine:
             return "broadcast view"
         if self.strategy.lossless:
             return "exact strategy"
-        return None
+        return self.strategy.skip_reason(t)
+
+    def _worth_copying(self, t: Tensor, reason: str) -> bool:
+        if reason not in _COPYABLE or self.strategy.lossless:
+            return False
+        return 2 * t.numel() * t.element_size() < t.untyped_storage().nbytes()
 
     def _is_op_internal(self, t: Tensor) -> bool:
         # Neither an argument nor a differentiable output: an op's own
@@ -225,6 +236,15 @@ class Engine:
             # apart so that activation ratios are not diluted by model size.
             self.stats.weight_bytes += before
             return t
+        if reason is not None and self._worth_copying(t, reason):
+            # A small view keeps its whole storage alive; an exact copy frees it.
+            saved = Saved(Copy(t.detach().clone()), None, t.requires_grad)
+            self.stats.passthrough[reason] = self.stats.passthrough.get(reason, 0) + (
+                saved.encoded.nbytes
+            )
+            self.stats.tensors += 1
+            self.stats.add(module, op, before, saved.encoded.nbytes, elements)
+            return saved
         if reason is not None:
             after = t.untyped_storage().nbytes() if self._held_compressed.add(t) else 0
             self.stats.passthrough[reason] = self.stats.passthrough.get(reason, 0) + after

@@ -72,6 +72,10 @@ class Strategy:
     def encode(self, x: Tensor, info: SaveInfo) -> Encoded:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def skip_reason(self, x: Tensor) -> str | None:
+        """Why this strategy leaves ``x`` as it is (None: it encodes ``x``)."""
+        return None
+
     def begin_forward(self) -> None:
         """Called when a compressed forward starts (before any save)."""
 
@@ -112,6 +116,9 @@ class Cast16(Strategy):
             raise ValueError(f"Cast16 dtype must be torch.float16 or torch.bfloat16, got {dtype}")
         self.dtype = dtype
         self.name = "fp16" if dtype == torch.float16 else "bf16"
+
+    def skip_reason(self, x: Tensor) -> str | None:
+        return "already 16-bit" if x.element_size() <= 2 else None
 
     def encode(self, x: Tensor, info: SaveInfo) -> Encoded:
         return Cast(x.to(self.dtype), x.dtype)
