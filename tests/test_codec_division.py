@@ -155,6 +155,19 @@ def test_nonfinite_contained_per_row(bits: int, device: str) -> None:
     assert (err <= _row_step(code).to(device)[~rows] + 1e-5).all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("dtype", "pattern"), [(torch.bfloat16, 0x7FC0), (torch.float16, 0x7E00)])
+def test_nonfinite_decode_is_canonical_nan(dtype: torch.dtype, pattern: int, device: str) -> None:
+    """A poisoned row decodes to the dtype's canonical quiet NaN on every device (a
+    vectorised CPU cast would give bfloat16 0xFFFF), as dequantize_groups and the kernels."""
+    x = torch.randn(2, 3, 9, 9, device=device)
+    x[1, 2, 4, 4] = math.nan
+    y = division_decode(division_encode(x, 8, 2), dtype)
+    nan = torch.isnan(y)
+    assert nan.sum() == 81 and nan[1, 2].all()
+    assert ((y.view(torch.int16)[nan].int() & 0xFFFF) == pattern).all()
+
+
 def test_huge_finite_values_stay_finite() -> None:
     x = torch.randn(1, 3, 16, 16)
     x[0, 0] = 3e38  # block sums overflow float32

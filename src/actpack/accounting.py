@@ -72,7 +72,8 @@ class StorageSet:
         key = self.key(t)
         refs = [r for r in self._refs.get(key, ()) if r() is not None]
         fresh = not refs
-        refs.append(weakref.ref(t))
+        # A view made inside an op dies at once; its base holds the storage.
+        refs.append(weakref.ref(t._base if t._base is not None else t))
         self._refs[key] = refs
         return fresh
 

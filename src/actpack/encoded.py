@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from actpack.codec import (
-    DivisionCode,
-    GroupCode,
+from actpack.codec import DivisionCode, GroupCode
+from actpack.codec.backend import (
     dequantize_groups,
     division_decode,
-    pack_bits,
-    unpack_bits,
+    pack_mask,
+    unpack_mask,
 )
 
 
@@ -71,14 +70,14 @@ class Bits(Encoded):
 
     @classmethod
     def encode(cls, mask: Tensor) -> Bits:
-        return cls(pack_bits(mask.reshape(-1).to(torch.uint8), 1), mask.shape)
+        return cls(pack_mask(mask), mask.shape)
 
     @property
     def nbytes(self) -> int:
         return tensor_bytes(self.packed)
 
     def decode(self) -> Tensor:
-        return unpack_bits(self.packed, 1, self.shape.numel()).view(self.shape).bool()
+        return unpack_mask(self.packed, self.shape)
 
 
 @dataclass
@@ -121,19 +120,21 @@ class Dual(Encoded):
 
 
 @dataclass
-class Guarded(Encoded):
-    """A lossy code plus the exact region of each element (see exactness)."""
+class Region(Encoded):
+    """Only the exact region of each element (see exactness), restored as a
+    representative value inside it: all an activation's backward reads."""
 
-    inner: Encoded
     mask: Bits
     rule: object
+    dtype: torch.dtype
 
     @property
     def nbytes(self) -> int:
-        return self.inner.nbytes + self.mask.nbytes
+        return self.mask.nbytes
 
     def decode(self) -> Tensor:
-        return self.rule.restore(self.inner.decode(), self.mask.decode())
+        m = self.mask.decode()
+        return self.rule.restore(torch.zeros(m.shape, dtype=self.dtype, device=m.device), m)
 
 
 @dataclass

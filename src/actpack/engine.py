@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from actpack.accounting import Stats, StorageSet
 from actpack.compact import compact_integer
-from actpack.encoded import Bits, Copy, Encoded, Guarded, LogOf
-from actpack.exactness import ReluOutput, rule_for, same_tensor
+from actpack.encoded import Bits, Copy, Encoded, LogOf, Region
+from actpack.exactness import ReluOutput, reads_region_only, rule_for, same_tensor
 from actpack.strategies import SaveInfo, Strategy, resolve
 from actpack.tracking import ModuleTracker, OpTracker
 
@@ -41,6 +41,10 @@ def _dense_order(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def _same_strides(t: Tensor, stride: tuple[int, ...]) -> bool:
+    return all(n == 1 or a == b for n, a, b in zip(t.shape, t.stride(), stride))
 
 
 def _overlaps(t: Tensor) -> bool:
@@ -80,7 +84,7 @@ class Saved:
                 "actpack.compress or with strategy='none'."
             )
         x = self.encoded.decode()
-        if self.stride is not None and x.stride() != self.stride:
+        if self.stride is not None and not _same_strides(x, self.stride):
             x = torch.empty_strided(x.shape, self.stride, dtype=x.dtype, device=x.device).copy_(x)
         return x
 
@@ -252,40 +256,56 @@ class Engine:
             self.stats.add(module, op, before, after, elements)
             return t
         rule = rule_for(t, op, args, kwargs) if t.is_floating_point() else None
+        region_only = False
+        if rule is not None and not (
+            isinstance(rule, ReluOutput) and self.strategy.keeps_relu_exact
+        ):
+            # The activation itself needs only the region; other ops saving the
+            # same tensor need unbiased values, which clamping would bias.
+            region_only = reads_region_only(op)
+            rule = rule if region_only else None
+        tag = (region_only, rule)
         dedupe = (t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride(), t._version)
-        for ref, entry_rule, saved in self._table.get(dedupe, ()):
+        for ref, entry_tag, saved in self._table.get(dedupe, ()):
             # A live entry pins its memory, so equal keys mean equal bytes.
-            if ref() is not None and (rule is None or entry_rule == rule):
+            if ref() is not None and entry_tag == tag:
                 self.stats.add(module, op, before, 0, elements)
+                self.strategy.saved_again(saved.encoded, SaveInfo(op=op, module=module, rule=rule))
                 return saved
         n = self._ordinals.get((module, op), 0)
         self._ordinals[(module, op)] = n + 1
         info = SaveInfo(op=op, module=module, rule=rule, key=f"{module or ''}/{op or ''}#{n}")
-        saved = self._encode(t, info, compact)
+        saved = self._encode(t, info, compact, region_only)
         entries = self._table.setdefault(dedupe, [])
-        entries.append((weakref.ref(t, lambda _r, k=dedupe: self._table.pop(k, None)), rule, saved))
+        # A view made inside an op (F.linear's reshape) dies at once; its base
+        # keeps the memory alive, so the entry lives as long as the base.
+        anchor = t._base if t._base is not None else t
+        entries.append(
+            (weakref.ref(anchor, lambda _r, k=dedupe: self._table.pop(k, None)), tag, saved)
+        )
         self.stats.tensors += 1
         self.stats.add(module, op, before, saved.encoded.nbytes, elements)
         return saved
 
-    def _encode(self, t: Tensor, info: SaveInfo, compact: Encoded | None) -> Saved:
-        stride = t.stride() if _dense_order(t) and not t.is_contiguous() else None
+    def _encode(
+        self, t: Tensor, info: SaveInfo, compact: Encoded | None, region_only: bool = False
+    ) -> Saved:
+        # Restored tensors keep the original strides: some backward kernels
+        # (oneDNN's RNN) read their inputs as if they had them.
+        stride = t.stride() if _dense_order(t) else None
         if compact is not None:
             return Saved(compact, stride, False)
         if t.dtype == torch.bool:
             return Saved(Bits.encode(t), stride, False)
         x = t.detach()
+        if region_only:
+            region = Region(Bits.encode(info.rule.mask(x)), info.rule, x.dtype)
+            return Saved(region, stride, t.requires_grad)
         if t.grad_fn is not None and type(t.grad_fn).__name__ == "LogSoftmaxBackward0":
             # log_softmax backward reads exp(output): code the probabilities, so
             # the restored exp(output) is unbiased (a code of the log would not be).
             return Saved(LogOf(self.strategy.encode(x.exp(), info)), stride, t.requires_grad)
-        encoded = self.strategy.encode(x, info)
-        rule = info.rule
-        if rule is not None and not (
-            isinstance(rule, ReluOutput) and self.strategy.keeps_relu_exact
-        ):
-            encoded = Guarded(encoded, Bits.encode(rule.mask(x)), rule)
-        return Saved(encoded, stride, t.requires_grad)
+        return Saved(self.strategy.encode(x, info), stride, t.requires_grad)
 
     def unpack(self, obj: object) -> Tensor:
         if isinstance(obj, Tensor):

@@ -3,8 +3,12 @@
 ReLU-family backward reads only which region each element falls in (x > 0,
 lo < x < hi, ...).  A lossy code may move a value across a region boundary
 (a small positive rounded to 0 kills its gradient), so for these tensors the
-region is stored exactly (1 bit) and the decoded value is clamped back into
-its region.  ReLU outputs need no extra bit when the codec keeps zeros exact.
+region is stored exactly.  The activation's own save needs nothing else: it
+is stored as its region alone (1 bit per element, see
+:func:`reads_region_only`).  Other ops saving the same tensor (the next conv)
+get the strategy's unbiased code of the values; clamping that code into the
+regions would bias them.  ReLU outputs under a codec that keeps zeros exact
+(ActNN at >= 2 bits) need only that one code: it serves both.
 """
 
 from __future__ import annotations
@@ -89,6 +93,15 @@ class Between:
 
 
 Rule = "ReluOutput | Above | Between"
+
+# Ops whose backward reads only the region of what they save.
+_REGION_OPS = frozenset({"relu", "leaky_relu", "threshold", "relu6", "hardtanh"})
+
+
+def reads_region_only(op: str | None) -> bool:
+    """Whether ``op`` is an activation whose backward reads only the region of its save."""
+    return op is not None and op.strip("_") in _REGION_OPS
+
 
 _RELU_OUTPUT_NODES = frozenset({"ReluBackward0", "ReluBackward1"})
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from actpack.codec import division_encode, quantize_groups
+from actpack.codec.backend import division_encode, quantize_groups
 from actpack.encoded import Cast, Dual, Encoded, Groups
 from actpack.exactness import ReluOutput
 
@@ -26,6 +26,11 @@ _CHANNEL_FIRST_OPS = frozenset(
         "group_norm", "adaptive_avg_pool1d", "adaptive_max_pool1d",
     }
 )  # fmt: skip
+
+# Ops normalizing each row of the last dimension (per token).  Their backward
+# multiplies a row's input error by that row's 1/std, so one quantization
+# range must not span rows of different scale (a cls token among patches).
+_ROW_NORM_OPS = frozenset({"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"})
 
 _instances = itertools.count()
 
@@ -75,6 +80,13 @@ class Strategy:
     def skip_reason(self, x: Tensor) -> str | None:
         """Why this strategy leaves ``x`` as it is (None: it encodes ``x``)."""
         return None
+
+    def saved_again(self, encoded: Encoded, info: SaveInfo) -> None:
+        """Called when ``info.op`` saves a tensor this forward already encoded.
+
+        The engine shares the first encoding (``encoded``, possibly wrapped);
+        strategies that track which ops read a tensor (mixed precision) use it.
+        """
 
     def begin_forward(self) -> None:
         """Called when a compressed forward starts (before any save)."""
@@ -151,6 +163,10 @@ class ActNN(Strategy):
         stochastic: unbiased stochastic rounding (``False``: round to nearest).
         seed: seed of this strategy's own random generators.
 
+    ``ActNN(level="L0")`` .. ``ActNN(level="L5")`` build ActNN's optimization
+    levels instead (:class:`~actpack.mixed.ActNNPreset` for L0-L2,
+    :class:`~actpack.mixed.ActNNMixed` for L3-L5; other keywords go to them).
+
     Example::
 
         with actpack.compress(actpack.ActNN(bits=2)):
@@ -160,6 +176,14 @@ class ActNN(Strategy):
 
     name = "actnn"
     keeps_relu_exact = True
+
+    def __new__(cls, *args: Any, level: str | None = None, **kwargs: Any) -> ActNN:
+        # ActNN(level="L0".."L5"): optimization-level presets (actpack.mixed).
+        if level is None or cls is not ActNN:
+            return super().__new__(cls)
+        from actpack.mixed import level_class  # lazy: actpack.mixed imports this module
+
+        return super().__new__(level_class(level))
 
     def __init__(
         self,
@@ -177,13 +201,27 @@ class ActNN(Strategy):
         if self.bits == 1:
             self.keeps_relu_exact = False  # zero-exact codes need at least 2 bits
 
-    def quantize(self, x: Tensor, info: SaveInfo, bits: int) -> Groups:
+    def _grouping(self, x: Tensor, info: SaveInfo) -> tuple[int, int]:
+        """(rows, group size): groups never span two samples, nor two
+        normalized rows of a LayerNorm/RMSNorm input."""
+        g = self.group_size
+        d = x.shape[-1] if x.dim() >= 2 else 0
+        if info.op in _ROW_NORM_OPS and d and d % g:
+            return x.numel() // d, -(-d // -(-d // g))
         rows = _rows(x)
+        if (x.numel() // rows) % g and rows > 1:
+            # Samples shorter than a group (F.linear's (tokens, features) view)
+            # would each pad their last group: quantize them as one row.
+            return 1, g
+        return rows, g
+
+    def quantize(self, x: Tensor, info: SaveInfo, bits: int) -> Groups:
+        rows, group_size = self._grouping(x, info)
         zero_exact = isinstance(info.rule, ReluOutput) and bits >= 2
         code = quantize_groups(
             x.reshape(rows, -1),
             bits,
-            self.group_size,
+            group_size,
             stochastic=self.stochastic,
             generator=self.generator(x.device) if self.stochastic else None,
             zero_exact=zero_exact,
@@ -251,6 +289,9 @@ class Division(Strategy):
 
     def _layout(self, x: Tensor, info: SaveInfo) -> tuple[Tensor, tuple[int, ...] | None] | None:
         """View ``x`` as (N, C, *S); the permutation used, or None if no layout fits."""
+        if info.op in _ROW_NORM_OPS and x.dim() >= 2:
+            # Blocks of features, one residual range per token (see _ROW_NORM_OPS).
+            return x.reshape(x.shape[0], -1, x.shape[-1]), None
         if x.dim() in (4, 5):
             return x, None
         if x.dim() == 3:
@@ -296,9 +337,22 @@ _NAMED: dict[str, Any] = {
     "int8": Int8,
     "actnn": ActNN,
     "division": Division,
+    "actnn-l0": lambda: ActNN(level="L0"),
+    "actnn-l1": lambda: ActNN(level="L1"),
+    "actnn-l2": lambda: ActNN(level="L2"),
+    "actnn-l3": lambda: ActNN(level="L3"),
+    "actnn-l4": lambda: ActNN(level="L4"),
+    "actnn-l5": lambda: ActNN(level="L5"),
+    "actnn-mixed": lambda: _mixed(),
 }
 
 STRATEGY_NAMES: tuple[str, ...] = tuple(_NAMED)
+
+
+def _mixed() -> Strategy:
+    from actpack.mixed import ActNNMixed  # lazy: actpack.mixed imports this module
+
+    return ActNNMixed()
 
 
 def resolve(strategy: str | Strategy) -> Strategy:

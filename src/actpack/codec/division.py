@@ -111,4 +111,11 @@ def division_decode(code: DivisionCode, dtype: torch.dtype = torch.float32) -> T
         poisoned = torch.isnan(code.hfc.lo).view(shape[0], shape[1], *([1] * len(spatial)))
         big = torch.finfo(dtype).max
         out = torch.where(poisoned, hq, out.clamp(-big, big))  # finite stays finite in dtype
-        return out.to(dtype)
+        out = out.to(dtype)
+        if dtype != torch.float32:
+            # NaN arises only in poisoned rows.  Its 16-bit pattern after a cast depends on
+            # the device (CPU's vectorised float32 -> bfloat16 cast gives 0xFFFF, CUDA and
+            # the scalar cast 0x7FC0): write the canonical quiet NaN, as dequantize_groups does.
+            nan = torch.full((), math.nan, dtype=dtype, device=out.device)
+            out = torch.where(torch.isnan(out), nan, out)
+        return out
