@@ -3,22 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from small_models import SmallCNN
 from torch import nn
 
 import actpack
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.b1(self.c1(x))), 2)
-        x = F.relu(self.b2(self.c2(x)))
-        return self.fc(x.mean((2, 3)))
 
 
 class Block(nn.Module):

@@ -10,6 +10,8 @@ Example::
 
 from actpack.api import Report, compress, engine_of, measure, unwrap, wrap
 from actpack.engine import Engine
+from actpack.mixed import LEVELS, ActNNMixed, ActNNPreset, Allocation, allocate_bits
+from actpack.noise import NoiseReport, gradient_noise
 from actpack.strategies import (
     STRATEGY_NAMES,
     ActNN,
@@ -25,18 +27,25 @@ from actpack.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LEVELS",
     "STRATEGY_NAMES",
     "ActNN",
+    "ActNNMixed",
+    "ActNNPreset",
+    "Allocation",
     "Cast16",
     "Division",
     "Engine",
     "Exact",
     "Int8",
+    "NoiseReport",
     "Report",
     "SaveInfo",
     "Strategy",
+    "allocate_bits",
     "compress",
     "engine_of",
+    "gradient_noise",
     "measure",
     "resolve",
     "unwrap",
