@@ -1,0 +1,580 @@
+"""``actpack train``: train a built-in model on Fashion-MNIST under several strategies.
+
+Every strategy is trained from the same initial weights on the same data
+order (the seed is re-applied before the model is built, and shuffling uses its
+own :class:`torch.Generator`), so differences in accuracy come from the
+compression of the tensors saved for backward and nothing else.  The model is
+wrapped with :func:`actpack.wrap`; the strategy's own random state is seeded
+from the run seed too, so a run is reproducible.
+
+Example::
+
+    actpack train --model resnet --size tiny --strategies none actnn division \\
+        --epochs 3 --seeds 0 1 2 --json out.json --plot out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import actpack
+from actpack.data import DatasetMissingError, load_fashion_mnist
+from actpack.engine import DEFAULT_MIN_NUMEL
+from actpack.models import MODELS, build_model
+
+__all__ = ["add_parser", "environment", "make_strategy", "run", "strategy_name", "summarize"]
+
+TRAIN_MODELS = ("resnet", "vit")
+AUTOCAST_CHOICES = ("none", "bfloat16", "float16")
+DEFAULT_OPTIMIZER = {"resnet": "sgd", "vit": "adamw"}
+DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
+DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
+
+
+# --------------------------------------------------------------------------- #
+# Shared helpers (also used by ``actpack bench``)
+# --------------------------------------------------------------------------- #
+
+
+def strategy_name(value: str) -> str:
+    """argparse type: any name :func:`actpack.resolve` accepts."""
+    try:
+        actpack.resolve(value)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def make_strategy(name: str, seed: int) -> actpack.Strategy:
+    """A fresh strategy for ``name`` whose random state is seeded with ``seed``."""
+    strategy = actpack.resolve(name)
+    state = strategy.state_dict()
+    if "seed" in state:
+        state["seed"] = int(seed)
+        strategy.load_state_dict(state)
+    return strategy
+
+
+def autocast_context(device: torch.device, dtype: str | None) -> Any:
+    if dtype in (None, "none"):
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and machine description stored with every result."""
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "actpack": actpack.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["gpu"] = props.name
+        env["gpu_memory_bytes"] = props.total_memory
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_json(path: str | os.PathLike, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (torch.device, torch.dtype)):
+        return str(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def mib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def progress(iterable: Any, *, enabled: bool, **kwargs: Any) -> Any:
+    """tqdm progress bar on stderr when enabled and available."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is an optional dependency
+        return iterable
+    return tqdm(iterable, leave=False, dynamic_ncols=True, file=sys.stderr, **kwargs)
+
+
+# --------------------------------------------------------------------------- #
+# Training
+# --------------------------------------------------------------------------- #
+
+
+def build(args: argparse.Namespace) -> nn.Module:
+    overrides: dict[str, Any] = {}
+    if args.model == "resnet":
+        overrides = dict(in_channels=1, num_classes=10, image_size=28)
+        if args.width is not None:
+            overrides["width"] = args.width
+    elif args.width is not None:
+        overrides["dim"] = args.width
+    model, _ = build_model(args.model, args.size, **overrides)
+    return model
+
+
+def _optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": args.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999))
+
+
+def _schedule(args: argparse.Namespace, optimizer: torch.optim.Optimizer, total: int) -> Any:
+    warmup = int(round(args.warmup * total))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if args.schedule == "constant":
+            return 1.0
+        progress_ = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device, autocast: str
+) -> tuple[float, float]:
+    """(mean loss, accuracy in %) of ``model`` on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        with autocast_context(device, autocast):
+            out = model(xb)
+        loss_sum += F.cross_entropy(out.float(), yb, reduction="sum").double()
+        correct += (out.argmax(1) == yb).sum()
+    model.train(was_training)
+    n = max(1, len(x))
+    return loss_sum.item() / n, 100.0 * correct.item() / n
+
+
+def _saved(stats: Any) -> dict[str, Any]:
+    return {
+        "baseline_bytes": int(stats.baseline_bytes),
+        "compressed_bytes": int(stats.compressed_bytes),
+        "ratio": float(stats.ratio) if stats.compressed_bytes else None,
+        "bits_per_element": float(stats.bits_per_element),
+        "tensors": int(stats.tensors),
+        "passthrough_bytes": int(sum(stats.passthrough.values())),
+    }
+
+
+def train_one(
+    args: argparse.Namespace,
+    strategy: str,
+    seed: int,
+    data: tuple[Tensor, Tensor, Tensor, Tensor],
+    device: torch.device,
+    log: Any,
+) -> dict[str, Any]:
+    """Train one model for one (strategy, seed); returns its JSON record."""
+    train_x, train_y, test_x, test_y = data
+    torch.manual_seed(seed)
+    model = build(args).to(device).train()
+    init_checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    actpack.wrap(model, make_strategy(strategy, seed), min_numel=args.min_numel)
+    engine = actpack.engine_of(model)
+    optimizer = _optimizer(args, model)
+    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
+    scheduler = _schedule(args, optimizer, steps_per_epoch * args.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.autocast == "float16")
+    order = torch.Generator().manual_seed(seed)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    record: dict[str, Any] = {
+        "strategy": strategy,
+        "strategy_repr": repr(engine.strategy),
+        "seed": seed,
+        "init_checksum": init_checksum,
+        "first_losses": [],
+        "data_order_head": [],
+        "epochs": [],
+    }
+    try:
+        for epoch in range(1, args.epochs + 1):
+            perm = torch.randperm(len(train_x), generator=order)
+            if epoch == 1:
+                record["data_order_head"] = perm[:16].tolist()
+            perm = perm.to(device)
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros((), device=device, dtype=torch.int64)
+            step_times: list[float] = []
+            saved: dict[str, Any] | None = None
+            t_epoch = time.perf_counter()
+            bar = progress(
+                range(steps_per_epoch),
+                enabled=args.progress,
+                desc=f"{strategy} s{seed} e{epoch}/{args.epochs}",
+                unit="step",
+            )
+            for step in bar:
+                idx = perm[step * args.batch_size : (step + 1) * args.batch_size]
+                xb, yb = train_x[idx], train_y[idx]
+                synchronize(device)
+                t0 = time.perf_counter()
+                with autocast_context(device, args.autocast):
+                    out = model(xb)
+                    loss = F.cross_entropy(out.float(), yb)
+                if saved is None:
+                    saved = _saved(engine.stats)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                synchronize(device)
+                step_times.append(time.perf_counter() - t0)
+                if len(record["first_losses"]) < 4:
+                    record["first_losses"].append(loss.item())
+                loss_sum += loss.detach().double() * len(idx)
+                correct += (out.detach().argmax(1) == yb).sum()
+            epoch_time = time.perf_counter() - t_epoch
+            train_loss = loss_sum.item() / len(train_x)
+            if not math.isfinite(train_loss):
+                log(f"[{strategy} seed {seed}] training diverged (loss {train_loss})")
+            test_loss, test_acc = evaluate(
+                model, test_x, test_y, args.eval_batch_size, device, args.autocast
+            )
+            times = step_times[1:] if len(step_times) > 1 else step_times
+            ep = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "train_acc": 100.0 * correct.item() / len(train_x),
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "lr": optimizer.param_groups[0]["lr"],
+                "steps": len(step_times),
+                "epoch_time_s": epoch_time,
+                "time_per_step_s": statistics.median(times),
+                "time_per_step_mean_s": statistics.fmean(times),
+                "saved": saved,
+                "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+            }
+            record["epochs"].append(ep)
+            ratio = saved["ratio"] if saved else None
+            log(
+                f"[{strategy} seed {seed}] epoch {epoch}/{args.epochs}  "
+                f"train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
+                f"test acc {test_acc:.2f}%  step {1e3 * ep['time_per_step_s']:.1f} ms  "
+                f"saved {mib(saved and saved['baseline_bytes'])} -> "
+                f"{mib(saved and saved['compressed_bytes'])}"
+                + (f" ({ratio:.2f}x)" if ratio else "")
+                + (f"  peak {mib(ep['peak_bytes'])}" if cuda else "")
+            )
+    finally:
+        actpack.unwrap(model)
+    last = record["epochs"][-1]
+    record.update(
+        final_test_acc=last["test_acc"],
+        final_test_loss=last["test_loss"],
+        saved=record["epochs"][0]["saved"],
+        time_per_step_s=statistics.median(e["time_per_step_s"] for e in record["epochs"]),
+        peak_bytes=last["peak_bytes"],
+    )
+    return record
+
+
+def summarize(runs: list[dict[str, Any]], strategies: list[str]) -> list[dict[str, Any]]:
+    """One row per strategy: mean/std test accuracy over seeds, bytes, relative time."""
+    rows = []
+    for name in strategies:
+        mine = [r for r in runs if r["strategy"] == name]
+        if not mine:
+            continue
+        accs = [r["final_test_acc"] for r in mine]
+        saved = mine[0]["saved"] or {}
+        peaks = [r["peak_bytes"] for r in mine if r["peak_bytes"] is not None]
+        rows.append(
+            {
+                "strategy": name,
+                "seeds": [r["seed"] for r in mine],
+                "test_acc_mean": statistics.fmean(accs),
+                "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "test_accs": accs,
+                "baseline_bytes": saved.get("baseline_bytes"),
+                "compressed_bytes": saved.get("compressed_bytes"),
+                "ratio": saved.get("ratio"),
+                "time_per_step_s": statistics.median(r["time_per_step_s"] for r in mine),
+                "peak_bytes": max(peaks) if peaks else None,
+            }
+        )
+    ref = next((r for r in rows if r["strategy"] == "none"), None)
+    for row in rows:
+        row["acc_delta_vs_none"] = row["test_acc_mean"] - ref["test_acc_mean"] if ref else None
+        row["time_vs_none"] = row["time_per_step_s"] / ref["time_per_step_s"] if ref else None
+    return rows
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if not value else f"{value:.2f}x"
+
+
+def format_summary(rows: list[dict[str, Any]], cuda: bool) -> str:
+    """Markdown table of :func:`summarize` rows."""
+    head = (
+        "| strategy | test acc (mean ± std) | Δ vs none | saved for backward | compressed "
+        "| ratio | time/step | vs none |"
+    )
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
+    if cuda:
+        head += " peak memory |"
+        sep += "---:|"
+    out = [head, sep]
+    for r in rows:
+        delta = "n/a" if r["acc_delta_vs_none"] is None else f"{r['acc_delta_vs_none']:+.2f}"
+        rel = "n/a" if r["time_vs_none"] is None else f"{r['time_vs_none']:.2f}x"
+        line = (
+            f"| {r['strategy']} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
+            f"(n={len(r['seeds'])}) | {delta} | {mib(r['baseline_bytes'])} | "
+            f"{mib(r['compressed_bytes'])} | {_ratio(r['ratio'])} | "
+            f"{1e3 * r['time_per_step_s']:.1f} ms | {rel} |"
+        )
+        if cuda:
+            line += f" {mib(r['peak_bytes'])} |"
+        out.append(line)
+    return "\n".join(out)
+
+
+def plot(payload: dict[str, Any], path: str | os.PathLike) -> None:
+    """PNG: test accuracy per epoch per strategy, and bytes saved for backward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, rows = payload["runs"], payload["summary"]
+    fig, (ax_acc, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row in rows:
+        mine = [r for r in runs if r["strategy"] == row["strategy"]]
+        epochs = [e["epoch"] for e in mine[0]["epochs"]]
+        curves = [[e["test_acc"] for e in r["epochs"]] for r in mine]
+        mean = [statistics.fmean(vals) for vals in zip(*curves)]
+        (line,) = ax_acc.plot(epochs, mean, marker="o", label=row["strategy"])
+        if len(curves) > 1:
+            lo = [min(vals) for vals in zip(*curves)]
+            hi = [max(vals) for vals in zip(*curves)]
+            ax_acc.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.15)
+    cfg = payload["config"]
+    ax_acc.set(
+        xlabel="epoch",
+        ylabel="test accuracy (%)",
+        title=f"Fashion-MNIST, {cfg['model']}-{cfg['size']} (mean, min-max over seeds)",
+    )
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend()
+
+    names = [r["strategy"] for r in rows]
+    base = [(r["baseline_bytes"] or 0) / 2**20 for r in rows]
+    comp = [(r["compressed_bytes"] or 0) / 2**20 for r in rows]
+    xs = range(len(names))
+    width = 0.4
+    ax_mem.bar([x - width / 2 for x in xs], base, width, label="without actpack")
+    bars = ax_mem.bar([x + width / 2 for x in xs], comp, width, label="with strategy")
+    for bar, r in zip(bars, rows):
+        ax_mem.annotate(
+            _ratio(r["ratio"]),
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    ax_mem.set_xticks(list(xs), names)
+    ax_mem.set(ylabel="MiB", title=f"saved for backward per step (batch {cfg['batch_size']})")
+    ax_mem.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
+    """Train every (seed, strategy); returns the JSON payload (also written to --json)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    data = load_fashion_mnist(args.data, subset=args.subset, test_subset=args.test_subset)
+    data = tuple(t.to(device) for t in data)
+    config = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("func", "progress")
+    }
+    config.update(train_samples=len(data[0]), test_samples=len(data[2]))
+    payload: dict[str, Any] = {
+        "command": "train",
+        "config": config,
+        "environment": environment(device),
+        "runs": [],
+        "summary": [],
+    }
+    log(
+        f"actpack train: {args.model}-{args.size} on Fashion-MNIST "
+        f"({len(data[0])} train / {len(data[2])} test), strategies {', '.join(args.strategies)}, "
+        f"seeds {args.seeds}, {args.epochs} epoch(s), batch {args.batch_size}, "
+        f"{args.optimizer} lr {args.lr}, device {device}, autocast {args.autocast}"
+    )
+    for seed in args.seeds:
+        for name in args.strategies:
+            payload["runs"].append(train_one(args, name, seed, data, device, log))
+            payload["summary"] = summarize(payload["runs"], args.strategies)
+            if args.json:
+                write_json(args.json, payload)
+    log("")
+    log(format_summary(payload["summary"], device.type == "cuda"))
+    if args.json:
+        log(f"wrote {args.json}")
+    if args.plot:
+        plot(payload, args.plot)
+        log(f"wrote {args.plot}")
+    return payload
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.optimizer is None:
+        args.optimizer = DEFAULT_OPTIMIZER[args.model]
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.optimizer]
+    if args.weight_decay is None:
+        args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
+    if args.size not in MODELS[args.model]:
+        print(
+            f"actpack train: error: unknown size {args.size!r} for {args.model}; "
+            f"choose from {list(MODELS[args.model])}",
+            file=sys.stderr,
+        )
+        return 2
+    args.progress = not args.quiet and sys.stderr.isatty()
+    log = (lambda *a, **k: None) if args.quiet else print
+    try:
+        run(args, log=lambda msg: log(msg, flush=True))
+    except DatasetMissingError as exc:
+        print(f"actpack train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``actpack train`` on the CLI's subparsers."""
+    p = sub.add_parser(
+        "train",
+        help="train a built-in model on Fashion-MNIST under several strategies",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", choices=TRAIN_MODELS, default="resnet")
+    sizes = "; ".join(f"{m}: {', '.join(MODELS[m])}" for m in TRAIN_MODELS)
+    p.add_argument("--size", default="tiny", help=f"model size ({sizes}); default tiny")
+    p.add_argument(
+        "--width", type=int, default=None,
+        help="override the model width (resnet: base channels, vit: embedding dim)",
+    )  # fmt: skip
+    p.add_argument(
+        "--strategies", nargs="+", type=strategy_name, default=["none", "actnn"],
+        metavar="NAME",
+        help="strategies trained one after another from the same weights and data order "
+        "(any name actpack.resolve accepts: " + ", ".join(actpack.STRATEGY_NAMES) + ", ...)",
+    )  # fmt: skip
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eval-batch-size", type=int, default=1000)
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                   help="default: sgd (momentum 0.9, nesterov) for resnet, "
+                   "adamw for vit")  # fmt: skip
+    p.add_argument("--lr", type=float, default=None, help="default: 0.1 for sgd, 1e-3 for adamw")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="default: 5e-4 for sgd, 0.05 for adamw")  # fmt: skip
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    p.add_argument("--warmup", type=float, default=0.0,
+                   help="fraction of the steps with a linear learning-rate warmup")  # fmt: skip
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="one run per seed and strategy; accuracy is reported as "
+                   "mean ± std")  # fmt: skip
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="none")
+    p.add_argument("--subset", type=int, default=None, metavar="N",
+                   help="train on the first N training and N//5 test samples")  # fmt: skip
+    p.add_argument("--test-subset", type=int, default=None, metavar="M",
+                   help="evaluate on the first M test samples (default: all, or N//5 "
+                   "with --subset)")  # fmt: skip
+    p.add_argument("--data", type=Path, default=None, metavar="DIR",
+                   help="directory with the Fashion-MNIST IDX files "
+                   "(default /usr/share/datasets/fashion-mnist)")  # fmt: skip
+    p.add_argument("--min-numel", type=int, default=DEFAULT_MIN_NUMEL,
+                   help="smallest saved tensor (elements) that is compressed")  # fmt: skip
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: leave torch's choice)")  # fmt: skip
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="write every figure (per epoch and per run) as JSON")  # fmt: skip
+    p.add_argument("--plot", type=Path, default=None, metavar="PATH",
+                   help="write a PNG of accuracy curves and bytes saved for backward")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
+    p.set_defaults(func=_cmd_train)
+    return p

@@ -1,0 +1,89 @@
+"""``actpack bench`` on CPU, and its checkpointing and batch-search helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from actpack import bench, cli
+from actpack.models import build_model, loss_for
+
+
+def test_bench_cpu_table_and_json(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    args = [
+        "bench", "--model", "resnet", "--size", "tiny", "--batch-size", "4", "--device", "cpu",
+        "--strategies", "actnn", "bf16", "--steps", "2", "--json", str(out),
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    table = capsys.readouterr().out
+    assert "| variant | saved for backward | vs fp32 | time/step | vs none |" in table
+    assert "n/a (CPU)" in table and "n/a (GPU only)" in table
+
+    payload = json.loads(out.read_text())
+    rows = {r["name"]: r for r in payload["rows"]}
+    assert list(rows) == ["none", "actnn", "bf16", "autocast-bf16", "checkpoint", "save_on_cpu"]
+    for name in ("none", "actnn", "bf16", "autocast-bf16", "checkpoint"):
+        r = rows[name]
+        assert r["saved_bytes"] > 0, name
+        assert r["time_per_step_s"] > 0 and len(r["times_s"]) == 2, name
+        assert r["peak_bytes"] == "n/a (CPU)" and r["max_batch"] == "n/a (GPU only)", name
+    none = rows["none"]
+    assert none["ratio_vs_fp32"] == pytest.approx(1.0)
+    assert none["time_vs_none"] == pytest.approx(1.0)
+    assert rows["actnn"]["ratio_vs_fp32"] > 4
+    assert 1.5 < rows["bf16"]["ratio_vs_fp32"] <= 2.0
+    assert rows["autocast-bf16"]["saved_bytes"] < none["saved_bytes"]
+    assert rows["checkpoint"]["saved_bytes"] < none["saved_bytes"]
+    assert rows["save_on_cpu"]["saved_bytes"] is None  # no-op on CPU
+    assert rows["save_on_cpu"]["time_per_step_s"] is None
+    assert payload["environment"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("name", ["resnet", "gpt", "vit"])
+def test_checkpointed_matches_plain_and_restores(name: str) -> None:
+    torch.manual_seed(0)
+    model, make_inputs = build_model(name, "tiny")
+    model.eval()  # no BatchNorm statistics drift between the two passes
+    inputs = make_inputs(2)
+    loss_fn = loss_for(name)
+    container = bench.block_container(model)
+    assert container is getattr(model, "stages" if name == "resnet" else "blocks")
+    keys = list(model.state_dict())
+
+    def grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model(*inputs), inputs)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_plain, g_plain = grads()
+    with bench.checkpointed(model) as blocks:
+        assert len(blocks) == len(container)
+        assert all("forward" in b.__dict__ for b in blocks)
+        loss_ckpt, g_ckpt = grads()
+    assert all("forward" not in b.__dict__ for b in container.children())
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    for a, b in zip(g_ckpt, g_plain):
+        torch.testing.assert_close(a, b)
+
+
+def test_largest_batch_search() -> None:
+    calls: list[int] = []
+
+    def fits(b: int) -> bool:
+        calls.append(b)
+        return b <= 1000
+
+    batch, capped = bench.largest_batch(fits, start=8, limit=1 << 14, tolerance=0)
+    assert (batch, capped) == (1000, False)
+    assert len(calls) < 30
+    assert bench.largest_batch(lambda b: True, start=8, limit=64) == (64, True)
+    assert bench.largest_batch(lambda b: b <= 5, start=8, limit=64) == (5, False)
+    assert bench.largest_batch(lambda b: False, start=8, limit=64) == (0, False)
+    batch, _ = bench.largest_batch(lambda b: b <= 1000, start=8, limit=1 << 14)
+    assert 1000 * (1 - 1 / 32) <= batch <= 1000
