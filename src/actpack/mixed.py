@@ -649,6 +649,8 @@ class ActNNMixed(ActNN):
         parts, start = [], 0
         gen = self.generator(x.device) if self.stochastic else None
         for bits, n in self._counts(L, rows):
+            if n == 0:
+                continue  # a width the allocation gives no row of this batch
             if n == rows:
                 idx, sub = None, x2
             else:
