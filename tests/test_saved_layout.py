@@ -102,7 +102,14 @@ def test_activation_alone_is_stored_as_its_region_in_one_bit(strategy):
         assert torch.equal(got, want), act
 
 
-@pytest.mark.parametrize("strategy", ["actnn", "division"])
+_STRATEGIES = {
+    "actnn": lambda: actpack.ActNN(seed=0),
+    "division": lambda: actpack.Division(seed=0),
+    "actnn-mixed": lambda: actpack.ActNNMixed(budget=2.0, seed=0),
+}
+
+
+@pytest.mark.parametrize("strategy", list(_STRATEGIES))
 def test_layer_norm_input_ranges_do_not_span_tokens(strategy):
     # One token 1000x smaller than the others (a cls token at init): LayerNorm
     # backward multiplies its input error by that token's 1/std, so a range
@@ -121,7 +128,7 @@ def test_layer_norm_input_ranges_do_not_span_tokens(strategy):
         return x.grad
 
     exact = grad("none")
-    got = grad(actpack.ActNN(seed=0) if strategy == "actnn" else actpack.Division(seed=0))
+    got = grad(_STRATEGIES[strategy]())
     rel = (got - exact).norm(dim=-1) / exact.norm(dim=-1)  # per token
     # The small token's relative error is that of any other token (per-token
     # ranges), not 1000x larger.
@@ -149,3 +156,15 @@ def test_views_made_inside_an_op_are_encoded_once():
     assert actnn.baseline_bytes == none.baseline_bytes
     one_code = actpack.ActNN().encode(x0, actpack.SaveInfo()).nbytes
     assert actnn.compressed_bytes == one_code
+
+
+@pytest.mark.parametrize("strategy", ["actnn", "actnn-mixed"])
+def test_rows_shorter_than_a_group_are_not_padded(strategy):
+    # A (tokens, 64) input: one 256-element group per 64-element row would
+    # spend 8 bits per element.  Allowed: 2 bits, 32 bits of range per 64
+    # elements, and (mixed) a 4-byte row index per row.
+    x = torch.randn(512, 64, requires_grad=True)
+    lin = nn.Linear(64, 64)
+    with actpack.compress(strategy, min_numel=0) as ctx:
+        lin(x * 1).sum().backward()
+    assert ctx.stats.bits_per_element <= 2 + 32 / 64 + 32 / 64, ctx.stats.bits_per_element

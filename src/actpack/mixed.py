@@ -86,7 +86,7 @@ from actpack.encoded import Encoded
 from actpack.exactness import ReluOutput
 from actpack.levels import LEVELS, NORM_OPS, ActNNPreset, parse_level
 from actpack.mixedcode import Kept, MixedGroups
-from actpack.strategies import _CHANNEL_FIRST_OPS, ActNN, SaveInfo, _rows
+from actpack.strategies import _CHANNEL_FIRST_OPS, _ROW_NORM_OPS, ActNN, SaveInfo, _rows
 
 __all__ = [
     "LEVELS",
@@ -631,13 +631,23 @@ class ActNNMixed(ActNN):
         finally:
             self._encoding = False
 
+    def _group_size(self, x: Tensor, cols: int, info: SaveInfo) -> int:
+        """Groups within a row (sample) that neither pad short rows (F.linear's
+        (tokens, features) view) nor span two tokens of a LayerNorm input."""
+        g = self.group_size
+        d = x.shape[-1] if x.dim() >= 2 else cols
+        if info.op in _ROW_NORM_OPS and d % g:
+            return max(k for k in range(1, min(d, g) + 1) if d % k == 0)
+        return min(g, cols) if cols else g
+
     def _encode(self, x: Tensor, info: SaveInfo) -> Encoded:
         rows = _rows(x)
         x2 = x.reshape(rows, -1)
         cols = x2.shape[1]
+        gs = self._group_size(x, cols, info)
         zero_exact = isinstance(info.rule, ReluOutput)
         L = self._layer(info.key, rows, cols, x.shape, zero_exact)
-        ranges = row_ranges(x2, self.group_size)
+        ranges = row_ranges(x2, gs)
         if rows > 1:
             ranked, order = torch.sort(ranges, descending=True)
         else:
@@ -661,7 +671,7 @@ class ActNNMixed(ActNN):
             code = quantize_groups(
                 sub,
                 bits,
-                self.group_size,
+                gs,
                 stochastic=self.stochastic,
                 generator=gen,
                 zero_exact=zero_exact and bits >= 2,
