@@ -1,5 +1,9 @@
 """Accuracy-parity table from one or more ``actpack train --json`` files.
 
+Step times and bytes are left out on purpose: runs made one after another on
+a shared machine do not time alike (``actpack bench`` interleaves them), and
+bytes are ``actpack report``'s job.
+
 Runs of several invocations (for example one for "none"/"actnn"/"division"
 and one for "actnn-mixed", same model, seeds and data) are pooled per
 strategy; accuracy is the mean and sample standard deviation over seeds, and
@@ -40,22 +44,17 @@ def table(runs: dict[str, list[dict]]) -> str:
     if "none" not in runs:
         raise SystemExit("no 'none' runs to compare with")
     base = {r["seed"]: r["final_test_acc"] for r in runs["none"]}
-    base_time = statistics.median(r["time_per_step_s"] for r in runs["none"])
     out = [
-        "| strategy | seeds | test accuracy (%) | delta vs none (points) | saved for backward "
-        "| ratio | bits/element | CPU step time vs none |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| strategy | seeds | test accuracy (%) | per seed | delta vs none (points) |",
+        "|---|---|---:|---|---:|",
     ]
     for name, rs in runs.items():
         accs = [r["final_test_acc"] for r in rs]
         deltas = [r["final_test_acc"] - base[r["seed"]] for r in rs if r["seed"] in base]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        saved = rs[0]["saved"]
-        step = statistics.median(r["time_per_step_s"] for r in rs)
         out.append(
             f"| {name} | {len(rs)} | {statistics.mean(accs):.2f} ± {sd:.2f} | "
-            f"{statistics.mean(deltas):+.2f} | {saved['compressed_bytes'] / 2**20:.1f} MiB | "
-            f"{saved['ratio']:.2f}x | {saved['bits_per_element']:.2f} | {step / base_time:.2f}x |"
+            f"{', '.join(f'{a:.2f}' for a in accs)} | {statistics.mean(deltas):+.2f} |"
         )
     return "\n".join(out)
 

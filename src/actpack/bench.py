@@ -67,7 +67,7 @@ ALTERNATIVES = ("autocast-bf16", "checkpoint", "save_on_cpu")
 #: Attribute names of the container of a model's repeated blocks, tried in order.
 _CONTAINER_NAMES = ("stages", "blocks", "layers", "layer", "h", "encoder", "decoder")
 #: Strategies measured by default (those of them that actpack.resolve knows).
-DEFAULT_STRATEGIES = ("none", "fp16", "bf16", "int8", "actnn", "division")
+DEFAULT_STRATEGIES = ("none", "fp16", "bf16", "int8", "actnn", "actnn-mixed", "division")
 NA_CPU = "n/a (CPU)"
 NA_GPU_ONLY = "n/a (GPU only)"
 
