@@ -53,6 +53,16 @@ class Stats:
             row[1] += after
 
 
+def anchor(t: Tensor) -> Tensor:
+    """The tensor whose lifetime pins ``t``'s memory: its base if ``t`` is a view.
+
+    A view an op makes of its input (F.linear's reshape) dies at once, while
+    its base keeps the storage alive; tying liveness to the base lets several
+    such views of one storage be recognised as the same memory.
+    """
+    return t._base if t._base is not None else t
+
+
 class StorageSet:
     """Storages seen so far, valid only while a tensor that uses them is alive.
 
@@ -72,8 +82,7 @@ class StorageSet:
         key = self.key(t)
         refs = [r for r in self._refs.get(key, ()) if r() is not None]
         fresh = not refs
-        # A view made inside an op dies at once; its base holds the storage.
-        refs.append(weakref.ref(t._base if t._base is not None else t))
+        refs.append(weakref.ref(anchor(t)))
         self._refs[key] = refs
         return fresh
 

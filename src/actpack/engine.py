@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from actpack.accounting import Stats, StorageSet
+from actpack.accounting import Stats, StorageSet, anchor
 from actpack.compact import compact_integer
 from actpack.encoded import Bits, Copy, Encoded, LogOf, Region
 from actpack.exactness import ReluOutput, reads_region_only, rule_for, same_tensor
@@ -277,11 +277,8 @@ class Engine:
         info = SaveInfo(op=op, module=module, rule=rule, key=f"{module or ''}/{op or ''}#{n}")
         saved = self._encode(t, info, compact, region_only)
         entries = self._table.setdefault(dedupe, [])
-        # A view made inside an op (F.linear's reshape) dies at once; its base
-        # keeps the memory alive, so the entry lives as long as the base.
-        anchor = t._base if t._base is not None else t
         entries.append(
-            (weakref.ref(anchor, lambda _r, k=dedupe: self._table.pop(k, None)), tag, saved)
+            (weakref.ref(anchor(t), lambda _r, k=dedupe: self._table.pop(k, None)), tag, saved)
         )
         self.stats.tensors += 1
         self.stats.add(module, op, before, saved.encoded.nbytes, elements)
