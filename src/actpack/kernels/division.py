@@ -84,6 +84,26 @@ def _spatial(s, H: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _residual_chunk(
+    x_ptr, lfc_ptr, lfc0, rbase, seg, rvalid, c, s_d, s_h, s_w,
+    H: tl.constexpr, W: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    LH: tl.constexpr, LW: tl.constexpr, NBLK: tl.constexpr, S: tl.constexpr,
+    CH: tl.constexpr, X_BF16: tl.constexpr,
+):  # fmt: skip
+    """Chunk ``c`` of the program's rows: element ids, row selector, validity,
+    x and its residual against the stored (bf16) block means."""
+    e = c * CH + tl.arange(0, CH)
+    m = e // S
+    sel = (m[None, :] == seg[:, None]) & rvalid[:, None]
+    valid = tl.max(sel.to(tl.int32), axis=0) > 0
+    d, h, w = _spatial(e - m * S, H, W)
+    xv = _load_f32(x_ptr + _pick(rbase, sel) + d * s_d + h * s_h + w * s_w, valid, X_BF16)
+    blk = m * NBLK + (d // BD) * (LH * LW) + (h // BH) * LW + w // BW
+    lf = _bf16_value(tl.load(lfc_ptr + lfc0 + blk, mask=valid, other=0).to(tl.int32))
+    return e, sel, valid, xv, xv - lf
+
+
+@triton.jit
 def _division_encode_kernel(
     x_ptr, s_n, s_c, s_d, s_h, s_w, C, nrows,
     lfc_ptr, packed_ptr, nbytes, lo_ptr, hi_ptr, seed_ptr,
@@ -147,15 +167,10 @@ def _division_encode_kernel(
     hbad = tl.zeros((M,), tl.int32)
     xbad = tl.zeros((M,), tl.int32)
     for c in range(NCH):
-        e = c * CH + tl.arange(0, CH)
-        m = e // S
-        sel = (m[None, :] == seg[:, None]) & rvalid[:, None]
-        valid = tl.max(sel.to(tl.int32), axis=0) > 0
-        d, h, w = _spatial(e - m * S, H, W)
-        xv = _load_f32(x_ptr + _pick(rbase, sel) + d * s_d + h * s_h + w * s_w, valid, X_BF16)
-        blk = m * NBLK + (d // BD) * (LH * LW) + (h // BH) * LW + w // BW
-        lf = _bf16_value(tl.load(lfc_ptr + lfc0 + blk, mask=valid, other=0).to(tl.int32))
-        hv = xv - lf
+        e, sel, valid, xv, hv = _residual_chunk(
+            x_ptr, lfc_ptr, lfc0, rbase, seg, rvalid, c, s_d, s_h, s_w,
+            H, W, BD, BH, BW, LH, LW, NBLK, S, CH, X_BF16,
+        )  # fmt: skip
         finh = tl.abs(hv) < _INF
         finx = tl.abs(xv) < _INF
         gh = tl.where(finh, hv, 0.0)
@@ -191,15 +206,10 @@ def _division_encode_kernel(
     if STOCHASTIC:
         seed = tl.load(seed_ptr)
     for c in range(NCH):
-        e = c * CH + tl.arange(0, CH)
-        m = e // S
-        sel = (m[None, :] == seg[:, None]) & rvalid[:, None]
-        valid = tl.max(sel.to(tl.int32), axis=0) > 0
-        d, h, w = _spatial(e - m * S, H, W)
-        xv = _load_f32(x_ptr + _pick(rbase, sel) + d * s_d + h * s_h + w * s_w, valid, X_BF16)
-        blk = m * NBLK + (d // BD) * (LH * LW) + (h // BH) * LW + w // BW
-        lf = _bf16_value(tl.load(lfc_ptr + lfc0 + blk, mask=valid, other=0).to(tl.int32))
-        hv = xv - lf
+        e, sel, valid, xv, hv = _residual_chunk(
+            x_ptr, lfc_ptr, lfc0, rbase, seg, rvalid, c, s_d, s_h, s_w,
+            H, W, BD, BH, BW, LH, LW, NBLK, S, CH, X_BF16,
+        )  # fmt: skip
         if STOCHASTIC:
             u = _uniform(seed, e0 + e)
         else:
