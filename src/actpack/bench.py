@@ -66,7 +66,7 @@ __all__ = [
 ALTERNATIVES = ("autocast-bf16", "checkpoint", "save_on_cpu")
 #: Attribute names of the container of a model's repeated blocks, tried in order.
 _CONTAINER_NAMES = ("stages", "blocks", "layers", "layer", "h", "encoder", "decoder")
-#: Strategies measured by default (those of them that actpack.resolve knows).
+#: Strategies measured by default.
 DEFAULT_STRATEGIES = ("none", "fp16", "bf16", "int8", "actnn", "actnn-mixed", "division")
 NA_CPU = "n/a (CPU)"
 NA_GPU_ONLY = "n/a (GPU only)"
@@ -495,7 +495,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default=default_device())
     p.add_argument(
         "--strategies", nargs="+", type=strategy_name,
-        default=[n for n in DEFAULT_STRATEGIES if n in actpack.STRATEGY_NAMES],
+        default=list(DEFAULT_STRATEGIES),
         metavar="NAME",
         help="actpack strategies (any name actpack.resolve accepts); 'none' is always measured",
     )  # fmt: skip
