@@ -95,7 +95,7 @@ class Between:
 Rule = "ReluOutput | Above | Between"
 
 # Ops whose backward reads only the region of what they save.
-_REGION_OPS = frozenset({"relu", "leaky_relu", "threshold", "relu6", "hardtanh"})
+_REGION_OPS = frozenset({"relu", "leaky_relu", "threshold", "relu6", "hardtanh", "rrelu"})
 
 
 def reads_region_only(op: str | None) -> bool:

@@ -83,7 +83,7 @@ from torch.overrides import TorchFunctionMode
 from actpack.allocate import MAX_BITS, Allocation, allocate_bits
 from actpack.codec.backend import quantize_groups
 from actpack.encoded import Encoded
-from actpack.exactness import ReluOutput
+from actpack.exactness import ReluOutput, reads_region_only
 from actpack.levels import LEVELS, NORM_OPS, ActNNPreset, parse_level
 from actpack.mixedcode import Kept, MixedGroups
 from actpack.strategies import _CHANNEL_FIRST_OPS, _ROW_NORM_OPS, ActNN, SaveInfo, _rows
@@ -101,8 +101,6 @@ __all__ = [
     "row_ranges",
 ]
 
-# Ops whose backward reads only the exact sign pattern of what they save.
-_MASK_ONLY = frozenset({"relu", "leaky_relu", "threshold", "relu6", "hardtanh", "rrelu"})
 # Ops whose backward reads only indices (and shapes) of their saved input.
 _VALUE_FREE = frozenset(
     {"max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
@@ -693,7 +691,7 @@ class ActNNMixed(ActNN):
     def _attribute(self, L: _Layer, op: str | None, swap_ref: Any) -> None:
         """Record that ``op`` reads the values of ``L`` in backward."""
         base = (op or "").strip("_")
-        if base in _MASK_ONLY or base in _VALUE_FREE:
+        if reads_region_only(base) or base in _VALUE_FREE:
             return  # backward reads an exact sign pattern or indices only
         if base in NORM_OPS:
             L.pinned = True
