@@ -141,7 +141,7 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def check_rtn(x: torch.Tensor) -> dict[str, bool]:
     """Round-to-nearest codes and decodes of kernels and reference, bit for bit."""
-    from actpack.codec import backend as B
+    from actpack.codecs import backend as B
 
     small = x[: min(4, x.shape[0])]
     rows = small.reshape(small.shape[0], -1)
@@ -180,7 +180,7 @@ def check_rtn(x: torch.Tensor) -> dict[str, bool]:
 
 def operations(x: torch.Tensor) -> list[tuple[str, str, int, Callable[[str], object]]]:
     """(codec, operation, bytes moved, fn(backend)) for tensor ``x``."""
-    from actpack.codec import backend as B
+    from actpack.codecs import backend as B
 
     dtype = x.dtype
     rows = x.reshape(x.shape[0], -1)
@@ -336,11 +336,11 @@ def compile_only(arch: int) -> int:
         return launch
 
     JITFunction.__getitem__ = getitem
-    from actpack.codec.division import DivisionCode
-    from actpack.codec.groupquant import GroupCode
-    from actpack.kernels import bits as kbits
-    from actpack.kernels import division as kdiv
-    from actpack.kernels import groupquant as kgq
+    from actpack.codecs.division import DivisionCode
+    from actpack.codecs.groupquant import GroupCode
+    from actpack.codecs.kernels import bits as kbits
+    from actpack.codecs.kernels import division as kdiv
+    from actpack.codecs.kernels import groupquant as kgq
 
     def meta(*shape):
         return torch.zeros(shape, dtype=torch.bfloat16)
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             "interpreter); compilation without a GPU: --compile-only."
         )
         return 0
-    from actpack.codec.backend import triton_available
+    from actpack.codecs.backend import triton_available
 
     if not triton_available():
         print("bench_kernels needs Triton (pip install triton): nothing measured.")

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import actpack
-from actpack.data import load_fashion_mnist
-from actpack.models import build_model
+from actpack.tools.data import load_fashion_mnist
+from actpack.tools.models import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mixed.md"
 

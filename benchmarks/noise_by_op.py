@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import actpack
-from actpack.data import load_fashion_mnist
-from actpack.encoded import Copy
-from actpack.models import build_model
+from actpack.codecs.encoded import Copy
+from actpack.tools.data import load_fashion_mnist
+from actpack.tools.models import build_model
 
 
 class KeepExact(actpack.ActNN):

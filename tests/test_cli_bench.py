@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from actpack import bench, cli
-from actpack.models import build_model, loss_for
+from actpack.tools import bench, cli
+from actpack.tools.models import build_model, loss_for
 
 
 def test_bench_cpu_table_and_json(tmp_path: Path, capsys) -> None:

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from actpack.cli import main, report_rows
+from actpack.tools.cli import main, report_rows
 
 
 def test_report_prints_a_row_per_model_and_strategy(capsys):

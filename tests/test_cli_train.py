@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from actpack import cli
-from actpack.data import (
+from actpack.tools import cli
+from actpack.tools.data import (
     FILES,
     DatasetMissingError,
     find_data_dir,
@@ -80,7 +80,7 @@ def test_missing_data_exit_code_subprocess(tmp_path: Path) -> None:
     (tmp_path / FILES["train_images"]).write_bytes(b"")  # incomplete directory
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(
-        [sys.executable, "-m", "actpack.cli", "train", "--data", str(tmp_path)],
+        [sys.executable, "-m", "actpack.tools.cli", "train", "--data", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,

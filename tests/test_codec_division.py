@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from actpack.codec import DivisionCode, division_decode, division_encode
+from actpack.codecs import DivisionCode, division_decode, division_encode
 
 DEVICES = [
     "cpu",

@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 
-from actpack.codec import GroupCode, dequantize_groups, packed_numel, quantize_groups
+from actpack.codecs import GroupCode, dequantize_groups, packed_numel, quantize_groups
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = [

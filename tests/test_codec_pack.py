@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actpack.codec import pack_bits, packed_numel, unpack_bits
+from actpack.codecs import pack_bits, packed_numel, unpack_bits
 
 DEVICES = [
     "cpu",

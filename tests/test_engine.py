@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actpack
-from actpack.encoded import Bits
+from actpack.codecs.encoded import Bits
 
 LOSSY = ["fp16", "bf16", "int8", "actnn", "division"]
 ALL = ["none", *LOSSY]

@@ -38,14 +38,14 @@ except Exception as exc:  # missing, or a broken install raising anything else
     )
 
 import actpack  # noqa: E402
-from actpack.codec import backend  # noqa: E402
-from actpack.codec import division as rdiv  # noqa: E402
-from actpack.codec import groupquant as rgq  # noqa: E402
-from actpack.codec import pack as rpack  # noqa: E402
-from actpack.encoded import Bits  # noqa: E402
-from actpack.kernels import bits as kbits  # noqa: E402
-from actpack.kernels import division as kdiv  # noqa: E402
-from actpack.kernels import groupquant as kgq  # noqa: E402
+from actpack.codecs import backend  # noqa: E402
+from actpack.codecs import division as rdiv  # noqa: E402
+from actpack.codecs import groupquant as rgq  # noqa: E402
+from actpack.codecs import pack as rpack  # noqa: E402
+from actpack.codecs.encoded import Bits  # noqa: E402
+from actpack.codecs.kernels import bits as kbits  # noqa: E402
+from actpack.codecs.kernels import division as kdiv  # noqa: E402
+from actpack.codecs.kernels import groupquant as kgq  # noqa: E402
 from actpack.strategies import ActNN, Division, SaveInfo  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
@@ -53,7 +53,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 if not CUDA and not kgq.interpreted(kgq._quantize_kernel):
     pytest.skip(
-        "actpack.kernels was imported before TRITON_INTERPRET=1 was set; run this module alone",
+        "actpack.codecs.kernels was imported before TRITON_INTERPRET=1 was set; "
+        "run this module alone",
         allow_module_level=True,
     )
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import actpack
-from actpack.models import build_model, loss_for
+from actpack.tools.models import build_model, loss_for
 
 
 def test_measure_matches_a_hand_count():

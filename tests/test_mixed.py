@@ -11,9 +11,9 @@ from small_models import SmallCNN
 from torch import nn
 
 import actpack
-from actpack.allocate import allocate_bits as allocate_from_module
-from actpack.encoded import Groups
-from actpack.mixed import ActNNMixed, ActNNPreset, Kept, MixedGroups, allocate_bits
+from actpack.codecs.encoded import Groups
+from actpack.strategies.allocate import allocate_bits as allocate_from_module
+from actpack.strategies.mixed import ActNNMixed, ActNNPreset, Kept, MixedGroups, allocate_bits
 
 # --------------------------------------------------------------------------- #
 # Allocator
@@ -32,7 +32,7 @@ def _cost(sens, bits, zero_exact):
     )
 
 
-def test_allocator_is_reexported_from_mixed():
+def test_allocator_is_exported():
     assert allocate_bits is allocate_from_module
     assert actpack.allocate_bits is allocate_from_module
 

@@ -1,11 +1,11 @@
-"""Tests for the built-in models in :mod:`actpack.models`."""
+"""Tests for the built-in models in :mod:`actpack.tools.models`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from actpack.models import GPT, MODELS, ResNet, ViT, build_model, loss_for
+from actpack.tools.models import GPT, MODELS, ResNet, ViT, build_model, loss_for
 
 
 def _expected_shape(name: str, cfg: dict, batch: int) -> tuple[int, ...]:

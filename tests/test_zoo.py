@@ -124,7 +124,7 @@ class Run:
     loss: torch.Tensor
     grads: list[torch.Tensor | None]
     state: dict[str, torch.Tensor]
-    stats: actpack.accounting.Stats | None = None
+    stats: actpack.engine.accounting.Stats | None = None
 
 
 @dataclass

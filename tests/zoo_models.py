@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from actpack.models import build_model
+from actpack.tools.models import build_model
 
 # --------------------------------------------------------------------------- #
 # DenseNet-style: dense blocks with torch.cat, functional ReLU, BN transitions

@@ -10,11 +10,13 @@ Example::
 
 from actpack.api import Report, compress, engine_of, measure, unwrap, wrap
 from actpack.engine import Engine
-from actpack.mixed import LEVELS, ActNNMixed, ActNNPreset, Allocation, allocate_bits
 from actpack.noise import NoiseReport, gradient_noise
 from actpack.strategies import (
+    LEVELS,
     STRATEGY_NAMES,
     ActNN,
+    ActNNMixed,
+    ActNNPreset,
     Cast16,
     Division,
     Exact,
@@ -23,6 +25,7 @@ from actpack.strategies import (
     Strategy,
     resolve,
 )
+from actpack.strategies.allocate import Allocation, allocate_bits
 
 __version__ = "0.1.0"
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from actpack.codec import DivisionCode, GroupCode
-from actpack.codec.backend import (
+from actpack.codecs import DivisionCode, GroupCode
+from actpack.codecs.backend import (
     dequantize_groups,
     division_decode,
     pack_mask,

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from actpack.codec import pack_bits, unpack_bits
-from actpack.encoded import Cast, Encoded
-from actpack.exactness import same_tensor
+from actpack.codecs import pack_bits, unpack_bits
+from actpack.codecs.encoded import Cast, Encoded
+from actpack.policy.rules import same_tensor
 
 _POOL_PARAMS = ("kernel_size", "stride", "padding", "dilation")
 

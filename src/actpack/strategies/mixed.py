@@ -53,7 +53,7 @@ above).  See benchmarks/results/mixed.md for the effect.
 
 Allocation
 ----------
-:func:`~actpack.allocate.allocate_bits` (host side, :mod:`actpack.allocate`)
+:func:`~actpack.strategies.allocate.allocate_bits` (host side, :mod:`actpack.strategies.allocate`)
 minimises ``sum V`` subject to ``sum b * D <= budget * sum D`` (``D``
 elements per row), bits in ``min_bits..max_bits``: a Lagrangian greedy,
 exact when all rows weigh the same, or dynamic programming over layers.
@@ -80,13 +80,15 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from actpack.allocate import MAX_BITS, Allocation, allocate_bits
-from actpack.codec.backend import quantize_groups
-from actpack.encoded import Encoded
-from actpack.exactness import ReluOutput, reads_region_only
-from actpack.levels import LEVELS, NORM_OPS, ActNNPreset, parse_level
-from actpack.mixedcode import Kept, MixedGroups
-from actpack.strategies import _CHANNEL_FIRST_OPS, _ROW_NORM_OPS, ActNN, SaveInfo, _rows
+from actpack.codecs.backend import quantize_groups
+from actpack.codecs.encoded import Encoded
+from actpack.policy.ops import CHANNEL_FIRST_OPS, ROW_NORM_OPS
+from actpack.policy.rules import ReluOutput, reads_region_only
+from actpack.strategies.actnn import ActNN, parse_level, rows_of
+from actpack.strategies.allocate import MAX_BITS, Allocation, allocate_bits
+from actpack.strategies.base import SaveInfo
+from actpack.strategies.levels import LEVELS, NORM_OPS, ActNNPreset
+from actpack.strategies.mixedcode import Kept, MixedGroups
 
 __all__ = [
     "LEVELS",
@@ -97,7 +99,6 @@ __all__ = [
     "Kept",
     "MixedGroups",
     "allocate_bits",
-    "level_class",
     "row_ranges",
 ]
 
@@ -107,11 +108,6 @@ _VALUE_FREE = frozenset(
      "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_max_pool1d",
      "adaptive_max_pool2d", "adaptive_max_pool3d", "fractional_max_pool2d"}
 )  # fmt: skip
-
-
-def level_class(level: Any) -> type[ActNN]:
-    """The class ``actpack.ActNN(level=...)`` builds (L0-L2 presets, L3-L5 mixed)."""
-    return ActNNPreset if parse_level(level) <= 2 else ActNNMixed
 
 
 # --------------------------------------------------------------------------- #
@@ -154,7 +150,7 @@ def _locations(op: str | None, shape: tuple[int, ...], args: tuple) -> float:
         weight = args[1] if len(args) > 1 and isinstance(args[1], Tensor) else None
         kernel = math.prod(weight.shape[2:]) if weight is not None and weight.dim() > 2 else 1
         return kernel / max(1, math.prod(shape[2:]))
-    channels = shape[1] if op in _CHANNEL_FIRST_OPS else shape[-1]
+    channels = shape[1] if op in CHANNEL_FIRST_OPS else shape[-1]
     return 1.0 / max(1, per_row // max(1, channels))
 
 
@@ -240,7 +236,7 @@ class ActNNMixed(ActNN):
     Each saved tensor is cut into rows (samples) and groups as in
     :class:`~actpack.ActNN`; every row gets its own width in
     ``min_bits..max_bits`` so that the modelled gradient variance (see
-    :mod:`actpack.mixed`) is minimal with ``budget`` code bits per element on
+    :mod:`actpack.strategies.mixed`) is minimal with ``budget`` code bits per element on
     average (per-group metadata and row indices come on top, as for ActNN).
 
     Args:
@@ -270,6 +266,8 @@ class ActNNMixed(ActNN):
             ...
         strategy.last_bits                          # {bits: elements} of the last forward
     """
+
+    levels = (3, 4, 5)  # what ActNN(level=...) builds with this class
 
     name = "actnn-mixed"
     keeps_relu_exact = True
@@ -634,12 +632,12 @@ class ActNNMixed(ActNN):
         (tokens, features) view) nor span two tokens of a LayerNorm input."""
         g = self.group_size
         d = x.shape[-1] if x.dim() >= 2 else cols
-        if info.op in _ROW_NORM_OPS and d % g:
+        if info.op in ROW_NORM_OPS and d % g:
             return max(k for k in range(1, min(d, g) + 1) if d % k == 0)
         return min(g, cols) if cols else g
 
     def _encode(self, x: Tensor, info: SaveInfo) -> Encoded:
-        rows = _rows(x)
+        rows = rows_of(x)
         x2 = x.reshape(rows, -1)
         cols = x2.shape[1]
         gs = self._group_size(x, cols, info)
@@ -742,7 +740,7 @@ class ActNNMixed(ActNN):
                 )
                 warnings.warn(self.offload_note, stacklevel=4)
             return None
-        from actpack.offload import SwapStore
+        from actpack.engine.offload import SwapStore
 
         store = self._swap.get(device)
         if store is None:

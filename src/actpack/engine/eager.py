@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from actpack.accounting import Stats, StorageSet, anchor
-from actpack.compact import compact_integer
-from actpack.encoded import Bits, Copy, Encoded, LogOf, Region
-from actpack.exactness import ReluOutput, reads_region_only, rule_for, same_tensor
+from actpack.codecs.compact import compact_integer
+from actpack.codecs.encoded import Bits, Copy, Encoded, LogOf, Region
+from actpack.engine.accounting import Stats, StorageSet, anchor
+from actpack.engine.tracking import ModuleTracker, OpTracker
+from actpack.policy.rules import ReluOutput, reads_region_only, rule_for, same_tensor
 from actpack.strategies import SaveInfo, Strategy, resolve
-from actpack.tracking import ModuleTracker, OpTracker
 
 DEFAULT_MIN_NUMEL = 2048
 

@@ -1,6 +1,6 @@
 """Dense bit packing (1-bit masks first of all) as Triton kernels.
 
-Same stream as :mod:`actpack.codec.pack`: element ``i`` occupies bits
+Same stream as :mod:`actpack.codecs.pack`: element ``i`` occupies bits
 ``[i*bits, (i+1)*bits)``, least significant bit first.  ``pack_bits`` handles
 ``bits`` 1, 2, 4, 8 (others fall back to the reference); ``unpack_bits``
 handles every ``bits`` 1..8.  ``pack_mask``/``unpack_mask`` read and write bool
@@ -14,9 +14,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from actpack.codec import pack as ref
-from actpack.codec.pack import _check_bits, packed_numel
-from actpack.kernels.groupquant import _load_code
+from actpack.codecs import pack as ref
+from actpack.codecs.kernels.groupquant import _load_code
+from actpack.codecs.pack import _check_bits, packed_numel
 
 __all__ = ["pack_bits", "pack_mask", "unpack_bits", "unpack_mask"]
 
@@ -52,7 +52,7 @@ def _flat_u8(t: Tensor) -> Tensor:
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Fused :func:`actpack.codec.pack_bits` (bool inputs are read as 0/1)."""
+    """Fused :func:`actpack.codecs.pack_bits` (bool inputs are read as 0/1)."""
     _check_bits(bits)
     if bits not in (1, 2, 4, 8) or codes.numel() == 0:
         return ref.pack_bits(codes, bits)
@@ -70,7 +70,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
-    """Fused :func:`actpack.codec.unpack_bits` (any ``bits`` 1..8)."""
+    """Fused :func:`actpack.codecs.unpack_bits` (any ``bits`` 1..8)."""
     _check_bits(bits)
     need = packed_numel(numel, bits)
     if packed.numel() < need:

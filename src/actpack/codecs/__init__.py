@@ -2,15 +2,15 @@
 
 Every function here takes and returns plain tensors (or small frozen
 dataclasses of tensors) and works on any device.  These are the reference
-implementations; fused Triton kernels in :mod:`actpack.kernels` have the same
-signatures and are tested against them.  :mod:`actpack.codec.backend` has the
+implementations; fused Triton kernels in :mod:`actpack.codecs.kernels` have the same
+signatures and are tested against them.  :mod:`actpack.codecs.backend` has the
 same functions dispatching to either (``ACTPACK_BACKEND=auto|reference|triton``).
 """
 
-from actpack.codec.backend import resolve_backend
-from actpack.codec.division import DivisionCode, division_decode, division_encode
-from actpack.codec.groupquant import GroupCode, dequantize_groups, quantize_groups
-from actpack.codec.pack import pack_bits, packed_numel, unpack_bits
+from actpack.codecs.backend import resolve_backend
+from actpack.codecs.division import DivisionCode, division_decode, division_encode
+from actpack.codecs.groupquant import GroupCode, dequantize_groups, quantize_groups
+from actpack.codecs.pack import pack_bits, packed_numel, unpack_bits
 
 __all__ = [
     "DivisionCode",

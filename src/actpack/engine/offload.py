@@ -21,7 +21,7 @@ L5 adds a :class:`HostArena`: pinned memory in large chunks handed out in
 aligned slices and recycled once every tensor cut from a chunk is dead, so
 steady-state training allocates no pinned memory per tensor (and does not
 fragment the pinned pool); see also ``expandable_segments`` in
-:mod:`actpack.mixed`.
+:mod:`actpack.strategies.mixed`.
 
 ``simulate=True`` runs the same bookkeeping with plain CPU copies (no
 streams); the tests use it to check the swap logic without a GPU.

@@ -1,12 +1,12 @@
-"""Fused Triton kernels for the codecs in :mod:`actpack.codec`.
+"""Fused Triton kernels for the codecs in :mod:`actpack.codecs`.
 
 Every public function here has the signature and the output of its pure
-PyTorch reference in :mod:`actpack.codec` (same dataclasses, same packed
+PyTorch reference in :mod:`actpack.codecs` (same dataclasses, same packed
 bytes, lo and hi for round-to-nearest; statistically equivalent stochastic
 rounding).  Cases a kernel does not cover fall back to the reference inside
 the wrapper, so callers never need to check.
 
-Importing a submodule imports Triton; use :mod:`actpack.codec.backend` to
+Importing a submodule imports Triton; use :mod:`actpack.codecs.backend` to
 choose between these kernels and the reference.  On a machine without a GPU
 the kernels run through Triton's interpreter when ``TRITON_INTERPRET=1`` is
 set *before* the submodules are first imported.
@@ -26,4 +26,8 @@ from __future__ import annotations
 
 __all__ = ["SUBMODULES"]
 
-SUBMODULES = ("actpack.kernels.bits", "actpack.kernels.groupquant", "actpack.kernels.division")
+SUBMODULES = (
+    "actpack.codecs.kernels.bits",
+    "actpack.codecs.kernels.groupquant",
+    "actpack.codecs.kernels.division",
+)

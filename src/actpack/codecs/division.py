@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from actpack.codec.groupquant import GroupCode, dequantize_groups, quantize_groups
-from actpack.codec.pack import _check_bits
+from actpack.codecs.groupquant import GroupCode, dequantize_groups, quantize_groups
+from actpack.codecs.pack import _check_bits
 
 _POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
@@ -59,7 +59,7 @@ def division_encode(
     differences overflowing float32 near its maximum) stores a zero LFC and
     quantizes ``x`` itself, so extreme finite values never decode to NaN.
     A row holding NaN/Inf is poisoned in the HFC and decodes as described in
-    :mod:`actpack.codec.groupquant`; its LFC is stored as zero.
+    :mod:`actpack.codecs.groupquant`; its LFC is stored as zero.
     """
     if x.dim() not in (3, 4, 5):
         raise ValueError(

@@ -1,7 +1,7 @@
 """Host-side bit allocation for ActNN mixed precision.
 
 :func:`allocate_bits` minimises ``sum_k sum_n S[k][n] / L(b[k][n])**2`` (the
-modelled gradient variance, see :mod:`actpack.mixed`) subject to ``sum b * D
+modelled gradient variance, see :mod:`actpack.strategies.mixed`) subject to ``sum b * D
 <= budget * sum D`` (``D`` elements per row), bits in ``min_bits..max_bits``.
 The cost of each row is convex in its bits, so the greedy choice of the
 increments with the largest variance reduction per bit is optimal for the

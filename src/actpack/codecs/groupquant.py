@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from actpack.codec.pack import _check_bits, pack_bits, unpack_bits
+from actpack.codecs.pack import _check_bits, pack_bits, unpack_bits
 
 _NAN, _POS_INF, _NEG_INF = 1, 2, 3
 

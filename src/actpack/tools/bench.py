@@ -40,8 +40,8 @@ from torch.utils.checkpoint import checkpoint
 
 import actpack
 from actpack.engine import DEFAULT_MIN_NUMEL
-from actpack.models import MODELS, build_model, loss_for
-from actpack.train import (
+from actpack.tools.models import MODELS, build_model, loss_for
+from actpack.tools.train import (
     default_device,
     environment,
     make_strategy,

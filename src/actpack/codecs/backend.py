@@ -13,7 +13,7 @@ interpreter (``TRITON_INTERPRET=1`` set before the kernels are first
 imported), which is how the kernels are tested on CPU.  Forcing it where it
 cannot run raises ``RuntimeError`` instead of silently using the reference.
 Inside the Triton backend, cases the kernels do not cover (see
-:mod:`actpack.kernels`) still use the reference.
+:mod:`actpack.codecs.kernels`) still use the reference.
 
 Both backends produce the same dataclasses, so a code encoded by one decodes
 with the other.
@@ -28,11 +28,11 @@ import os
 import torch
 from torch import Tensor
 
-from actpack.codec import division as _ref_division
-from actpack.codec import groupquant as _ref_groupquant
-from actpack.codec import pack as _ref_pack
-from actpack.codec.division import DivisionCode
-from actpack.codec.groupquant import GroupCode
+from actpack.codecs import division as _ref_division
+from actpack.codecs import groupquant as _ref_groupquant
+from actpack.codecs import pack as _ref_pack
+from actpack.codecs.division import DivisionCode
+from actpack.codecs.groupquant import GroupCode
 
 __all__ = [
     "BACKENDS",
@@ -90,7 +90,7 @@ def resolve_backend(t: Tensor, backend: str | None = None) -> str:
 
 
 def _kernels(name: str):
-    return importlib.import_module(f"actpack.kernels.{name}")
+    return importlib.import_module(f"actpack.codecs.kernels.{name}")
 
 
 def quantize_groups(
@@ -104,7 +104,7 @@ def quantize_groups(
     meta_dtype: torch.dtype = torch.bfloat16,
     backend: str | None = None,
 ) -> GroupCode:
-    """:func:`actpack.codec.quantize_groups` on the chosen backend."""
+    """:func:`actpack.codecs.quantize_groups` on the chosen backend."""
     impl = _ref_groupquant
     if resolve_backend(x, backend) == "triton":
         impl = _kernels("groupquant")
@@ -122,7 +122,7 @@ def quantize_groups(
 def dequantize_groups(
     code: GroupCode, dtype: torch.dtype = torch.float32, *, backend: str | None = None
 ) -> Tensor:
-    """:func:`actpack.codec.dequantize_groups` on the chosen backend."""
+    """:func:`actpack.codecs.dequantize_groups` on the chosen backend."""
     if resolve_backend(code.packed, backend) == "triton":
         return _kernels("groupquant").dequantize_groups(code, dtype)
     return _ref_groupquant.dequantize_groups(code, dtype)
@@ -137,7 +137,7 @@ def division_encode(
     generator: torch.Generator | None = None,
     backend: str | None = None,
 ) -> DivisionCode:
-    """:func:`actpack.codec.division_encode` on the chosen backend."""
+    """:func:`actpack.codecs.division_encode` on the chosen backend."""
     impl = _ref_division
     if resolve_backend(x, backend) == "triton":
         impl = _kernels("division")
@@ -147,21 +147,21 @@ def division_encode(
 def division_decode(
     code: DivisionCode, dtype: torch.dtype = torch.float32, *, backend: str | None = None
 ) -> Tensor:
-    """:func:`actpack.codec.division_decode` on the chosen backend."""
+    """:func:`actpack.codecs.division_decode` on the chosen backend."""
     if resolve_backend(code.hfc.packed, backend) == "triton":
         return _kernels("division").division_decode(code, dtype)
     return _ref_division.division_decode(code, dtype)
 
 
 def pack_bits(codes: Tensor, bits: int, *, backend: str | None = None) -> Tensor:
-    """:func:`actpack.codec.pack_bits` on the chosen backend."""
+    """:func:`actpack.codecs.pack_bits` on the chosen backend."""
     if resolve_backend(codes, backend) == "triton":
         return _kernels("bits").pack_bits(codes, bits)
     return _ref_pack.pack_bits(codes, bits)
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int, *, backend: str | None = None) -> Tensor:
-    """:func:`actpack.codec.unpack_bits` on the chosen backend."""
+    """:func:`actpack.codecs.unpack_bits` on the chosen backend."""
     if resolve_backend(packed, backend) == "triton":
         return _kernels("bits").unpack_bits(packed, bits, numel)
     return _ref_pack.unpack_bits(packed, bits, numel)

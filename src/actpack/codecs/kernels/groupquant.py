@@ -5,7 +5,7 @@ per-group min/max (non-finite aware), rounds lo/hi outwards to the meta dtype,
 quantizes (stochastic: counter-based Philox keyed by a seed drawn on the device
 from the caller's generator; no host synchronisation) and writes the packed
 bytes plus lo/hi.  ``dequantize_groups``: one launch unpacks and writes the
-requested dtype.  Both match :mod:`actpack.codec.groupquant` exactly for
+requested dtype.  Both match :mod:`actpack.codecs.groupquant` exactly for
 round-to-nearest (same packed bytes, lo and hi; same decoded values).
 
 Layout.  A program owns ``M`` consecutive groups (slots of the flattened
@@ -39,9 +39,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from actpack.codec import groupquant as ref
-from actpack.codec.groupquant import GroupCode
-from actpack.codec.pack import packed_numel
+from actpack.codecs import groupquant as ref
+from actpack.codecs.groupquant import GroupCode
+from actpack.codecs.pack import packed_numel
 
 __all__ = ["dequantize_groups", "quantize_groups", "supports_decode", "supports_encode"]
 
@@ -59,7 +59,7 @@ _DECODE_BLOCK = 1024
 
 
 # --------------------------------------------------------------------------------------
-# Shared device helpers (also used by actpack.kernels.division)
+# Shared device helpers (also used by actpack.codecs.kernels.division)
 # --------------------------------------------------------------------------------------
 
 
@@ -461,7 +461,7 @@ def quantize_groups(
     zero_exact: bool = False,
     meta_dtype: torch.dtype = torch.bfloat16,
 ) -> GroupCode:
-    """Fused :func:`actpack.codec.quantize_groups` (same signature and result)."""
+    """Fused :func:`actpack.codecs.quantize_groups` (same signature and result)."""
     if not (_valid_args(x, bits, group_size, zero_exact) and supports_encode(x, bits, meta_dtype)):
         return ref.quantize_groups(
             x,
@@ -497,7 +497,7 @@ def quantize_groups(
 
 
 def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Fused :func:`actpack.codec.dequantize_groups` (same signature and result)."""
+    """Fused :func:`actpack.codecs.dequantize_groups` (same signature and result)."""
     if not supports_decode(code, dtype):
         return ref.dequantize_groups(code, dtype)
     rows, cols, gs, bits = code.rows, code.cols, code.group_size, code.bits

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from actpack.codec.backend import dequantize_groups
-from actpack.codec.groupquant import GroupCode
-from actpack.encoded import Encoded, tensor_bytes
+from actpack.codecs.backend import dequantize_groups
+from actpack.codecs.encoded import Encoded, tensor_bytes
+from actpack.codecs.groupquant import GroupCode
 
 __all__ = ["Kept", "MixedGroups"]
 

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import actpack
-from actpack.data import DatasetMissingError, load_fashion_mnist
 from actpack.engine import DEFAULT_MIN_NUMEL
-from actpack.models import MODELS, build_model
+from actpack.tools.data import DatasetMissingError, load_fashion_mnist
+from actpack.tools.models import MODELS, build_model
 
 __all__ = ["add_parser", "environment", "make_strategy", "run", "strategy_name", "summarize"]
 

@@ -11,13 +11,13 @@ byte) and, for 1-, 2- and 3-D maps alike:
 2. HFC statistics ``x - up(LFC)`` per row, and of ``x`` itself for rows whose
    residual is not finite (the reference's fallback row);
 3. zeroes the LFC of such rows, then quantizes and packs the HFC rows with the
-   shared helpers of :mod:`actpack.kernels.groupquant`.
+   shared helpers of :mod:`actpack.codecs.kernels.groupquant`.
 
 The LFC is re-read from global memory between sweeps (a CTA barrier orders
 the accesses); ``x`` is read once from DRAM and again from cache.
 
 ``division_decode``: one launch, upsampled LFC + dequantized HFC, written in
-the requested dtype.  Results equal :mod:`actpack.codec.division` exactly for
+the requested dtype.  Results equal :mod:`actpack.codecs.division` exactly for
 round-to-nearest.  Falls back to the reference for: ``bits`` 3, 5, 6, 7 (encode
 only), input dtypes other than float32/float16/bfloat16/float64, decode dtypes
 other than float32/float16/bfloat16, codes whose LFC is not bfloat16, empty
@@ -33,12 +33,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from actpack.codec import division as ref
-from actpack.codec.division import DivisionCode
-from actpack.codec.groupquant import GroupCode
-from actpack.codec.pack import packed_numel
-from actpack.kernels import groupquant as _gq
-from actpack.kernels.groupquant import (
+from actpack.codecs import division as ref
+from actpack.codecs.division import DivisionCode
+from actpack.codecs.groupquant import GroupCode
+from actpack.codecs.kernels import groupquant as _gq
+from actpack.codecs.kernels.groupquant import (
     _FLOAT_KIND,
     _INF,
     _X_DTYPES,
@@ -63,6 +62,7 @@ from actpack.kernels.groupquant import (
     seed_tensor,
     units_per_program,
 )
+from actpack.codecs.pack import packed_numel
 
 __all__ = ["division_decode", "division_encode"]
 
@@ -277,7 +277,7 @@ def division_encode(
     stochastic: bool = True,
     generator: torch.Generator | None = None,
 ) -> DivisionCode:
-    """Fused :func:`actpack.codec.division_encode` (same signature and result)."""
+    """Fused :func:`actpack.codecs.division_encode` (same signature and result)."""
     if not (
         _valid_args(x, block, bits)
         and bits in (1, 2, 4, 8)
@@ -324,7 +324,7 @@ def division_encode(
 
 
 def division_decode(code: DivisionCode, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Fused :func:`actpack.codec.division_decode` (same signature and result)."""
+    """Fused :func:`actpack.codecs.division_decode` (same signature and result)."""
     h = code.hfc
     shape, spatial = code.shape, code.shape[2:]
     if not (

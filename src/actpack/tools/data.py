@@ -7,7 +7,7 @@ and labels as ``int64`` ``(N,)``.
 
 Example::
 
-    from actpack.data import load_fashion_mnist
+    from actpack.tools.data import load_fashion_mnist
     train_x, train_y, test_x, test_y = load_fashion_mnist()
 """
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import Tensor
 
-from actpack.encoded import Encoded
-from actpack.mixedcode import Kept
-from actpack.strategies import ActNN, SaveInfo
+from actpack.codecs.encoded import Encoded
+from actpack.strategies.actnn import ActNN, parse_level
+from actpack.strategies.base import SaveInfo
+from actpack.strategies.mixedcode import Kept
 
 __all__ = ["LEVELS", "NORM_OPS", "ActNNPreset", "parse_level"]
 
@@ -29,17 +28,6 @@ NORM_OPS = frozenset(
 )  # fmt: skip
 
 
-def parse_level(level: Any) -> int:
-    text = str(level).strip().upper()
-    if text.startswith("ACTNN-"):
-        text = text[6:]
-    if text.startswith("L"):
-        text = text[1:]
-    if not (text.isdigit() and 0 <= int(text) <= 5) or isinstance(level, bool):
-        raise ValueError(f"level must be one of L0..L5, got {level!r}")
-    return int(text)
-
-
 class ActNNPreset(ActNN):
     """ActNN optimization levels L0-L2 (built by ``actpack.ActNN(level="L1")``).
 
@@ -51,6 +39,8 @@ class ActNNPreset(ActNN):
       exact.
     * ``L2``: 4-bit per-group quantization of every saved float tensor.
     """
+
+    levels = (0, 1, 2)  # what ActNN(level=...) builds with this class
 
     def __init__(
         self,

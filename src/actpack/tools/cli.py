@@ -8,10 +8,10 @@ from collections.abc import Sequence
 
 import torch
 
-from actpack import bench, train
 from actpack.api import measure
-from actpack.models import MODELS, build_model, loss_for
 from actpack.strategies import STRATEGY_NAMES
+from actpack.tools import bench, train
+from actpack.tools.models import MODELS, build_model, loss_for
 
 # The report's default: one column per kind of encoding (levels are ActNN variants).
 CORE_STRATEGIES = ("none", "fp16", "bf16", "int8", "actnn", "division")

@@ -1,0 +1,11 @@
+"""Engines: where saved-tensor hooks meet the policy, the strategies and the codecs.
+
+:mod:`~actpack.engine.eager` installs ``torch.autograd.graph.saved_tensors_hooks``
+around eager forwards; :mod:`~actpack.engine.accounting` counts bytes exactly;
+:mod:`~actpack.engine.tracking` names the op and module saving each tensor;
+:mod:`~actpack.engine.offload` swaps packed data to host memory (ActNN L4/L5).
+"""
+
+from actpack.engine.eager import DEFAULT_MIN_NUMEL, Engine
+
+__all__ = ["DEFAULT_MIN_NUMEL", "Engine"]

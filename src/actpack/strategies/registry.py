@@ -1,0 +1,46 @@
+"""Strategies by name: ``actpack.compress("actnn")`` and friends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from actpack.strategies.actnn import ActNN, Int8
+from actpack.strategies.base import Exact, Strategy
+from actpack.strategies.cast import Cast16
+from actpack.strategies.division import Division
+from actpack.strategies.mixed import ActNNMixed
+
+_NAMED: dict[str, Any] = {
+    "none": Exact,
+    "fp16": lambda: Cast16(torch.float16),
+    "bf16": lambda: Cast16(torch.bfloat16),
+    "int8": Int8,
+    "actnn": ActNN,
+    "division": Division,
+    "actnn-l0": lambda: ActNN(level="L0"),
+    "actnn-l1": lambda: ActNN(level="L1"),
+    "actnn-l2": lambda: ActNN(level="L2"),
+    "actnn-l3": lambda: ActNN(level="L3"),
+    "actnn-l4": lambda: ActNN(level="L4"),
+    "actnn-l5": lambda: ActNN(level="L5"),
+    "actnn-mixed": ActNNMixed,
+}
+
+STRATEGY_NAMES: tuple[str, ...] = tuple(_NAMED)
+
+
+def resolve(strategy: str | Strategy) -> Strategy:
+    """A strategy object from a name or an object (returned as is)."""
+    if isinstance(strategy, Strategy):
+        return strategy
+    if isinstance(strategy, str):
+        factory = _NAMED.get(strategy.lower())
+        if factory is None:
+            raise ValueError(
+                f"unknown strategy {strategy!r}; valid names: {', '.join(STRATEGY_NAMES)} "
+                "(or pass a Strategy object such as actpack.ActNN(bits=4))"
+            )
+        return factory()
+    raise TypeError(f"strategy must be a name or a Strategy, got {type(strategy).__name__}")

@@ -1,0 +1,1 @@
+"""Users of the library (CLI, training, benchmarks, built-in models, data): never imported by it."""
