@@ -115,6 +115,7 @@ class Report:
     tensors: int
     baseline_elements: int = 0
     weight_bytes: int = 0
+    leaf_bytes: int = 0
     modules: dict[str, tuple[int, int]] = field(default_factory=dict)
     ops: dict[str, tuple[int, int]] = field(default_factory=dict)
     passthrough: dict[str, int] = field(default_factory=dict)
@@ -197,7 +198,7 @@ def measure(
         for k, v in model.state_dict().items()
         if not isinstance(v, nn.Parameter)
     }
-    engine = Engine(strategy, model=model, min_numel=min_numel, track_modules=True)
+    engine = Engine(strategy, model=model, min_numel=min_numel, track_modules=True, track_ops=True)
     device = next((t.device for t in inputs if isinstance(t, Tensor)), torch.device("cpu"))
     peak = baseline_peak = None
     try:
@@ -220,6 +221,7 @@ def measure(
         tensors=s.tensors,
         baseline_elements=s.baseline_elements,
         weight_bytes=s.weight_bytes,
+        leaf_bytes=s.leaf_bytes,
         modules={k: (v[0], v[1]) for k, v in s.by_module.items()},
         ops={k: (v[0], v[1]) for k, v in s.by_op.items()},
         passthrough=dict(s.passthrough),
