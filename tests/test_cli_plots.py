@@ -33,9 +33,10 @@ def test_paired_delta_and_its_standard_error() -> None:
     # d = [-1, 0, 0, 0]: -25 points, sample std 0.5, s.e. 0.25
     runs = [_run("none", 0, "1111", [100]), _run("actnn", 0, "0111", [75])]
     assert paired_delta(runs, "actnn") == pytest.approx((-25.0, 25.0))
-    # two seeds: d averaged per image first, [-1, 0, 0, 0] and [0, 0, 0, 0] -> [-.5, 0, 0, 0]
+    # two seeds, d = [-1, 0, 0, 0] and [0, 0, 0, 0]: per image D = [-.5, 0, 0, 0] (variance
+    # 1/16, over 4 images 1/64); per seed delta = [-1/4, 0] (variance 1/32, over 2 seeds 1/64)
     runs += [_run("none", 1, "1111", [100]), _run("actnn", 1, "1111", [100])]
-    assert paired_delta(runs, "actnn") == pytest.approx((-12.5, 12.5))
+    assert paired_delta(runs, "actnn") == pytest.approx((-12.5, 100 * math.sqrt(2 / 64)))
     with pytest.raises(ValueError, match="share no seed"):
         paired_delta([_run("none", 0, "1", [1]), _run("actnn", 1, "1", [1])], "actnn")
 
@@ -47,7 +48,7 @@ def test_summary_prints_the_standard_error() -> None:
     text = format_summary(rows, cuda=False)
     assert "| actnn | 75.00 (n=1) | -25.00 ± 25.00 |" in text
     assert "| none | 100.00 (n=1) | 0 (reference) |" in text
-    assert "standard error of the accuracy difference over the 4 test images" in text
+    assert "standard error of the accuracy difference, over the 4 test images" in text
 
 
 def _payload(seeds: int, epochs: int) -> dict:

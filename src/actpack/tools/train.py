@@ -263,24 +263,32 @@ def paired_delta(runs: list[dict[str, Any]], name: str, ref: str = "none") -> tu
 
     Both are evaluated on the same test images, so the difference is paired:
     per image ``i`` and seed ``j``, ``d_ij`` = 1 if only ``name`` classified it
-    right, -1 if only ``ref`` did, else 0; ``D_i`` is its mean over the seeds
-    both strategies ran.  The delta is ``100 mean(D)`` and its standard error
-    ``100 std(D) / sqrt(n)`` over the ``n`` test images: how far the delta
-    would move on another test set of that size (on 51 images, each image the
-    two disagree on moves it by 2 points).  Raises ``ValueError`` when the runs
-    share no seed.
+    right, -1 if only ``ref`` did, else 0.  Over the ``k`` seeds both
+    strategies ran, ``D_i`` is the mean of ``d_ij`` and ``delta_j`` the mean
+    of ``d_ij`` over the ``n`` images.  The delta is ``100 mean(D)``; its
+    standard error adds two variances:
+
+    * ``var(D) / n``: how far the delta would move on another test set of
+      that size (on 51 images, each image the two disagree on moves it by 2
+      points);
+    * ``var(delta_j) / k`` with several seeds: how far it would move with
+      other seeds (this counts the test-set noise of each seed again, so the
+      sum errs on the large side).
+
+    Raises ``ValueError`` when the runs share no seed.
     """
     mine = {r["seed"]: r["test_correct"] for r in runs if r["strategy"] == name}
     refs = {r["seed"]: r["test_correct"] for r in runs if r["strategy"] == ref}
     seeds = sorted(set(mine) & set(refs))
     if not seeds:
         raise ValueError(f"{name} and {ref} share no seed")
-    n = len(mine[seeds[0]])
-    per_image = [
-        statistics.fmean(int(mine[j][i]) - int(refs[j][i]) for j in seeds) for i in range(n)
-    ]
-    se = statistics.stdev(per_image) / math.sqrt(n) if n > 1 else math.inf
-    return 100.0 * statistics.fmean(per_image), 100.0 * se
+    n, k = len(mine[seeds[0]]), len(seeds)
+    d = [[int(mine[j][i]) - int(refs[j][i]) for i in range(n)] for j in seeds]
+    per_image = [statistics.fmean(col) for col in zip(*d)]
+    var = statistics.variance(per_image) / n if n > 1 else math.inf
+    if k > 1:
+        var += statistics.variance(statistics.fmean(row) for row in d) / k
+    return 100.0 * statistics.fmean(per_image), 100.0 * math.sqrt(var)
 
 
 def summarize(runs: list[dict[str, Any]], strategies: list[str]) -> list[dict[str, Any]]:
@@ -359,8 +367,8 @@ def format_summary(rows: list[dict[str, Any]], cuda: bool) -> str:
     if any(r["acc_delta_se"] is not None for r in rows):
         out += [
             "",
-            f"s.e.: standard error of the accuracy difference over the {rows[0]['test_images']} "
-            "test images (paired: every strategy is tested on the same images). "
+            f"s.e.: standard error of the accuracy difference, over the {rows[0]['test_images']} "
+            "test images (paired: every strategy is tested on the same images) and the seeds. "
             "A delta within 2 s.e. of 0 is noise.",
         ]
     return "\n".join(out)
@@ -396,13 +404,8 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             payload["summary"] = summarize(payload["runs"], args.strategies)
             if args.json:
                 write_json(args.json, payload)
-    log("")
-    log(format_summary(payload["summary"], device.type == "cuda"))
-    if args.json:
-        log(f"wrote {args.json}")
     if args.plot:
         plot_training(payload, args.plot)
-        log(f"wrote {args.plot}")
     return payload
 
 
@@ -422,10 +425,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
     log = (lambda *a, **k: None) if args.quiet else print
     try:
-        run(args, log=lambda msg: log(msg, flush=True))
+        payload = run(args, log=lambda msg: log(msg, flush=True))
     except DatasetMissingError as exc:
         print(f"actpack train: error: {exc}", file=sys.stderr)
         return 2
+    log("")
+    print(format_summary(payload["summary"], args.device.startswith("cuda")), flush=True)
+    for path in (args.json, args.plot):
+        if path is not None:
+            log(f"wrote {path}")
     return 0
 
 
