@@ -126,3 +126,5 @@ def test_help_is_plain_text_with_defaults(capsys, command: str) -> None:
     defaults = {"report": "(default: 8)", "train": "(default: 128)", "bench": "(default: 32)"}
     assert defaults[command] in " ".join(text.split())
     assert "(default: None)" not in text and "(default: False)" not in text
+    if command == "bench":
+        assert "seed of the weights and inputs (default: 0)" in " ".join(text.split())

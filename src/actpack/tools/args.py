@@ -115,7 +115,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         default = action.default
         if (
             not action.option_strings
-            or default in (None, False, argparse.SUPPRESS)
+            or any(default is v for v in (None, False, argparse.SUPPRESS))  # 0 is shown
             or "default" in text
         ):
             return text

@@ -1,6 +1,6 @@
 """``actpack bench``: strategies and their alternatives side by side, in one process.
 
-For one built-in model and batch, every row is measured in the same process
+For one model and batch, every row is measured in the same process
 on the same inputs:
 
 * bytes autograd holds for backward (exact, :func:`actpack.measure`), and
