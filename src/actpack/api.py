@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from actpack.engine import DEFAULT_MIN_NUMEL, Engine
+from actpack.probe import default_loss, preserved_rng
+from actpack.report import Report
 from actpack.strategies import Strategy
 
 
@@ -105,70 +106,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-@dataclass
-class Report:
-    """Bytes autograd holds for backward, with and without compression."""
-
-    strategy: str
-    baseline_bytes: int
-    compressed_bytes: int
-    tensors: int
-    baseline_elements: int = 0
-    weight_bytes: int = 0
-    leaf_bytes: int = 0
-    modules: dict[str, tuple[int, int]] = field(default_factory=dict)
-    ops: dict[str, tuple[int, int]] = field(default_factory=dict)
-    passthrough: dict[str, int] = field(default_factory=dict)
-    peak_bytes: int | None = None
-    baseline_peak_bytes: int | None = None
-
-    @property
-    def ratio(self) -> float:
-        return (
-            self.baseline_bytes / self.compressed_bytes if self.compressed_bytes else float("inf")
-        )
-
-    @property
-    def bits_per_element(self) -> float:
-        """Compressed bits per element autograd would have held."""
-        return 8 * self.compressed_bytes / self.baseline_elements if self.baseline_elements else 0.0
-
-    def __str__(self) -> str:
-        lines = [
-            f"strategy {self.strategy}: {self.baseline_bytes / 2**20:.2f} MiB -> "
-            f"{self.compressed_bytes / 2**20:.2f} MiB saved for backward ({self.ratio:.2f}x)"
-        ]
-        if self.peak_bytes is not None:
-            lines.append(
-                f"peak memory of the step: {self.baseline_peak_bytes / 2**20:.1f} MiB -> "
-                f"{self.peak_bytes / 2**20:.1f} MiB"
-            )
-        if self.weight_bytes:
-            lines.append(
-                f"  weight casts held for backward (never compressed, not counted above): "
-                f"{self.weight_bytes / 2**20:.2f} MiB"
-            )
-        for reason, n in sorted(self.passthrough.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  passed through ({reason}): {n / 2**20:.3f} MiB")
-        return "\n".join(lines)
-
-
-def _default_loss(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output.float().sum()
-    if isinstance(output, (tuple, list)):
-        return sum(_default_loss(o) for o in output if isinstance(o, Tensor))
-    if isinstance(output, dict):
-        return sum(_default_loss(o) for o in output.values() if isinstance(o, Tensor))
-    if hasattr(output, "loss") and isinstance(output.loss, Tensor):
-        return output.loss
-    raise TypeError("measure: cannot reduce the model output to a loss; pass loss_fn=")
-
-
 def _step(model: nn.Module, inputs: tuple, loss_fn: Callable | None, ctx: Any) -> None:
     with ctx:
         out = model(*inputs)
-        loss = loss_fn(out) if loss_fn is not None else _default_loss(out)
+        loss = loss_fn(out) if loss_fn is not None else default_loss(out)
     params = [p for p in model.parameters() if p.requires_grad]
     if loss.requires_grad and params:
         torch.autograd.grad(loss, params, allow_unused=True)
@@ -184,9 +125,12 @@ def measure(
     """Run one forward and backward of ``model`` and report the bytes saved.
 
     The count is exact: every tensor autograd saves is seen by the engine.
-    Parameter ``.grad`` and buffers (BatchNorm statistics) are left as they
-    were.  On CUDA the peak memory of the step is reported with and without
-    compression.
+    Parameter ``.grad``, buffers (BatchNorm statistics) and torch's CPU and
+    CUDA random states are left as they were, so measuring before training
+    does not change the training run.  On CUDA the peak memory of the step is
+    reported with and without compression.  ``loss_fn(output)`` gives the
+    scalar loss; by default :func:`actpack.probe.default_loss` (the
+    ``.loss`` of a HuggingFace output, else the sum of the outputs).
 
     Example::
 
@@ -202,11 +146,13 @@ def measure(
     device = next((t.device for t in inputs if isinstance(t, Tensor)), torch.device("cpu"))
     peak = baseline_peak = None
     try:
-        if device.type == "cuda":
-            baseline_peak = _peak(lambda: _step(model, inputs, loss_fn, _null()), device)
-            peak = _peak(lambda: _step(model, inputs, loss_fn, engine), device)
-        else:
-            _step(model, inputs, loss_fn, engine)
+        # Dropout in this extra step must not advance the user's generators.
+        with preserved_rng([*inputs, *model.parameters()]):
+            if device.type == "cuda":
+                baseline_peak = _peak(lambda: _step(model, inputs, loss_fn, _null()), device)
+                peak = _peak(lambda: _step(model, inputs, loss_fn, engine), device)
+            else:
+                _step(model, inputs, loss_fn, engine)
     finally:
         engine.close()
         with torch.no_grad():
