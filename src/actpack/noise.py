@@ -138,8 +138,7 @@ def gradient_noise(
         raise ValueError("gradient_noise: the model has no parameter that requires grad")
     params = [p for _, p in named]
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    wrapped = getattr(model, "_actpack_engine", None)
-    wrapped_engine = wrapped[0] if wrapped is not None else None
+    wrapped_engine = getattr(model, "_actpack_engine", None)
 
     def restore() -> None:
         with torch.no_grad():

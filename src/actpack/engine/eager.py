@@ -178,6 +178,9 @@ class Engine:
         self._warned: set[str] = set()
         self._suspended = 0
         self._checkpoint_strategy: Strategy | None = None
+        # Threads inside a forward, for strategies that keep per-forward state.
+        self._inside: set[int] = set()
+        self._lock = threading.Lock()
         # Naming the op of every torch call costs a few microseconds each; a
         # lossless strategy needs no name unless the accounting must tell the
         # input batch from an op's statistics (measure does).
@@ -218,6 +221,7 @@ class Engine:
             st.depth = 1
             return self
         self._warn_if_nested()
+        self._admit()
         tracked = self._track_ops if self._track_ops is not None else not self.strategy.lossless
         st = _Forward(tracked=tracked)
         st.depth = 1
@@ -248,6 +252,19 @@ class Engine:
             st.hooks.__exit__(*exc)
             st.table.clear()
             self.strategy.end_forward()
+            with self._lock:
+                self._inside.discard(threading.get_ident())
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._inside and not self.strategy.thread_safe:
+                raise RuntimeError(
+                    f"actpack: {self.strategy!r} keeps per-forward statistics and cannot run "
+                    "forwards of one engine in two threads at once; give each thread its own "
+                    "model copy (copy.deepcopy(model)) or use a stateless strategy such as "
+                    "'actnn'."
+                )
+            self._inside.add(threading.get_ident())
 
     def _warn_if_nested(self) -> None:
         top = torch._C._autograd._top_saved_tensors_default_hooks(False)
