@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from actpack.codecs.compact import compact_integer
 from actpack.codecs.encoded import Bits, Copy, Encoded, LogOf, Region, TwoValued
 from actpack.engine.accounting import Stats, StorageSet, anchor
-from actpack.engine.saved import Held, Saved, unpack
+from actpack.engine.saved import Held, Reshaped, Saved, unpack
 from actpack.engine.tracking import ModuleTracker, OpTracker
 from actpack.policy.decide import Facts, Kind, Plan, Settings, decide
-from actpack.policy.rules import reads_region_only, rule_for, same_tensor
+from actpack.policy.rules import ReluOutput, reads_region_only, rule_for, same_tensor
 from actpack.strategies import Cast16, Int8, SaveInfo, Strategy, resolve
 
 DEFAULT_MIN_NUMEL = 2048
@@ -415,15 +415,22 @@ class Engine:
             stats.add(module, op, before, after, elements)
             return saved
         tag = (kind, plan.rule)
-        key = (t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride(), t._version)
+        # Contiguous tensors are keyed by their memory alone, so that a view
+        # of a saved tensor with another shape (Flatten before a Linear)
+        # shares its code.
+        shape = tuple(t.shape)
+        layout = ("contiguous", t.numel()) if t.is_contiguous() else (shape, t.stride())
+        key = (t.data_ptr(), t.dtype, t.device, layout, t._version)
         for ref, entry_tag, saved in st.table.get(key, ()):
             # A live entry pins its memory, so equal keys mean equal bytes.
-            if ref() is not None and entry_tag == tag:
+            if ref() is not None and self._serves(entry_tag, tag):
                 stats.add(module, op, before, 0, elements)
                 if isinstance(saved, Saved):
                     self.strategy.saved_again(
                         saved.encoded, SaveInfo(op=op, module=module, rule=plan.rule)
                     )
+                    if saved.shape != shape:
+                        return Reshaped(saved, shape)
                 return saved
         saved = self._encode(t, plan, st, op, module, compact)
         st.table.setdefault(key, []).append(
@@ -432,6 +439,18 @@ class Engine:
         stats.tensors += 1
         stats.add(module, op, before, saved.encoded.nbytes, elements)
         return saved
+
+    def _serves(self, have: tuple, want: tuple) -> bool:
+        """Whether a code made for ``have`` (kind, rule) also serves ``want``."""
+        if have == want:
+            return True
+        # A code keeping ReLU zeros exact is also an unbiased code of the values.
+        return (
+            have[0] is want[0] is Kind.LOSSY
+            and want[1] is None
+            and isinstance(have[1], ReluOutput)
+            and self.strategy.keeps_relu_exact
+        )
 
     def _worth_copying(self, t: Tensor, reason: str) -> bool:
         if reason not in _COPYABLE or self.strategy.lossless:
