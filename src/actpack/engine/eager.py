@@ -17,7 +17,6 @@ import sys
 import threading
 import warnings
 import weakref
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -74,31 +73,29 @@ def _in_file(filename: str, tail: tuple[str, str]) -> bool:
 
 
 def _origin(frame: Any) -> str:
-    """Who is saving, read from the Python frames that called into autograd.
+    """Who is saving, read from the Python frame that called into autograd.
 
     A custom ``autograd.Function`` saves from ``Function.apply`` (its class is
     that frame's ``cls``: AOTAutograd's ``CompiledFunction`` for compiled
     graphs, ``CheckpointFunction`` for reentrant checkpointing);
     non-reentrant checkpointing saves its inputs from torch/utils/checkpoint.py.
-    The frames are those of the caller of the op, so three suffice.
+    Ops save from C++ called by any other frame.  One frame suffices, and
+    the save path pays for no more.
     """
-    for _ in range(3):
-        if frame is None:
-            break
-        code = frame.f_code
-        if code.co_name == "apply" and _in_file(code.co_filename, _FUNCTION_FILE):
-            cls = frame.f_locals.get("cls")
-            name = getattr(cls, "__name__", "")
-            if name == "CheckpointFunction":
-                return "checkpoint"
-            if name == "CompiledFunction" or getattr(cls, "__module__", "").startswith(
-                "torch._functorch"
-            ):
-                return "compiled"
-            return "custom-function"
-        if _in_file(code.co_filename, _CHECKPOINT_FILE):
+    code = frame.f_code
+    filename = code.co_filename
+    if code.co_name == "apply" and _in_file(filename, _FUNCTION_FILE):
+        cls = frame.f_locals.get("cls")
+        name = getattr(cls, "__name__", "")
+        if name == "CheckpointFunction":
             return "checkpoint"
-        frame = frame.f_back
+        if name == "CompiledFunction" or getattr(cls, "__module__", "").startswith(
+            "torch._functorch"
+        ):
+            return "compiled"
+        return "custom-function"
+    if _in_file(filename, _CHECKPOINT_FILE):
+        return "checkpoint"
     return "op"
 
 
@@ -123,7 +120,7 @@ class _Forward:
 
     __slots__ = (
         "depth", "hooks", "ops", "table", "held", "held_compressed", "ordinals", "stats",
-        "weights",
+        "weights", "settings",
     )  # fmt: skip
 
     def __init__(self, tracked: bool) -> None:
@@ -137,6 +134,7 @@ class _Forward:
         self.stats = Stats()
         #: Storage addresses of the model's plain parameters and buffers.
         self.weights: dict[int, str] = {}
+        self.settings = Settings()
 
 
 class Engine:
@@ -231,6 +229,7 @@ class Engine:
         if self._track_modules and self._modules is None:
             self._modules = ModuleTracker(self._model)
         st.weights = self._weight_storages()
+        st.settings = self._settings()
         st.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, unpack)
         st.hooks.__enter__()
         if st.ops is not None:
@@ -332,39 +331,47 @@ class Engine:
     def _facts(self, t: Tensor, st: _Forward) -> tuple[Facts, str | None, tuple, dict]:
         ops = st.ops
         op, args, kwargs = (ops.name, ops.args, ops.kwargs) if ops is not None else (None, (), {})
+        kind = type(t)
         plain = (
-            type(t) in (Tensor, nn.Parameter)
+            (kind is Tensor or kind is nn.Parameter)
             and t.layout == torch.strided
             and t.device.type != "meta"
         )
         history = t.grad_fn is not None
         origin = _origin(sys._getframe(2))
         floating = t.is_floating_point()
-        rule = region_only = None
-        if floating and origin == "op" and history and plain:
-            rule = rule_for(t, op, args, kwargs)
-            region_only = rule is not None and reads_region_only(op)
+        rule = None
+        region_only = declined = False
+        role = "unknown"
+        if floating and op is not None and origin == "op":
+            if history:
+                if plain:
+                    rule = rule_for(t, op, args, kwargs)
+                    region_only = rule is not None and reads_region_only(op)
+                declined = self.strategy.skip_reason(t)
+            else:
+                role = _role(t, args, kwargs)
         facts = Facts(
-            dtype=t.dtype,
-            numel=t.numel(),
-            origin=origin,
-            op=op,
-            role="unknown" if history or not floating or op is None else _role(t, args, kwargs),
-            history=history,
-            leaf=self._leaf(t, args, st) if plain else None,
-            plain=plain,
-            overlapping=any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())),
-            rule=rule,
-            region_only=bool(region_only),
-            compactable=False,
-            declined=self.strategy.skip_reason(t) if floating and history else None,
+            t.dtype,
+            t.numel(),
+            origin,
+            op,
+            role,
+            history,
+            self._leaf(t, args, st) if plain else None,
+            plain,
+            0 in t.stride() and any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())),
+            rule,
+            region_only,
+            False,
+            declined or None,
         )
         return facts, op, args, kwargs
 
     # -- hooks ----------------------------------------------------------------
     def pack(self, t: Tensor) -> object:
         """The pack hook: what autograd keeps instead of ``t``."""
-        if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
+        if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
             return t  # parameters exist anyway, and hold no graph: no cycle
         st = self._state()
         if st is None or st.hooks is None:
@@ -373,11 +380,11 @@ class Engine:
             return Held(t)
         facts, op, args, kwargs = self._facts(t, st)
         compact = None
-        if facts.dtype.is_floating_point is False and facts.dtype != torch.bool:
+        if not facts.dtype.is_floating_point and facts.dtype != torch.bool:
             compact = compact_integer(t, op, args, kwargs) if not self.strategy.lossless else None
             if compact is not None:
-                facts = replace(facts, compactable=True)
-        plan = decide(facts, self._settings())
+                facts = facts._replace(compactable=True)
+        plan = decide(facts, st.settings)
         if facts.origin == "compiled":
             self._warn_once(
                 "compiled",

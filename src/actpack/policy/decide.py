@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -69,9 +70,9 @@ class Kind(enum.Enum):
     LOSSY = "lossy"
 
 
-@dataclass(frozen=True)
-class Facts:
-    """What is known about one saved tensor when it is saved.
+class Facts(NamedTuple):
+    """What is known about one saved tensor when it is saved (a named tuple:
+    cheap to build on the save path).
 
     Attributes:
         dtype: the tensor's dtype.
@@ -110,8 +111,7 @@ class Facts:
     declined: str | None = None
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """The decision for one saved tensor: its form and why (for reports)."""
 
     kind: Kind
