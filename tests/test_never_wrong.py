@@ -638,3 +638,22 @@ class TestDropout:
         )
         rep = actpack.measure(model, torch.randn(64, 256), strategy="actnn")
         assert rep.ratio > 10, str(rep)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_two_valued_code_is_lossless_and_checked(self, dtype):
+        from actpack.codecs.encoded import TwoValued
+
+        noise = (torch.rand(64, 100) > 0.3).to(dtype) / 0.7
+        code = TwoValued.encode(noise, check=True)
+        assert torch.equal(code.decode(), noise)
+        assert code.nbytes == 64 * 100 // 8 + noise.element_size()
+        three = noise.clone()
+        three[0, 0] = 0.5
+        assert TwoValued.encode(three, check=True) is None  # kept exact instead
+
+    def test_attention_dropout_noise_in_one_bit(self):
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(2, 4, 64, 32, requires_grad=True) for _ in range(3))
+        with actpack.compress("actnn") as engine:
+            F.scaled_dot_product_attention(q * 1, k * 1, v * 1, dropout_p=0.1)
+        assert engine.stats.passthrough.get("op statistics", 0) < 2 * 4 * 64 * 4  # logsumexp-sized

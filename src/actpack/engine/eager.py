@@ -365,6 +365,7 @@ class Engine:
             region_only,
             False,
             declined or None,
+            t.device.type == "cpu",
         )
         return facts, op, args, kwargs
 
@@ -385,6 +386,10 @@ class Engine:
             if compact is not None:
                 facts = facts._replace(compactable=True)
         plan = decide(facts, st.settings)
+        if plan.kind is Kind.TWO_VALUED and facts.checkable:
+            compact = TwoValued.encode(t.detach(), check=True)
+            if compact is None:  # not two-valued after all: exact
+                plan = Plan(Kind.EXACT, plan.reason)
         if facts.origin == "compiled":
             self._warn_once(
                 "compiled",
@@ -479,7 +484,7 @@ class Engine:
         if kind is Kind.BITS:
             return Saved(Bits.encode(x), t, False)
         if kind is Kind.TWO_VALUED:
-            return Saved(TwoValued.encode(x), t, t.requires_grad)
+            return Saved(compact or TwoValued.encode(x), t, t.requires_grad)
         if kind is Kind.REGION:
             return Saved(
                 Region(Bits.encode(plan.rule.mask(x)), plan.rule, x.dtype), t, t.requires_grad

@@ -60,7 +60,9 @@ class Kind(enum.Enum):
     EXACT = "exact"
     #: A bool tensor, 1 bit per element, lossless.
     BITS = "bits"
-    #: Dropout's noise (0 or 1/(1-p) by construction): 1 bit + its scale, lossless.
+    #: Dropout's noise (0 or 1/(1-p) by construction): 1 bit + its scale,
+    #: lossless.  Where values can be checked cheaply (CPU) they are, and a
+    #: tensor that is not two-valued is kept exact instead.
     TWO_VALUED = "two-valued"
     #: An integer tensor in a narrower lossless form (pool offsets, indices).
     COMPACT = "compact"
@@ -94,6 +96,8 @@ class Facts(NamedTuple):
         compactable: an integer tensor with a known lossless narrow form.
         declined: why the strategy leaves this tensor as it is (a 16-bit
             tensor under a 16-bit cast), or None.
+        checkable: whether a lossless form may be verified on the values
+            at no synchronisation cost (CPU tensors).
     """
 
     dtype: torch.dtype
@@ -109,6 +113,7 @@ class Facts(NamedTuple):
     region_only: bool = False
     compactable: bool = False
     declined: str | None = None
+    checkable: bool = False
 
 
 class Plan(NamedTuple):
@@ -187,8 +192,14 @@ def decide(f: Facts, s: Settings) -> Plan:
     if f.origin != "op" or f.op is None:
         return _exact("unknown op")
     if not f.history:
-        if f.role == "internal" and f.op.strip("_") in DROPOUT_OPS:
-            return Plan(Kind.TWO_VALUED, "dropout noise")
+        if f.role == "internal":
+            if f.op.strip("_") in DROPOUT_OPS:
+                return Plan(Kind.TWO_VALUED, "dropout noise")
+            if f.checkable:
+                # Dropout inside another op (attention's dropout_p) saves its
+                # noise too; on the CPU a check of two-valuedness is cheap and
+                # makes the 1-bit form lossless by verification.
+                return Plan(Kind.TWO_VALUED, "op statistics")
         # Neither an argument nor a differentiable output: the op's own
         # statistics, constants to backward.
         return _exact("op statistics")
