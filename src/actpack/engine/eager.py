@@ -379,6 +379,8 @@ class Engine:
             # Hooks propagated to a thread that never entered (autograd's
             # worker threads): keep the tensor, as autograd would.
             return Held(t)
+        if st.ops is None and t.dtype != torch.bool:
+            return self._keep_untracked(t, st)
         facts, op, args, kwargs = self._facts(t, st)
         compact = None
         if not facts.dtype.is_floating_point and facts.dtype != torch.bool:
@@ -398,6 +400,22 @@ class Engine:
                 "section on torch.compile.",
             )
         return self._carry_out(t, plan, st, op, compact)
+
+    def _keep_untracked(self, t: Tensor, st: _Forward) -> Held:
+        """A lossless strategy without op names keeps every non-bool tensor:
+        the whole decision reduces to accounting (the fast path of ``"none"``)."""
+        held = Held(t)
+        nbytes = t.untyped_storage().nbytes() if st.held.add(t) else 0
+        stats = st.stats
+        if t.grad_fn is not None and _parameter_source(t) is not None:
+            stats.weight_bytes += nbytes
+            return held
+        reason = "exact strategy"
+        stats.passthrough[reason] = stats.passthrough.get(reason, 0) + nbytes
+        stats.tensors += 1
+        module = self._modules.current if self._modules is not None else None
+        stats.add(module, None, nbytes, nbytes, nbytes // t.element_size())
+        return held
 
     def _carry_out(
         self, t: Tensor, plan: Plan, st: _Forward, op: str | None, compact: Encoded | None
