@@ -42,7 +42,9 @@ _CAST_NODES = frozenset(
     {"ToCopyBackward0", "TBackward0", "ViewBackward0", "TransposeBackward0",
      "PermuteBackward0", "ExpandBackward0", "UnsqueezeBackward0", "AliasBackward0",
      "SliceBackward0", "SelectBackward0", "SqueezeBackward0", "SqueezeBackward1",
-     "ReshapeAliasBackward0", "AsStridedBackward0"}
+     "ReshapeAliasBackward0", "AsStridedBackward0", "SplitBackward0",
+     "SplitWithSizesBackward0", "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0",
+     "NarrowBackward0", "UnbindBackward0"}
 )  # fmt: skip
 
 # Reasons to keep a tensor exact under which an exact copy of a small view
