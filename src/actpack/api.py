@@ -71,9 +71,15 @@ def wrap(
         raise ValueError("model is already wrapped by actpack; call actpack.unwrap(model) first")
     engine = Engine(strategy, model=model, min_numel=min_numel, track_modules=track_modules)
 
+    # Run eagerly even when the wrapped model is compiled as a whole: Dynamo
+    # cannot trace entering saved-tensor hooks, and the hooks must be in place
+    # before AOTAutograd compiles the forward (they are inlined into it).  The
+    # model's forward stays one graph: the breaks fall before and after it.
+    @torch.compiler.disable
     def enter(module: nn.Module, args: Any) -> None:
         engine.__enter__()
 
+    @torch.compiler.disable
     def leave(module: nn.Module, args: Any, output: Any) -> None:
         engine.__exit__()
 

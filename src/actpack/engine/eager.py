@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from actpack.codecs.compact import compact_integer
 from actpack.codecs.encoded import Bits, Copy, Encoded, LogOf, Region
+from actpack.engine.compiled import compiled_hooks
 from actpack.engine.accounting import Stats, StorageSet, anchor
 from actpack.engine.tracking import ModuleTracker, OpTracker
 from actpack.policy.rules import ReluOutput, reads_region_only, rule_for, same_tensor
@@ -136,7 +137,11 @@ class Engine:
                 self._param_ptrs[b.untyped_storage().data_ptr()] = "buffer"
             if self._track_modules and self._modules is None:
                 self._modules = ModuleTracker(self._model)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        # Compile-native when torch can inline GraphModule hooks (eager saves
+        # still come to self.pack/self.unpack through them).
+        self._hooks = compiled_hooks(self) or torch.autograd.graph.saved_tensors_hooks(
+            self.pack, self.unpack
+        )
         self._hooks.__enter__()
         self._ops.__enter__()
         return self

@@ -1,0 +1,274 @@
+"""Saved-tensor hooks that AOTAutograd inlines into ``torch.compile``'s graphs.
+
+When the innermost saved-tensor hooks are ``torch.fx.GraphModule`` s, AOTAutograd
+(torch >= 2.8, ``maybe_inline_graph_saved_tensors_hooks`` in
+``torch/_functorch/_aot_autograd/graph_compile.py``) traces the pack hook into
+the end of the forward graph and the unpack hook into the start of the
+backward graph, once per saved node, and Inductor compiles them with the rest
+(its memory-aware scheduling then packs each save right after its producer).
+While it traces, ``_get_saved_tensor_hook_context()`` hands the hook the saved
+FX node and both graphs: the decision for each save is made from the graph
+(:mod:`actpack.engine.graphfacts`) by the same :func:`~actpack.policy.decide.decide`
+as in eager mode, and the codes are plain tensor ops
+(:mod:`actpack.engine.graphcodes`).
+
+One pair of GraphModules serves both worlds: called by autograd for an eager
+save (no hook context) they hand the tensor to the eager engine's ``pack``
+and, in backward, the result to its ``unpack``; traced by AOTAutograd they
+return tensors and constants only.
+
+Private torch API used here (pinned by ``tests/test_compiled.py``):
+``_get_saved_tensor_hook_context`` and its keys ``_node``/``_fw_graph``/``_bw_graph``,
+the node meta ``is_wrapped``/``user_cache_hash`` that AOTAutograd's cache
+reads, and ``prims.inductor_seeds``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import importlib
+import inspect
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from actpack.engine import graphcodes
+from actpack.engine.graphfacts import graph_facts
+from actpack.policy.decide import Kind, Settings, decide
+
+__all__ = [
+    "Decision",
+    "GraphHooks",
+    "available",
+    "compiled_hooks",
+    "in_compiled_forward",
+    "warn_exact_compiled",
+]
+
+# Marks a pack result made inside a graph (as opposed to an eager save).
+_TAG = "actpack-graph-code/1"
+
+# Modules whose code decides what the inlined hooks compute: their source is
+# part of the AOT autograd cache key, so an upgrade never reuses stale graphs.
+_KEY_MODULES = (
+    "actpack.engine.compiled",
+    "actpack.engine.graphcodes",
+    "actpack.engine.graphfacts",
+    "actpack.codecs.traceable",
+    "actpack.codecs.groupquant",
+    "actpack.codecs.pack",
+    "actpack.policy.decide",
+    "actpack.policy.rules",
+)
+
+# The GraphHooks whose pair is innermost, as torch's own hook stack is: the
+# hook functions must be module-level (AOTAutograd's cache pickles them by
+# name), so this is how they find their engine.  Set and reset only by
+# GraphHooks.__enter__/__exit__, per thread and per context.
+_ACTIVE: contextvars.ContextVar[GraphHooks | None] = contextvars.ContextVar(
+    "actpack_graph_hooks", default=None
+)
+
+
+def _hook_context_fn() -> Any:
+    try:
+        from torch._functorch._aot_autograd import graph_compile
+    except ImportError:  # pragma: no cover - torch without AOTAutograd's split modules
+        return None
+    has_inlining = hasattr(graph_compile, "maybe_inline_graph_saved_tensors_hooks")
+    return getattr(graph_compile, "_get_saved_tensor_hook_context", None) if has_inlining else None
+
+
+def available() -> bool:
+    """Whether this torch inlines GraphModule saved-tensor hooks and exposes the saved node."""
+    return _hook_context_fn() is not None
+
+
+_RUNTIME_DIR = os.sep + os.path.join("_functorch", "_aot_autograd") + os.sep
+
+
+def in_compiled_forward(max_frames: int = 40) -> bool:
+    """Whether the save being packed comes from a compiled graph's forward.
+
+    For the plain (non-inlined) hooks of a torch without the mechanism: a
+    compiled graph saves from AOTAutograd's ``CompiledFunction.forward`` at
+    the end of its forward, from AOTAutograd's runtime wrappers, where no op
+    can be named; those saves stay exact (see :func:`warn_exact_compiled`).
+    Looks at most ``max_frames`` frames up.
+    """
+    frame = sys._getframe(1)
+    while frame is not None and max_frames > 0:
+        if _RUNTIME_DIR in frame.f_code.co_filename:
+            return True
+        frame, max_frames = frame.f_back, max_frames - 1
+    return False
+
+
+def warn_exact_compiled() -> None:
+    """Warn that compiled regions keep their saves exact (shown once per call site)."""
+    warnings.warn(
+        f"actpack: torch {torch.__version__} cannot inline saved-tensor hooks into "
+        "torch.compile graphs (torch >= 2.8 can); tensors saved by compiled regions are "
+        "kept exact. Upgrade torch, or compress the model without torch.compile.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the inlined pack hook chose for one saved node of a compiled graph."""
+
+    node: str
+    producer: str
+    op: str | None
+    readers: tuple[str, ...]
+    kind: Kind
+    reason: str
+    form: str
+    #: Bytes of the value autograd would hold, and of what the graph holds instead.
+    before: int
+    after: int
+
+
+def _nbytes(t: Tensor) -> int:
+    return int(t.numel()) * t.element_size()
+
+
+def _settings(engine: Any) -> Settings:
+    s = engine.strategy
+    return Settings(
+        lossless=s.lossless, min_numel=engine.min_numel, keeps_relu_exact=s.keeps_relu_exact
+    )
+
+
+def _cache_hash(engine: Any) -> str:
+    """What the inlined code depends on: torch, the strategy's knobs, actpack's code."""
+    strategy = engine.strategy
+    h = hashlib.sha256()
+    h.update(torch.__version__.encode())
+    h.update(repr((strategy, type(strategy).__qualname__, _settings(engine))).encode())
+    for name in (*_KEY_MODULES, type(strategy).__module__):
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    return h.hexdigest()
+
+
+class _EagerSave:
+    """An eager save: the engine's packed object and the engine that unpacks it."""
+
+    __slots__ = ("engine", "packed")
+
+    def __init__(self, engine: Any, packed: Any) -> None:
+        self.engine = engine
+        self.packed = packed
+
+
+def _pack_hook(x: Tensor) -> Any:
+    hooks = _ACTIVE.get()
+    context = _hook_context_fn()
+    state = context() if context is not None else None
+    if state is None:
+        return _EagerSave(hooks.engine, hooks.engine.pack(x))
+    return hooks.pack_graph(x, state)
+
+
+def _unpack_hook(packed: Any) -> Tensor:
+    if isinstance(packed, _EagerSave):
+        return packed.engine.unpack(packed.packed)
+    if isinstance(packed, tuple) and len(packed) == 4 and packed[0] == _TAG:
+        return graphcodes.decode(*packed[1:])
+    return packed  # a graph save kept as it is
+
+
+def _module(fn: Any, arg: str, cache_hash: str) -> fx.GraphModule:
+    # One call of ``fn`` marked as an fx.wrap-ped leaf carrying a cache hash:
+    # AOTAutograd re-traces through it, and its autograd cache accepts the
+    # hook graphs (keyed by that hash) instead of bypassing the cache.
+    graph = fx.Graph()
+    node = graph.call_function(fn, (graph.placeholder(arg),))
+    node.meta["is_wrapped"] = True
+    node.meta["user_cache_hash"] = cache_hash
+    graph.output(node)
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+class GraphHooks:
+    """Context manager installing an engine's hooks as a compile-native GraphModule pair.
+
+    Use it where the engine would enter
+    ``torch.autograd.graph.saved_tensors_hooks(engine.pack, engine.unpack)``;
+    eager saves still go to ``engine.pack``/``engine.unpack``.  Keep one per
+    engine (:func:`compiled_hooks` does): Dynamo guards compiled code on the
+    identity of ``pack_gm``/``unpack_gm``, so a new pair would recompile.
+
+    ``decisions`` holds what the inlined hooks chose, one entry per saved node
+    of every graph compiled under this engine (for reports and tests).
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.decisions: dict[tuple[int, str], Decision] = {}
+        cache_hash = _cache_hash(engine)
+        self.pack_gm = _module(_pack_hook, "x", cache_hash)
+        self.unpack_gm = _module(_unpack_hook, "packed", cache_hash)
+        self._entered: list[tuple[contextvars.Token, Any]] = []
+
+    def __enter__(self) -> GraphHooks:
+        hooks = torch.autograd.graph.saved_tensors_hooks(self.pack_gm, self.unpack_gm)
+        hooks.__enter__()
+        self._entered.append((_ACTIVE.set(self), hooks))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        token, hooks = self._entered.pop()
+        _ACTIVE.reset(token)
+        hooks.__exit__(*exc)
+
+    def pack_graph(self, x: Tensor, state: dict) -> Any:
+        """The pack hook while AOTAutograd traces it for saved node ``state["_node"]``."""
+        node = state["_node"]
+        gf = graph_facts(node, state["_bw_graph"], x)
+        plan = decide(gf.facts, _settings(self.engine))
+        strategy = self.engine.strategy
+        if plan.kind == Kind.LOSSY and not graphcodes.traceable_strategy(strategy):
+            warnings.warn(
+                f"actpack: {strategy!r} has no traceable code yet; tensors saved inside "
+                "torch.compile graphs are kept exact (eager regions are compressed as usual).",
+                UserWarning,
+                stacklevel=2,
+            )
+        form, meta, tensors = graphcodes.encode(strategy, plan, gf, x)
+        after = sum(_nbytes(t) for t in tensors) if form != "exact" else _nbytes(x)
+        # AOTAutograd calls the hook twice per node (value, then tracing): one entry.
+        self.decisions[(id(state["_fw_graph"]), node.name)] = Decision(
+            node.name, gf.producer, gf.op, gf.readers, plan.kind, plan.reason, form,
+            _nbytes(x), after,
+        )  # fmt: skip
+        if form == "exact":
+            return x
+        return (_TAG, form, meta, tensors)
+
+
+def compiled_hooks(engine: Any) -> GraphHooks | None:
+    """``engine``'s :class:`GraphHooks` (made once), or None if torch cannot inline hooks.
+
+    ``engine`` needs ``strategy``, ``min_numel``, ``pack(t)`` and
+    ``unpack(obj)``.  On None, install the engine's plain functions and call
+    :func:`warn_exact_compiled` when a compiled region saves (see
+    :func:`in_compiled_forward`).  Strategies without a traceable code (mixed
+    precision, DIVISION) keep compiled saves exact, with a warning when a
+    graph is compiled.
+    """
+    if not available():
+        return None
+    hooks = getattr(engine, "_graph_hooks", None)
+    if hooks is None:
+        hooks = GraphHooks(engine)
+        engine._graph_hooks = hooks
+    return hooks
