@@ -62,8 +62,9 @@ def test_lstm_gradients_under_division_match_exact_on_average():
 
 def _relu_then_linear(strategy, x, w):
     w = w.clone().requires_grad_()
+    x = x.clone().requires_grad_()  # an activation with autograd history, not a leaf batch
     with actpack.compress(strategy, min_numel=0) as ctx:
-        y = F.relu(x)
+        y = F.relu(x * 1)
         out = y @ w
     out.sum().backward()
     return w.grad, ctx.stats

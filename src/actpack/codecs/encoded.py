@@ -150,3 +150,25 @@ class LogOf(Encoded):
     def decode(self) -> Tensor:
         p = self.inner.decode()
         return p.clamp_min(torch.finfo(p.dtype).tiny).log()
+
+
+@dataclass
+class TwoValued(Encoded):
+    """A tensor whose elements are 0 or one value ``scale`` (dropout's noise):
+    1 bit per element plus the value, lossless."""
+
+    mask: Bits
+    scale: Tensor  # 0-d, the tensor's dtype and device
+
+    @classmethod
+    def encode(cls, x: Tensor) -> TwoValued:
+        # amax, not a host read: the value stays on the device (no synchronisation).
+        return cls(Bits.encode(x != 0), x.amax() if x.numel() else x.new_zeros(()))
+
+    @property
+    def nbytes(self) -> int:
+        return self.mask.nbytes + tensor_bytes(self.scale)
+
+    def decode(self) -> Tensor:
+        m = self.mask.decode()
+        return torch.where(m, self.scale, torch.zeros((), dtype=self.scale.dtype, device=m.device))

@@ -26,6 +26,10 @@ class Stats:
     #: Casts of parameters and buffers autograd holds (autocast's bf16 weight
     #: copies): never compressed, the same with or without actpack.
     weight_bytes: int = 0
+    #: Leaf tensors without autograd history that autograd holds (the input
+    #: batch, a frozen model's activations): never compressed, since their
+    #: storage normally exists anyway, and not counted in the ratio.
+    leaf_bytes: int = 0
     tensors: int = 0
     by_module: dict[str, list[int]] = field(default_factory=dict)
     by_op: dict[str, list[int]] = field(default_factory=dict)

@@ -32,7 +32,7 @@ import inspect
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -40,16 +40,10 @@ from torch import Tensor, fx
 
 from actpack.engine import graphcodes
 from actpack.engine.graphfacts import graph_facts
+from actpack.engine.saved import Held, unpack
 from actpack.policy.decide import Kind, Settings, decide
 
-__all__ = [
-    "Decision",
-    "GraphHooks",
-    "available",
-    "compiled_hooks",
-    "in_compiled_forward",
-    "warn_exact_compiled",
-]
+__all__ = ["Decision", "GraphHooks", "available", "compiled_hooks"]
 
 # Marks a pack result made inside a graph (as opposed to an eager save).
 _TAG = "actpack-graph-code/1"
@@ -90,37 +84,6 @@ def available() -> bool:
     return _hook_context_fn() is not None
 
 
-_RUNTIME_DIR = os.sep + os.path.join("_functorch", "_aot_autograd") + os.sep
-
-
-def in_compiled_forward(max_frames: int = 40) -> bool:
-    """Whether the save being packed comes from a compiled graph's forward.
-
-    For the plain (non-inlined) hooks of a torch without the mechanism: a
-    compiled graph saves from AOTAutograd's ``CompiledFunction.forward`` at
-    the end of its forward, from AOTAutograd's runtime wrappers, where no op
-    can be named; those saves stay exact (see :func:`warn_exact_compiled`).
-    Looks at most ``max_frames`` frames up.
-    """
-    frame = sys._getframe(1)
-    while frame is not None and max_frames > 0:
-        if _RUNTIME_DIR in frame.f_code.co_filename:
-            return True
-        frame, max_frames = frame.f_back, max_frames - 1
-    return False
-
-
-def warn_exact_compiled() -> None:
-    """Warn that compiled regions keep their saves exact (shown once per call site)."""
-    warnings.warn(
-        f"actpack: torch {torch.__version__} cannot inline saved-tensor hooks into "
-        "torch.compile graphs (torch >= 2.8 can); tensors saved by compiled regions are "
-        "kept exact. Upgrade torch, or compress the model without torch.compile.",
-        UserWarning,
-        stacklevel=3,
-    )
-
-
 @dataclass(frozen=True)
 class Decision:
     """What the inlined pack hook chose for one saved node of a compiled graph."""
@@ -159,31 +122,40 @@ def _cache_hash(engine: Any) -> str:
     return h.hexdigest()
 
 
-class _EagerSave:
-    """An eager save: the engine's packed object and the engine that unpacks it."""
+# Frames between an op and the eager engine's pack when it is called through
+# a GraphModule: nn.Module.__call__, fx's wrapper and the generated forward.
+_HOOK_FILES = (
+    os.path.join("torch", "fx", ""),
+    os.path.join("torch", "nn", "modules", "module.py"),
+    "<eval_with_key>",
+)
 
-    __slots__ = ("engine", "packed")
 
-    def __init__(self, engine: Any, packed: Any) -> None:
-        self.engine = engine
-        self.packed = packed
+def _caller() -> Any:
+    """The frame of the code whose op is saving (above the hook's own frames)."""
+    frame = sys._getframe(2)
+    while frame is not None and any(part in frame.f_code.co_filename for part in _HOOK_FILES):
+        frame = frame.f_back
+    return frame
 
 
 def _pack_hook(x: Tensor) -> Any:
     hooks = _ACTIVE.get()
     context = _hook_context_fn()
     state = context() if context is not None else None
+    if hooks is None:
+        # Hooks propagated to a thread that never entered (autograd's worker
+        # threads): keep the tensor, as autograd would.
+        return Held(x) if state is None else x
     if state is None:
-        return _EagerSave(hooks.engine, hooks.engine.pack(x))
+        return hooks.engine.pack(x, _caller())
     return hooks.pack_graph(x, state)
 
 
 def _unpack_hook(packed: Any) -> Tensor:
-    if isinstance(packed, _EagerSave):
-        return packed.engine.unpack(packed.packed)
     if isinstance(packed, tuple) and len(packed) == 4 and packed[0] == _TAG:
         return graphcodes.decode(*packed[1:])
-    return packed  # a graph save kept as it is
+    return unpack(packed)  # an eager save, or a graph save kept as it is
 
 
 def _module(fn: Any, arg: str, cache_hash: str) -> fx.GraphModule:
@@ -198,14 +170,31 @@ def _module(fn: Any, arg: str, cache_hash: str) -> fx.GraphModule:
     return fx.GraphModule(torch.nn.Module(), graph)
 
 
-class GraphHooks:
-    """Context manager installing an engine's hooks as a compile-native GraphModule pair.
+class _Installed:
+    def __init__(self, hooks: GraphHooks) -> None:
+        self.hooks = hooks
+        self.token: contextvars.Token | None = None
+        self.torch_hooks = torch.autograd.graph.saved_tensors_hooks(hooks.pack_gm, hooks.unpack_gm)
 
-    Use it where the engine would enter
-    ``torch.autograd.graph.saved_tensors_hooks(engine.pack, engine.unpack)``;
-    eager saves still go to ``engine.pack``/``engine.unpack``.  Keep one per
-    engine (:func:`compiled_hooks` does): Dynamo guards compiled code on the
-    identity of ``pack_gm``/``unpack_gm``, so a new pair would recompile.
+    def __enter__(self) -> GraphHooks:
+        self.torch_hooks.__enter__()
+        self.token = _ACTIVE.set(self.hooks)
+        return self.hooks
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.reset(self.token)
+        self.torch_hooks.__exit__(*exc)
+
+
+class GraphHooks:
+    """An engine's hooks as a compile-native GraphModule pair.
+
+    ``installed()`` is a context manager to enter where the engine would enter
+    ``torch.autograd.graph.saved_tensors_hooks(engine.pack, unpack)``; eager
+    saves still go to ``engine.pack`` (with the frame of the op's caller) and
+    :func:`actpack.engine.saved.unpack`.  Keep one per engine
+    (:func:`compiled_hooks` does): Dynamo guards compiled code on the identity
+    of ``pack_gm``/``unpack_gm``, so a new pair would recompile.
 
     ``decisions`` holds what the inlined hooks chose, one entry per saved node
     of every graph compiled under this engine (for reports and tests).
@@ -217,25 +206,19 @@ class GraphHooks:
         cache_hash = _cache_hash(engine)
         self.pack_gm = _module(_pack_hook, "x", cache_hash)
         self.unpack_gm = _module(_unpack_hook, "packed", cache_hash)
-        self._entered: list[tuple[contextvars.Token, Any]] = []
 
-    def __enter__(self) -> GraphHooks:
-        hooks = torch.autograd.graph.saved_tensors_hooks(self.pack_gm, self.unpack_gm)
-        hooks.__enter__()
-        self._entered.append((_ACTIVE.set(self), hooks))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        token, hooks = self._entered.pop()
-        _ACTIVE.reset(token)
-        hooks.__exit__(*exc)
+    def installed(self) -> _Installed:
+        """A context manager installing the pair (one per entry: threads may nest)."""
+        return _Installed(self)
 
     def pack_graph(self, x: Tensor, state: dict) -> Any:
         """The pack hook while AOTAutograd traces it for saved node ``state["_node"]``."""
         node = state["_node"]
-        gf = graph_facts(node, state["_bw_graph"], x)
-        plan = decide(gf.facts, _settings(self.engine))
         strategy = self.engine.strategy
+        gf = graph_facts(node, state["_bw_graph"], x)
+        if x.is_floating_point() and gf.facts.history:
+            gf = replace(gf, facts=replace(gf.facts, declined=strategy.skip_reason(x)))
+        plan = decide(gf.facts, _settings(self.engine))
         if plan.kind == Kind.LOSSY and not graphcodes.traceable_strategy(strategy):
             warnings.warn(
                 f"actpack: {strategy!r} has no traceable code yet; tensors saved inside "
@@ -258,12 +241,11 @@ class GraphHooks:
 def compiled_hooks(engine: Any) -> GraphHooks | None:
     """``engine``'s :class:`GraphHooks` (made once), or None if torch cannot inline hooks.
 
-    ``engine`` needs ``strategy``, ``min_numel``, ``pack(t)`` and
-    ``unpack(obj)``.  On None, install the engine's plain functions and call
-    :func:`warn_exact_compiled` when a compiled region saves (see
-    :func:`in_compiled_forward`).  Strategies without a traceable code (mixed
-    precision, DIVISION) keep compiled saves exact, with a warning when a
-    graph is compiled.
+    ``engine`` needs ``strategy``, ``min_numel`` and ``pack(t, caller)``.  On
+    None, install the engine's plain hooks: compiled graphs then save after
+    their forward, where the engine keeps what they save exact.  Strategies
+    without a traceable code (mixed precision, DIVISION) keep compiled saves
+    exact, with a warning when a graph is compiled.
     """
     if not available():
         return None

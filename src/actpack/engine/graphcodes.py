@@ -53,8 +53,6 @@ def _fresh_key(device: torch.device) -> Tensor:
 
 def _lossy(strategy: Strategy, x: Tensor, info: SaveInfo) -> Coded | None:
     """The strategy's code of ``x``, or None where the strategy keeps ``x``."""
-    if strategy.skip_reason(x) is not None:
-        return None
     if isinstance(strategy, Cast16):
         return "cast", (x.dtype,), (x.to(strategy.dtype),)
     if isinstance(strategy, ActNNPreset) and info.op in strategy.keep_ops:

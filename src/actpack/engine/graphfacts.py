@@ -18,7 +18,6 @@ below match decomposed forms; they are pinned by ``tests/test_compiled.py``.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 import torch

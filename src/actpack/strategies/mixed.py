@@ -268,6 +268,7 @@ class ActNNMixed(ActNN):
     """
 
     levels = (3, 4, 5)  # what ActNN(level=...) builds with this class
+    thread_safe = False  # per-forward statistics and swap lists
 
     name = "actnn-mixed"
     keeps_relu_exact = True
@@ -435,6 +436,11 @@ class ActNNMixed(ActNN):
             L.counts = None if d["counts"] is None else [tuple(c) for c in d["counts"]]
             L.counts_rows, L.step = int(d["counts_rows"]), int(d["step"])
             self._layers[key] = L
+
+    def __reduce__(self) -> tuple:
+        # Copies and pickles carry the settings and the statistics; the swap
+        # machinery (CUDA streams) and the op watch are rebuilt.
+        return (_rebuild, (type(self), self._config, self.state_dict(), self._simulate_swap))
 
     def fork(self, seed: int | None = None) -> ActNNMixed:
         """A new strategy with the same settings and statistics (and ``seed``)."""
@@ -776,3 +782,10 @@ def _expandable_segments() -> str:
             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before starting Python"
         )
     return "enabled expandable_segments in the CUDA caching allocator (process-wide)"
+
+
+def _rebuild(cls: type, config: dict[str, Any], state: dict[str, Any], simulate: bool) -> Any:
+    new = cls(**config)
+    new.load_state_dict(state)
+    new._simulate_swap = simulate
+    return new
