@@ -30,7 +30,6 @@ import hashlib
 import importlib
 import inspect
 import os
-import sys
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any
@@ -43,7 +42,7 @@ from actpack.engine.graphfacts import graph_facts
 from actpack.engine.saved import Held, unpack
 from actpack.policy.decide import Kind, Settings, decide
 
-__all__ = ["Decision", "GraphHooks", "available", "compiled_hooks"]
+__all__ = ["Decision", "GraphHooks", "available", "compiled_hooks", "is_hook_frame"]
 
 # Marks a pack result made inside a graph (as opposed to an eager save).
 _TAG = "actpack-graph-code/1"
@@ -101,7 +100,10 @@ class Decision:
 
 
 def _nbytes(t: Tensor) -> int:
-    return int(t.numel()) * t.element_size()
+    """Bytes of ``t`` at its example sizes (never a guard: dynamic shapes stay dynamic)."""
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+    return optimization_hint(t.numel()) * t.element_size()
 
 
 def _settings(engine: Any) -> Settings:
@@ -123,20 +125,24 @@ def _cache_hash(engine: Any) -> str:
 
 
 # Frames between an op and the eager engine's pack when it is called through
-# a GraphModule: nn.Module.__call__, fx's wrapper and the generated forward.
+# the GraphModule pair: nn.Module.__call__, fx's wrapper, the generated
+# forward and this module's hook function.
 _HOOK_FILES = (
     os.path.join("torch", "fx", ""),
     os.path.join("torch", "nn", "modules", "module.py"),
     "<eval_with_key>",
+    __file__,
 )
 
 
-def _caller() -> Any:
-    """The frame of the code whose op is saving (above the hook's own frames)."""
-    frame = sys._getframe(2)
-    while frame is not None and any(part in frame.f_code.co_filename for part in _HOOK_FILES):
-        frame = frame.f_back
-    return frame
+def is_hook_frame(code: Any) -> bool:
+    """Whether code object ``code`` belongs to the GraphModule hooks' own frames.
+
+    The eager engine reads who is saving from the frames above its pack hook
+    (a custom ``autograd.Function``'s ``apply``, a checkpoint): those frames
+    are to be skipped.
+    """
+    return any(part in code.co_filename for part in _HOOK_FILES)
 
 
 def _pack_hook(x: Tensor) -> Any:
@@ -148,7 +154,7 @@ def _pack_hook(x: Tensor) -> Any:
         # threads): keep the tensor, as autograd would.
         return Held(x) if state is None else x
     if state is None:
-        return hooks.engine.pack(x, _caller())
+        return hooks.engine.pack(x)
     return hooks.pack_graph(x, state)
 
 
@@ -191,8 +197,8 @@ class GraphHooks:
 
     ``installed()`` is a context manager to enter where the engine would enter
     ``torch.autograd.graph.saved_tensors_hooks(engine.pack, unpack)``; eager
-    saves still go to ``engine.pack`` (with the frame of the op's caller) and
-    :func:`actpack.engine.saved.unpack`.  Keep one per engine
+    saves still go to ``engine.pack`` and :func:`actpack.engine.saved.unpack`
+    (the frames in between satisfy :func:`is_hook_frame`).  Keep one per engine
     (:func:`compiled_hooks` does): Dynamo guards compiled code on the identity
     of ``pack_gm``/``unpack_gm``, so a new pair would recompile.
 
@@ -241,7 +247,7 @@ class GraphHooks:
 def compiled_hooks(engine: Any) -> GraphHooks | None:
     """``engine``'s :class:`GraphHooks` (made once), or None if torch cannot inline hooks.
 
-    ``engine`` needs ``strategy``, ``min_numel`` and ``pack(t, caller)``.  On
+    ``engine`` needs ``strategy``, ``min_numel`` and ``pack(t)``.  On
     None, install the engine's plain hooks: compiled graphs then save after
     their forward, where the engine keeps what they save exact.  Strategies
     without a traceable code (mixed precision, DIVISION) keep compiled saves

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from actpack.codecs.compact import compact_integer
 from actpack.codecs.encoded import Bits, Copy, Encoded, LogOf, Region, TwoValued
 from actpack.engine.accounting import Stats, StorageSet, anchor
-from actpack.engine.compiled import compiled_hooks
+from actpack.engine.compiled import compiled_hooks, is_hook_frame
 from actpack.engine.saved import Held, Saved, unpack
 from actpack.engine.tracking import ModuleTracker, OpTracker
 from actpack.policy.decide import Facts, Kind, Plan, Settings, decide
@@ -81,12 +81,16 @@ def _origin(frame: Any) -> str:
     that frame's ``cls``: AOTAutograd's ``CompiledFunction`` for compiled
     graphs, ``CheckpointFunction`` for reentrant checkpointing);
     non-reentrant checkpointing saves its inputs from torch/utils/checkpoint.py.
-    The frames are those of the caller of the op, so three suffice.
+    The frames are those of the caller of the op, so three suffice (not
+    counting the compile-native hooks' own frames).
     """
-    for _ in range(3):
-        if frame is None:
-            break
+    seen = 0
+    while frame is not None and seen < 3:
         code = frame.f_code
+        if is_hook_frame(code):
+            frame = frame.f_back
+            continue
+        seen += 1
         if code.co_name == "apply" and _in_file(code.co_filename, _FUNCTION_FILE):
             cls = frame.f_locals.get("cls")
             name = getattr(cls, "__name__", "")
@@ -336,9 +340,7 @@ class Engine:
             return "parameter cast"
         return None
 
-    def _facts(
-        self, t: Tensor, st: _Forward, caller: Any = None
-    ) -> tuple[Facts, str | None, tuple, dict]:
+    def _facts(self, t: Tensor, st: _Forward) -> tuple[Facts, str | None, tuple, dict]:
         ops = st.ops
         op, args, kwargs = (ops.name, ops.args, ops.kwargs) if ops is not None else (None, (), {})
         plain = (
@@ -347,7 +349,7 @@ class Engine:
             and t.device.type != "meta"
         )
         history = t.grad_fn is not None
-        origin = _origin(caller if caller is not None else sys._getframe(2))
+        origin = _origin(sys._getframe(2))
         floating = t.is_floating_point()
         rule = region_only = None
         if floating and origin == "op" and history and plain:
@@ -371,12 +373,8 @@ class Engine:
         return facts, op, args, kwargs
 
     # -- hooks ----------------------------------------------------------------
-    def pack(self, t: Tensor, caller: Any = None) -> object:
-        """The pack hook: what autograd keeps instead of ``t``.
-
-        ``caller``: the frame of the code running the op, when the hook is
-        called through other frames (the compile-native GraphModule hooks).
-        """
+    def pack(self, t: Tensor) -> object:
+        """The pack hook: what autograd keeps instead of ``t``."""
         if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
             return t  # parameters exist anyway, and hold no graph: no cycle
         st = self._state()
@@ -384,7 +382,7 @@ class Engine:
             # Hooks propagated to a thread that never entered (autograd's
             # worker threads): keep the tensor, as autograd would.
             return Held(t)
-        facts, op, args, kwargs = self._facts(t, st, caller)
+        facts, op, args, kwargs = self._facts(t, st)
         compact = None
         if facts.dtype.is_floating_point is False and facts.dtype != torch.bool:
             compact = compact_integer(t, op, args, kwargs) if not self.strategy.lossless else None

@@ -80,6 +80,10 @@ class GraphFacts:
     readers: tuple[str, ...]
     #: Bits per max-pool window offset when the save is Inductor's int8 offsets.
     offset_bits: int | None = None
+    #: (op name, args, kwargs) with example values for tensors, when the save
+    #: is an op's integer output that :func:`~actpack.codecs.compact.compact_integer`
+    #: knows (max-pool indices).
+    integer_op: tuple | None = None
 
 
 def _forward_users(node: fx.Node, depth: int = 3, through: frozenset = _THROUGH) -> list[fx.Node]:
@@ -187,6 +191,21 @@ def _offset_bits(node: fx.Node, readers: list[fx.Node]) -> int | None:
     return None
 
 
+def _integer_op(node: fx.Node) -> tuple | None:
+    """The op producing integer save ``node`` (max-pool indices), with example values."""
+    if op_name(node) != "getitem" or node.args[1] != 1:
+        return None
+    source = node.args[0]
+    name = op_name(source) if isinstance(source, fx.Node) else ""
+    if name not in ("max_pool2d_with_indices", "max_pool3d_with_indices"):
+        return None
+
+    def val(a: object) -> object:
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+    return name, tuple(val(a) for a in source.args), {k: val(v) for k, v in source.kwargs.items()}
+
+
 def _saving_op(node: fx.Node, ndim: int, readers: list[fx.Node]) -> str | None:
     norm = _norm_of(node)
     if norm is not None:
@@ -213,7 +232,10 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
     if rule is None and producer == "relu":
         rule = ReluOutput()
     region_only = rule is not None and bool(readers) and _region_rule(readers) is not None
-    offset_bits = _offset_bits(node, readers) if not val.is_floating_point() else None
+    offset_bits = integer_op = None
+    if not val.is_floating_point():
+        offset_bits = _offset_bits(node, readers)
+        integer_op = _integer_op(node) if node.op == "call_function" else None
     op = _saving_op(node, val.dim(), readers)
     overlapping = any(s == 0 and n > 1 for n, s in zip(val.shape, val.stride()))
     facts = Facts(
@@ -228,6 +250,7 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
         overlapping=overlapping,
         rule=rule,
         region_only=region_only,
-        compactable=offset_bits is not None,
+        compactable=offset_bits is not None or integer_op is not None,
     )
-    return GraphFacts(facts, op, producer, tuple(op_name(r) for r in readers), offset_bits)
+    readers_names = tuple(op_name(r) for r in readers)
+    return GraphFacts(facts, op, producer, readers_names, offset_bits, integer_op)
