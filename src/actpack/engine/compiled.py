@@ -26,6 +26,7 @@ reads, and ``prims.inductor_seeds``.
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import importlib
 import inspect
@@ -69,6 +70,7 @@ _ACTIVE: contextvars.ContextVar[GraphHooks | None] = contextvars.ContextVar(
 )
 
 
+@functools.cache  # what the installed torch offers does not change
 def _hook_context_fn() -> Any:
     try:
         from torch._functorch._aot_autograd import graph_compile
@@ -164,6 +166,15 @@ def _unpack_hook(packed: Any) -> Tensor:
     return unpack(packed)  # an eager save, or a graph save kept as it is
 
 
+class _HookModule(fx.GraphModule):
+    """A GraphModule whose call skips ``nn.Module.__call__``: autograd calls
+    the pack hook for every eager save, and Module dispatch would cost more
+    than the save itself.  AOTAutograd calls and traces it like any other."""
+
+    def __call__(self, arg: Any) -> Any:
+        return self._hook(arg)
+
+
 def _module(fn: Any, arg: str, cache_hash: str) -> fx.GraphModule:
     # One call of ``fn`` marked as an fx.wrap-ped leaf carrying a cache hash:
     # AOTAutograd re-traces through it, and its autograd cache accepts the
@@ -173,7 +184,12 @@ def _module(fn: Any, arg: str, cache_hash: str) -> fx.GraphModule:
     node.meta["is_wrapped"] = True
     node.meta["user_cache_hash"] = cache_hash
     graph.output(node)
-    return fx.GraphModule(torch.nn.Module(), graph)
+    module = _HookModule(torch.nn.Module(), graph)
+    module._hook = fn
+    # GraphModule.recompile() installs fx's call wrapper on the instance's own
+    # class; put the direct call back.
+    type(module).__call__ = _HookModule.__call__
+    return module
 
 
 class _Installed:
