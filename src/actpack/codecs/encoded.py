@@ -161,9 +161,16 @@ class TwoValued(Encoded):
     scale: Tensor  # 0-d, the tensor's dtype and device
 
     @classmethod
-    def encode(cls, x: Tensor) -> TwoValued:
+    def encode(cls, x: Tensor, check: bool = False) -> TwoValued | None:
+        """The code of ``x``; with ``check``, None unless ``x`` really holds
+        only 0 and one other value (a host read: for CPU tensors)."""
         # amax, not a host read: the value stays on the device (no synchronisation).
-        return cls(Bits.encode(x != 0), x.amax() if x.numel() else x.new_zeros(()))
+        scale = x.amax() if x.numel() else x.new_zeros(())
+        nonzero = x != 0
+        code = cls(Bits.encode(nonzero), scale)
+        if check and not torch.equal(torch.where(nonzero, scale, x.new_zeros(())), x):
+            return None  # the decode would differ: not two-valued
+        return code
 
     @property
     def nbytes(self) -> int:

@@ -79,16 +79,22 @@ class StorageSet:
 
     @staticmethod
     def key(t: Tensor) -> tuple:
-        return (t.device, t.untyped_storage().data_ptr())
+        # The storage's address without building a storage object (hot path).
+        return (t.device, t.data_ptr() - t.storage_offset() * t.element_size())
 
     def add(self, t: Tensor) -> bool:
         """Record ``t``'s storage; True if it was not already held."""
         key = self.key(t)
-        refs = [r for r in self._refs.get(key, ()) if r() is not None]
-        fresh = not refs
-        refs.append(weakref.ref(anchor(t)))
-        self._refs[key] = refs
-        return fresh
+        refs = self._refs.get(key)
+        ref = weakref.ref(anchor(t))
+        if refs is None:
+            self._refs[key] = [ref]
+            return True
+        alive = any(r() is not None for r in refs)
+        if not alive:
+            refs.clear()
+        refs.append(ref)
+        return not alive
 
     def clear(self) -> None:
         self._refs.clear()

@@ -43,7 +43,7 @@ from actpack.engine.graphfacts import graph_facts
 from actpack.engine.saved import Held, unpack
 from actpack.policy.decide import Kind, Settings, decide
 
-__all__ = ["Decision", "GraphHooks", "available", "compiled_hooks", "is_hook_frame"]
+__all__ = ["Decision", "GraphHooks", "available", "compiled_hooks", "op_caller"]
 
 # Marks a pack result made inside a graph (as opposed to an eager save).
 _TAG = "actpack-graph-code/1"
@@ -137,14 +137,16 @@ _HOOK_FILES = (
 )
 
 
-def is_hook_frame(code: Any) -> bool:
-    """Whether code object ``code`` belongs to the GraphModule hooks' own frames.
+def op_caller(frame: Any) -> Any:
+    """The first frame from ``frame`` up that is not one of the GraphModule hooks' own.
 
-    The eager engine reads who is saving from the frames above its pack hook
-    (a custom ``autograd.Function``'s ``apply``, a checkpoint): those frames
-    are to be skipped.
+    The eager engine reads who is saving from the frame that called the op
+    (a custom ``autograd.Function``'s ``apply``, a checkpoint): called through
+    the GraphModule pair, its pack hook sees these frames in between.
     """
-    return any(part in code.co_filename for part in _HOOK_FILES)
+    while frame is not None and any(part in frame.f_code.co_filename for part in _HOOK_FILES):
+        frame = frame.f_back
+    return frame
 
 
 def _pack_hook(x: Tensor) -> Any:
@@ -214,7 +216,7 @@ class GraphHooks:
     ``installed()`` is a context manager to enter where the engine would enter
     ``torch.autograd.graph.saved_tensors_hooks(engine.pack, unpack)``; eager
     saves still go to ``engine.pack`` and :func:`actpack.engine.saved.unpack`
-    (the frames in between satisfy :func:`is_hook_frame`).  Keep one per engine
+    (:func:`op_caller` skips the frames in between).  Keep one per engine
     (:func:`compiled_hooks` does): Dynamo guards compiled code on the identity
     of ``pack_gm``/``unpack_gm``, so a new pair would recompile.
 

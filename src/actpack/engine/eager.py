@@ -17,7 +17,6 @@ import sys
 import threading
 import warnings
 import weakref
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,11 +25,11 @@ from torch import Tensor, nn
 from actpack.codecs.compact import compact_integer
 from actpack.codecs.encoded import Bits, Copy, Encoded, LogOf, Region, TwoValued
 from actpack.engine.accounting import Stats, StorageSet, anchor
-from actpack.engine.compiled import compiled_hooks, is_hook_frame
-from actpack.engine.saved import Held, Saved, unpack
+from actpack.engine.compiled import compiled_hooks, op_caller
+from actpack.engine.saved import Held, Reshaped, Saved, unpack
 from actpack.engine.tracking import ModuleTracker, OpTracker
 from actpack.policy.decide import Facts, Kind, Plan, Settings, decide
-from actpack.policy.rules import reads_region_only, rule_for, same_tensor
+from actpack.policy.rules import ReluOutput, reads_region_only, rule_for, same_tensor
 from actpack.strategies import Cast16, Int8, SaveInfo, Strategy, resolve
 
 DEFAULT_MIN_NUMEL = 2048
@@ -44,7 +43,9 @@ _CAST_NODES = frozenset(
     {"ToCopyBackward0", "TBackward0", "ViewBackward0", "TransposeBackward0",
      "PermuteBackward0", "ExpandBackward0", "UnsqueezeBackward0", "AliasBackward0",
      "SliceBackward0", "SelectBackward0", "SqueezeBackward0", "SqueezeBackward1",
-     "ReshapeAliasBackward0", "AsStridedBackward0"}
+     "ReshapeAliasBackward0", "AsStridedBackward0", "SplitBackward0",
+     "SplitWithSizesBackward0", "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0",
+     "NarrowBackward0", "UnbindBackward0"}
 )  # fmt: skip
 
 # Reasons to keep a tensor exact under which an exact copy of a small view
@@ -75,35 +76,29 @@ def _in_file(filename: str, tail: tuple[str, str]) -> bool:
 
 
 def _origin(frame: Any) -> str:
-    """Who is saving, read from the Python frames that called into autograd.
+    """Who is saving, read from the Python frame that called into autograd.
 
     A custom ``autograd.Function`` saves from ``Function.apply`` (its class is
     that frame's ``cls``: AOTAutograd's ``CompiledFunction`` for compiled
     graphs, ``CheckpointFunction`` for reentrant checkpointing);
     non-reentrant checkpointing saves its inputs from torch/utils/checkpoint.py.
-    The frames are those of the caller of the op, so three suffice (not
-    counting the compile-native hooks' own frames).
+    Ops save from C++ called by any other frame.  One frame suffices, and
+    the save path pays for no more.
     """
-    seen = 0
-    while frame is not None and seen < 3:
-        code = frame.f_code
-        if is_hook_frame(code):
-            frame = frame.f_back
-            continue
-        seen += 1
-        if code.co_name == "apply" and _in_file(code.co_filename, _FUNCTION_FILE):
-            cls = frame.f_locals.get("cls")
-            name = getattr(cls, "__name__", "")
-            if name == "CheckpointFunction":
-                return "checkpoint"
-            if name == "CompiledFunction" or getattr(cls, "__module__", "").startswith(
-                "torch._functorch"
-            ):
-                return "compiled"
-            return "custom-function"
-        if _in_file(code.co_filename, _CHECKPOINT_FILE):
+    code = frame.f_code
+    filename = code.co_filename
+    if code.co_name == "apply" and _in_file(filename, _FUNCTION_FILE):
+        cls = frame.f_locals.get("cls")
+        name = getattr(cls, "__name__", "")
+        if name == "CheckpointFunction":
             return "checkpoint"
-        frame = frame.f_back
+        if name == "CompiledFunction" or getattr(cls, "__module__", "").startswith(
+            "torch._functorch"
+        ):
+            return "compiled"
+        return "custom-function"
+    if _in_file(filename, _CHECKPOINT_FILE):
+        return "checkpoint"
     return "op"
 
 
@@ -128,7 +123,7 @@ class _Forward:
 
     __slots__ = (
         "depth", "hooks", "ops", "table", "held", "held_compressed", "ordinals", "stats",
-        "weights",
+        "weights", "settings",
     )  # fmt: skip
 
     def __init__(self, tracked: bool) -> None:
@@ -142,6 +137,7 @@ class _Forward:
         self.stats = Stats()
         #: Storage addresses of the model's plain parameters and buffers.
         self.weights: dict[int, str] = {}
+        self.settings = Settings()
 
 
 class Engine:
@@ -236,6 +232,7 @@ class Engine:
         if self._track_modules and self._modules is None:
             self._modules = ModuleTracker(self._model)
         st.weights = self._weight_storages()
+        st.settings = self._settings()
         # Compile-native where torch can inline GraphModule hooks into
         # compiled graphs; eager saves still come to self.pack and unpack.
         graph_hooks = compiled_hooks(self)
@@ -343,52 +340,67 @@ class Engine:
     def _facts(self, t: Tensor, st: _Forward) -> tuple[Facts, str | None, tuple, dict]:
         ops = st.ops
         op, args, kwargs = (ops.name, ops.args, ops.kwargs) if ops is not None else (None, (), {})
+        kind = type(t)
         plain = (
-            type(t) in (Tensor, nn.Parameter)
+            (kind is Tensor or kind is nn.Parameter)
             and t.layout == torch.strided
             and t.device.type != "meta"
         )
         history = t.grad_fn is not None
-        origin = _origin(sys._getframe(2))
+        origin = _origin(op_caller(sys._getframe(2)))
         floating = t.is_floating_point()
-        rule = region_only = None
-        if floating and origin == "op" and history and plain:
-            rule = rule_for(t, op, args, kwargs)
-            region_only = rule is not None and reads_region_only(op)
+        rule = None
+        region_only = declined = False
+        role = "unknown"
+        if floating and op is not None and origin == "op":
+            if history:
+                if plain:
+                    rule = rule_for(t, op, args, kwargs)
+                    region_only = rule is not None and reads_region_only(op)
+                declined = self.strategy.skip_reason(t)
+            else:
+                role = _role(t, args, kwargs)
         facts = Facts(
-            dtype=t.dtype,
-            numel=t.numel(),
-            origin=origin,
-            op=op,
-            role="unknown" if history or not floating or op is None else _role(t, args, kwargs),
-            history=history,
-            leaf=self._leaf(t, args, st) if plain else None,
-            plain=plain,
-            overlapping=any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())),
-            rule=rule,
-            region_only=bool(region_only),
-            compactable=False,
-            declined=self.strategy.skip_reason(t) if floating and history else None,
+            t.dtype,
+            t.numel(),
+            origin,
+            op,
+            role,
+            history,
+            self._leaf(t, args, st) if plain else None,
+            plain,
+            0 in t.stride() and any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())),
+            rule,
+            region_only,
+            False,
+            declined or None,
+            t.device.type == "cpu",
         )
         return facts, op, args, kwargs
 
     # -- hooks ----------------------------------------------------------------
     def pack(self, t: Tensor) -> object:
         """The pack hook: what autograd keeps instead of ``t``."""
-        if isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
+        if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
             return t  # parameters exist anyway, and hold no graph: no cycle
         st = self._state()
         if st is None or st.hooks is None:
             # Hooks propagated to a thread that never entered (autograd's
             # worker threads): keep the tensor, as autograd would.
             return Held(t)
+        if st.ops is None and t.dtype != torch.bool:
+            return self._keep_untracked(t, st)
         facts, op, args, kwargs = self._facts(t, st)
         compact = None
-        if facts.dtype.is_floating_point is False and facts.dtype != torch.bool:
+        if not facts.dtype.is_floating_point and facts.dtype != torch.bool:
             compact = compact_integer(t, op, args, kwargs) if not self.strategy.lossless else None
             if compact is not None:
-                facts = replace(facts, compactable=True)
-        plan = decide(facts, self._settings())
+                facts = facts._replace(compactable=True)
+        plan = decide(facts, st.settings)
+        if plan.kind is Kind.TWO_VALUED and facts.checkable:
+            compact = TwoValued.encode(t.detach(), check=True)
+            if compact is None:  # not two-valued after all: exact
+                plan = Plan(Kind.EXACT, plan.reason)
         if facts.origin == "compiled":
             self._warn_once(
                 "compiled",
@@ -397,6 +409,22 @@ class Engine:
                 "section on torch.compile.",
             )
         return self._carry_out(t, plan, st, op, compact)
+
+    def _keep_untracked(self, t: Tensor, st: _Forward) -> Held:
+        """A lossless strategy without op names keeps every non-bool tensor:
+        the whole decision reduces to accounting (the fast path of ``"none"``)."""
+        held = Held(t)
+        nbytes = t.untyped_storage().nbytes() if st.held.add(t) else 0
+        stats = st.stats
+        if t.grad_fn is not None and _parameter_source(t) is not None:
+            stats.weight_bytes += nbytes
+            return held
+        reason = "exact strategy"
+        stats.passthrough[reason] = stats.passthrough.get(reason, 0) + nbytes
+        stats.tensors += 1
+        module = self._modules.current if self._modules is not None else None
+        stats.add(module, None, nbytes, nbytes, nbytes // t.element_size())
+        return held
 
     def _carry_out(
         self, t: Tensor, plan: Plan, st: _Forward, op: str | None, compact: Encoded | None
@@ -426,15 +454,22 @@ class Engine:
             stats.add(module, op, before, after, elements)
             return saved
         tag = (kind, plan.rule)
-        key = (t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride(), t._version)
+        # Contiguous tensors are keyed by their memory alone, so that a view
+        # of a saved tensor with another shape (Flatten before a Linear)
+        # shares its code.
+        shape = tuple(t.shape)
+        layout = ("contiguous", t.numel()) if t.is_contiguous() else (shape, t.stride())
+        key = (t.data_ptr(), t.dtype, t.device, layout, t._version)
         for ref, entry_tag, saved in st.table.get(key, ()):
             # A live entry pins its memory, so equal keys mean equal bytes.
-            if ref() is not None and entry_tag == tag:
+            if ref() is not None and self._serves(entry_tag, tag):
                 stats.add(module, op, before, 0, elements)
                 if isinstance(saved, Saved):
                     self.strategy.saved_again(
                         saved.encoded, SaveInfo(op=op, module=module, rule=plan.rule)
                     )
+                    if saved.shape != shape:
+                        return Reshaped(saved, shape)
                 return saved
         saved = self._encode(t, plan, st, op, module, compact)
         st.table.setdefault(key, []).append(
@@ -443,6 +478,18 @@ class Engine:
         stats.tensors += 1
         stats.add(module, op, before, saved.encoded.nbytes, elements)
         return saved
+
+    def _serves(self, have: tuple, want: tuple) -> bool:
+        """Whether a code made for ``have`` (kind, rule) also serves ``want``."""
+        if have == want:
+            return True
+        # A code keeping ReLU zeros exact is also an unbiased code of the values.
+        return (
+            have[0] is want[0] is Kind.LOSSY
+            and want[1] is None
+            and isinstance(have[1], ReluOutput)
+            and self.strategy.keeps_relu_exact
+        )
 
     def _worth_copying(self, t: Tensor, reason: str) -> bool:
         if reason not in _COPYABLE or self.strategy.lossless:
@@ -464,7 +511,7 @@ class Engine:
         if kind is Kind.BITS:
             return Saved(Bits.encode(x), t, False)
         if kind is Kind.TWO_VALUED:
-            return Saved(TwoValued.encode(x), t, t.requires_grad)
+            return Saved(compact or TwoValued.encode(x), t, t.requires_grad)
         if kind is Kind.REGION:
             return Saved(
                 Region(Bits.encode(plan.rule.mask(x)), plan.rule, x.dtype), t, t.requires_grad

@@ -76,10 +76,13 @@ class Held:
 class Saved:
     """A saved tensor in an encoded form, restored with its original strides."""
 
-    __slots__ = ("encoded", "stride", "requires_grad", "version", "source", "__weakref__")
+    __slots__ = (
+        "encoded", "shape", "stride", "requires_grad", "version", "source", "__weakref__"
+    )  # fmt: skip
 
     def __init__(self, encoded: Encoded, t: Tensor, requires_grad: bool) -> None:
         self.encoded = encoded
+        self.shape = tuple(t.shape)
         # Restored tensors keep the original strides: some backward kernels
         # (oneDNN's RNN) read their inputs as if they had them.
         self.stride = t.stride() if _dense_order(t) else None
@@ -99,6 +102,18 @@ class Saved:
         if self.stride is not None and not _same_strides(x, self.stride):
             x = torch.empty_strided(x.shape, self.stride, dtype=x.dtype, device=x.device).copy_(x)
         return x
+
+
+class Reshaped:
+    """Another view (same contiguous memory, another shape) of a saved tensor."""
+
+    __slots__ = ("saved", "shape", "__weakref__")
+
+    def __init__(self, saved: Saved, shape: tuple[int, ...]) -> None:
+        self.saved, self.shape = saved, shape
+
+    def restore(self) -> Tensor:
+        return self.saved.restore().reshape(self.shape)
 
 
 def unpack(obj: object) -> Tensor:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -59,7 +60,9 @@ class Kind(enum.Enum):
     EXACT = "exact"
     #: A bool tensor, 1 bit per element, lossless.
     BITS = "bits"
-    #: Dropout's noise (0 or 1/(1-p) by construction): 1 bit + its scale, lossless.
+    #: Dropout's noise (0 or 1/(1-p) by construction): 1 bit + its scale,
+    #: lossless.  Where values can be checked cheaply (CPU) they are, and a
+    #: tensor that is not two-valued is kept exact instead.
     TWO_VALUED = "two-valued"
     #: An integer tensor in a narrower lossless form (pool offsets, indices).
     COMPACT = "compact"
@@ -69,9 +72,9 @@ class Kind(enum.Enum):
     LOSSY = "lossy"
 
 
-@dataclass(frozen=True)
-class Facts:
-    """What is known about one saved tensor when it is saved.
+class Facts(NamedTuple):
+    """What is known about one saved tensor when it is saved (a named tuple:
+    cheap to build on the save path).
 
     Attributes:
         dtype: the tensor's dtype.
@@ -93,6 +96,8 @@ class Facts:
         compactable: an integer tensor with a known lossless narrow form.
         declined: why the strategy leaves this tensor as it is (a 16-bit
             tensor under a 16-bit cast), or None.
+        checkable: whether a lossless form may be verified on the values
+            at no synchronisation cost (CPU tensors).
     """
 
     dtype: torch.dtype
@@ -108,10 +113,10 @@ class Facts:
     region_only: bool = False
     compactable: bool = False
     declined: str | None = None
+    checkable: bool = False
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """The decision for one saved tensor: its form and why (for reports)."""
 
     kind: Kind
@@ -187,8 +192,14 @@ def decide(f: Facts, s: Settings) -> Plan:
     if f.origin != "op" or f.op is None:
         return _exact("unknown op")
     if not f.history:
-        if f.role == "internal" and f.op.strip("_") in DROPOUT_OPS:
-            return Plan(Kind.TWO_VALUED, "dropout noise")
+        if f.role == "internal":
+            if f.op.strip("_") in DROPOUT_OPS:
+                return Plan(Kind.TWO_VALUED, "dropout noise")
+            if f.checkable:
+                # Dropout inside another op (attention's dropout_p) saves its
+                # noise too; on the CPU a check of two-valuedness is cheap and
+                # makes the 1-bit form lossless by verification.
+                return Plan(Kind.TWO_VALUED, "op statistics")
         # Neither an argument nor a differentiable output: the op's own
         # statistics, constants to backward.
         return _exact("op statistics")
