@@ -26,11 +26,11 @@ reads, and ``prims.inductor_seeds``.
 from __future__ import annotations
 
 import contextvars
-import functools
 import hashlib
 import importlib
 import inspect
 import os
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any
@@ -41,7 +41,7 @@ from torch import Tensor, fx
 from actpack.engine import graphcodes
 from actpack.engine.graphfacts import graph_facts
 from actpack.engine.saved import Held, unpack
-from actpack.policy.decide import Kind, Settings, decide
+from actpack.policy.decide import Kind, decide
 
 __all__ = ["Decision", "GraphHooks", "available", "compiled_hooks", "op_caller"]
 
@@ -57,32 +57,42 @@ _KEY_MODULES = (
     "actpack.codecs.traceable",
     "actpack.codecs.groupquant",
     "actpack.codecs.pack",
+    "actpack.codecs.compact",
     "actpack.policy.decide",
+    "actpack.policy.ops",
     "actpack.policy.rules",
+    "actpack.strategies.actnn",
 )
 
 # The GraphHooks whose pair is innermost, as torch's own hook stack is: the
 # hook functions must be module-level (AOTAutograd's cache pickles them by
-# name), so this is how they find their engine.  Set and reset only by
-# GraphHooks.__enter__/__exit__, per thread and per context.
+# name), so this is how they find their engine.  Set and reset only by the
+# context manager of GraphHooks.installed(), per thread and per context.
 _ACTIVE: contextvars.ContextVar[GraphHooks | None] = contextvars.ContextVar(
     "actpack_graph_hooks", default=None
 )
 
 
-@functools.cache  # what the installed torch offers does not change
-def _hook_context_fn() -> Any:
-    try:
-        from torch._functorch._aot_autograd import graph_compile
-    except ImportError:  # pragma: no cover - torch without AOTAutograd's split modules
-        return None
-    has_inlining = hasattr(graph_compile, "maybe_inline_graph_saved_tensors_hooks")
-    return getattr(graph_compile, "_get_saved_tensor_hook_context", None) if has_inlining else None
+# Imported by torch.compile: looked up, never imported here (importing it
+# pulls in Inductor and Triton, which some programs configure first).
+_GRAPH_COMPILE = "torch._functorch._aot_autograd.graph_compile"
 
 
 def available() -> bool:
-    """Whether this torch inlines GraphModule saved-tensor hooks and exposes the saved node."""
-    return _hook_context_fn() is not None
+    """Whether this torch inlines GraphModule saved-tensor hooks into compiled graphs.
+
+    torch >= 2.8.  With an older torch the pair would be called at run time
+    after a compiled forward, like plain hooks; the engine keeps those saves
+    exact (origin ``"compiled"``).
+    """
+    return torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
+
+
+def _trace_state() -> dict | None:
+    """The saved node and graphs while AOTAutograd traces the hooks, else None."""
+    module = sys.modules.get(_GRAPH_COMPILE)
+    get = getattr(module, "_get_saved_tensor_hook_context", None)
+    return get() if get is not None else None
 
 
 @dataclass(frozen=True)
@@ -108,19 +118,12 @@ def _nbytes(t: Tensor) -> int:
     return optimization_hint(t.numel()) * t.element_size()
 
 
-def _settings(engine: Any) -> Settings:
-    s = engine.strategy
-    return Settings(
-        lossless=s.lossless, min_numel=engine.min_numel, keeps_relu_exact=s.keeps_relu_exact
-    )
-
-
 def _cache_hash(engine: Any) -> str:
     """What the inlined code depends on: torch, the strategy's knobs, actpack's code."""
     strategy = engine.strategy
     h = hashlib.sha256()
     h.update(torch.__version__.encode())
-    h.update(repr((strategy, type(strategy).__qualname__, _settings(engine))).encode())
+    h.update(repr((strategy, type(strategy).__qualname__, engine._settings())).encode())
     for name in (*_KEY_MODULES, type(strategy).__module__):
         h.update(inspect.getsource(importlib.import_module(name)).encode())
     return h.hexdigest()
@@ -151,8 +154,7 @@ def op_caller(frame: Any) -> Any:
 
 def _pack_hook(x: Tensor) -> Any:
     hooks = _ACTIVE.get()
-    context = _hook_context_fn()
-    state = context() if context is not None else None
+    state = _trace_state()
     if hooks is None:
         # Hooks propagated to a thread that never entered (autograd's worker
         # threads): keep the tensor, as autograd would.
@@ -241,8 +243,8 @@ class GraphHooks:
         strategy = self.engine.strategy
         gf = graph_facts(node, state["_bw_graph"], x)
         if x.is_floating_point() and gf.facts.history:
-            gf = replace(gf, facts=replace(gf.facts, declined=strategy.skip_reason(x)))
-        plan = decide(gf.facts, _settings(self.engine))
+            gf = replace(gf, facts=gf.facts._replace(declined=strategy.skip_reason(x)))
+        plan = decide(gf.facts, self.engine._settings())
         if plan.kind == Kind.LOSSY and not graphcodes.traceable_strategy(strategy):
             warnings.warn(
                 f"actpack: {strategy!r} has no traceable code yet; tensors saved inside "
@@ -265,7 +267,8 @@ class GraphHooks:
 def compiled_hooks(engine: Any) -> GraphHooks | None:
     """``engine``'s :class:`GraphHooks` (made once), or None if torch cannot inline hooks.
 
-    ``engine`` needs ``strategy``, ``min_numel`` and ``pack(t)``.  On
+    ``engine`` needs ``strategy``, ``_settings()`` (the decision's
+    :class:`~actpack.policy.decide.Settings`) and ``pack(t)``.  On
     None, install the engine's plain hooks: compiled graphs then save after
     their forward, where the engine keeps what they save exact.  Strategies
     without a traceable code (mixed precision, DIVISION) keep compiled saves
