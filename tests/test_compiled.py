@@ -19,7 +19,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._dynamo.utils import counters
 
 import actpack
 from actpack.codecs import groupquant, traceable
@@ -27,6 +26,24 @@ from actpack.engine import compiled
 from actpack.policy.decide import Kind
 
 pytestmark = pytest.mark.skipif(not compiled.available(), reason="torch cannot inline hooks")
+
+
+class _Counters:
+    """torch._dynamo.utils.counters, imported on first use: importing Dynamo
+    imports Triton, which tests/test_kernels.py configures at collection."""
+
+    def __getitem__(self, key):
+        from torch._dynamo.utils import counters
+
+        return counters[key]
+
+    def clear(self) -> None:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+
+
+counters = _Counters()
 
 
 @pytest.fixture(autouse=True)
