@@ -69,19 +69,51 @@ _ATTR = "_actpack_engine"
 _HOOK_IDS = "_actpack_hook_ids"
 
 
-class _Enter:
-    """wrap's forward pre-hook.  A small class, not a closure: a wrapped model
-    can be deep-copied and pickled, and the copy finds its own engine."""
+def _enter(module: nn.Module) -> None:
+    getattr(module, _ATTR).__enter__()
+
+
+def _leave(module: nn.Module) -> None:
+    getattr(module, _ATTR).__exit__(None, None, None)
+
+
+class _Hook:
+    """wrap's hooks: small classes, not closures, so that a wrapped model can
+    be deep-copied and pickled (the copy finds its own engine).
+
+    They enter and leave the engine eagerly even when the wrapped model is
+    compiled as a whole: Dynamo cannot trace entering saved-tensor hooks, and
+    the hooks must be in place before AOTAutograd compiles the forward (they
+    are inlined into it).  The forward stays one graph: the breaks fall
+    before and after it.  ``torch.compiler.disable`` is applied when a hook
+    is made, not at import (it imports Dynamo, and Dynamo Triton).
+    """
+
+    fn: Callable[[nn.Module], None]
+
+    def __init__(self) -> None:
+        self._run = torch.compiler.disable(type(self).fn)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+
+class _Enter(_Hook):
+    """wrap's forward pre-hook."""
+
+    fn = staticmethod(_enter)
 
     def __call__(self, module: nn.Module, args: Any) -> None:
-        getattr(module, _ATTR).__enter__()
+        self._run(module)
 
 
-class _Leave:
+class _Leave(_Hook):
     """wrap's forward hook (always called, also when forward raises)."""
 
+    fn = staticmethod(_leave)
+
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        getattr(module, _ATTR).__exit__(None, None, None)
+        self._run(module)
 
 
 def wrap(

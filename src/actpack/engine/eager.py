@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from actpack.codecs.compact import compact_integer
 from actpack.codecs.encoded import Bits, Copy, Encoded, LogOf, Region, TwoValued
 from actpack.engine.accounting import Stats, StorageSet, anchor
+from actpack.engine.compiled import compiled_hooks, op_caller
 from actpack.engine.saved import Held, Reshaped, Saved, unpack
 from actpack.engine.tracking import ModuleTracker, OpTracker
 from actpack.policy.decide import Facts, Kind, Plan, Settings, decide
@@ -238,7 +239,13 @@ class Engine:
             self._modules = ModuleTracker(self._model)
         st.weights = self._weight_storages()
         st.settings = self._settings()
-        st.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, unpack)
+        # Compile-native where torch can inline GraphModule hooks into
+        # compiled graphs; eager saves still come to self.pack and unpack.
+        graph_hooks = compiled_hooks(self)
+        if graph_hooks is not None:
+            st.hooks = graph_hooks.installed()
+        else:
+            st.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, unpack)
         st.hooks.__enter__()
         if st.ops is not None:
             st.ops.__enter__()
@@ -347,7 +354,7 @@ class Engine:
             and t.device.type != "meta"
         )
         history = t.grad_fn is not None
-        origin = _origin(sys._getframe(2))
+        origin = _origin(op_caller(sys._getframe(2)))
         floating = t.is_floating_point()
         rule = None
         region_only = declined = False
