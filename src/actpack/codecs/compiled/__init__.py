@@ -1,0 +1,1 @@
+"""Fused CPU codecs: the reference codecs' arithmetic compiled by TorchInductor."""
