@@ -69,12 +69,31 @@ def spread(lfc: Tensor, block: tuple[int, ...], shape: tuple[int, ...], inner: i
     return out, tuple(1 if d == inner - 2 else b for d, b in enumerate(block))
 
 
-def _encoder(wide: bool, stochastic: bool, block: tuple[int, ...], dtype: torch.dtype):
-    dims = tuple(range(2, 2 + len(block)))
+def flat_rows(x: Tensor, eff: tuple[int, ...]) -> Tensor | None:
+    """``x`` viewed as (N, C, prod(S)) when each (n, c) row is one block (maps no
+    larger than the block: one LFC value per row, broadcast) and the view is
+    free; None otherwise.  One long inner loop vectorises; a 7x7 or 4x4 map's
+    rows of 7 or 4 elements would leave most vector lanes idle."""
+    if any(b != s for b, s in zip(eff, x.shape[2:])):
+        return None
+    try:
+        return x.view(x.shape[0], x.shape[1], -1)
+    except RuntimeError:  # spatial dims not contiguous together
+        return None
 
+
+def _upsampled(spread_lfc: Tensor, block: tuple[int, ...] | None, spatial) -> Tensor:
+    """float32 LFC per element: broadcast (``block`` None: one value per row)."""
+    if block is None:
+        return spread_lfc.float()
+    return _upsample(spread_lfc.float(), block, spatial)
+
+
+def _encoder(wide: bool, stochastic: bool, block: tuple[int, ...] | None, dtype: torch.dtype):
     def encode_division(x: Tensor, lfc: Tensor, spread_lfc: Tensor, seed: Tensor, levels):
+        dims = tuple(range(2, x.dim()))
         xf = x.float()
-        resid = xf - _upsample(spread_lfc.float(), block, x.shape[2:])
+        resid = xf - _upsampled(spread_lfc, block, x.shape[2:])
         # A row whose residual is not finite stores LFC = 0 and quantizes x itself.
         ok = (resid.abs() < math.inf).all(dim=dims, keepdim=True)
         rows = torch.where(ok, resid, xf)
@@ -88,7 +107,7 @@ def _encoder(wide: bool, stochastic: bool, block: tuple[int, ...], dtype: torch.
     return encode_division
 
 
-def _decoder(wide: bool, block: tuple[int, ...], dtype: torch.dtype):
+def _decoder(wide: bool, block: tuple[int, ...] | None, dtype: torch.dtype):
     big = torch.finfo(dtype).max
     big32 = torch.finfo(torch.float32).max
 
@@ -98,7 +117,7 @@ def _decoder(wide: bool, block: tuple[int, ...], dtype: torch.dtype):
         hq = dequantize_values(q, lo, hi, levels, False).clamp(-big32, big32)
         poisoned = torch.isnan(lo)
         hq = torch.where(poisoned, poisoned_values(q, wide, torch.float32), hq)
-        out = _upsample(spread_lfc.float(), block, spatial) + hq
+        out = _upsampled(spread_lfc, block, spatial) + hq
         # A poisoned row decodes from its classes alone: its LFC must not leak in.
         return torch.where(poisoned, hq, out.clamp(-big, big)).to(dtype)
 
@@ -146,13 +165,20 @@ def division_encode(
     with torch.no_grad():
         pooled = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
         lfc = _POOL[len(eff)](pooled, eff, eff, 0, True, False).to(torch.bfloat16)
-        spread_lfc, rest = spread(lfc, eff, shape, _innermost(x))
+        rows = flat_rows(x, eff)
+        if rows is not None:
+            view, rest = rows, None
+            spread_lfc = lfc = lfc.view(rows.shape[0], rows.shape[1], 1)
+        else:
+            view = x
+            spread_lfc, rest = spread(lfc, eff, shape, _innermost(x))
         key = (bits >= 2, bool(stochastic), rest, x.dtype)
-        args = (x, lfc, spread_lfc, seed, levels_tensor(bits, False))
-        out = build.run(_encoder, key, args)
+        out = build.run(_encoder, key, (view, lfc, spread_lfc, seed, levels_tensor(bits, False)))
         if out is None:
             return reference()
         lfc, codes, lo, hi, poisoned = out
+        if rows is not None:
+            lfc = lfc.view(shape[0], shape[1], *[1] * len(eff))
         packed = pack_codes(codes, bits)
         finish_ranges_(lo, hi, poisoned)
     size, rows = math.prod(shape[2:]), shape[0] * shape[1]
@@ -172,12 +198,17 @@ def division_decode(code: DivisionCode, dtype: torch.dtype = torch.float32) -> T
         and 0 < n < MAX_NUMEL
     ):
         return ref.division_decode(code, dtype)
+    shape = tuple(code.shape)
     with torch.no_grad():
-        q = unpack_codes(hfc.packed, hfc.bits, n).view(code.shape)
-        # The output is contiguous: its innermost dimension is the last.
-        spread_lfc, rest = spread(code.lfc, tuple(code.block), code.shape, len(code.shape) - 1)
+        q = unpack_codes(hfc.packed, hfc.bits, n)
+        if all(b == s for b, s in zip(code.block, shape[2:])):  # one block per row
+            q, spread_lfc, rest = q.view(*shape[:2], -1), code.lfc.view(*shape[:2], 1), None
+        else:
+            # The output is contiguous: its innermost dimension is the last.
+            spread_lfc, rest = spread(code.lfc, tuple(code.block), shape, len(shape) - 1)
+            q = q.view(shape)
         args = (spread_lfc, q, hfc.lo, hfc.hi, levels_tensor(hfc.bits, False))
         out = build.run(_decoder, (hfc.bits >= 2, rest, dtype), args)
         if out is None:
             return ref.division_decode(code, dtype)
-    return canonical_nan_(out, hfc.lo)
+    return canonical_nan_(out, hfc.lo).view(shape)
