@@ -22,7 +22,9 @@ divided by the median time (1 GB = 1e9 bytes), for encode and decode alike,
 so it compares directly with ``clone`` moving the same tensor; ``% copy`` is
 the ratio to ``clone``'s throughput measured in the same rounds.  Rounds are
 interleaved (every operation once per round, in turn) so that machine load
-affects all alike; the table reports medians.  A compiled function is called
+affects all alike; the table reports medians of wall-clock times
+(``--clock cpu``: of the thread's CPU time, which other processes on a
+shared machine disturb less).  A compiled function is called
 once before timing; the first call's time (the compilation, or a load from
 Inductor's on-disk cache) is reported separately.
 
@@ -59,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default="0.0625,1,16,64", help="float32 MiB per tensor")
     p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
     p.add_argument("--budget", type=float, default=20.0, help="max seconds of timing per size")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: thread CPU time (steadier on a shared machine)")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the results here")
     return p.parse_args(argv)
 
@@ -94,7 +98,7 @@ def codecs(numel: int) -> dict[str, tuple[Callable, Callable, Callable]]:
     return {"actnn-2bit": groups(2), "int8": groups(8), "division-2bit": division()}
 
 
-def measure(mib: float, rounds: int, budget: float) -> tuple[list[dict], dict[str, float]]:
+def measure(mib: float, rounds: int, budget: float, clock) -> tuple[list[dict], dict[str, float]]:
     numel = int(mib * 2**20) // 4
     numel -= numel % (16 * 32 * 32)
     ops: dict[str, Callable[[], object]] = {}
@@ -116,9 +120,9 @@ def measure(mib: float, rounds: int, budget: float) -> tuple[list[dict], dict[st
     start = time.perf_counter()
     for r in range(rounds):
         for k, fn in ops.items():
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times[k].append(time.perf_counter() - t)
+            times[k].append(clock() - t)
         if r >= 2 and time.perf_counter() - start > budget:
             break  # big tensors on the reference: keep the run short
     gbytes = numel * 4 / 1e9
@@ -141,12 +145,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(1)
     sizes = [float(s) for s in args.sizes.split(",")]
-    print(f"torch {torch.__version__}, 1 thread, {args.rounds} interleaved rounds\n")
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
+    print(f"torch {torch.__version__}, 1 thread, {args.rounds} interleaved rounds, "
+          f"{args.clock} clock\n")  # fmt: skip
     print("| MiB | operation | ms | GB/s | % copy | compiled / reference |")
     print("|---:|---|---:|---:|---:|---:|")
     results, firsts = [], {}
     for mib in sizes:
-        rows, first = measure(mib, args.rounds, args.budget)
+        rows, first = measure(mib, args.rounds, args.budget, clock)
         by_op = {r["op"]: r for r in rows}
         for r in rows:
             speedup = ""

@@ -5,7 +5,7 @@
 from the caller's generator outside the graph and hash it with each element's
 flat index.  The hash is Chris Wellons' ``lowbias32`` (a 32-bit integer
 finaliser with full avalanche), written with int64 tensor operations whose
-products stay below 2**63 so that no step relies on signed overflow.
+products stay within int64 so that no step relies on signed overflow.
 
 ``u`` lies on the 2**-24 grid of [0, 1), like ``torch.rand``.  Each element's
 ``u`` is exactly uniform over the seed (the hash is a bijection of
@@ -31,8 +31,10 @@ def draw_seed(device: torch.device, generator: torch.Generator | None) -> Tensor
 
 
 def _mul32(h: Tensor, c: int) -> Tensor:
-    """``h * c mod 2**32`` for ``h`` in [0, 2**32): split ``c`` in 16-bit halves."""
-    return (h * (c & 0xFFFF) + ((h * (c >> 16)) & 0xFFFF) * 65536) & _M32
+    """``h * c mod 2**32`` for ``h`` in [0, 2**32): ``c`` as a signed 32-bit
+    constant (``c - 2**32`` when ``c >= 2**31``, the same modulo 2**32), so the
+    product's magnitude stays below 2**63."""
+    return (h * (c - (1 << 32) if c >= 1 << 31 else c)) & _M32
 
 
 def _lowbias32(h: Tensor) -> Tensor:
