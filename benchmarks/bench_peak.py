@@ -2,9 +2,9 @@
 
 Usage (from the repository root, actpack installed or ``PYTHONPATH=src``)::
 
-    python benchmarks/bench_peak.py                          # 6-block model, ~3 min
-    python benchmarks/bench_peak.py --model cnn              # conv-BN-ReLU ResNet, 128x28x28
-    python benchmarks/bench_peak.py --codecs compiled --rounds 5
+    python benchmarks/bench_peak.py                          # 6-block model, compiled codecs
+    python benchmarks/bench_peak.py --model cnn --rounds 9   # conv-BN-ReLU ResNet, 128x28x28
+    python benchmarks/bench_peak.py --codecs reference,compiled --rounds 3   # both (slow)
     python benchmarks/bench_peak.py --compile model          # torch.compile the model too
 
 Models (float32, one thread):
@@ -16,8 +16,10 @@ Models (float32, one thread):
 
 Configurations: ``none`` (plain PyTorch, no actpack), ``actnn``
 (``actpack.ActNN()``, 2 bits) and ``division`` (``actpack.Division()``), the
-compressed ones with the reference codecs and with the compiled CPU codecs
-(``ACTPACK_BACKEND=reference`` / ``compiled``).
+compressed ones with the reference codecs and/or the compiled CPU codecs
+(``--codecs``; ``ACTPACK_BACKEND=reference`` / ``compiled``).
+``--strategies`` adds ``engine`` (actpack's lossless ``"none"`` strategy:
+what the engine costs by itself) and ``bf16`` (a plain bfloat16 cast).
 
 Memory: each configuration runs in its own process with
 ``MALLOC_MMAP_THRESHOLD_=65536``, so that glibc maps every large block and
@@ -68,7 +70,11 @@ import actpack  # noqa: E402
 from actpack.tools.models import MLP, build_model  # noqa: E402
 
 MiB = 2**20
-STRATEGIES = ("none", "actnn", "division")
+#: "engine": actpack with its lossless "none" strategy (the engine's own cost);
+#: "bf16": actpack's bfloat16 cast (no codec arithmetic to speak of).
+STRATEGIES = ("none", "engine", "bf16", "actnn", "division")
+#: Strategies whose codecs differ between the reference and compiled backends.
+CODEC_STRATEGIES = ("actnn", "division")
 
 
 class Block(nn.Module):
@@ -108,11 +114,14 @@ def build(name: str, compile_mode: str) -> tuple[nn.Module, Any]:
     return model, make_input
 
 
-def strategy(name: str) -> actpack.Strategy | None:
-    return {"none": None, "actnn": actpack.ActNN(), "division": actpack.Division()}[name]
+def strategy(name: str) -> actpack.Strategy | str | None:
+    if name == "none":
+        return None
+    return {"engine": "none", "bf16": "bf16", "actnn": actpack.ActNN(),
+            "division": actpack.Division()}[name]  # fmt: skip
 
 
-def step(model: nn.Module, x: torch.Tensor, strat: actpack.Strategy | None, mark=None) -> None:
+def step(model: nn.Module, x: torch.Tensor, strat, mark=None) -> None:
     """One training step; ``mark("forward")`` runs between forward and backward."""
     if strat is None:
         loss = model(x).square().mean()
@@ -202,8 +211,10 @@ def timing(args: argparse.Namespace, configs: list[tuple[str, str]]) -> dict[str
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=["mlp6", "cnn"], default="mlp6")
-    p.add_argument("--codecs", default="reference,compiled", help="comma list")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    p.add_argument("--strategies", default="actnn,division",
+                   help="engine, bf16, actnn, division (none always runs)")  # fmt: skip
+    p.add_argument("--codecs", default="compiled", help="comma list: reference, compiled")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--compile", choices=["off", "model", "blocks"], default="off")
     p.add_argument("--skip", choices=["none", "memory", "timing"], default="none")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -218,7 +229,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(child(*args.child)))
         return
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    configs = [("none", "reference")] + [(s, c) for s in STRATEGIES[1:] for c in codecs]
+    configs = [("none", "reference")]
+    for name in args.strategies.split(","):
+        name = name.strip()
+        if name not in STRATEGIES[1:]:
+            raise SystemExit(f"--strategies: unknown {name!r}; choose from {STRATEGIES[1:]}")
+        configs += [(name, c) for c in (codecs if name in CODEC_STRATEGIES else ["reference"])]
     mem = memory(args, configs) if args.skip != "memory" else {}
     tim = timing(args, configs) if args.skip != "timing" else {"median_s": {}, "errors": {}}
     print(f"\nmodel {args.model}, compile {args.compile}, torch {torch.__version__}, 1 thread")
@@ -228,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     base = tim["median_s"].get("none reference")
     for strat_name, codec in configs:
         key = f"{strat_name} {codec}"
-        label = "none" if strat_name == "none" else key
+        label = key if strat_name in CODEC_STRATEGIES else strat_name
         m = mem.get(key, {})
         cells = [f"{m[k] / MiB:.0f}" if k in m else m.get("error", "") for k in
                  ("held", "peak", "ru_maxrss")]  # fmt: skip

@@ -40,14 +40,13 @@ from actpack.codecs.compiled.arith import (
     poisoned_values,
 )
 from actpack.codecs.compiled.bits import pack_codes, unpack_codes
-from actpack.codecs.compiled.groupquant import levels_tensor
+from actpack.codecs.compiled.groupquant import _FLOATS, levels_tensor
 from actpack.codecs.compiled.noise import MAX_NUMEL, draw_seed, uniform
 from actpack.codecs.division import DivisionCode, _upsample
 from actpack.codecs.groupquant import GroupCode
 
 __all__ = ["division_decode", "division_encode"]
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
