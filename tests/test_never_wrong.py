@@ -761,3 +761,37 @@ class TestUninspectable:
             y = torch.vmap(lambda r: torch.tanh(r @ W))(torch.randn(64, 64))
         y.sum().backward()
         assert torch.isfinite(W.grad).all()
+
+
+class TestCompiledNonlinearReaders:
+    """Inside compiled graphs one code would serve every reader of a saved node:
+    a node also read by amax/abs/log keeps its value exact (NaN gradients before)."""
+
+    @pytest.mark.parametrize("reader", ["amax", "abs-log", "pow3"])
+    def test_saved_node_with_a_nonlinear_reader_is_exact(self, reader):
+        torch.manual_seed(0)
+
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(64, 256), nn.Linear(256, 64)
+
+            def forward(self, x):
+                h = self.a(x)
+                if reader == "amax":
+                    extra = h.amax(-1, keepdim=True)
+                elif reader == "abs-log":
+                    extra = torch.log(h.abs() + 1).sum(-1, keepdim=True)
+                else:
+                    extra = torch.pow(h, 3.0).mean(-1, keepdim=True)
+                return self.b(h) + extra
+
+        model, x = M(), torch.randn(256, 64)
+        compiled = torch.compile(model, backend="aot_eager")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exact = _grads(compiled, x, _Null())
+            got = _grads(compiled, x, actpack.compress("actnn"))
+        # a.weight's gradient reads x (a graph input) and h's readers' exact values
+        assert torch.isfinite(got[0]).all()
+        torch.testing.assert_close(got[0], exact[0], rtol=1e-5, atol=1e-6)
