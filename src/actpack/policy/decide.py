@@ -213,7 +213,7 @@ def decide(f: Facts, s: Settings) -> Plan:
         return _exact(f.declined)
     base = f.op.strip("_") if f.op not in LINEAR_BACKWARD_OPS else f.op
     if f.op not in LINEAR_BACKWARD_OPS and base not in LINEAR_BACKWARD_OPS:
-        if base not in SMOOTH_BACKWARD_OPS:
+        if base not in SMOOTH_BACKWARD_OPS and f.op not in SMOOTH_BACKWARD_OPS:
             # max/amax compare the input with the result, clamp/abs read
             # regions, log/sqrt/pow/div are far from linear: a code of the
             # input gives zero, NaN or biased gradients.

@@ -41,7 +41,9 @@ LINEAR_BACKWARD_OPS = frozenset(
      "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
      "fractional_max_pool2d", "mul_", "__mul__", "__rmul__", "__imul__", "__matmul__",
      "__rmatmul__", "relu", "relu_", "leaky_relu", "leaky_relu_", "threshold",
-     "threshold_", "relu6", "hardtanh", "hardtanh_", "rrelu", "rrelu_"}
+     "threshold_", "relu6", "hardtanh", "hardtanh_", "rrelu", "rrelu_",
+     # aten names the compile-native path reports (every forward user vetted)
+     "add", "sub", "nll_loss_forward", "_log_softmax", "convolution"}
 )  # fmt: skip
 
 # Ops whose backward is a smooth function of the saved tensor with bounded
@@ -55,5 +57,8 @@ SMOOTH_BACKWARD_OPS = frozenset(
      "tanh", "softmax", "logsigmoid", "softplus", "mish", "scaled_dot_product_attention",
      "multi_head_attention_forward", "gru", "rnn_tanh", "rnn_relu", "lstm", "gru_cell",
      "lstm_cell", "rnn_tanh_cell", "rnn_relu_cell", "_thnn_fused_gru_cell",
-     "_thnn_fused_lstm_cell"}
+     "_thnn_fused_lstm_cell", "_softmax", "_scaled_dot_product_flash_attention_for_cpu",
+     "_scaled_dot_product_flash_attention_for_cpu_backward",
+     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+     "_scaled_dot_product_cudnn_attention", "native_group_norm", "native_batch_norm"}
 )  # fmt: skip
