@@ -692,3 +692,106 @@ class TestFlatParameterViews:
         # x's gradient reads only the weight: kept exact, so equal bit for bit.
         assert torch.equal(got, exact)
         assert engine.stats.weight_bytes > 0
+
+
+# --------------------------------------------------------------------------- #
+# 11. Ops whose backward is not linear in what they save stay exact
+# --------------------------------------------------------------------------- #
+
+_NONLINEAR = {
+    "max": lambda h: h.max() * torch.ones(1, 64),
+    "amax": lambda h: h.amax(-1, keepdim=True).expand(-1, 64) * 1,
+    "clamp": lambda h: h.clamp(-0.5, 0.5),
+    "abs": lambda h: h.abs(),
+    "log": lambda h: torch.log(h.abs() + 1),
+    "sqrt": lambda h: torch.sqrt(h.abs() + 1),
+    "pow3": lambda h: torch.pow(h, 3.0),
+    "logsumexp": lambda h: torch.logsumexp(h, -1, keepdim=True).expand(-1, 64) * 1,
+    "maximum": lambda h: torch.maximum(h, torch.zeros_like(h)),
+    "reciprocal": lambda h: 1.0 / (h.abs() + 1),
+    "hardswish": lambda h: F.hardswish(h),
+    "elu": lambda h: F.elu(h),
+}
+
+
+class TestNonlinearBackward:
+    @pytest.mark.parametrize("name", sorted(_NONLINEAR))
+    @pytest.mark.parametrize("strategy", LOSSY)
+    def test_input_of_a_nonlinear_backward_is_exact(self, name, strategy):
+        torch.manual_seed(0)
+        W = nn.Parameter(torch.randn(64, 64) / 8)
+        x = torch.randn(128, 64)  # a leaf: W's gradient reads it exactly
+        fn = _NONLINEAR[name]
+
+        def grad(ctx):
+            W.grad = None
+            with ctx:
+                out = fn(x @ W)
+            proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+            (out * proj).sum().backward()
+            return W.grad.clone()
+
+        exact = grad(_Null())
+        got = grad(actpack.compress(strategy))
+        assert torch.isfinite(got).all()
+        assert torch.equal(got, exact), name
+
+    @pytest.mark.parametrize("act", [F.gelu, F.silu, torch.tanh, torch.sigmoid])
+    def test_smooth_exact_keeps_smooth_activations_exact(self, act):
+        torch.manual_seed(0)
+        W = nn.Parameter(torch.randn(64, 64) / 8)
+        x = torch.randn(128, 64)
+
+        def grad(ctx):
+            W.grad = None
+            with ctx:
+                out = act(x @ W)
+            (out * 2).sum().backward()
+            return W.grad.clone()
+
+        exact = grad(_Null())
+        assert torch.equal(grad(actpack.Engine("actnn", smooth="exact")), exact)
+        assert not torch.equal(grad(actpack.compress("actnn")), exact)  # coded by default
+
+
+class TestUninspectable:
+    def test_vmap_inside_compress(self):
+        W = torch.randn(64, 64, requires_grad=True)
+        with actpack.compress("actnn"):
+            y = torch.vmap(lambda r: torch.tanh(r @ W))(torch.randn(64, 64))
+        y.sum().backward()
+        assert torch.isfinite(W.grad).all()
+
+
+class TestCompiledNonlinearReaders:
+    """Inside compiled graphs one code would serve every reader of a saved node:
+    a node also read by amax/abs/log keeps its value exact (NaN gradients before)."""
+
+    @pytest.mark.parametrize("reader", ["amax", "abs-log", "pow3"])
+    def test_saved_node_with_a_nonlinear_reader_is_exact(self, reader):
+        torch.manual_seed(0)
+
+        class M(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(64, 256), nn.Linear(256, 64)
+
+            def forward(self, x):
+                h = self.a(x)
+                if reader == "amax":
+                    extra = h.amax(-1, keepdim=True)
+                elif reader == "abs-log":
+                    extra = torch.log(h.abs() + 1).sum(-1, keepdim=True)
+                else:
+                    extra = torch.pow(h, 3.0).mean(-1, keepdim=True)
+                return self.b(h) + extra
+
+        model, x = M(), torch.randn(256, 64)
+        compiled = torch.compile(model, backend="aot_eager")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exact = _grads(compiled, x, _Null())
+            got = _grads(compiled, x, actpack.compress("actnn"))
+        # a.weight's gradient reads x (a graph input) and h's readers' exact values
+        assert torch.isfinite(got[0]).all()
+        torch.testing.assert_close(got[0], exact[0], rtol=1e-5, atol=1e-6)

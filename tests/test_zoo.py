@@ -50,14 +50,16 @@ SLACK = 3.0
 RATIO = {
     "resnet_bottleneck": (14.65, 11.12, 3.92),
     "densenet": (14.96, 11.65, 3.93),
-    "mobilenetv3": (15.09, 12.31, 4.27),
+    # hardswish's input is kept exact (its backward reads a region and a value)
+    "mobilenetv3": (5.03, 4.73, 2.94),
     "unet": (12.96, 10.92, 3.92),
     "vit": (12.59, 6.64, 3.69),
-    "gpt2": (14.46, 7.74, 3.99),
+    # HF's gelu_new cubes its input: pow's backward is not linear, kept exact
+    "gpt2": (5.70, 4.40, 2.98),
     "bert": (12.92, 7.35, 3.68),
     "lstm": (1.10, 1.08, 1.08),
-    "gru": (12.41, 7.25, 4.16),
-    "conv1d": (13.79, 9.31, 3.85),
+    "gru": (13.66, 7.66, 4.29),
+    "conv1d": (19.10, 9.38, 5.50),
     "conv3d": (15.45, 13.26, 4.29),
 }
 STRATEGIES = ("actnn", "division", "int8")
@@ -86,14 +88,17 @@ COS_NOISE_GROWTH = 1.5
 #: baseline bytes (summed over reasons) measured under "actnn" plus a margin.
 #: "integer": the LSTM's oneDNN workspace (uint8, opaque), cross-entropy
 #: targets; "op statistics": the RNN cells' gate statistics kept exact.
-ALLOWED_REASONS = {"tiny", "integer", "op statistics"}
+ALLOWED_REASONS = {
+    "tiny", "integer", "op statistics", "nonlinear backward (pow)",
+    "nonlinear backward (hardswish)",
+}  # fmt: skip
 PASSTHROUGH = {
     "resnet_bottleneck": 0.01,
     "densenet": 0.01,
-    "mobilenetv3": 0.01,
+    "mobilenetv3": 0.15,
     "unet": 0.03,
     "vit": 0.03,
-    "gpt2": 0.01,
+    "gpt2": 0.12,
     "bert": 0.02,
     "lstm": 0.95,
     "gru": 0.04,
@@ -490,7 +495,7 @@ def test_wrap_and_measure(name):
 
 #: Ratios measured under CPU bf16 autocast with "actnn" (saved activations are
 #: bf16, so the ceiling halves), as exact-run baseline over compressed bytes.
-BF16_RATIO = {"gpt2": 8.60, "bert": 8.30}
+BF16_RATIO = {"gpt2": 5.02, "bert": 8.30}  # gpt2: gelu_new's pow input is exact
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert"])

@@ -160,6 +160,7 @@ class Engine:
         track_modules: bool = False,
         checkpoint_inputs: str = "exact",
         track_ops: bool | None = None,
+        smooth: str = "code",
     ) -> None:
         if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
             raise ValueError(f"min_numel must be a non-negative integer, got {min_numel!r}")
@@ -168,6 +169,9 @@ class Engine:
                 f"checkpoint_inputs must be one of {', '.join(CHECKPOINT_INPUTS)}, "
                 f"got {checkpoint_inputs!r}"
             )
+        if smooth not in ("code", "exact"):
+            raise ValueError(f"smooth must be 'code' or 'exact', got {smooth!r}")
+        self.smooth = smooth
         self.strategy = resolve(strategy)
         self.min_numel = min_numel
         self.checkpoint_inputs = checkpoint_inputs
@@ -196,6 +200,7 @@ class Engine:
             "track_modules": self._track_modules,
             "checkpoint_inputs": self.checkpoint_inputs,
             "track_ops": self._track_ops,
+            "smooth": self.smooth,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -206,6 +211,7 @@ class Engine:
             track_modules=state["track_modules"],
             checkpoint_inputs=state["checkpoint_inputs"],
             track_ops=state["track_ops"],
+            smooth=state["smooth"],
         )
 
     # -- context management -------------------------------------------------
@@ -309,6 +315,7 @@ class Engine:
             min_numel=self.min_numel,
             keeps_relu_exact=s.keeps_relu_exact,
             checkpoint_inputs=self.checkpoint_inputs,
+            smooth=self.smooth,
         )
 
     def _weight_storages(self) -> dict[int, str]:
@@ -388,9 +395,15 @@ class Engine:
             # Hooks propagated to a thread that never entered (autograd's
             # worker threads): keep the tensor, as autograd would.
             return Held(t)
-        if st.ops is None and t.dtype != torch.bool:
-            return self._keep_untracked(t, st)
-        facts, op, args, kwargs = self._facts(t, st)
+        try:
+            if st.ops is None and t.dtype != torch.bool:
+                return self._keep_untracked(t, st)
+            facts, op, args, kwargs = self._facts(t, st)
+        except RuntimeError:
+            # No storage to inspect (torch.vmap's batched tensors, sparse
+            # operands): nothing can be proven, so nothing is coded.
+            st.stats.passthrough["uninspectable"] = st.stats.passthrough.get("uninspectable", 0)
+            return Held(t)
         compact = None
         if not facts.dtype.is_floating_point and facts.dtype != torch.bool:
             compact = compact_integer(t, op, args, kwargs) if not self.strategy.lossless else None

@@ -220,6 +220,42 @@ def _saving_op(node: fx.Node, ndim: int, readers: list[fx.Node]) -> str | None:
     return names[0] if names else None
 
 
+# Forward users whose backward reads a saved value linearly or smoothly (or
+# not at all): the same rule as the eager policy's op lists, in aten names.
+# A save feeding any other op (amax/max compare it with their result, abs,
+# clamp, log, pow, ...) stays exact: one code would serve every reader.
+_SAFE_USERS = _THROUGH | frozenset(_MATMULS) | _ACTIVATIONS | frozenset(
+    {"convolution", "mul", "add", "sub", "neg", "sum", "mean", "cat", "stack", "split",
+     "split_with_sizes", "slice", "select", "_softmax", "_log_softmax", "native_layer_norm",
+     "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+     "_native_batch_norm_legit_no_training", "native_group_norm", "var_mean", "exp",
+     "threshold", "le", "gt", "lt", "ge", "where", "native_dropout", "bernoulli",
+     "embedding", "avg_pool2d", "avg_pool3d", "_adaptive_avg_pool2d", "max_pool2d_with_indices",
+     "max_pool3d_with_indices", "_low_memory_max_pool2d_with_offsets",
+     "_low_memory_max_pool3d_with_offsets", "scaled_dot_product_attention",
+     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+     "copy", "copy_", "fill", "zeros_like", "empty_like", "full_like", "ones_like"}
+)  # fmt: skip
+
+
+def _unsafe_user(node: fx.Node) -> str | None:
+    """The first forward user of ``node`` whose backward may read it nonlinearly."""
+    for user in _forward_users(node):
+        name = op_name(user)
+        if name == "div":
+            if len(user.args) > 1 and user.args[1] is node:
+                return name  # a denominator: far from linear
+            continue
+        if name == "pow":
+            if len(user.args) > 1 and user.args[1] == 2:
+                continue
+            return name
+        if name not in _SAFE_USERS:
+            return name
+    return None
+
+
 def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFacts:
     """Facts about the save of forward node ``node`` (value ``val``) read by ``bw_graph``."""
     readers = _backward_readers(node, bw_graph)
@@ -238,6 +274,8 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
         offset_bits = _offset_bits(node, readers)
         integer_op = _integer_op(node) if node.op == "call_function" else None
     op = _saving_op(node, val.dim(), readers)
+    if val.is_floating_point() and not statistic:
+        op = _unsafe_user(node) or op
     overlapping = any(s == 0 and n > 1 for n, s in zip(val.shape, val.stride()))
     facts = Facts(
         dtype=val.dtype,

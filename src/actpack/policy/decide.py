@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import torch
 
-from actpack.policy.ops import DROPOUT_OPS
+from actpack.policy.ops import DROPOUT_OPS, LINEAR_BACKWARD_OPS, SMOOTH_BACKWARD_OPS
 from actpack.policy.rules import ReluOutput
 
 __all__ = ["ORIGINS", "ROLES", "Facts", "Kind", "Plan", "Settings", "decide"]
@@ -135,12 +135,16 @@ class Settings:
         checkpoint_inputs: ``"exact"``, or a lossy form the user opted into
             for tensors a checkpoint recomputes from (``"bf16"``, ``"fp16"``,
             ``"int8"``).
+        smooth: ``"code"`` (default): inputs of ops with a smooth backward
+            (normalization, GELU/SiLU/softmax/tanh, attention) are coded,
+            leaving a second-order bias; ``"exact"`` keeps them exact.
     """
 
     lossless: bool = False
     min_numel: int = 2048
     keeps_relu_exact: bool = False
     checkpoint_inputs: str = "exact"
+    smooth: str = "code"
 
 
 _FLOAT_EXACT = {torch.float64: "float64 (kept exact)"}
@@ -207,6 +211,15 @@ def decide(f: Facts, s: Settings) -> Plan:
         return _exact("broadcast view")
     if f.declined is not None:
         return _exact(f.declined)
+    base = f.op.strip("_") if f.op not in LINEAR_BACKWARD_OPS else f.op
+    if f.op not in LINEAR_BACKWARD_OPS and base not in LINEAR_BACKWARD_OPS:
+        if base not in SMOOTH_BACKWARD_OPS and f.op not in SMOOTH_BACKWARD_OPS:
+            # max/amax compare the input with the result, clamp/abs read
+            # regions, log/sqrt/pow/div are far from linear: a code of the
+            # input gives zero, NaN or biased gradients.
+            return _exact(f"nonlinear backward ({f.op})")
+        if s.smooth == "exact":
+            return _exact(f"smooth backward ({f.op}, kept exact)")
     if f.rule is None or (isinstance(f.rule, ReluOutput) and s.keeps_relu_exact):
         # The strategy's own code keeps ReLU zeros exact: one code serves the
         # activation and the next layer.
