@@ -274,7 +274,9 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
         offset_bits = _offset_bits(node, readers)
         integer_op = _integer_op(node) if node.op == "call_function" else None
     op = _saving_op(node, val.dim(), readers)
-    if val.is_floating_point() and not statistic:
+    if region_only:
+        op = "relu"  # backward reads x > 0 alone, as ReLU's does
+    elif val.is_floating_point() and not statistic:
         op = _unsafe_user(node) or op
     overlapping = any(s == 0 and n > 1 for n, s in zip(val.shape, val.stride()))
     facts = Facts(
