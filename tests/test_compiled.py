@@ -149,6 +149,19 @@ def test_round_to_nearest_is_the_reference_code(bits):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vectorisable_decode_is_the_reference_decode(dtype):
+    x = _awkward(6, 700)
+    key = traceable.random_key(torch.Generator().manual_seed(4))
+    for bits in (1, 2, 4, 8):
+        for zero_exact, data in ((False, x), (bits >= 2, x.abs().nan_to_num(0.0))):
+            code = traceable.quantize_groups(data, bits, 128, key, zero_exact=zero_exact)
+            got = traceable.dequantize_groups(code, dtype)
+            torch.testing.assert_close(
+                got, groupquant.dequantize_groups(code, dtype), rtol=0, atol=0, equal_nan=True
+            )
+
+
 def test_round_out_bf16_is_outward_and_tight():
     # The bit-cut rounding must give the nearest bf16 on the required side.
     v = torch.cat(
@@ -548,3 +561,60 @@ def test_transformers_gpt2_compiled():
     decisions = _decisions(engine)
     assert any(d.form == "groups" for d in decisions)
     assert sum(d.after for d in decisions) * 3 < sum(d.before for d in decisions)
+
+
+# --------------------------------------------------------------------------- #
+# Forms, eagerly: what the inlined hooks compute, checked on real tensors
+# --------------------------------------------------------------------------- #
+
+
+def _graph(saved_target, readers):
+    """A forward node saved for backward, read in backward by ``readers``."""
+    fw = torch.fx.Graph()
+    x = fw.placeholder("primals_1")
+    node = fw.call_function(saved_target, (x,))
+    fw.output((node, node))
+    bw = torch.fx.Graph()
+    saved = bw.placeholder(node.name)
+    outs = [bw.call_function(target, (saved, *args)) for target, args in readers]
+    bw.output(tuple(outs))
+    return node, bw
+
+
+def _round_trip(plan_strategy, node, bw, x):
+    from actpack.engine import graphcodes, graphfacts
+    from actpack.policy.decide import Settings, decide
+
+    strategy = actpack.resolve(plan_strategy)
+    gf = graphfacts.graph_facts(node, bw, x)
+    plan = decide(gf.facts, Settings(min_numel=16, keeps_relu_exact=strategy.keeps_relu_exact))
+    form, meta, tensors = graphcodes.encode(strategy, plan, gf, x)
+    if form == "exact":
+        return plan, form, x
+    return plan, form, graphcodes.decode(form, meta, tensors)
+
+
+def test_relu_output_read_only_by_comparisons_keeps_its_region_in_one_bit():
+    aten = torch.ops.aten
+    node, bw = _graph(aten.relu.default, [(aten.le.Scalar, (0,))])
+    x = torch.randn(4, 64).relu()
+    plan, form, y = _round_trip("bf16", node, bw, x)
+    assert (plan.kind, form) == (Kind.REGION, "region")
+    assert torch.equal(y <= 0, x <= 0) and y.dtype == x.dtype
+
+
+def test_comparison_with_another_constant_is_kept_exact():
+    aten = torch.ops.aten
+    node, bw = _graph(aten.neg.default, [(aten.le.Scalar, (0.5,))])
+    x = torch.randn(4, 64)
+    plan, form, y = _round_trip("actnn", node, bw, x)
+    assert form == "exact" and plan.kind is Kind.EXACT and y is x
+
+
+def test_relu_output_read_by_a_matmul_keeps_exact_zeros_in_its_code():
+    aten = torch.ops.aten
+    node, bw = _graph(aten.relu.default, [(aten.mm.default, ())])
+    x = torch.randn(8, 256).relu()
+    plan, form, y = _round_trip("actnn", node, bw, x)
+    assert (plan.kind, form) == (Kind.LOSSY, "groups")
+    assert torch.equal(y > 0, x > 0)  # ReLU zeros stay zeros, positives positive

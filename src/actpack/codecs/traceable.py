@@ -19,11 +19,13 @@ computed inside the quantization kernel rather than stored.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from actpack.codecs import groupquant
-from actpack.codecs.groupquant import GroupCode
+from actpack.codecs.groupquant import _NEG_INF, _POS_INF, GroupCode
 from actpack.codecs.pack import pack_bits, unpack_bits
 
 _MASK32 = 0xFFFFFFFF
@@ -88,6 +90,41 @@ def quantize_groups(
         meta_dtype=meta_dtype,
         noise=noise,
     )
+
+
+def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Tensor:
+    """:func:`actpack.codecs.groupquant.dequantize_groups`, bit for bit, in ops Inductor
+    vectorises on the CPU.
+
+    Its generated C++ runs a loop element by element when one step in it
+    cannot be vectorised: ``isnan``/``isfinite`` (here ``x != x`` and
+    ``|x| < inf``), comparisons of uint8 codes (here of their float values)
+    and a division by the per-group pre-scale ``k`` (here a product with
+    ``1/k``, exact since ``k`` is 1 or 1/2).  That halves the decode time of
+    the reference's formulation on this CPU.
+    """
+    rows, ngroups, gs = code.rows, code.ngroups, code.group_size
+    q = unpack_bits(code.packed, code.bits, rows * ngroups * gs).view(rows, ngroups, gs)
+    qf = q.float()
+    lo, hi = code.lo.float().unsqueeze(-1), code.hi.float().unsqueeze(-1)
+    levels = (1 << code.bits) - 1
+    values = qf
+    if code.zero_exact:
+        levels -= 1
+        values = (qf - 1).clamp_min(0)
+    k = torch.where((hi - lo).abs() < math.inf, 1.0, 0.5)  # as groupquant._scale
+    lok = lo * k
+    step = (hi * k - lok) / levels
+    v = (lok + values * step) * (1 / k)
+    big = torch.finfo(dtype).max
+    v = v.clamp(-big, big).to(dtype)
+    if code.zero_exact:
+        v = torch.where(qf > 0, v.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(v))
+    bad = torch.full_like(v, math.nan)
+    if code.bits >= 2:
+        bad = torch.where(qf == _POS_INF, math.inf, torch.where(qf == _NEG_INF, -math.inf, bad))
+    v = torch.where(lo != lo, bad, v)  # NaN lo: a poisoned group
+    return v.reshape(rows, ngroups * gs)[:, : code.cols].contiguous()
 
 
 def pack_mask(mask: Tensor) -> Tensor:

@@ -243,7 +243,8 @@ class GraphHooks:
         strategy = self.engine.strategy
         gf = graph_facts(node, state["_bw_graph"], x)
         if x.is_floating_point() and gf.facts.history:
-            gf = replace(gf, facts=gf.facts._replace(declined=strategy.skip_reason(x)))
+            declined = gf.facts.declined or strategy.skip_reason(x)
+            gf = replace(gf, facts=gf.facts._replace(declined=declined))
         plan = decide(gf.facts, self.engine._settings())
         if plan.kind == Kind.LOSSY and not graphcodes.traceable_strategy(strategy):
             warnings.warn(

@@ -17,11 +17,11 @@ from torch import Tensor
 
 from actpack.codecs import traceable
 from actpack.codecs.compact import PoolIndices, Window, compact_integer
-from actpack.codecs.groupquant import GroupCode, dequantize_groups
+from actpack.codecs.groupquant import GroupCode
 from actpack.codecs.pack import pack_bits, unpack_bits
 from actpack.engine.graphfacts import GraphFacts
 from actpack.policy.decide import Kind, Plan
-from actpack.policy.rules import Above, Between, ReluOutput
+from actpack.policy.rules import ReluOutput
 from actpack.strategies import ActNN, Cast16, SaveInfo, Strategy
 from actpack.strategies.levels import ActNNPreset
 
@@ -29,8 +29,7 @@ Coded = tuple[str, tuple, tuple[Tensor, ...]]
 
 # Constants in a form must be plain literals (numbers, strings, tuples,
 # dtypes): AOTAutograd bakes them into the unpack graph, and an object would
-# become a constructor call there.  Rules travel as (class name, fields).
-_RULES = {cls.__name__: cls for cls in (ReluOutput, Above, Between)}
+# become a constructor call there.
 
 
 def _fields(obj: object) -> tuple:
@@ -121,9 +120,9 @@ def encode(strategy: Strategy, plan: Plan, gf: GraphFacts, x: Tensor) -> Coded:
         window = _fields(code.window) if isinstance(code, PoolIndices) else ()
         if window and all(type(n) is int for part in window for n in part):
             return "pool", (code.bits, window), (_carrier(x), code.packed)
-    if kind == Kind.REGION:
-        rule, packed = plan.rule, traceable.pack_mask(plan.rule.mask(x))
-        return "region", (type(rule).__name__, _fields(rule)), (_carrier(x), packed)
+    if kind == Kind.REGION and isinstance(plan.rule, ReluOutput):
+        # The only region graphfacts proposes: ReLU's x > 0.
+        return "region", (), (_carrier(x), traceable.pack_mask(x > 0))
     if kind == Kind.LOSSY and traceable_strategy(strategy):
         coded = _lossy(strategy, x, SaveInfo(op=gf.op, rule=plan.rule))
         if coded is not None:
@@ -145,15 +144,14 @@ def decode(form: str, meta: tuple, tensors: tuple[Tensor, ...]) -> Tensor:
         bits, window = meta
         return PoolIndices(packed, bits, torch.Size(shape), Window(*window)).decode()
     if form == "region":
-        name, fields = meta
         mask = traceable.unpack_mask(packed, shape)
         zeros = torch.zeros(shape, dtype=dtype, device=packed.device)
-        return _RULES[name](*fields).restore(zeros, mask)
+        return ReluOutput().restore(zeros, mask)
     if form == "groups":
         group_size, bits, zero_exact = meta
         lo, hi = tensors[2], tensors[3]
         rows = lo.shape[0]
         cols = _numel(shape) // rows
         code = GroupCode(packed, lo, hi, rows, cols, group_size, bits, zero_exact)
-        return dequantize_groups(code, dtype).reshape(shape)
+        return traceable.dequantize_groups(code, dtype).reshape(shape)
     raise AssertionError(f"unknown graph code {form!r}")

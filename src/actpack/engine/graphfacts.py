@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from actpack.policy.decide import Facts
-from actpack.policy.rules import Above, ReluOutput
+from actpack.policy.rules import ReluOutput
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -55,7 +55,7 @@ _ELEMENTWISE = frozenset(
 
 _MATMULS = {"mm": "linear", "addmm": "linear", "bmm": "matmul", "baddbmm": "matmul"}
 _ACTIVATIONS = frozenset({"relu", "leaky_relu", "hardtanh", "gelu", "silu", "sigmoid", "tanh"})
-_COMPARISONS = {"le": False, "gt": True}  # backward reads x > c either way
+_COMPARISONS = frozenset({"le", "gt"})  # backward reads x > c either way
 _POOL_OFFSETS = "_low_memory_max_pool_offsets_to_indices"
 
 
@@ -167,8 +167,8 @@ def _backward_readers(node: fx.Node, bw_graph: fx.Graph) -> list[fx.Node]:
     return []
 
 
-def _region_rule(readers: list[fx.Node]) -> object | None:
-    """The region rule if backward only compares the save with one constant."""
+def _compared_with(readers: list[fx.Node]) -> float | None:
+    """The constant backward compares the save with, if comparing is all it does."""
     thresholds = set()
     for reader in readers:
         if op_name(reader) not in _COMPARISONS or len(reader.args) != 2:
@@ -177,10 +177,7 @@ def _region_rule(readers: list[fx.Node]) -> object | None:
         if not isinstance(c, (int, float)) or isinstance(c, bool):
             return None
         thresholds.add(float(c))
-    if len(thresholds) != 1:
-        return None
-    (c,) = thresholds
-    return ReluOutput() if c == 0.0 else Above(c)
+    return thresholds.pop() if len(thresholds) == 1 else None
 
 
 def _offset_bits(node: fx.Node, readers: list[fx.Node]) -> int | None:
@@ -264,16 +261,22 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
     readers = _backward_readers(node, bw_graph)
     producer = op_name(node)
     statistic = node.op == "call_function" and _is_statistic(node)
-    rule = _region_rule(readers) if val.is_floating_point() else None
-    if rule is None and producer == "relu":
-        rule = ReluOutput()
-    region_only = rule is not None and bool(readers) and _region_rule(readers) is not None
+    # Backward that only compares the save with 0 (ReLU's mask) reads its
+    # region alone; compared with another constant, the save stays exact
+    # (restoring a value on the right side of an arbitrary bound in the
+    # save's dtype is not written in graph ops).
+    bound = _compared_with(readers) if val.is_floating_point() else None
+    region_only = bound == 0.0
+    rule = ReluOutput() if region_only or producer == "relu" else None
+    declined = "compared with a constant" if bound not in (None, 0.0) else None
     offset_bits = integer_op = None
     if not val.is_floating_point():
         offset_bits = _offset_bits(node, readers)
         integer_op = _integer_op(node) if node.op == "call_function" else None
     op = _saving_op(node, val.dim(), readers)
-    if val.is_floating_point() and not statistic:
+    if region_only:
+        op = "relu"  # backward reads x > 0 alone, as ReLU's does
+    elif val.is_floating_point() and not statistic:
         op = _unsafe_user(node) or op
     overlapping = any(s == 0 and n > 1 for n, s in zip(val.shape, val.stride()))
     facts = Facts(
@@ -289,6 +292,7 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
         rule=rule,
         region_only=region_only,
         compactable=offset_bits is not None or integer_op is not None,
+        declined=declined,
     )
     readers_names = tuple(op_name(r) for r in readers)
     return GraphFacts(facts, op, producer, readers_names, offset_bits, integer_op)
