@@ -185,32 +185,6 @@ def test_round_out_bf16_is_outward_and_tight():
         assert bool(tight[inside & (r.abs() < big)].all())
 
 
-def test_hash_uniform_is_uniform_and_uncorrelated():
-    n = 1 << 20
-    gen = torch.Generator().manual_seed(1)
-    u = traceable.hash_uniform(n, traceable.random_key(gen))
-    assert u.dtype == torch.float32 and bool((u >= 0).all()) and bool((u < 1).all())
-    sd_mean = (1 / 12 / n) ** 0.5
-    assert abs(u.mean().item() - 0.5) < 5 * sd_mean
-    assert abs(u.var().item() - 1 / 12) < 5 * (1 / 180 / n) ** 0.5  # var of (u-1/2)^2 is 1/180
-    counts = torch.histc(u, 64, 0, 1)
-    chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum().item()
-    assert chi2 < 63 + 5 * (2 * 63) ** 0.5
-    for lag in (1, 2, 3, 256, 4096):
-        r = torch.corrcoef(torch.stack([u[:-lag], u[lag:]]))[0, 1].item()
-        assert abs(r) < 5 / n**0.5
-    # The same element under independent keys: independent draws.
-    draws = torch.stack([traceable.hash_uniform(64, traceable.random_key(gen)) for _ in range(512)])
-    assert (draws.mean(0) - 0.5).abs().max().item() < 5 * (1 / 12 / 512) ** 0.5
-
-
-def test_hash_key_is_checked():
-    with pytest.raises(ValueError, match="random_key"):
-        traceable.hash_uniform(8, torch.tensor(3))
-    with pytest.raises(ValueError, match="random_key"):
-        traceable.hash_uniform(8, torch.zeros(2))
-
-
 def test_stochastic_rounding_is_unbiased_over_keys():
     torch.manual_seed(0)
     x = torch.randn(8, 512)

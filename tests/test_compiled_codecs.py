@@ -206,22 +206,6 @@ def test_groups_stochastic_generator_semantics():
     assert_generator_semantics(cgq, "cpu")
 
 
-def test_hashed_noise_is_uniform_and_decorrelated():
-    """The counter hash over 2**20 consecutive indices: each of 64 bins within
-    5 sigma of n/64 (binomial), lag-1 correlation within 5 / sqrt(n)."""
-    from actpack.codecs.compiled.noise import uniform
-
-    n = 1 << 20
-    u = uniform(torch.arange(n), torch.tensor([12345]))
-    assert u.min() >= 0 and u.max() < 1
-    counts = torch.bincount((u * 64).long(), minlength=64).double()
-    sigma = (n / 64 * (1 - 1 / 64)) ** 0.5
-    assert ((counts - n / 64).abs() <= 5 * sigma).all()
-    c = u - u.mean()
-    corr = (c[1:] * c[:-1]).mean() / c.square().mean()
-    assert abs(float(corr)) <= 5 / n**0.5
-
-
 # --------------------------------------------------------------------------------------
 # DIVISION
 # --------------------------------------------------------------------------------------

@@ -39,7 +39,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["CompileFallbackWarning", "available", "run"]
+__all__ = ["MAX_NUMEL", "CompileFallbackWarning", "available", "run"]
+
+# Larger tensors take the reference codecs: a bound kept from the first hash,
+# which read 32-bit indices; nothing here has been run at that size.
+MAX_NUMEL = 2**32
 
 _OPTIONS = {"emulate_precision_casts": True}
 
