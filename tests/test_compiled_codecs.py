@@ -348,6 +348,33 @@ def test_encode_allocates_no_full_size_float_temporaries(codec):
 # --------------------------------------------------------------------------------------
 
 
+_STRICT_SCRIPT = textwrap.dedent("""
+    import warnings
+    import torch
+    from actpack.codecs import groupquant
+    from actpack.codecs.compiled import build, groupquant as cgq
+    warnings.simplefilter("error")  # as `python -W error`: any warning raises
+    x = torch.randn(64, 512)
+    code = cgq.quantize_groups(x, 2, 256, stochastic=False)
+    ref = groupquant.quantize_groups(x, 2, 256, stochastic=False)
+    assert build.available(), "compiled codecs disabled"
+    assert torch.equal(code.packed, ref.packed)
+    print("ok")
+""")
+
+
+def test_compiles_under_warnings_as_errors():
+    """torch's own deprecation notices while Inductor imports and compiles
+    (torch.jit.script_method) must not disable the compiled codecs, or raise
+    from a pack hook, when the user runs with warnings as errors (fresh
+    process: the probe runs once per process)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("ACTPACK_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", _STRICT_SCRIPT], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_resolve_backend(monkeypatch):
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
     big = torch.zeros(backend.COMPILED_MIN_NUMEL)

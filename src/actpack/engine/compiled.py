@@ -26,6 +26,7 @@ reads, and ``prims.inductor_seeds``.
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import importlib
 import inspect
@@ -118,14 +119,19 @@ def _nbytes(t: Tensor) -> int:
     return optimization_hint(t.numel()) * t.element_size()
 
 
+@functools.cache
+def _source_hash(modules: tuple[str, ...]) -> str:
+    h = hashlib.sha256(torch.__version__.encode())
+    for name in modules:
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    return h.hexdigest()
+
+
 def _cache_hash(engine: Any) -> str:
     """What the inlined code depends on: torch, the strategy's knobs, actpack's code."""
     strategy = engine.strategy
-    h = hashlib.sha256()
-    h.update(torch.__version__.encode())
+    h = hashlib.sha256(_source_hash((*_KEY_MODULES, type(strategy).__module__)).encode())
     h.update(repr((strategy, type(strategy).__qualname__, engine._settings())).encode())
-    for name in (*_KEY_MODULES, type(strategy).__module__):
-        h.update(inspect.getsource(importlib.import_module(name)).encode())
     return h.hexdigest()
 
 
@@ -196,6 +202,19 @@ def _module(fn: Any, arg: str, cache_hash: str) -> fx.GraphModule:
     return module
 
 
+@functools.lru_cache(maxsize=64)
+def _hook_pair(cache_hash: str) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """The GraphModule pair for one inlined-code configuration, shared by every
+    engine with that configuration.  Dynamo guards compiled code on the
+    identity of the innermost hook pair: a pair per engine would recompile a
+    compiled model (and each fused CPU codec) under every new ``compress()``
+    context, a new one per training step in the usual loop, and after 8 of
+    them Dynamo runs the model uncompiled.  The hooks are stateless (they
+    dispatch to the engine active in this context, ``_ACTIVE``), so sharing
+    them shares nothing else."""
+    return _module(_pack_hook, "x", cache_hash), _module(_unpack_hook, "packed", cache_hash)
+
+
 class _Installed:
     def __init__(self, hooks: GraphHooks) -> None:
         self.hooks = hooks
@@ -218,9 +237,10 @@ class GraphHooks:
     ``installed()`` is a context manager to enter where the engine would enter
     ``torch.autograd.graph.saved_tensors_hooks(engine.pack, unpack)``; eager
     saves still go to ``engine.pack`` and :func:`actpack.engine.saved.unpack`
-    (:func:`op_caller` skips the frames in between).  Keep one per engine
-    (:func:`compiled_hooks` does): Dynamo guards compiled code on the identity
-    of ``pack_gm``/``unpack_gm``, so a new pair would recompile.
+    (:func:`op_caller` skips the frames in between).  Dynamo guards compiled
+    code on the identity of ``pack_gm``/``unpack_gm``: engines with the same
+    strategy and settings share one pair (:func:`_hook_pair`), so a new
+    engine per step recompiles nothing.
 
     ``decisions`` holds what the inlined hooks chose, one entry per saved node
     of every graph compiled under this engine (for reports and tests).
@@ -229,9 +249,7 @@ class GraphHooks:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.decisions: dict[tuple[int, str], Decision] = {}
-        cache_hash = _cache_hash(engine)
-        self.pack_gm = _module(_pack_hook, "x", cache_hash)
-        self.unpack_gm = _module(_unpack_hook, "packed", cache_hash)
+        self.pack_gm, self.unpack_gm = _hook_pair(_cache_hash(engine))
 
     def installed(self) -> _Installed:
         """A context manager installing the pair (one per entry: threads may nest)."""

@@ -24,6 +24,7 @@ import torch
 from torch import fx
 
 from actpack.policy.decide import Facts
+from actpack.policy.ops import SMOOTH_COMPOSITES
 from actpack.policy.rules import ReluOutput
 
 aten = torch.ops.aten
@@ -180,6 +181,35 @@ def _compared_with(readers: list[fx.Node]) -> float | None:
     return thresholds.pop() if len(thresholds) == 1 else None
 
 
+# Forward ops whose backward reads which region their input falls in, with
+# bounds other than ReLU's 0 (and their backward ops, when not decomposed).
+# The compile-native path has only ReLU's region form: a save read by one of
+# these stays exact (a lossy code moves values across the bounds, flipping
+# the derivative: a biased gradient).
+_REGION_READERS = frozenset(
+    {"leaky_relu", "leaky_relu_backward", "hardtanh", "hardtanh_backward", "hardsigmoid",
+     "hardsigmoid_backward", "threshold", "rrelu_with_noise", "rrelu_with_noise_backward",
+     "hardswish", "hardswish_backward", "clamp", "clamp_min", "clamp_max"}
+)  # fmt: skip
+_ALL_COMPARISONS = frozenset({"le", "lt", "ge", "gt", "eq", "ne"})
+
+
+def _region_reader(node: fx.Node, readers: list[fx.Node]) -> str | None:
+    """A reader of ``node`` that tells regions apart at a bound other than
+    ReLU's 0: a region activation among its forward users or backward
+    readers, or a backward comparison with a nonzero constant (what the
+    former decompose to); None if there is none."""
+    for user in (*_forward_users(node), *readers):
+        name = op_name(user)
+        if name in _REGION_READERS:
+            return name
+        if name in _ALL_COMPARISONS and user in readers and len(user.args) == 2:
+            c = user.args[1]
+            if isinstance(c, (int, float)) and not isinstance(c, bool) and c != 0:
+                return f"{name} {c}"
+    return None
+
+
 def _offset_bits(node: fx.Node, readers: list[fx.Node]) -> int | None:
     for reader in readers:
         if op_name(reader) == _POOL_OFFSETS and len(reader.args) > 1:
@@ -239,10 +269,32 @@ _SAFE_USERS = _THROUGH | frozenset(_MATMULS) | _ACTIVATIONS | frozenset(
 )  # fmt: skip
 
 
+def _composite(user: fx.Node) -> str | None:
+    """The smooth activation (``policy.ops.SMOOTH_COMPOSITES``) whose module
+    computes ``user``, from its innermost ``nn_module_stack`` entry; else None."""
+    stack = user.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    cls = list(stack.values())[-1][1]
+    return SMOOTH_COMPOSITES.get((getattr(cls, "__module__", None), getattr(cls, "__name__", None)))
+
+
+def _composite_user(node: fx.Node) -> str | None:
+    """The smooth activation that the first forward user of ``node`` belongs to, if any."""
+    for user in _forward_users(node):
+        name = _composite(user)
+        if name is not None:
+            return name
+    return None
+
+
 def _unsafe_user(node: fx.Node) -> str | None:
-    """The first forward user of ``node`` whose backward may read it nonlinearly."""
+    """The first forward user of ``node`` whose backward may read it nonlinearly
+    (users inside a smooth composite activation are read smoothly as a whole)."""
     for user in _forward_users(node):
         name = op_name(user)
+        if name not in _SAFE_USERS and _composite(user) is not None:
+            continue
         if name == "div":
             if len(user.args) > 1 and user.args[1] is node:
                 return name  # a denominator: far from linear
@@ -269,6 +321,10 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
     region_only = bound == 0.0
     rule = ReluOutput() if region_only or producer == "relu" else None
     declined = "compared with a constant" if bound not in (None, 0.0) else None
+    if declined is None and val.is_floating_point() and not region_only:
+        reader = _region_reader(node, readers)
+        if reader is not None:
+            declined = f"region read by {reader} (no compiled region form)"
     offset_bits = integer_op = None
     if not val.is_floating_point():
         offset_bits = _offset_bits(node, readers)
@@ -277,7 +333,10 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
     if region_only:
         op = "relu"  # backward reads x > 0 alone, as ReLU's does
     elif val.is_floating_point() and not statistic:
-        op = _unsafe_user(node) or op
+        # A node read inside a smooth composite activation is read smoothly
+        # as a whole (one code serves all its readers): name that activation,
+        # so that smooth="exact" applies to it.
+        op = _unsafe_user(node) or _composite_user(node) or op
     overlapping = any(s == 0 and n > 1 for n, s in zip(val.shape, val.stride()))
     facts = Facts(
         dtype=val.dtype,

@@ -70,7 +70,7 @@ class Above:
 
 @dataclass(frozen=True)
 class Between:
-    """Backward reads ``lo < x < hi`` (Hardtanh, ReLU6)."""
+    """Backward reads ``lo < x < hi`` (Hardtanh, ReLU6, Hardsigmoid)."""
 
     lo: float
     hi: float
@@ -95,7 +95,9 @@ class Between:
 Rule = "ReluOutput | Above | Between"
 
 # Ops whose backward reads only the region of what they save.
-_REGION_OPS = frozenset({"relu", "leaky_relu", "threshold", "relu6", "hardtanh", "rrelu"})
+_REGION_OPS = frozenset(
+    {"relu", "leaky_relu", "threshold", "relu6", "hardtanh", "rrelu", "hardsigmoid"}
+)
 
 
 def reads_region_only(op: str | None) -> bool:
@@ -131,6 +133,8 @@ def rule_for(t: Tensor, op: str | None, args: tuple, kwargs: dict) -> object | N
         return Above(_arg(args, kwargs, 1, "threshold", 0.0))
     if base == "relu6":
         return Between(0.0, 6.0)
+    if base == "hardsigmoid":
+        return Between(-3.0, 3.0)  # backward: grad / 6 where -3 < x < 3, else 0
     if base == "hardtanh":
         return Between(
             _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
