@@ -26,6 +26,7 @@ reads, and ``prims.inductor_seeds``.
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import importlib
 import inspect
@@ -118,14 +119,23 @@ def _nbytes(t: Tensor) -> int:
     return optimization_hint(t.numel()) * t.element_size()
 
 
+@functools.lru_cache(maxsize=64)
+def _source_digest(strategy_module: str) -> bytes:
+    """The code the inlined hooks run: read once per process (reading sources
+    costs ~0.1 ms per engine, and every ``compress()`` makes one)."""
+    h = hashlib.sha256()
+    for name in (*_KEY_MODULES, strategy_module):
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    return h.digest()
+
+
 def _cache_hash(engine: Any) -> str:
     """What the inlined code depends on: torch, the strategy's knobs, actpack's code."""
     strategy = engine.strategy
     h = hashlib.sha256()
     h.update(torch.__version__.encode())
     h.update(repr((strategy, type(strategy).__qualname__, engine._settings())).encode())
-    for name in (*_KEY_MODULES, type(strategy).__module__):
-        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    h.update(_source_digest(type(strategy).__module__))
     return h.hexdigest()
 
 
@@ -196,6 +206,25 @@ def _module(fn: Any, arg: str, cache_hash: str) -> fx.GraphModule:
     return module
 
 
+# GraphModule pairs by cache hash.  A pair holds no engine (its functions find
+# theirs through _ACTIVE), so engines alike in everything the inlined code
+# depends on share one: building a pair generates and compiles Python (~1 ms),
+# too much for every ``with compress(...)`` of a training loop, and a shared
+# pair spares Dynamo a recompile per new engine.
+_PAIRS: dict[str, tuple[fx.GraphModule, fx.GraphModule]] = {}
+
+
+def _pair(cache_hash: str) -> tuple[fx.GraphModule, fx.GraphModule]:
+    pair = _PAIRS.get(cache_hash)
+    if pair is None:
+        pair = (
+            _module(_pack_hook, "x", cache_hash),
+            _module(_unpack_hook, "packed", cache_hash),
+        )
+        _PAIRS[cache_hash] = pair
+    return pair
+
+
 class _Installed:
     def __init__(self, hooks: GraphHooks) -> None:
         self.hooks = hooks
@@ -220,7 +249,8 @@ class GraphHooks:
     saves still go to ``engine.pack`` and :func:`actpack.engine.saved.unpack`
     (:func:`op_caller` skips the frames in between).  Keep one per engine
     (:func:`compiled_hooks` does): Dynamo guards compiled code on the identity
-    of ``pack_gm``/``unpack_gm``, so a new pair would recompile.
+    of ``pack_gm``/``unpack_gm``, so a new pair would recompile; engines with
+    the same cache hash share one pair.
 
     ``decisions`` holds what the inlined hooks chose, one entry per saved node
     of every graph compiled under this engine (for reports and tests).
@@ -229,9 +259,7 @@ class GraphHooks:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.decisions: dict[tuple[int, str], Decision] = {}
-        cache_hash = _cache_hash(engine)
-        self.pack_gm = _module(_pack_hook, "x", cache_hash)
-        self.unpack_gm = _module(_unpack_hook, "packed", cache_hash)
+        self.pack_gm, self.unpack_gm = _pair(_cache_hash(engine))
 
     def installed(self) -> _Installed:
         """A context manager installing the pair (one per entry: threads may nest)."""
