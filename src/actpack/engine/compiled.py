@@ -33,6 +33,7 @@ import inspect
 import os
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -257,9 +258,17 @@ class GraphHooks:
     """
 
     def __init__(self, engine: Any) -> None:
-        self.engine = engine
+        # Weak: the engine keeps its hooks, and a cycle between the two would
+        # leave every ``compress()`` of a training loop to the garbage
+        # collector (whose full passes then cost more than the step).  An
+        # engine is alive while its hooks are installed.
+        self._engine = weakref.ref(engine)
         self.decisions: dict[tuple[int, str], Decision] = {}
         self.pack_gm, self.unpack_gm = _pair(_cache_hash(engine))
+
+    @property
+    def engine(self) -> Any:
+        return self._engine()
 
     def installed(self) -> _Installed:
         """A context manager installing the pair (one per entry: threads may nest)."""
