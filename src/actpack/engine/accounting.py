@@ -51,10 +51,17 @@ class Stats:
         self.baseline_bytes += before
         self.baseline_elements += elements
         self.compressed_bytes += after
-        for table, key in ((self.by_module, module or "<none>"), (self.by_op, op or "<none>")):
-            row = table.setdefault(key, [0, 0])
-            row[0] += before
-            row[1] += after
+        # Unrolled, and no list built unless a row is new (the save path).
+        row = self.by_module.get(module or "<none>")
+        if row is None:
+            row = self.by_module[module or "<none>"] = [0, 0]
+        row[0] += before
+        row[1] += after
+        row = self.by_op.get(op or "<none>")
+        if row is None:
+            row = self.by_op[op or "<none>"] = [0, 0]
+        row[0] += before
+        row[1] += after
 
 
 def anchor(t: Tensor) -> Tensor:
@@ -86,15 +93,22 @@ class StorageSet:
         """Record ``t``'s storage; True if it was not already held."""
         key = self.key(t)
         refs = self._refs.get(key)
-        ref = weakref.ref(anchor(t))
         if refs is None:
-            self._refs[key] = [ref]
+            self._refs[key] = [weakref.ref(anchor(t))]
             return True
-        alive = any(r() is not None for r in refs)
-        if not alive:
+        ref = weakref.ref(anchor(t))
+        for r in refs:
+            if r() is not None:
+                break
+        else:
             refs.clear()
-        refs.append(ref)
-        return not alive
+            refs.append(ref)
+            return True
+        # weakref.ref(x) is one shared object per x: a tensor saved again
+        # does not grow the list.
+        if all(r is not ref for r in refs):
+            refs.append(ref)
+        return False
 
     def clear(self) -> None:
         self._refs.clear()

@@ -80,6 +80,7 @@ _ACTIVE: contextvars.ContextVar[GraphHooks | None] = contextvars.ContextVar(
 _GRAPH_COMPILE = "torch._functorch._aot_autograd.graph_compile"
 
 
+@functools.cache
 def available() -> bool:
     """Whether this torch inlines GraphModule saved-tensor hooks into compiled graphs.
 
@@ -158,9 +159,15 @@ def op_caller(frame: Any) -> Any:
     (a custom ``autograd.Function``'s ``apply``, a checkpoint): called through
     the GraphModule pair, its pack hook sees these frames in between.
     """
-    while frame is not None and any(part in frame.f_code.co_filename for part in _HOOK_FILES):
+    while frame is not None and _is_hook_code(frame.f_code):
         frame = frame.f_back
     return frame
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_hook_code(code: Any) -> bool:
+    filename = code.co_filename
+    return any(part in filename for part in _HOOK_FILES)
 
 
 def _pack_hook(x: Tensor) -> Any:
