@@ -159,14 +159,14 @@ def op_caller(frame: Any) -> Any:
     (a custom ``autograd.Function``'s ``apply``, a checkpoint): called through
     the GraphModule pair, its pack hook sees these frames in between.
     """
-    while frame is not None and _is_hook_code(frame.f_code):
+    while frame is not None and _is_hook_file(frame.f_code.co_filename):
         frame = frame.f_back
     return frame
 
 
+# By file name: a str caches its hash (a code object's is recomputed per call).
 @functools.lru_cache(maxsize=4096)
-def _is_hook_code(code: Any) -> bool:
-    filename = code.co_filename
+def _is_hook_file(filename: str) -> bool:
     return any(part in filename for part in _HOOK_FILES)
 
 

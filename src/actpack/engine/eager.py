@@ -124,6 +124,9 @@ def _frozen_weight(t: Tensor, args: tuple) -> bool:
     return False
 
 
+_DEFAULT_SETTINGS = Settings()
+
+
 class _Forward:
     """One thread's state during one forward under the engine."""
 
@@ -143,7 +146,7 @@ class _Forward:
         self.stats = Stats()
         #: Storage addresses of the model's plain parameters and buffers.
         self.weights: dict[int, str] = {}
-        self.settings = Settings()
+        self.settings: Settings = _DEFAULT_SETTINGS
 
 
 class Engine:
