@@ -135,8 +135,7 @@ class Region(Encoded):
         return self.mask.nbytes
 
     def decode(self) -> Tensor:
-        m = self.mask.decode()
-        return self.rule.restore(torch.zeros(m.shape, dtype=self.dtype, device=m.device), m)
+        return self.rule.values(self.mask.decode(), self.dtype)
 
 
 @functools.cache

@@ -33,6 +33,7 @@ import inspect
 import os
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -79,6 +80,7 @@ _ACTIVE: contextvars.ContextVar[GraphHooks | None] = contextvars.ContextVar(
 _GRAPH_COMPILE = "torch._functorch._aot_autograd.graph_compile"
 
 
+@functools.cache
 def available() -> bool:
     """Whether this torch inlines GraphModule saved-tensor hooks into compiled graphs.
 
@@ -119,19 +121,22 @@ def _nbytes(t: Tensor) -> int:
     return optimization_hint(t.numel()) * t.element_size()
 
 
-@functools.cache
-def _source_hash(modules: tuple[str, ...]) -> str:
-    h = hashlib.sha256(torch.__version__.encode())
-    for name in modules:
+@functools.lru_cache(maxsize=64)
+def _source_digest(strategy_module: str) -> bytes:
+    """The code the inlined hooks run: read once per process (reading sources
+    costs ~0.1 ms per engine, and every ``compress()`` makes one)."""
+    h = hashlib.sha256()
+    for name in (*_KEY_MODULES, strategy_module):
         h.update(inspect.getsource(importlib.import_module(name)).encode())
-    return h.hexdigest()
+    return h.digest()
 
 
 def _cache_hash(engine: Any) -> str:
     """What the inlined code depends on: torch, the strategy's knobs, actpack's code."""
     strategy = engine.strategy
-    h = hashlib.sha256(_source_hash((*_KEY_MODULES, type(strategy).__module__)).encode())
+    h = hashlib.sha256(torch.__version__.encode())
     h.update(repr((strategy, type(strategy).__qualname__, engine._settings())).encode())
+    h.update(_source_digest(type(strategy).__module__))
     return h.hexdigest()
 
 
@@ -153,9 +158,15 @@ def op_caller(frame: Any) -> Any:
     (a custom ``autograd.Function``'s ``apply``, a checkpoint): called through
     the GraphModule pair, its pack hook sees these frames in between.
     """
-    while frame is not None and any(part in frame.f_code.co_filename for part in _HOOK_FILES):
+    while frame is not None and _is_hook_file(frame.f_code.co_filename):
         frame = frame.f_back
     return frame
+
+
+# By file name: a str caches its hash (a code object's is recomputed per call).
+@functools.lru_cache(maxsize=4096)
+def _is_hook_file(filename: str) -> bool:
+    return any(part in filename for part in _HOOK_FILES)
 
 
 def _pack_hook(x: Tensor) -> Any:
@@ -247,9 +258,17 @@ class GraphHooks:
     """
 
     def __init__(self, engine: Any) -> None:
-        self.engine = engine
+        # Weak: the engine keeps its hooks, and a cycle between the two would
+        # leave every ``compress()`` of a training loop to the garbage
+        # collector (whose full passes then cost more than the step).  An
+        # engine is alive while its hooks are installed.
+        self._engine = weakref.ref(engine)
         self.decisions: dict[tuple[int, str], Decision] = {}
         self.pack_gm, self.unpack_gm = _hook_pair(_cache_hash(engine))
+
+    @property
+    def engine(self) -> Any:
+        return self._engine()
 
     def installed(self) -> _Installed:
         """A context manager installing the pair (one per entry: threads may nest)."""

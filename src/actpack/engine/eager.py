@@ -138,10 +138,19 @@ def _frozen_weight(t: Tensor, args: tuple) -> bool:
     # A cast of a frozen weight (autocast, no grad) has no autograd link to
     # the parameter; recognise it by shape among the op's parameter args.
     for a in args:
-        if isinstance(a, nn.Parameter) and a.dtype != t.dtype and a.dim() == t.dim():
+        # Parameter's isinstance goes through a Python metaclass: test it last.
+        if (
+            isinstance(a, Tensor)
+            and a.dtype != t.dtype
+            and isinstance(a, nn.Parameter)
+            and a.dim() == t.dim()
+        ):
             if a.shape == t.shape or (a.dim() == 2 and a.shape[::-1] == t.shape):
                 return True
     return False
+
+
+_DEFAULT_SETTINGS = Settings()
 
 
 class _Forward:
@@ -163,7 +172,7 @@ class _Forward:
         self.stats = Stats()
         #: Storage addresses of the model's plain parameters and buffers.
         self.weights: dict[int, str] = {}
-        self.settings = Settings()
+        self.settings: Settings = _DEFAULT_SETTINGS
 
 
 class Engine:
@@ -383,6 +392,15 @@ class Engine:
         history = t.grad_fn is not None
         caller = op_caller(sys._getframe(2))
         origin = _origin(caller)
+        numel = t.numel()
+        dtype = t.dtype
+        if numel < st.settings.min_numel and dtype != torch.bool:
+            # Below min_numel the plan depends on dtype, size, plainness and
+            # weights alone (decide returns before reading anything else):
+            # the common small save pays for nothing more.
+            leaf = self._leaf(t, args, st) if plain else None
+            facts = Facts(dtype, numel, origin, op, "unknown", history, leaf, plain)
+            return facts, op, args, kwargs
         floating = t.is_floating_point()
         rule = None
         region_only = declined = False
@@ -398,8 +416,8 @@ class Engine:
             else:
                 role = _role(t, args, kwargs)
         facts = Facts(
-            t.dtype,
-            t.numel(),
+            dtype,
+            numel,
             origin,
             op,
             role,

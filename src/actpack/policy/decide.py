@@ -29,6 +29,7 @@ pattern that ReLU-family backward reads.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -157,7 +158,9 @@ class Settings:
 _FLOAT_EXACT = {torch.float64: "float64 (kept exact)"}
 
 
+@functools.lru_cache(maxsize=1024)
 def _exact(reason: str) -> Plan:
+    # Plans are immutable: one per reason, not one per save.
     return Plan(Kind.EXACT, reason)
 
 

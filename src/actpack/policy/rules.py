@@ -52,6 +52,12 @@ class ReluOutput:
         tiny = torch.finfo(decoded.dtype).tiny
         return torch.where(mask, decoded.clamp_min(tiny), torch.zeros_like(decoded))
 
+    def values(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """``restore(zeros, mask)``: the smallest normal value inside the
+        region, 0 outside, in one pass over the mask (``where`` and
+        ``masked_fill`` on a bool mask run 10-15x slower on the CPU)."""
+        return mask.to(dtype).mul_(torch.finfo(dtype).tiny)
+
 
 @dataclass(frozen=True)
 class Above:
@@ -61,6 +67,9 @@ class Above:
 
     def mask(self, x: Tensor) -> Tensor:
         return x.float() > _f32(self.threshold, x)
+
+    def values(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.restore(torch.zeros(mask.shape, dtype=dtype, device=mask.device), mask)
 
     def restore(self, decoded: Tensor, mask: Tensor) -> Tensor:
         up = _nearest(self.threshold, decoded, above=True, strict=True)
@@ -78,6 +87,9 @@ class Between:
     def mask(self, x: Tensor) -> Tensor:
         xf = x.float()
         return (xf > _f32(self.lo, x)) & (xf < _f32(self.hi, x))
+
+    def values(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.restore(torch.zeros(mask.shape, dtype=dtype, device=mask.device), mask)
 
     def restore(self, decoded: Tensor, mask: Tensor) -> Tensor:
         d = decoded
