@@ -475,3 +475,24 @@ def test_probe_failure_means_reference(monkeypatch):
         assert [w.category for w in caught] == [build.CompileFallbackWarning]
     finally:
         build.available.cache_clear()
+
+
+def test_called_while_dynamo_traces_runs_the_reference_and_stays_enabled():
+    """A pack hook running inside a region Dynamo traces (a block compiled
+    inside a wrapped model) must not try a nested compile: it runs the
+    reference there, with no fallback warning, and the compiled codec keeps
+    serving eager calls (a failed nested compile used to disable it)."""
+    from actpack.codecs.compiled.build import CompileFallbackWarning
+
+    x = torch.randn(64, 512)
+
+    def lo_of(x):
+        return cgq.quantize_groups(x, 2, 256, stochastic=False).lo
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        traced = torch.compile(lo_of, backend="aot_eager")(x)
+        eager = cgq.quantize_groups(x, 2, 256, stochastic=False)
+    ref = rgq.quantize_groups(x, 2, 256, stochastic=False)
+    assert torch.equal(traced, ref.lo)
+    assert torch.equal(eager.packed, ref.packed)

@@ -81,8 +81,9 @@ def _warn(what: str, exc: BaseException) -> None:
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     warnings.warn(
         f"actpack could not compile the fused CPU codec {what} ({type(exc).__name__}: "
-        f"{reason}); the reference codecs run instead, correct but slower. Install a C++ "
-        "compiler (gcc/g++) for TorchInductor, or set ACTPACK_BACKEND=reference to silence this.",
+        f"{reason}); the reference codecs run instead, correct but slower. If no C++ "
+        "compiler is installed, install gcc/g++ for TorchInductor; ACTPACK_BACKEND=reference "
+        "silences this.",
         CompileFallbackWarning,
         stacklevel=4,
     )
@@ -119,6 +120,12 @@ def run(factory: Callable[..., Callable[..., Any]], key: tuple, args: tuple) -> 
     after it.  Under a plain-function pair (saving nothing: the codecs run
     without grad) the guard sees no inlineable hooks, whichever engine runs.
     """
+    if torch.compiler.is_compiling():
+        # Called while Dynamo traces a user's compiled region (a block compiled
+        # inside a wrapped model): the reference traces into that graph, a
+        # nested compiled call would not.  Not a failure: later eager calls
+        # still use the compiled codec.
+        return None
     compiled = _compiled(factory, key)
     if compiled.fn is None:
         return None
