@@ -11,6 +11,7 @@ from actpack.strategies.base import Exact, Strategy
 from actpack.strategies.cast import Cast16
 from actpack.strategies.division import Division
 from actpack.strategies.mixed import ActNNMixed
+from actpack.strategies.rows import RowActNN
 
 _NAMED: dict[str, Any] = {
     "none": Exact,
@@ -26,6 +27,7 @@ _NAMED: dict[str, Any] = {
     "actnn-l4": lambda: ActNN(level="L4"),
     "actnn-l5": lambda: ActNN(level="L5"),
     "actnn-mixed": ActNNMixed,
+    "actnn-rows": RowActNN,
 }
 
 STRATEGY_NAMES: tuple[str, ...] = tuple(_NAMED)

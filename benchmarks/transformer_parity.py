@@ -1,0 +1,333 @@
+"""Short-run loss parity, bits and gradient noise of strategies on small transformers.
+
+For each model, every strategy trains from the same initial weights on the
+same batches with the same dropout masks (the strategies draw their rounding
+noise from their own generators, never from torch's global one) for
+``--steps`` AdamW steps.  Reported per strategy:
+
+* ``loss``: mean training loss of the last 10 steps, and its change relative
+  to exact training (``none``);
+* ``bits``: compressed bits per element autograd would have held, from
+  :func:`actpack.measure` on one batch, and the ratios against fp32 storage
+  and against the same model in bf16 (``model.to(torch.bfloat16)``);
+* ``variance``: :func:`actpack.gradient_noise` relative variance on one
+  held-out batch at the exactly trained final weights (``--draws`` draws).
+
+Models (built from configs, no download, dropout on):
+
+* ``llama``: HF ``LlamaForCausalLM``, 2 layers, width 128, attention dropout 0.1;
+* ``gpt2``: HF ``GPT2LMHeadModel``, 2 layers, width 128, dropout 0.1;
+* ``encoder``: ``nn.TransformerEncoderLayer`` x2 (width 128, dropout 0.1,
+  ``nn.MultiheadAttention``) as a causal byte-level language model;
+* ``vit``: the built-in ViT ``tiny`` with dropout 0.1 on Fashion-MNIST.
+
+The language models read byte tokens of the Python standard library's
+source (local files, the same on every run of one Python version).
+
+Run from the repository root::
+
+    PYTHONPATH=src python benchmarks/transformer_parity.py --models llama gpt2 encoder vit \\
+        --strategies none int8 actnn division
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import actpack
+from actpack.tools.data import load_fashion_mnist
+from actpack.tools.models import build_model
+
+MODELS = ("llama", "gpt2", "encoder", "vit")
+SEQ, VOCAB, WIDTH = 128, 256, 128
+
+
+@dataclass
+class Case:
+    """A model factory, its batches and its loss."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    train: list[tuple[Tensor, ...]]  # one tuple of inputs per step
+    held_out: tuple[Tensor, ...]
+    loss: Callable[[Any, tuple[Tensor, ...]], Tensor]
+
+
+# --------------------------------------------------------------------------- #
+# Data and models
+# --------------------------------------------------------------------------- #
+
+
+def text_bytes(limit: int = 2_000_000) -> Tensor:
+    """Byte tokens of the standard library's ``*.py`` files, in name order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        data = path.read_bytes()
+        chunks.append(data)
+        total += len(data)
+        if total >= limit:
+            break
+    raw = b"".join(chunks)[:limit]
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+
+
+def lm_batches(steps: int, batch: int, seed: int) -> tuple[list[tuple[Tensor]], tuple[Tensor]]:
+    tokens = text_bytes()
+    split = int(0.9 * tokens.numel())
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(lo: int, hi: int) -> tuple[Tensor]:
+        starts = torch.randint(lo, hi - SEQ, (batch,), generator=gen)
+        return (torch.stack([tokens[s : s + SEQ] for s in starts.tolist()]),)
+
+    return [draw(0, split) for _ in range(steps)], draw(split, tokens.numel())
+
+
+def lm_loss(out: Any, inputs: tuple[Tensor, ...]) -> Tensor:
+    logits = out.logits if hasattr(out, "logits") else out
+    idx = inputs[0]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), idx[:, 1:].reshape(-1))
+
+
+class EncoderLM(nn.Module):
+    """Causal byte LM made of ``nn.TransformerEncoderLayer`` (``nn.MultiheadAttention``)."""
+
+    def __init__(self, depth: int = 2, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, WIDTH)
+        self.pos = nn.Embedding(SEQ, WIDTH)
+        layer = nn.TransformerEncoderLayer(
+            WIDTH, 4, 4 * WIDTH, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.layers = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, VOCAB, bias=False)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        seq = idx.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(seq, device=idx.device)
+        x = self.tok(idx) + self.pos(torch.arange(seq, device=idx.device))
+        return self.head(self.norm(self.layers(x, mask=mask, is_causal=True)))
+
+
+def _llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=352, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
+        attention_dropout=0.1, bos_token_id=0, eos_token_id=1, pad_token_id=None,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=SEQ,
+        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+def _vit() -> nn.Module:
+    model, _ = build_model("vit", "tiny", dropout=0.1)
+    return model
+
+
+def build_case(name: str, steps: int, seed: int) -> Case:
+    if name == "vit":
+        tx, ty, vx, vy = load_fashion_mnist(subset=10_000, test_subset=1_000)
+        gen = torch.Generator().manual_seed(seed)
+        batches = [tuple(t[i] for t in (tx, ty)) for i in
+                   (torch.randint(0, len(tx), (128,), generator=gen) for _ in range(steps))]  # fmt: skip
+        return Case(
+            name,
+            _vit,
+            [(x,) + (y,) for x, y in batches],
+            (vx[:128].clone(), vy[:128].clone()),
+            lambda out, inputs: F.cross_entropy(out, inputs[1]),
+        )
+    builders = {"llama": _llama, "gpt2": _gpt2, "encoder": lambda: EncoderLM()}
+    train, held = lm_batches(steps, 16, seed)
+    return Case(name, builders[name], train, held, lm_loss)
+
+
+def _forward(model: nn.Module, inputs: tuple[Tensor, ...]) -> Any:
+    # The ViT's batches carry their labels; the models take only the first input.
+    return model(inputs[0])
+
+
+# --------------------------------------------------------------------------- #
+# Measurements
+# --------------------------------------------------------------------------- #
+
+
+def train_losses(case: Case, init: dict, strategy: str | actpack.Strategy, seed: int,
+                 lr: float) -> tuple[list[float], nn.Module]:  # fmt: skip
+    model = case.build()
+    model.load_state_dict(init)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    torch.manual_seed(seed)  # same dropout masks for every strategy
+    losses = []
+    for inputs in case.train:
+        with actpack.compress(strategy, model=model):
+            loss = case.loss(_forward(model, inputs), inputs)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses, model
+
+
+def bits(case: Case, model: nn.Module, strategy: Any, dtype: torch.dtype) -> actpack.Report:
+    m = copy.deepcopy(model).to(dtype)
+    inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in case.held_out)
+    return actpack.measure(
+        m, inputs[0], strategy=strategy, loss_fn=lambda out: case.loss(out, inputs)
+    )
+
+
+def noise(case: Case, model: nn.Module, strategy: Any, draws: int) -> actpack.NoiseReport:
+    model.train()  # dropout on, same masks in every draw
+    return actpack.gradient_noise(
+        model,
+        case.held_out[0],
+        strategy=strategy,
+        draws=draws,
+        loss_fn=lambda out: case.loss(out, case.held_out),
+    )
+
+
+def _without_masks(report: actpack.Report) -> tuple[float, float]:
+    """(bits per element, ratio) leaving out what the engine passed through as op
+    statistics: on the CPU these are mostly dropout's float masks (CUDA saves
+    bool masks, 1 bit each, or none inside fused attention), plus tiny
+    normalization statistics."""
+    kept = report.passthrough.get("op statistics", 0)
+    elements = report.baseline_elements - kept / 4  # float32 masks (bf16: counted as 4 B too)
+    compressed = report.compressed_bytes - kept
+    bits_ = 8 * compressed / elements if elements else 0.0
+    return bits_, (report.baseline_bytes - kept) / compressed if compressed else float("inf")
+
+
+def run_model(name: str, strategies: list[tuple[str, Callable[[int], Any]]], args) -> list[dict]:
+    case = build_case(name, args.steps, args.seed)
+    torch.manual_seed(args.seed)
+    init = copy.deepcopy(case.build().state_dict())
+    rows = []
+    exact_model = None
+    for label, make in strategies:
+        curves = []
+        for s in args.seeds:
+            t0 = time.perf_counter()
+            # Seed s draws the dropout masks (same for every strategy) and, with
+            # an offset, the strategy's rounding noise.
+            losses, model = train_losses(case, init, make(1000 + s), s, args.lr)
+            curves.append(losses)
+            if label == "none" and exact_model is None:
+                exact_model = model
+            print(f"  {name} {label} seed {s}: last-10 loss {statistics.fmean(losses[-10:]):.4f} "
+                  f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)  # fmt: skip
+        rows.append({"model": name, "strategy": label, "seeds": args.seeds, "curves": curves,
+                     "loss": [statistics.fmean(c[-10:]) for c in curves]})  # fmt: skip
+    assert exact_model is not None, "'none' must come first"
+    for row, (label, make) in zip(rows, strategies):
+        rep32 = bits(case, exact_model, make(1000), torch.float32)
+        rep16 = bits(case, exact_model, make(1000), torch.bfloat16)
+        bits32, ratio32 = _without_masks(rep32)
+        row.update(
+            bits_measured=rep32.bits_per_element,
+            ratio32_measured=rep32.ratio,
+            bits=bits32,
+            ratio32=ratio32,
+            ratio16=_without_masks(rep16)[1],
+            passthrough=rep32.passthrough,
+        )
+        if label != "none" and args.draws:
+            rep = noise(case, exact_model, make(1000), args.draws)
+            row.update(variance=rep.variance, bias=rep.bias_corrected,
+                       layers={k: v[1] for k, v in rep.layers.items()})  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = [
+        "| model | strategy | last-10 loss | vs exact | bits/element | vs fp32 | vs bf16 | "
+        "gradient variance | bits (CPU masks kept) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    exact = {r["model"]: r["loss"] for r in rows if r["strategy"] == "none"}
+    for r in rows:
+        loss = statistics.fmean(r["loss"])
+        base = statistics.fmean(exact[r["model"]])
+        rel = 100 * (loss / base - 1)
+        if r["strategy"] == "none" and len(r["loss"]) > 1:
+            spread = f"±{100 * statistics.stdev(r['loss']) / base:.2f}% (seeds)"
+        else:
+            spread = f"{rel:+.2f}%"
+        var = f"{r['variance']:.3f}" if "variance" in r else ""
+        out.append(
+            f"| {r['model']} | {r['strategy']} | {loss:.4f} | {spread} | {r['bits']:.2f} | "
+            f"{r['ratio32']:.2f}x | {r['ratio16']:.2f}x | {var} | {r['bits_measured']:.2f} |"
+        )
+    return "\n".join(out)
+
+
+def named(name: str) -> Callable[[int], Any]:
+    def make(seed: int) -> Any:
+        strategy = actpack.resolve(name)
+        state = strategy.state_dict()
+        if "seed" in state:
+            state["seed"] = seed
+            strategy.load_state_dict(state)
+        return strategy
+
+    return make
+
+
+def main(argv: list[str] | None = None, extra: dict[str, Callable[[int], Any]] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--strategies", nargs="+", default=["none", "int8", "actnn", "division"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0, help="initial weights and batches")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="dropout masks and rounding noise; losses are averaged over them")  # fmt: skip
+    p.add_argument("--draws", type=int, default=8, help="gradient_noise draws (0: skip)")
+    p.add_argument("--json", help="write the rows here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    extra = extra or {}
+    if args.strategies[0] != "none":
+        args.strategies.insert(0, "none")
+    strategies = [(s, extra[s] if s in extra else named(s)) for s in args.strategies]
+    rows = []
+    for name in args.models:
+        rows += run_model(name, strategies, args)
+        print(table([r for r in rows if r["model"] == name]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

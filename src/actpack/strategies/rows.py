@@ -1,0 +1,161 @@
+"""ActNN with token-row groups, wider codes for matmul inputs and Hadamard rotation.
+
+Why: on transformers 2-bit ActNN with groups of 256 contiguous elements is
+4-30x noisier than on CNNs (``benchmarks/transformer_parity.py``; figures in
+BENCHMARKS.md).  Three causes, each measured there:
+
+* groups straddle tokens whose scales differ (a 352-wide MLP row shares
+  groups with its neighbours), so a large token sets the range of a small
+  one.  Groups here follow the rows of the last dimension (tokens of a
+  (…, L, D) sequence): one range per row, or per ``~group_size`` slice of a
+  wide row, or per ``k`` whole rows when a row is shorter than
+  ``min_group`` (a head's 16-32 features), so the 32 bits of range per group
+  stay below ~0.25 bits per element;
+* the inputs of matmuls (Linear, attention) carry most of the gradient
+  noise (their weight gradient ``dY^T X`` reads them directly): they get
+  ``matmul_bits`` (3 by default: 5.4x less variance than 2 bits);
+* outlier features set a whole row's range: ``rotate="hadamard"`` rotates
+  Linear inputs by a randomized Hadamard transform first
+  (:mod:`actpack.codecs.hadamard`), row by row, only where that shrinks the
+  row's range.
+
+Tensors of convolutional maps (4-D/5-D, or saved by a channel-first op)
+keep ActNN's contiguous groups, so CNNs are coded as by :class:`ActNN`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from actpack.codecs.backend import quantize_groups
+from actpack.codecs.encoded import Encoded, Groups, Rotated
+from actpack.codecs.hadamard import hadamard_encode
+from actpack.policy.ops import CHANNEL_FIRST_OPS, ROW_NORM_OPS
+from actpack.policy.rules import ReluOutput
+from actpack.strategies.actnn import ActNN, check_bits
+from actpack.strategies.base import SaveInfo
+from actpack.strategies.mixedcode import Kept
+
+__all__ = ["ATTENTION_OPS", "LINEAR_OPS", "RowActNN", "row_groups"]
+
+#: Ops whose saved inputs enter backward linearly, as a matmul operand
+#: (``dW = dY^T X``): unbiased codes of them give unbiased weight gradients.
+LINEAR_OPS = frozenset({"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "addbmm", "einsum"})
+#: Fused attention ops: they save q, k, v (matmul operands) and, on some
+#: paths (CPU with dropout, ``nn.MultiheadAttention``), the attention
+#: probabilities, which must keep exact zeros and stay non-negative: codes
+#: without rotation (zeros at a group's minimum are coded exactly).
+ATTENTION_OPS = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
+
+
+def row_groups(rows: int, cols: int, group_size: int, min_group: int) -> tuple[int, int]:
+    """(rows merged per group row, group size) for a (rows, cols) matrix.
+
+    A row of at least ``min_group`` elements is cut into ``ceil(cols /
+    group_size)`` near-equal groups.  Shorter rows are merged ``k`` at a
+    time (``k`` the largest power of two with ``k * cols <= group_size``
+    that divides ``rows``), one group per ``k`` rows.
+    """
+    if cols >= min_group or rows <= 1:
+        n = -(-cols // group_size)
+        return 1, -(-cols // n)
+    k = 1
+    while k * 2 * cols <= group_size and rows % (k * 2) == 0:
+        k *= 2
+    return k, k * cols
+
+
+class RowActNN(ActNN):
+    """Per-group stochastic quantization with groups along token rows.
+
+    Args:
+        bits: code width of tensors other than matmul inputs, 1..8.
+        matmul_bits: code width of tensors saved by matmul-like ops
+            (:data:`LINEAR_OPS`) and fused attention (:data:`ATTENTION_OPS`).
+        rotate: ``"hadamard"`` rotates the inputs of :data:`LINEAR_OPS` by a
+            randomized Hadamard transform before quantizing (rows whose range
+            it does not shrink stay unrotated); ``None`` never rotates.
+        block: Hadamard block, a power of two.
+        group_size: most elements per group along a row.
+        min_group: rows shorter than this are merged into groups.
+        stochastic, seed: as for :class:`ActNN`.
+
+    Raises ValueError for an invalid knob.
+
+    Example::
+
+        with actpack.compress(actpack.RowActNN(bits=2, matmul_bits=3)):
+            loss = model(x).sum()
+    """
+
+    name = "actnn-rows"
+
+    def __init__(
+        self,
+        bits: int = 2,
+        matmul_bits: int = 3,
+        rotate: str | None = "hadamard",
+        block: int = 64,
+        group_size: int = 256,
+        min_group: int = 128,
+        stochastic: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(bits=bits, group_size=group_size, stochastic=stochastic, seed=seed)
+        self.matmul_bits = check_bits(matmul_bits)
+        if rotate not in (None, "hadamard"):
+            raise ValueError(f"rotate must be None or 'hadamard', got {rotate!r}")
+        self.rotate = rotate
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1 or block & (block - 1):
+            raise ValueError(f"block must be a power of two >= 1, got {block!r}")
+        self.block = block
+        if isinstance(min_group, bool) or not isinstance(min_group, int) or min_group < 1:
+            raise ValueError(f"min_group must be a positive integer, got {min_group!r}")
+        self.min_group = min_group
+        if min(bits, matmul_bits) < 2:
+            self.keeps_relu_exact = False  # zero-exact codes need at least 2 bits
+
+    def _rowwise(self, x: Tensor, info: SaveInfo) -> bool:
+        if x.dim() < 2 or x.shape[-1] == 0 or info.op in CHANNEL_FIRST_OPS:
+            return False
+        return x.dim() <= 3 or info.op in LINEAR_OPS or info.op in ATTENTION_OPS
+
+    def encode(self, x: Tensor, info: SaveInfo) -> Encoded:
+        matmul = info.op in LINEAR_OPS or info.op in ATTENTION_OPS
+        bits = self.matmul_bits if matmul else self.bits
+        if not self._rowwise(x, info):
+            return self.quantize(x, info, bits)
+        cols = x.shape[-1]
+        rows = x.numel() // cols
+        if cols == 1:
+            # One number per row: a per-token statistic such as the rsqrt of a
+            # Python RMSNorm (HF Llama), whose backward reads it cubed.  Coded
+            # in groups of 256 tokens it shifted a Llama run's loss by -4.5%;
+            # kept exact it costs 1/width of the activations.
+            return Kept(x, x._version)
+        # Rows never share a range where backward is sensitive to each row's
+        # own scale: a normalization scales a row's error by its 1/std (a cls
+        # token among patches), and attention's q/k/v rows (a head's 16-64
+        # features) merged 8 tokens at a time shifted the loss of a Llama
+        # run by -2.7% (BENCHMARKS.md).
+        alone = info.op in ROW_NORM_OPS or info.op in ATTENTION_OPS
+        k, group = row_groups(rows, cols, self.group_size, 1 if alone else self.min_group)
+        x2 = x.reshape(rows // k, k * cols)
+        gen = self.generator(x.device) if self.stochastic else None
+        relu = isinstance(info.rule, ReluOutput)
+        if self.rotate and info.op in LINEAR_OPS and not relu:
+            code = hadamard_encode(
+                x2, bits, self.block, group, adaptive=True, stochastic=self.stochastic, generator=gen
+            )
+            return Rotated(code, x.shape, x.dtype)
+        code = quantize_groups(
+            x2, bits, group, stochastic=self.stochastic, generator=gen, zero_exact=relu and bits >= 2
+        )
+        return Groups(code, x.shape, x.dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"RowActNN(bits={self.bits}, matmul_bits={self.matmul_bits}, rotate={self.rotate!r}, "
+            f"block={self.block}, group_size={self.group_size}, min_group={self.min_group}, "
+            f"stochastic={self.stochastic})"
+        )
