@@ -154,7 +154,9 @@ def test_huge_finite_rows_are_not_rotated_into_overflow() -> None:
 
 def test_decode_never_overflows_a_narrow_dtype() -> None:
     x = torch.full((2, 64), 65000.0, dtype=torch.float16)
-    out = hadamard_decode(hadamard_encode(x, 2, generator=torch.Generator().manual_seed(0)), x.dtype)
+    out = hadamard_decode(
+        hadamard_encode(x, 2, generator=torch.Generator().manual_seed(0)), x.dtype
+    )
     assert torch.isfinite(out).all()
 
 

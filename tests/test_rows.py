@@ -136,3 +136,26 @@ def test_gradients_unbiased_against_autograd() -> None:
     trace = draws.var(0).sum()
     assert (mean - exact).square().sum() <= 2 * trace / k
     assert trace > 1e-6 * exact.square().sum()  # the codes really are lossy
+
+
+def test_per_row_statistics_kept_exact() -> None:
+    # A Python RMSNorm saves rsqrt(mean(x^2)) of shape (N, L, 1): exact, not
+    # grouped with 255 other tokens.
+    r = torch.rand(4, 128, 1) + 0.5
+    enc = _code(RowActNN(seed=0), r, "rsqrt")
+    assert torch.equal(enc.decode(), r)
+    assert enc.nbytes == r.numel() * 4
+
+
+def test_division_codes_sequences_by_rows_and_maps_by_blocks() -> None:
+    from actpack.codecs.encoded import Dual
+
+    d = actpack.Division(seed=0)
+    assert isinstance(d.encode(torch.randn(2, 8, 16, 16), SaveInfo(op="conv2d")), Dual)
+    assert isinstance(d.encode(torch.randn(2, 8, 16, 16), SaveInfo(op="relu")), Dual)
+    seq = d.encode(torch.randn(2, 32, 128), SaveInfo(op="linear"))
+    assert isinstance(seq, Rotated) and seq.code.inner.bits == 2 and seq.code.rows == 64
+    att = d.encode(torch.randn(2, 4, 32, 32), SaveInfo(op="scaled_dot_product_attention"))
+    assert isinstance(att, Groups) and att.code.group_size == 32
+    old = actpack.Division(sequence="tokens", seed=0)
+    assert isinstance(old.encode(torch.randn(2, 32, 128), SaveInfo(op="linear")), Dual)

@@ -102,7 +102,9 @@ def _apply_blocks(y: Tensor, block: int) -> Tensor:
     full = (cols // block) * block
     if full:
         h = hadamard_matrix(block, y.device)
-        torch.matmul(y[:, :full].reshape(rows, -1, block), h, out=out[:, :full].view(rows, -1, block))
+        torch.matmul(
+            y[:, :full].reshape(rows, -1, block), h, out=out[:, :full].view(rows, -1, block)
+        )
     start = full
     for width in chunk_sizes(cols - full, block):
         h = hadamard_matrix(width, y.device)

@@ -106,7 +106,12 @@ class RowActNN(ActNN):
         if rotate not in (None, "hadamard"):
             raise ValueError(f"rotate must be None or 'hadamard', got {rotate!r}")
         self.rotate = rotate
-        if isinstance(block, bool) or not isinstance(block, int) or block < 1 or block & (block - 1):
+        if (
+            isinstance(block, bool)
+            or not isinstance(block, int)
+            or block < 1
+            or block & (block - 1)
+        ):
             raise ValueError(f"block must be a power of two >= 1, got {block!r}")
         self.block = block
         if isinstance(min_group, bool) or not isinstance(min_group, int) or min_group < 1:
@@ -133,23 +138,32 @@ class RowActNN(ActNN):
             # in groups of 256 tokens it shifted a Llama run's loss by -4.5%;
             # kept exact it costs 1/width of the activations.
             return Kept(x, x._version)
-        # Rows never share a range where backward is sensitive to each row's
-        # own scale: a normalization scales a row's error by its 1/std (a cls
-        # token among patches), and attention's q/k/v rows (a head's 16-64
-        # features) merged 8 tokens at a time shifted the loss of a Llama
-        # run by -2.7% (BENCHMARKS.md).
-        alone = info.op in ROW_NORM_OPS or info.op in ATTENTION_OPS
+        # A normalization's backward scales each row's error by that row's
+        # own 1/std: a small-scale row (a ViT's cls token among patches) must
+        # not share a range (merged, the ViT's gradient variance was 3000x).
+        alone = info.op in ROW_NORM_OPS
         k, group = row_groups(rows, cols, self.group_size, 1 if alone else self.min_group)
         x2 = x.reshape(rows // k, k * cols)
         gen = self.generator(x.device) if self.stochastic else None
         relu = isinstance(info.rule, ReluOutput)
         if self.rotate and info.op in LINEAR_OPS and not relu:
             code = hadamard_encode(
-                x2, bits, self.block, group, adaptive=True, stochastic=self.stochastic, generator=gen
+                x2,
+                bits,
+                self.block,
+                group,
+                adaptive=True,
+                stochastic=self.stochastic,
+                generator=gen,
             )
             return Rotated(code, x.shape, x.dtype)
         code = quantize_groups(
-            x2, bits, group, stochastic=self.stochastic, generator=gen, zero_exact=relu and bits >= 2
+            x2,
+            bits,
+            group,
+            stochastic=self.stochastic,
+            generator=gen,
+            zero_exact=relu and bits >= 2,
         )
         return Groups(code, x.shape, x.dtype)
 
