@@ -137,24 +137,6 @@ class Rotated(Encoded):
 
 
 @dataclass
-class Permuted(Encoded):
-    """A code of ``x.permute(permute)``, restored as ``x``."""
-
-    inner: Encoded
-    permute: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return self.inner.nbytes
-
-    def decode(self) -> Tensor:
-        inverse = [0] * len(self.permute)
-        for i, p in enumerate(self.permute):
-            inverse[p] = i
-        return self.inner.decode().permute(inverse)
-
-
-@dataclass
 class Region(Encoded):
     """Only the exact region of each element (see exactness), restored as a
     representative value inside it: all an activation's backward reads."""

@@ -144,7 +144,7 @@ class RowActNN(ActNN):
         alone = info.op in ROW_NORM_OPS
         k, group = row_groups(rows, cols, self.group_size, 1 if alone else self.min_group)
         x2 = x.reshape(rows // k, k * cols)
-        gen = self.generator(x.device) if self.stochastic else None
+        gen = self.generator(x.device)  # the rotation's signs even when rounding to nearest
         relu = isinstance(info.rule, ReluOutput)
         if self.rotate and info.op in LINEAR_OPS and not relu:
             code = hadamard_encode(
