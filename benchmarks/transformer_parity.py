@@ -305,12 +305,42 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-#: Strategies that have no registry name, for before/after and ablation rows.
+class _MergedNorms(actpack.RowActNN):
+    """Ablation: rows of normalization inputs share ranges like other short rows."""
+
+    alone_ops = frozenset()
+
+
+class _GroupedStats(actpack.RowActNN):
+    """Ablation: per-row statistics (last dim 1, a Python RMSNorm's rsqrt) coded
+    in ActNN's contiguous groups instead of kept exact."""
+
+    def encode(self, x, info):
+        if x.dim() >= 2 and x.shape[-1] == 1:
+            return self.quantize(x, info, self.bits)
+        return super().encode(x, info)
+
+
+class _Every:
+    def __contains__(self, op: object) -> bool:
+        return True
+
+
+class _RotateAll(actpack.RowActNN):
+    """Ablation: Hadamard rotation of every row-coded tensor, not only matmul inputs."""
+
+    rotate_ops = _Every()
+
+
+#: Strategies that have no registry name: the code before this benchmark and ablations.
 EXTRA: dict[str, Callable[[], actpack.Strategy]] = {
-    "division-tokens": lambda: actpack.Division(sequence="tokens"),  # before this benchmark
+    "division-tokens": lambda: actpack.Division(sequence="tokens"),  # blocks of 8 tokens
     "actnn-rows-2bit": lambda: actpack.RowActNN(matmul_bits=2),  # no extra bit for matmuls
+    "actnn-rows-3bit": lambda: actpack.RowActNN(bits=3),  # 3 bits everywhere
     "actnn-rows-norot": lambda: actpack.RowActNN(rotate=None),
-    "actnn-rows-3bit": lambda: actpack.RowActNN(bits=3),
+    "actnn-rows-merged-norms": _MergedNorms,
+    "actnn-rows-grouped-stats": _GroupedStats,
+    "actnn-rows-rotate-all": _RotateAll,
 }
 
 

@@ -156,6 +156,6 @@ def test_division_codes_sequences_by_rows_and_maps_by_blocks() -> None:
     seq = d.encode(torch.randn(2, 32, 128), SaveInfo(op="linear"))
     assert isinstance(seq, Rotated) and seq.code.inner.bits == 2 and seq.code.rows == 64
     att = d.encode(torch.randn(2, 4, 32, 32), SaveInfo(op="scaled_dot_product_attention"))
-    assert isinstance(att, Groups) and att.code.group_size == 32
+    assert isinstance(att, Groups) and att.code.group_size == 256  # 8 tokens of a head
     old = actpack.Division(sequence="tokens", seed=0)
     assert isinstance(old.encode(torch.randn(2, 32, 128), SaveInfo(op="linear")), Dual)

@@ -25,6 +25,9 @@ keep ActNN's contiguous groups, so CNNs are coded as by :class:`ActNN`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import ClassVar
+
 from torch import Tensor
 
 from actpack.codecs.backend import quantize_groups
@@ -89,6 +92,15 @@ class RowActNN(ActNN):
     """
 
     name = "actnn-rows"
+    #: Ops whose rows never share a range.  A normalization's backward scales
+    #: each row's error by that row's own 1/std: a small-scale row (a ViT's
+    #: cls token among patches) sharing a range with larger ones made the
+    #: ViT's gradient variance ~3000x the squared gradient (BENCHMARKS.md).
+    alone_ops: ClassVar[Collection[str]] = ROW_NORM_OPS
+    #: Ops whose inputs may be Hadamard-rotated: matmul operands only.  A
+    #: rotated code leaves the value range (a rotated probability can decode
+    #: negative, and cross-entropy's log of it is clamped: biased).
+    rotate_ops: ClassVar[Collection[str]] = LINEAR_OPS
 
     def __init__(
         self,
@@ -138,15 +150,12 @@ class RowActNN(ActNN):
             # in groups of 256 tokens it shifted a Llama run's loss by -4.5%;
             # kept exact it costs 1/width of the activations.
             return Kept(x, x._version)
-        # A normalization's backward scales each row's error by that row's
-        # own 1/std: a small-scale row (a ViT's cls token among patches) must
-        # not share a range (merged, the ViT's gradient variance was 3000x).
-        alone = info.op in ROW_NORM_OPS
+        alone = info.op in self.alone_ops
         k, group = row_groups(rows, cols, self.group_size, 1 if alone else self.min_group)
         x2 = x.reshape(rows // k, k * cols)
         gen = self.generator(x.device)  # the rotation's signs even when rounding to nearest
         relu = isinstance(info.rule, ReluOutput)
-        if self.rotate and info.op in LINEAR_OPS and not relu:
+        if self.rotate and info.op in self.rotate_ops and not relu:
             code = hadamard_encode(
                 x2,
                 bits,
