@@ -154,7 +154,7 @@ def test_division_codes_sequences_by_rows_and_maps_by_blocks() -> None:
     assert isinstance(d.encode(torch.randn(2, 8, 16, 16), SaveInfo(op="conv2d")), Dual)
     assert isinstance(d.encode(torch.randn(2, 8, 16, 16), SaveInfo(op="relu")), Dual)
     seq = d.encode(torch.randn(2, 32, 128), SaveInfo(op="linear"))
-    assert isinstance(seq, Rotated) and seq.code.inner.bits == 2 and seq.code.rows == 64
+    assert isinstance(seq, Rotated) and seq.code.inner.bits == 3 and seq.code.rows == 64
     att = d.encode(torch.randn(2, 4, 32, 32), SaveInfo(op="scaled_dot_product_attention"))
     assert isinstance(att, Groups) and att.code.group_size == 256  # 8 tokens of a head
     old = actpack.Division(sequence="tokens", seed=0)
