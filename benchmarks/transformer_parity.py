@@ -333,9 +333,9 @@ class _RotateAll(actpack.RowActNN):
 
 
 def _division_2bit() -> actpack.Division:
-    """Ablation: DIVISION with its non-spatial inputs at 2 bits, matmul inputs included."""
+    """Ablation: DIVISION with all its non-spatial inputs at 2 bits (no extra bit)."""
     division = actpack.Division()
-    division._rows = actpack.RowActNN(bits=2, matmul_bits=2, seed=division.seed + 2)
+    division._rows = actpack.RowActNN(bits=2, sensitive_bits=2, seed=division.seed + 2)
     return division
 
 
@@ -343,7 +343,7 @@ def _division_2bit() -> actpack.Division:
 EXTRA: dict[str, Callable[[], actpack.Strategy]] = {
     "division-tokens": lambda: actpack.Division(sequence="tokens"),  # blocks of 8 tokens
     "division-2bit": _division_2bit,
-    "actnn-rows-2bit": lambda: actpack.RowActNN(matmul_bits=2),  # no extra bit for matmuls
+    "actnn-rows-2bit": lambda: actpack.RowActNN(sensitive_bits=2),  # no extra bit
     "actnn-rows-3bit": lambda: actpack.RowActNN(bits=3),  # 3 bits everywhere
     "actnn-rows-norot": lambda: actpack.RowActNN(rotate=None),
     "actnn-rows-merged-norms": _MergedNorms,

@@ -38,8 +38,8 @@ def _code(strategy: RowActNN, x: torch.Tensor, op: str | None, rule=None):
     return strategy.encode(x, SaveInfo(op=op, rule=rule))
 
 
-def test_linear_inputs_rotated_at_matmul_bits() -> None:
-    s = RowActNN(bits=2, matmul_bits=3, seed=0)
+def test_linear_inputs_rotated_at_sensitive_bits() -> None:
+    s = RowActNN(bits=2, sensitive_bits=3, seed=0)
     enc = _code(s, torch.randn(4, 16, 128), "linear")
     assert isinstance(enc, Rotated)
     assert enc.code.inner.bits == 3 and enc.code.inner.group_size == 128
@@ -50,7 +50,7 @@ def test_norm_inputs_never_share_a_range_across_tokens() -> None:
     s = RowActNN(seed=0)
     enc = _code(s, torch.randn(4, 50, 64), "layer_norm")
     assert isinstance(enc, Groups)
-    assert (enc.code.rows, enc.code.group_size, enc.code.bits) == (200, 64, 2)
+    assert (enc.code.rows, enc.code.group_size, enc.code.bits) == (200, 64, 3)
 
 
 def test_attention_codes_are_not_rotated() -> None:
@@ -82,7 +82,7 @@ def test_conv_maps_coded_like_actnn() -> None:
 @pytest.mark.parametrize("op", ["linear", "gelu", "layer_norm", "matmul"])
 def test_round_trip_every_dtype_and_awkward_width(shape, dtype, op) -> None:
     x = (torch.randn(shape) * 2).to(dtype)
-    out = _code(RowActNN(bits=8, matmul_bits=8, seed=0), x, op).decode()
+    out = _code(RowActNN(bits=8, sensitive_bits=8, seed=0), x, op).decode()
     assert out.shape == x.shape and out.dtype == dtype
     # 8 bits: every element within sqrt(row) steps of 1/255 of a range <= 2 |row|.
     tol = 2 * x.double().abs().amax() * math.sqrt(shape[-1] * 8) / 255 + 1e-2
@@ -90,10 +90,10 @@ def test_round_trip_every_dtype_and_awkward_width(shape, dtype, op) -> None:
 
 
 def test_knobs_validated() -> None:
-    for kwargs in ({"matmul_bits": 0}, {"rotate": "fourier"}, {"block": 48}, {"min_group": 0}):
+    for kwargs in ({"sensitive_bits": 0}, {"rotate": "fourier"}, {"block": 48}, {"min_group": 0}):
         with pytest.raises(ValueError):
             RowActNN(**kwargs)
-    assert not RowActNN(matmul_bits=1).keeps_relu_exact
+    assert not RowActNN(sensitive_bits=1).keeps_relu_exact
     assert RowActNN().keeps_relu_exact
     assert isinstance(actpack.resolve("actnn-rows"), RowActNN)
 

@@ -26,7 +26,7 @@ class Division(Strategy):
     Inputs that are not spatial maps (sequences (N, L, D), (N, D) rows,
     attention's (N, heads, L, d) tensors) are coded by default
     (``sequence="rows"``) with :class:`~actpack.strategies.rows.RowActNN` at
-    ``bits`` (``bits + 1`` for matmul and attention inputs): one range per
+    ``bits`` (``bits + 1`` for matmul, attention and norm inputs): one range per
     token row, Linear inputs Hadamard-rotated.  The
     block-mean model fails there: on small Llama/GPT-2/``nn.TransformerEncoder``
     language models, blocks of 8 tokens gave gradient variances of 600-74000
@@ -60,10 +60,10 @@ class Division(Strategy):
         self.sequence = sequence
         self.stochastic = bool(stochastic)
         self._fallback = ActNN(bits=bits, stochastic=stochastic, seed=self.seed + 1)
-        # Non-spatial inputs: actnn-rows, with its extra bit for matmul inputs
+        # Non-spatial inputs: actnn-rows, with its extra bit for sensitive inputs
         # (at 2 bits everywhere the ViT's short-run loss was +2.3% off exact).
         self._rows = RowActNN(
-            bits=bits, matmul_bits=min(bits + 1, 8), stochastic=stochastic, seed=self.seed + 2
+            bits=bits, sensitive_bits=min(bits + 1, 8), stochastic=stochastic, seed=self.seed + 2
         )
 
     def _layout(self, x: Tensor, info: SaveInfo) -> tuple[Tensor, tuple[int, ...] | None] | None:

@@ -1,4 +1,4 @@
-"""ActNN with token-row groups, wider codes for matmul inputs and Hadamard rotation.
+"""ActNN with token-row groups, wider codes where noise matters most, Hadamard rotation.
 
 Why: on transformers 2-bit ActNN with groups of 256 contiguous elements is
 4-30x noisier than on CNNs (``benchmarks/transformer_parity.py``; figures in
@@ -12,8 +12,10 @@ BENCHMARKS.md).  Three causes, each measured there:
   ``min_group`` (a head's 16-32 features), so the 32 bits of range per group
   stay below ~0.25 bits per element;
 * the inputs of matmuls (Linear, attention) carry most of the gradient
-  noise (their weight gradient ``dY^T X`` reads them directly): they get
-  ``matmul_bits`` (3 by default: 5.4x less variance than 2 bits);
+  noise (their weight gradient ``dY^T X`` reads them directly), and the
+  inputs of LayerNorm/RMSNorm spread theirs to every earlier layer (the
+  input gradient reads ``x_hat``): these get ``sensitive_bits`` (3 by
+  default: 5.4x less variance than 2 bits);
 * outlier features set a whole row's range: ``rotate="hadamard"`` rotates
   Linear inputs by a randomized Hadamard transform first
   (:mod:`actpack.codecs.hadamard`), row by row, only where that shrinks the
@@ -39,7 +41,7 @@ from actpack.strategies.actnn import ActNN, check_bits
 from actpack.strategies.base import SaveInfo
 from actpack.strategies.mixedcode import Kept
 
-__all__ = ["ATTENTION_OPS", "LINEAR_OPS", "RowActNN", "row_groups"]
+__all__ = ["ATTENTION_OPS", "LINEAR_OPS", "SENSITIVE_OPS", "RowActNN", "row_groups"]
 
 #: Ops whose saved inputs enter backward linearly, as a matmul operand
 #: (``dW = dY^T X``): unbiased codes of them give unbiased weight gradients.
@@ -49,6 +51,8 @@ LINEAR_OPS = frozenset({"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "ad
 #: probabilities, which must keep exact zeros and stay non-negative: codes
 #: without rotation (zeros at a group's minimum are coded exactly).
 ATTENTION_OPS = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
+#: Ops whose saved inputs get ``sensitive_bits``.
+SENSITIVE_OPS = LINEAR_OPS | ATTENTION_OPS | ROW_NORM_OPS
 
 
 def row_groups(rows: int, cols: int, group_size: int, min_group: int) -> tuple[int, int]:
@@ -72,9 +76,10 @@ class RowActNN(ActNN):
     """Per-group stochastic quantization with groups along token rows.
 
     Args:
-        bits: code width of tensors other than matmul inputs, 1..8.
-        matmul_bits: code width of tensors saved by matmul-like ops
-            (:data:`LINEAR_OPS`) and fused attention (:data:`ATTENTION_OPS`).
+        bits: code width of the other tensors, 1..8.
+        sensitive_bits: code width of tensors saved by matmul-like ops
+            (:data:`LINEAR_OPS`), fused attention (:data:`ATTENTION_OPS`) and
+            row normalizations (LayerNorm, RMSNorm).
         rotate: ``"hadamard"`` rotates the inputs of :data:`LINEAR_OPS` by a
             randomized Hadamard transform before quantizing (rows whose range
             it does not shrink stay unrotated); ``None`` never rotates.
@@ -87,7 +92,7 @@ class RowActNN(ActNN):
 
     Example::
 
-        with actpack.compress(actpack.RowActNN(bits=2, matmul_bits=3)):
+        with actpack.compress(actpack.RowActNN(bits=2, sensitive_bits=3)):
             loss = model(x).sum()
     """
 
@@ -105,7 +110,7 @@ class RowActNN(ActNN):
     def __init__(
         self,
         bits: int = 2,
-        matmul_bits: int = 3,
+        sensitive_bits: int = 3,
         rotate: str | None = "hadamard",
         block: int = 64,
         group_size: int = 256,
@@ -114,7 +119,7 @@ class RowActNN(ActNN):
         seed: int | None = None,
     ) -> None:
         super().__init__(bits=bits, group_size=group_size, stochastic=stochastic, seed=seed)
-        self.matmul_bits = check_bits(matmul_bits)
+        self.sensitive_bits = check_bits(sensitive_bits)
         if rotate not in (None, "hadamard"):
             raise ValueError(f"rotate must be None or 'hadamard', got {rotate!r}")
         self.rotate = rotate
@@ -129,7 +134,7 @@ class RowActNN(ActNN):
         if isinstance(min_group, bool) or not isinstance(min_group, int) or min_group < 1:
             raise ValueError(f"min_group must be a positive integer, got {min_group!r}")
         self.min_group = min_group
-        if min(bits, matmul_bits) < 2:
+        if min(bits, sensitive_bits) < 2:
             self.keeps_relu_exact = False  # zero-exact codes need at least 2 bits
 
     def _rowwise(self, x: Tensor, info: SaveInfo) -> bool:
@@ -138,8 +143,7 @@ class RowActNN(ActNN):
         return x.dim() <= 3 or info.op in LINEAR_OPS or info.op in ATTENTION_OPS
 
     def encode(self, x: Tensor, info: SaveInfo) -> Encoded:
-        matmul = info.op in LINEAR_OPS or info.op in ATTENTION_OPS
-        bits = self.matmul_bits if matmul else self.bits
+        bits = self.sensitive_bits if info.op in SENSITIVE_OPS else self.bits
         if not self._rowwise(x, info):
             return self.quantize(x, info, bits)
         cols = x.shape[-1]
@@ -178,7 +182,8 @@ class RowActNN(ActNN):
 
     def __repr__(self) -> str:
         return (
-            f"RowActNN(bits={self.bits}, matmul_bits={self.matmul_bits}, rotate={self.rotate!r}, "
+            f"RowActNN(bits={self.bits}, sensitive_bits={self.sensitive_bits}, "
+            f"rotate={self.rotate!r}, "
             f"block={self.block}, group_size={self.group_size}, min_group={self.min_group}, "
             f"stochastic={self.stochastic})"
         )
