@@ -1,8 +1,9 @@
 """ActNN with token-row groups, wider codes where noise matters most, Hadamard rotation.
 
-Why: on transformers 2-bit ActNN with groups of 256 contiguous elements is
-4-30x noisier than on CNNs (``benchmarks/transformer_parity.py``; figures in
-BENCHMARKS.md).  Three causes, each measured there:
+Why: on small transformers, 2-bit ActNN with groups of 256 contiguous
+elements moves the loss of 50-step runs by 0.7-3.9% where int8 stays within
+0.05% (``benchmarks/transformer_parity.py``; figures in BENCHMARKS.md,
+"Transformers").  The causes, each measured there:
 
 * groups straddle tokens whose scales differ (a 352-wide MLP row shares
   groups with its neighbours), so a large token sets the range of a small
@@ -19,7 +20,10 @@ BENCHMARKS.md).  Three causes, each measured there:
 * outlier features set a whole row's range: ``rotate="hadamard"`` rotates
   Linear inputs by a randomized Hadamard transform first
   (:mod:`actpack.codecs.hadamard`), row by row, only where that shrinks the
-  row's range.
+  row's range;
+* per-token statistics computed in Python (the ``rsqrt`` of HF Llama's
+  RMSNorm, shape (…, L, 1)) shared one range per 256 tokens: they are kept
+  exact, at 1/width of the activations' size.
 
 Tensors of convolutional maps (4-D/5-D, or saved by a channel-first op)
 keep ActNN's contiguous groups, so CNNs are coded as by :class:`ActNN`.
@@ -33,13 +37,12 @@ from typing import ClassVar
 from torch import Tensor
 
 from actpack.codecs.backend import quantize_groups
-from actpack.codecs.encoded import Encoded, Groups, Rotated
+from actpack.codecs.encoded import Copy, Encoded, Groups, Rotated
 from actpack.codecs.hadamard import hadamard_encode
 from actpack.policy.ops import CHANNEL_FIRST_OPS, ROW_NORM_OPS
 from actpack.policy.rules import ReluOutput
 from actpack.strategies.actnn import ActNN, check_bits
 from actpack.strategies.base import SaveInfo
-from actpack.strategies.mixedcode import Kept
 
 __all__ = ["ATTENTION_OPS", "LINEAR_OPS", "SENSITIVE_OPS", "RowActNN", "row_groups"]
 
@@ -151,9 +154,10 @@ class RowActNN(ActNN):
         if cols == 1:
             # One number per row: a per-token statistic such as the rsqrt of a
             # Python RMSNorm (HF Llama), whose backward reads it cubed.  Coded
-            # in groups of 256 tokens it shifted a Llama run's loss by -4.5%;
-            # kept exact it costs 1/width of the activations.
-            return Kept(x, x._version)
+            # in groups of 256 tokens it shifted a Llama run's loss (ablation
+            # "actnn-rows-grouped-stats" in BENCHMARKS.md).  A copy, not the
+            # tensor: a (..., 1) slice may view a much larger storage.
+            return Copy(x.clone())
         alone = info.op in self.alone_ops
         k, group = row_groups(rows, cols, self.group_size, 1 if alone else self.min_group)
         x2 = x.reshape(rows // k, k * cols)
