@@ -41,6 +41,11 @@ def test_bench_cpu_table_and_json(tmp_path: Path, capsys) -> None:
     assert rows["save_on_cpu"]["saved_bytes"] is None  # no-op on CPU
     assert rows["save_on_cpu"]["time_per_step_s"] is None
     assert payload["environment"]["device"] == "cpu"
+    assert payload["environment"]["torch_threads"] == 1  # the default: comparable timings
+    assert payload["config"]["label"] == "resnet-tiny"
+    for name in ("none", "actnn", "bf16", "autocast-bf16", "checkpoint"):
+        times = rows[name]["times_s"]
+        assert rows[name]["time_spread"] == pytest.approx(bench.spread(times))
 
 
 @pytest.mark.parametrize("name", ["resnet", "gpt", "vit"])
@@ -50,7 +55,7 @@ def test_checkpointed_matches_plain_and_restores(name: str) -> None:
     model.eval()  # no BatchNorm statistics drift between the two passes
     inputs = make_inputs(2)
     loss_fn = loss_for(name)
-    container = bench.block_container(model)
+    (container,) = bench.block_containers(model)
     assert container is getattr(model, "stages" if name == "resnet" else "blocks")
     keys = list(model.state_dict())
 
@@ -87,3 +92,38 @@ def test_largest_batch_search() -> None:
     assert bench.largest_batch(lambda b: False, start=8, limit=64) == (0, False)
     batch, _ = bench.largest_batch(lambda b: b <= 1000, start=8, limit=1 << 14)
     assert 1000 * (1 - 1 / 32) <= batch <= 1000
+
+
+def test_spread_ignores_one_outlier_round() -> None:
+    assert bench.spread([1.0, 1.0, 1.0, 1.0, 2.0]) == 0.0
+    assert bench.spread([1.0, 1.1, 0.9, 1.2, 0.8]) == pytest.approx(0.1)
+
+
+def _row(name: str, kind: str, vs_none: float, spread: float) -> dict:
+    return {"name": name, "kind": kind, "time_vs_none": vs_none, "time_spread": spread}
+
+
+def test_timing_warnings() -> None:
+    quiet = [
+        _row("none", "actpack", 1.0, 0.01),
+        _row("fp16", "actpack", 1.3, 0.02),
+        _row("autocast-bf16", "alternative", 0.6, 0.01),  # may well be faster: no warning
+        {"name": "save_on_cpu", "kind": "alternative", "time_vs_none": None, "time_spread": None},
+    ]
+    assert bench.timing_warnings(quiet) == []
+    # what a busy machine gave: fp16 and checkpoint "faster" than doing nothing
+    busy = quiet + [_row("checkpoint", "alternative", 0.8, 0.03)]
+    busy[1] = _row("fp16", "actpack", 0.9, 0.02)
+    lines = bench.timing_warnings(busy)
+    assert "fp16 0.90x, checkpoint 0.80x" in lines[0] and len(lines) == 2
+    noisy = quiet[:1] + [_row("int8", "actpack", 1.5, 0.12)]
+    lines = bench.timing_warnings(noisy)
+    assert "int8 12%" in lines[0] and "rerun" in lines[-1]
+
+
+def test_bench_prints_its_warnings(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench, "timing_warnings", lambda rows: ["timings are off"])
+    argv = ["bench", "--model", "gpt:tiny", "--batch-size", "2", "--strategies", "none",
+            "--alternatives", "--steps", "1", "--warmup", "0"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "actpack bench: warning: timings are off" in capsys.readouterr().err

@@ -18,7 +18,7 @@ def test_report_prints_a_row_per_model_and_strategy(capsys):
 
 
 def test_report_rows_bits_per_element_matches_ratio():
-    (row,) = report_rows("resnet", "tiny", 2, ["actnn"])
+    (row,) = report_rows("resnet:tiny", 2, ["actnn"])
     # fp32 baseline: 32 bits per element, so ratio * bits/element == 32
     assert row["ratio"] * row["bits_per_element"] == pytest.approx(32.0)
 

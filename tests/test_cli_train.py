@@ -137,8 +137,14 @@ def test_train_writes_json_with_every_figure(resnet_run) -> None:
         saved = ep["saved"]
         assert saved["baseline_bytes"] > 0 and saved["compressed_bytes"] > 0
         assert saved["ratio"] == pytest.approx(saved["baseline_bytes"] / saved["compressed_bytes"])
+        correct = run["test_correct"]  # per test image, for paired deltas
+        assert len(correct) == 51 and set(correct) <= {"0", "1"}
+        assert 100 * correct.count("1") / 51 == pytest.approx(run["final_test_acc"])
     by_name = {row["strategy"]: row for row in payload["summary"]}
     assert set(by_name) == {"none", "actnn"}
+    accs = {name: by_name[name]["test_acc_mean"] for name in by_name}
+    assert by_name["actnn"]["acc_delta_vs_none"] == pytest.approx(accs["actnn"] - accs["none"])
+    assert by_name["actnn"]["acc_delta_se"] > 0
     assert by_name["none"]["ratio"] == pytest.approx(1.0)
     assert by_name["actnn"]["ratio"] > 4
     assert by_name["none"]["time_vs_none"] == pytest.approx(1.0)

@@ -14,9 +14,9 @@ ALL = ["none", *LOSSY]
 
 def test_parameters_and_buffers_are_never_compressed():
     lin = nn.Linear(64, 64)
-    x = torch.randn(64, 64)
+    x = torch.randn(64, 64, requires_grad=True)
     with actpack.compress("actnn", min_numel=0) as ctx:
-        y = lin(x)
+        y = lin(x * 1)
     assert ctx.stats.baseline_bytes == x.numel() * 4  # only the input, never the weight
     before = lin.weight.detach().clone()
     y.sum().backward()

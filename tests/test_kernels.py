@@ -6,19 +6,13 @@ The interpreter costs per program and per operation, so tensors are small and
 the kernels let one program own many groups there (the GPU layout, one group
 per program, is exercised too, in ``test_gpu_layout``).
 
-Round to nearest must give the reference's codes bit for bit (packed bytes,
-lo, hi, LFC) and decodes must agree bit for bit in every direction
-(kernel/reference encode x kernel/reference decode).  Stochastic rounding
-uses a different random stream (Philox), so it is checked statistically with
-the tolerance of test_codec_groupquant: the mean of n independent decodes of
-a value lies within 3 step / sqrt(n) of it (Hoeffding, failure <= 3e-8 per
-value), every decode lies within one step, and the spread matches the
-variance of unbiased rounding.
+The checks themselves (bit-identical round to nearest, statistics of the
+stochastic rounding, which uses Philox instead of torch.rand) are in
+``fused_checks.py``, shared with the compiled CPU codecs.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -37,9 +31,20 @@ except Exception as exc:  # missing, or a broken install raising anything else
         allow_module_level=True,
     )
 
+from fused_checks import (  # noqa: E402
+    assert_division_matches_reference,
+    assert_division_unbiased,
+    assert_generator_semantics,
+    assert_groups_match_reference,
+    assert_groups_unbiased,
+    check_division,
+    check_groups,
+)
+from fused_checks import same as _same  # noqa: E402
+from fused_checks import same_code as _same_code  # noqa: E402
+
 import actpack  # noqa: E402
 from actpack.codecs import backend  # noqa: E402
-from actpack.codecs import division as rdiv  # noqa: E402
 from actpack.codecs import groupquant as rgq  # noqa: E402
 from actpack.codecs import pack as rpack  # noqa: E402
 from actpack.codecs.encoded import Bits  # noqa: E402
@@ -62,41 +67,9 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore::RuntimeWarning:triton.runtime.interpreter"  # IEEE overflow, on purpose
 )
 
-_INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Bit-identical tensors (NaN payloads and signed zeros included)."""
-    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
-    ia = a.contiguous().view(_INT_OF[a.element_size()])
-    ib = b.contiguous().view(_INT_OF[b.element_size()])
-    bad = (ia != ib).nonzero()
-    assert bad.numel() == 0, f"{bad.shape[0]} differ, first at {bad[:4].tolist()}"
-
-
-def _same_code(a: rgq.GroupCode, b: rgq.GroupCode) -> None:
-    assert (a.rows, a.cols, a.group_size, a.bits, a.zero_exact) == (
-        b.rows,
-        b.cols,
-        b.group_size,
-        b.bits,
-        b.zero_exact,
-    )
-    _same(a.packed, b.packed)
-    _same(a.lo, b.lo)
-    _same(a.hi, b.hi)
-
-
-def _check_groups(x, bits, gs, *, zero_exact=False, meta=torch.bfloat16, out_dtypes=None):
-    """RTN encode identical; every encode x decode pairing identical."""
-    ref = rgq.quantize_groups(x, bits, gs, stochastic=False, zero_exact=zero_exact, meta_dtype=meta)
-    ker = kgq.quantize_groups(x, bits, gs, stochastic=False, zero_exact=zero_exact, meta_dtype=meta)
-    _same_code(ref, ker)
-    for dtype in out_dtypes or [x.dtype]:
-        want = rgq.dequantize_groups(ref, dtype)
-        _same(kgq.dequantize_groups(ref, dtype), want)
-        _same(rgq.dequantize_groups(ker, dtype), want)
-    return ref, ker
+def _check_groups(x, bits, gs, **kw):
+    return check_groups(kgq, x, bits, gs, **kw)
 
 
 # --------------------------------------------------------------------------------------
@@ -217,87 +190,20 @@ def test_decode_of_stochastic_codes_identical(dtype):
 # --------------------------------------------------------------------------------------
 
 
-def _draws(values: torch.Tensor, copies: int) -> torch.Tensor:
-    """(8, len(values) * copies / 8), every group holding ``values`` (so one grid)."""
-    return values.repeat(8, copies // 8)
-
-
 @pytest.mark.parametrize(("bits", "zero_exact", "dtype"), [(2, False, torch.float32),
                                                           (2, True, torch.float32),
                                                           (4, False, torch.bfloat16)])  # fmt: skip
 def test_groups_stochastic_unbiased(bits, zero_exact, dtype):
-    gs, n = 64, 256
-    base = torch.linspace(-1.0, 1.0, gs, device=DEV) + 0.013
-    if zero_exact:
-        base = torch.relu(base)
-    base = base.to(dtype)
-    x = _draws(base, n)
-    gen = torch.Generator(DEV).manual_seed(1)
-    code = kgq.quantize_groups(x, bits, gs, generator=gen, zero_exact=zero_exact)
-    assert torch.equal(code.lo, code.lo[:1, :1].expand_as(code.lo))  # one grid for all copies
-    y = kgq.dequantize_groups(code, torch.float32).double()
-    levels = 2**bits - 1 - int(zero_exact)
-    step = (code.hi[0, 0].double() - code.lo[0, 0].double()) / levels
-    xd = base.double()
-    samples = y.view(8, n // 8, gs).reshape(n, gs)
-    assert ((samples - xd).abs() <= step * (1 + 1e-5)).all()
-    mean = samples.mean(0)
-    assert ((mean - xd).abs() <= 3 * step / math.sqrt(n) + 1e-6).all()
-    # Spread of unbiased rounding: Var = step^2 p (1 - p), p the fractional position.
-    p = ((xd - code.lo[0, 0].double()) / step) % 1.0
-    if zero_exact:
-        p = torch.where(xd > 0, ((xd - code.lo[0, 0].double()) / step) % 1.0, torch.zeros_like(p))
-    expect = (step**2 * p * (1 - p)).sum()
-    got = samples.var(0).sum()
-    assert 0.75 * expect <= got <= 1.25 * expect
-    if zero_exact:
-        assert torch.equal(samples == 0, (xd == 0).expand_as(samples))
-
-
-def _two_sample_z(a: torch.Tensor, b: torch.Tensor, var: torch.Tensor, step: float):
-    """z-scores of the difference of the means over dim 0 of two draws ``a`` and ``b``
-    (n decodes each) of values whose single-draw variance is ``var``; the variance
-    gets a floor of (step / 1000)^2 so values exactly on the grid (var 0) give z = 0."""
-    n = a.shape[0]
-    var = var.clamp_min((step / 1000) ** 2)
-    return (a.mean(0) - b.mean(0)) / torch.sqrt(2 * var / n)
+    assert_groups_unbiased(kgq, bits, zero_exact, dtype, DEV)
 
 
 @pytest.mark.parametrize(("bits", "dtype"), [(2, torch.float32), (4, torch.bfloat16)])
 def test_groups_stochastic_matches_reference(bits, dtype):
-    """Kernel (Philox) and reference (torch.rand) rounding are the same distribution:
-    two-sample z-test per value on the decoded means (fixed seeds, so deterministic),
-    max |z| < 5 and the mean of z^2 (about chi^2_64 / 64, sd 0.18) within [0.5, 1.6]."""
-    gs, n = 64, 256
-    base = (torch.linspace(-1.0, 1.0, gs, device=DEV) * 1.7 + 0.029).to(dtype)
-    x = _draws(base, n)
-    ker = kgq.quantize_groups(x, bits, gs, generator=torch.Generator(DEV).manual_seed(11))
-    ref = rgq.quantize_groups(x, bits, gs, generator=torch.Generator(DEV).manual_seed(12))
-    _same(ker.lo, ref.lo)
-    _same(ker.hi, ref.hi)
-    lo = ref.lo[0, 0].double()
-    step = (ref.hi[0, 0].double() - lo) / (2**bits - 1)
-    p = ((base.double() - lo) / step) % 1.0
-    yk = kgq.dequantize_groups(ker, torch.float32).double().view(8, n // 8, gs).reshape(n, gs)
-    yr = rgq.dequantize_groups(ref, torch.float32).double().view(8, n // 8, gs).reshape(n, gs)
-    z = _two_sample_z(yk, yr, step**2 * p * (1 - p), float(step))
-    assert z.abs().max() < 5, z
-    assert 0.5 <= z.square().mean() <= 1.6, z.square().mean()
+    assert_groups_match_reference(kgq, bits, dtype, DEV)
 
 
 def test_groups_stochastic_generator_semantics():
-    x = torch.randn(4, 512, device=DEV)
-    a = kgq.quantize_groups(x, 2, 256, generator=torch.Generator(DEV).manual_seed(5))
-    b = kgq.quantize_groups(x, 2, 256, generator=torch.Generator(DEV).manual_seed(5))
-    gen = torch.Generator(DEV).manual_seed(6)
-    c = kgq.quantize_groups(x, 2, 256, generator=gen)
-    d = kgq.quantize_groups(x, 2, 256, generator=gen)
-    rtn = kgq.quantize_groups(x, 2, 256, stochastic=False)
-    _same_code(a, b)  # reproducible from the generator's state
-    assert not torch.equal(c.packed, d.packed)  # the generator advances
-    assert not torch.equal(a.packed, c.packed)
-    assert not torch.equal(a.packed, rtn.packed)
-    _same(a.lo, rtn.lo)  # ranges do not depend on the rounding
+    assert_generator_semantics(kgq, DEV)
 
 
 # --------------------------------------------------------------------------------------
@@ -305,21 +211,8 @@ def test_groups_stochastic_generator_semantics():
 # --------------------------------------------------------------------------------------
 
 
-def _same_division(a: rdiv.DivisionCode, b: rdiv.DivisionCode) -> None:
-    assert a.shape == b.shape and a.block == b.block
-    _same(a.lfc, b.lfc)
-    _same_code(a.hfc, b.hfc)
-
-
 def _check_division(x, block=8, bits=2, out_dtypes=None):
-    ref = rdiv.division_encode(x, block, bits, stochastic=False)
-    ker = kdiv.division_encode(x, block, bits, stochastic=False)
-    _same_division(ref, ker)
-    for dtype in out_dtypes or [x.dtype]:
-        want = rdiv.division_decode(ref, dtype)
-        _same(kdiv.division_decode(ref, dtype), want)
-        _same(rdiv.division_decode(ker, dtype), want)
-    return ker
+    return check_division(kdiv, x, block, bits, out_dtypes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -368,38 +261,11 @@ def test_division_strided_input():
 
 
 def test_division_stochastic_unbiased():
-    n = 64
-    base = torch.randn(7, 7, device=DEV)
-    x = base.expand(1, n, 7, 7).contiguous()
-    code = kdiv.division_encode(x, 8, 2, generator=torch.Generator(DEV).manual_seed(3))
-    assert torch.equal(code.hfc.lo, code.hfc.lo[:1].expand_as(code.hfc.lo))
-    y = kdiv.division_decode(code).double()[0]
-    step = (code.hfc.hi[0, 0].double() - code.hfc.lo[0, 0].double()) / 3
-    xd = base.double()
-    assert ((y - xd).abs() <= step * (1 + 1e-5) + 1e-5).all()
-    assert ((y.mean(0) - xd).abs() <= 3 * step / math.sqrt(n) + 1e-5).all()
-    _same(kdiv.division_decode(code), rdiv.division_decode(code))
+    assert_division_unbiased(kdiv, DEV)
 
 
 def test_division_stochastic_matches_reference():
-    """Same two-sample z-test as for groups, on the DIVISION residual of a 7x7 map."""
-    n = 256
-    base = torch.randn(7, 7, device=DEV, generator=torch.Generator(DEV).manual_seed(4))
-    x = base.expand(1, n, 7, 7).contiguous()
-    ker = kdiv.division_encode(x, 8, 2, generator=torch.Generator(DEV).manual_seed(21))
-    ref = rdiv.division_encode(x, 8, 2, generator=torch.Generator(DEV).manual_seed(22))
-    _same(ker.lfc, ref.lfc)
-    _same(ker.hfc.lo, ref.hfc.lo)
-    _same(ker.hfc.hi, ref.hfc.hi)
-    lo = ref.hfc.lo[0, 0].double()
-    step = (ref.hfc.hi[0, 0].double() - lo) / 3
-    resid = base.double() - ref.lfc[0, 0].double()  # one 7x7 block: one mean
-    p = ((resid - lo) / step) % 1.0
-    yk = kdiv.division_decode(ker).double()[0].reshape(n, 49)
-    yr = rdiv.division_decode(ref).double()[0].reshape(n, 49)
-    z = _two_sample_z(yk, yr, (step**2 * p * (1 - p)).reshape(49), float(step))
-    assert z.abs().max() < 5, z
-    assert 0.45 <= z.square().mean() <= 1.7, z.square().mean()  # chi^2_49 / 49, sd 0.2
+    assert_division_matches_reference(kdiv, DEV)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
 """actpack.measure: exact byte counts and the ratios the README promises."""
 
+import types
+
 import pytest
 import torch
 from torch import nn
@@ -13,11 +15,14 @@ def test_measure_matches_a_hand_count():
     x = torch.randn(4, 3, 32, 32)
     rep = actpack.measure(model, x, strategy="actnn")
     conv_in, relu_out = 4 * 3 * 32 * 32, 4 * 8 * 32 * 32  # elements
-    assert rep.baseline_bytes == (conv_in + relu_out) * 4
+    # The input batch has no autograd history: its storage exists anyway, it
+    # is never coded and is reported apart from the activations.
+    assert rep.leaf_bytes == conv_in * 4
+    assert rep.baseline_bytes == relu_out * 4
     # 2-bit codes, plus a 16-bit min and max for each group of 256 in a sample
-    groups = 4 * (3 * 32 * 32 // 256) + 4 * (8 * 32 * 32 // 256)
-    assert rep.compressed_bytes == (conv_in + relu_out) * 2 // 8 + groups * 4
-    assert rep.modules["0"] == (conv_in * 4, conv_in // 4 + 4 * 12 * 4)
+    groups = 4 * (8 * 32 * 32 // 256)
+    assert rep.compressed_bytes == relu_out * 2 // 8 + groups * 4
+    assert "0" not in rep.modules
     assert rep.modules["1"][0] == relu_out * 4
     assert rep.ratio == pytest.approx(rep.baseline_bytes / rep.compressed_bytes)
 
@@ -28,7 +33,7 @@ def test_measure_division_hand_count():
     rep = actpack.measure(model, x, strategy="division", min_numel=0)
     # per map: 2x2 block means in bf16, 2-bit codes, bf16 min and max
     per_map = 4 * 2 + 16 * 16 * 2 // 8 + 4
-    assert rep.compressed_bytes == (2 * 3 + 2 * 8) * per_map
+    assert rep.compressed_bytes == 2 * 8 * per_map  # the input batch is a leaf: not coded
 
 
 def test_measure_leaves_model_untouched():
@@ -54,3 +59,79 @@ def test_none_strategy_reports_ratio_one():
     model, make_inputs = build_model("gpt", "tiny")
     rep = actpack.measure(model, *make_inputs(2, "cpu"), strategy="none")
     assert rep.ratio == 1.0 and rep.baseline_bytes > 0
+
+
+def test_report_prints_modules_ops_and_reasons():
+    # The first conv saves the batch itself (a leaf, never counted); the second
+    # conv saves the first one's output.
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+    rep = actpack.measure(model, torch.randn(4, 3, 32, 32), strategy="actnn")
+    lines = str(rep).splitlines()
+    assert lines[0].startswith("ActNN(") and f"({rep.ratio:.2f}x" in lines[0]
+    assert f"{rep.tensors} tensors" in lines[0]
+    at = lines.index("largest modules by bytes saved for backward:")
+    # largest first: the ReLU output (4*8*32*32 floats) before the conv input (4*3*32*32);
+    # 2-bit codes plus a 16-bit min and max per 256 elements
+    assert lines[at + 2].split() == ["2", "128.00", "KiB", "8.50", "KiB", "15.06x"]
+    assert lines[at + 3].split() == ["1", "48.00", "KiB", "3.19", "KiB", "15.06x"]
+    at = lines.index("largest ops by bytes saved for backward:")
+    assert [line.split()[0] for line in lines[at + 2 : at + 4]] == ["relu", "conv2d"]
+    assert rep.format(top=1).count("(1 more)") == 2  # one module and one op folded
+
+
+def test_report_lists_passthrough_reasons():
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU())
+    rep = actpack.measure(model, torch.randn(2, 16), strategy="actnn")  # all tiny
+    text = str(rep)
+    assert rep.passthrough == {"tiny": rep.compressed_bytes}
+    assert f"passed through uncompressed: {rep.compressed_bytes} B" in text
+    assert actpack.Report is type(rep)
+
+
+def test_measure_leaves_the_random_state_alone():
+    """Dropout inside measure must not change what training draws next (CPU; CUDA alike)."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Dropout(0.5), nn.Linear(64, 64))
+    x = torch.randn(8, 64)
+    torch.manual_seed(1)
+    expected = torch.rand(5)
+    torch.manual_seed(1)
+    rep = actpack.measure(model, x, strategy="actnn", min_numel=0)
+    assert rep.baseline_bytes > 0
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_default_loss_uses_the_loss_of_a_model_output():
+    from actpack.probe import default_loss
+
+    t = torch.randn(3, requires_grad=True)
+    loss = t.sum() * 2
+    assert default_loss({"loss": loss, "logits": t}) is loss
+    assert default_loss(types.SimpleNamespace(loss=loss, logits=t)) is loss
+    assert torch.equal(default_loss({"logits": t, "other": t}), 2 * t.sum())
+    assert torch.equal(default_loss((t, "not a tensor", t)), 2 * t.sum())
+    with pytest.raises(TypeError, match="pass loss_fn="):
+        default_loss("text")
+    with pytest.raises(TypeError, match="pass loss_fn="):
+        default_loss({"loss": None})
+
+
+def test_huggingface_output_reduces_to_its_loss():
+    """A ModelOutput is an OrderedDict: summing it adds the logits (GPT-2: -884.6, not 6.93)."""
+    pytest.importorskip("transformers")
+    from actpack.probe import default_loss
+    from actpack.tools.specs import build, parse_spec
+
+    model, make_inputs, _ = build(parse_spec("hf:gpt2:tiny"))
+    ids, labels = make_inputs(2)
+    out = model(ids, labels)
+    assert isinstance(out, dict) and default_loss(out) is out.loss
+    # exact gradient of gradient_noise without loss_fn: that of .loss
+    default = actpack.gradient_noise(model, ids, labels, strategy="actnn", draws=1)
+    explicit = actpack.gradient_noise(
+        model, ids, labels, strategy="actnn", draws=1, loss_fn=lambda o: o.loss
+    )
+    assert default.exact_norm_sq == explicit.exact_norm_sq
+    summed = actpack.gradient_noise(
+        model, ids, labels, strategy="actnn", draws=1, loss_fn=lambda o: o.loss + o.logits.sum()
+    )
+    assert summed.exact_norm_sq != default.exact_norm_sq

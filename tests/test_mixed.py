@@ -282,7 +282,7 @@ def test_level_l3_bits_per_element_within_budget():
 
 
 def test_first_step_ranks_rows_by_range_not_by_index():
-    x = torch.randn(8, 4096)
+    x = torch.randn(8, 4096, requires_grad=True)
     scale = torch.tensor([1.0, 5, 1, 5, 1, 5, 1, 5]).unsqueeze(1)
     w = torch.randn(4096, 4, requires_grad=True)
     mixed = ActNNMixed(budget=2.5, seed=0)

@@ -50,14 +50,16 @@ SLACK = 3.0
 RATIO = {
     "resnet_bottleneck": (14.65, 11.12, 3.92),
     "densenet": (14.96, 11.65, 3.93),
-    "mobilenetv3": (15.09, 12.31, 4.27),
+    # hardswish's input is kept exact (its backward reads a region and a value)
+    "mobilenetv3": (5.03, 4.73, 2.94),
     "unet": (12.96, 10.92, 3.92),
     "vit": (12.59, 6.64, 3.69),
-    "gpt2": (14.46, 7.74, 3.99),
+    # HF's gelu_new cubes its input: pow's backward is not linear, kept exact
+    "gpt2": (5.70, 4.40, 2.98),
     "bert": (12.92, 7.35, 3.68),
     "lstm": (1.10, 1.08, 1.08),
-    "gru": (12.41, 7.25, 4.16),
-    "conv1d": (13.79, 9.31, 3.85),
+    "gru": (13.66, 7.66, 4.29),
+    "conv1d": (19.10, 9.38, 5.50),
     "conv3d": (15.45, 13.26, 4.29),
 }
 STRATEGIES = ("actnn", "division", "int8")
@@ -86,14 +88,17 @@ COS_NOISE_GROWTH = 1.5
 #: baseline bytes (summed over reasons) measured under "actnn" plus a margin.
 #: "integer": the LSTM's oneDNN workspace (uint8, opaque), cross-entropy
 #: targets; "op statistics": the RNN cells' gate statistics kept exact.
-ALLOWED_REASONS = {"tiny", "integer", "op statistics"}
+ALLOWED_REASONS = {
+    "tiny", "integer", "op statistics", "nonlinear backward (pow)",
+    "nonlinear backward (hardswish)",
+}  # fmt: skip
 PASSTHROUGH = {
     "resnet_bottleneck": 0.01,
     "densenet": 0.01,
-    "mobilenetv3": 0.01,
+    "mobilenetv3": 0.15,
     "unet": 0.03,
     "vit": 0.03,
-    "gpt2": 0.01,
+    "gpt2": 0.12,
     "bert": 0.02,
     "lstm": 0.95,
     "gru": 0.04,
@@ -174,7 +179,9 @@ def _reference(name: str) -> Zoo:
     case = build(name)
     state0 = _clone_state(case.model)
     names = [n for n, _ in case.model.named_parameters()]
-    exact = _run(case, actpack.compress("none", model=case.model), state0)
+    # Op tracking on, as measure() does: the accounting then tells the input
+    # batch (a leaf, not counted) from op statistics (counted) like lossy runs do.
+    exact = _run(case, actpack.Engine("none", model=case.model, track_ops=True), state0)
     plain = _run(case, _Null(), state0)
     z = Zoo(name, case, names, state0, exact, plain)
 
@@ -488,7 +495,7 @@ def test_wrap_and_measure(name):
 
 #: Ratios measured under CPU bf16 autocast with "actnn" (saved activations are
 #: bf16, so the ceiling halves), as exact-run baseline over compressed bytes.
-BF16_RATIO = {"gpt2": 8.60, "bert": 8.30}
+BF16_RATIO = {"gpt2": 5.02, "bert": 8.30}  # gpt2: gelu_new's pow input is exact
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert"])
@@ -499,7 +506,7 @@ def test_bf16_autocast(name):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return _run(z, ctx, z.state0)
 
-    exact = step(actpack.compress("none", model=z.case.model))
+    exact = step(actpack.Engine("none", model=z.case.model, track_ops=True))
     runs = [step(actpack.compress(actpack.ActNN(seed=s), model=z.case.model)) for s in range(4)]
     for run in runs:
         _check_finite(z, run.grads, f"{name}/bf16")
@@ -532,3 +539,28 @@ def test_bf16_autocast(name):
     # measured at both precisions), so the fp32 floors apply.
     rho = math.sqrt(1 / COS1[name][0] ** 2 - 1)
     assert cos1 >= 1 / math.sqrt(1 + (COS_NOISE_GROWTH * rho) ** 2)
+
+
+@pytest.mark.parametrize("name", ["vit", "gpt2", "bert", "resnet_bottleneck"])
+def test_ratio_with_dropout_on(name):
+    """Dropout's noise is two-valued: 1 bit, lossless; ratios stay where they were.
+
+    Every ``nn.Dropout`` of the model is switched to p=0.1 (HF configs build
+    them with the configured probability); models without one get none.
+    On the CPU, dropout saves a float noise tensor that used to be kept at
+    32 bits (2.8x on an MLP instead of 15x).
+    """
+    case = build(name)
+    dropouts = [m for m in case.model.modules() if isinstance(m, torch.nn.Dropout)]
+    if not dropouts:
+        pytest.skip(f"{name} has no dropout module")
+    case.model.train()
+    off = actpack.measure(case.model, *case.inputs, strategy="actnn", loss_fn=case.loss_fn)
+    for m in dropouts:
+        m.p = 0.1
+    on = actpack.measure(case.model, *case.inputs, strategy="actnn", loss_fn=case.loss_fn)
+    print(f"\n{name}: actnn {off.ratio:.2f}x without dropout, {on.ratio:.2f}x with p=0.1")
+    assert "op statistics" not in on.passthrough or on.passthrough["op statistics"] <= (
+        off.passthrough.get("op statistics", 0)
+    )
+    assert on.ratio >= 0.85 * off.ratio, (on.ratio, off.ratio)

@@ -8,9 +8,10 @@ Example::
     loss.backward()
 """
 
-from actpack.api import Report, compress, engine_of, measure, unwrap, wrap
+from actpack.api import compress, engine_of, measure, unwrap, wrap
 from actpack.engine import Engine
 from actpack.noise import NoiseReport, gradient_noise
+from actpack.report import Report
 from actpack.strategies import (
     LEVELS,
     STRATEGY_NAMES,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from actpack.engine import DEFAULT_MIN_NUMEL, Engine
+from actpack.probe import default_loss, preserved_rng
+from actpack.report import Report
 from actpack.strategies import Strategy
 
 
@@ -17,21 +19,41 @@ def compress(
     *,
     model: nn.Module | None = None,
     min_numel: int = DEFAULT_MIN_NUMEL,
+    checkpoint_inputs: str = "exact",
 ) -> Engine:
     """Context manager: compress every tensor autograd saves inside it.
 
-    Parameters, buffers and autocast's weight casts are never compressed;
-    tensors with fewer than ``min_numel`` elements pass through; bool masks
-    are kept losslessly in 1 bit; the sign pattern ReLU-family backward reads
-    stays exact.  Backward may run after the context exits.
+    Mechanism: ``torch.autograd.graph.saved_tensors_hooks``.  A lossy code is
+    used only where actpack can show it is safe (see README, "What the
+    engine guarantees"): parameters, buffers, autocast's weight casts and
+    leaf tensors such as the input batch are never compressed; an op's own
+    statistics, saves of custom ``autograd.Function``s, of compiled graphs
+    seen from outside, and what ``torch.utils.checkpoint`` recomputes from
+    stay exact; tensors with fewer than ``min_numel`` elements pass through;
+    bool masks and dropout's noise are kept losslessly in 1 bit; the region
+    ReLU-family backward reads stays exact.  Backward may run after the
+    context exits.  Each thread entering the context gets its own hooks.
 
     Args:
         strategy: a name (``"none"``, ``"fp16"``, ``"bf16"``, ``"int8"``,
-            ``"actnn"``, ``"division"``) or a :class:`~actpack.Strategy`.
-        model: optional; lets the engine recognise that model's buffers.
+            ``"actnn"``, ``"division"``, ...) or a :class:`~actpack.Strategy`.
+        model: optional; lets the engine recognise that model's parameters
+            and buffers by storage (their views and frozen copies).
         min_numel: smallest tensor (in elements) worth compressing.
+        checkpoint_inputs: ``"exact"`` (default), or ``"bf16"``, ``"fp16"``,
+            ``"int8"`` to store the inputs ``torch.utils.checkpoint`` keeps
+            to recompute from in that form.  Approximate: the recomputed
+            block sees the rounded input, which biases its gradients.
 
     Returns the engine; its ``stats`` hold the bytes saved for backward.
+
+    Raises:
+        ValueError: an unknown strategy name, a negative ``min_numel`` or an
+            unknown ``checkpoint_inputs``.
+
+    Warns once per engine when entered inside other saved-tensor hooks
+    (``save_on_cpu``: only the innermost hooks run) and when a compiled
+    graph's saves are kept exact.
 
     Example::
 
@@ -40,10 +62,58 @@ def compress(
         loss.backward()
         print(ctx.stats.ratio)
     """
-    return Engine(strategy, model=model, min_numel=min_numel)
+    return Engine(strategy, model=model, min_numel=min_numel, checkpoint_inputs=checkpoint_inputs)
 
 
 _ATTR = "_actpack_engine"
+_HOOK_IDS = "_actpack_hook_ids"
+
+
+def _enter(module: nn.Module) -> None:
+    getattr(module, _ATTR).__enter__()
+
+
+def _leave(module: nn.Module) -> None:
+    getattr(module, _ATTR).__exit__(None, None, None)
+
+
+class _Hook:
+    """wrap's hooks: small classes, not closures, so that a wrapped model can
+    be deep-copied and pickled (the copy finds its own engine).
+
+    They enter and leave the engine eagerly even when the wrapped model is
+    compiled as a whole: Dynamo cannot trace entering saved-tensor hooks, and
+    the hooks must be in place before AOTAutograd compiles the forward (they
+    are inlined into it).  The forward stays one graph: the breaks fall
+    before and after it.  ``torch.compiler.disable`` is applied when a hook
+    is made, not at import (it imports Dynamo, and Dynamo Triton).
+    """
+
+    fn: Callable[[nn.Module], None]
+
+    def __init__(self) -> None:
+        self._run = torch.compiler.disable(type(self).fn)
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+
+class _Enter(_Hook):
+    """wrap's forward pre-hook."""
+
+    fn = staticmethod(_enter)
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self._run(module)
+
+
+class _Leave(_Hook):
+    """wrap's forward hook (always called, also when forward raises)."""
+
+    fn = staticmethod(_leave)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._run(module)
 
 
 def wrap(
@@ -52,12 +122,25 @@ def wrap(
     *,
     min_numel: int = DEFAULT_MIN_NUMEL,
     track_modules: bool = False,
+    checkpoint_inputs: str = "exact",
 ) -> nn.Module:
     """Make every forward of ``model`` run under :func:`compress`.
 
     The model itself is returned, with a forward pre-hook and hook added: it
     is never rebuilt, so its parameters, ``state_dict`` keys and weights stay
-    exactly as they were.  :func:`unwrap` removes the hooks.
+    exactly as they were.  :func:`unwrap` removes the hooks.  A copy of a
+    wrapped model (``copy.deepcopy``, e.g. for an EMA or teacher model, or
+    ``torch.save``/``torch.load`` of the whole model) gets an engine of its
+    own over its own parameters, with a copy of the strategy.
+
+    Args:
+        model: the module to wrap.
+        strategy, min_numel, checkpoint_inputs: as in :func:`compress`.
+        track_modules: attribute bytes to submodules in ``engine_of(model).stats``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: ``model`` is already wrapped.
 
     Example::
 
@@ -69,105 +152,53 @@ def wrap(
         raise TypeError(f"wrap expects an nn.Module, got {type(model).__name__}")
     if hasattr(model, _ATTR):
         raise ValueError("model is already wrapped by actpack; call actpack.unwrap(model) first")
-    engine = Engine(strategy, model=model, min_numel=min_numel, track_modules=track_modules)
-
-    def enter(module: nn.Module, args: Any) -> None:
-        engine.__enter__()
-
-    def leave(module: nn.Module, args: Any, output: Any) -> None:
-        engine.__exit__()
-
-    handles = (
-        model.register_forward_pre_hook(enter),
-        model.register_forward_hook(leave, always_call=True),
+    engine = Engine(
+        strategy,
+        model=model,
+        min_numel=min_numel,
+        track_modules=track_modules,
+        checkpoint_inputs=checkpoint_inputs,
     )
-    object.__setattr__(model, _ATTR, (engine, handles))
+    object.__setattr__(model, _ATTR, engine)
+    pre = model.register_forward_pre_hook(_Enter())
+    post = model.register_forward_hook(_Leave(), always_call=True)
+    object.__setattr__(model, _HOOK_IDS, (pre.id, post.id))
     return model
 
 
 def engine_of(model: nn.Module) -> Engine:
-    """The engine of a wrapped model (its ``stats`` describe the last forward)."""
-    try:
-        return getattr(model, _ATTR)[0]
-    except AttributeError:
-        raise ValueError("model is not wrapped by actpack.wrap") from None
+    """The engine of a wrapped model (its ``stats`` describe the last forward).
+
+    Raises:
+        ValueError: ``model`` is not wrapped.
+    """
+    engine = getattr(model, _ATTR, None)
+    if engine is None:
+        raise ValueError("model is not wrapped by actpack.wrap")
+    return engine
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Remove what :func:`wrap` added; the model is returned unchanged otherwise."""
-    engine, handles = getattr(model, _ATTR, (None, ()))
-    if engine is None:
-        raise ValueError("model is not wrapped by actpack.wrap")
-    for handle in handles:
-        handle.remove()
+    """Remove what :func:`wrap` added; the model is returned unchanged otherwise.
+
+    Raises:
+        ValueError: ``model`` is not wrapped.
+    """
+    engine = engine_of(model)
+    pre, post = getattr(model, _HOOK_IDS)
+    model._forward_pre_hooks.pop(pre, None)
+    model._forward_hooks.pop(post, None)
+    model._forward_hooks_always_called.pop(post, None)
     engine.close()
     object.__delattr__(model, _ATTR)
+    object.__delattr__(model, _HOOK_IDS)
     return model
-
-
-@dataclass
-class Report:
-    """Bytes autograd holds for backward, with and without compression."""
-
-    strategy: str
-    baseline_bytes: int
-    compressed_bytes: int
-    tensors: int
-    baseline_elements: int = 0
-    weight_bytes: int = 0
-    modules: dict[str, tuple[int, int]] = field(default_factory=dict)
-    ops: dict[str, tuple[int, int]] = field(default_factory=dict)
-    passthrough: dict[str, int] = field(default_factory=dict)
-    peak_bytes: int | None = None
-    baseline_peak_bytes: int | None = None
-
-    @property
-    def ratio(self) -> float:
-        return (
-            self.baseline_bytes / self.compressed_bytes if self.compressed_bytes else float("inf")
-        )
-
-    @property
-    def bits_per_element(self) -> float:
-        """Compressed bits per element autograd would have held."""
-        return 8 * self.compressed_bytes / self.baseline_elements if self.baseline_elements else 0.0
-
-    def __str__(self) -> str:
-        lines = [
-            f"strategy {self.strategy}: {self.baseline_bytes / 2**20:.2f} MiB -> "
-            f"{self.compressed_bytes / 2**20:.2f} MiB saved for backward ({self.ratio:.2f}x)"
-        ]
-        if self.peak_bytes is not None:
-            lines.append(
-                f"peak memory of the step: {self.baseline_peak_bytes / 2**20:.1f} MiB -> "
-                f"{self.peak_bytes / 2**20:.1f} MiB"
-            )
-        if self.weight_bytes:
-            lines.append(
-                f"  weight casts held for backward (never compressed, not counted above): "
-                f"{self.weight_bytes / 2**20:.2f} MiB"
-            )
-        for reason, n in sorted(self.passthrough.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  passed through ({reason}): {n / 2**20:.3f} MiB")
-        return "\n".join(lines)
-
-
-def _default_loss(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output.float().sum()
-    if isinstance(output, (tuple, list)):
-        return sum(_default_loss(o) for o in output if isinstance(o, Tensor))
-    if isinstance(output, dict):
-        return sum(_default_loss(o) for o in output.values() if isinstance(o, Tensor))
-    if hasattr(output, "loss") and isinstance(output.loss, Tensor):
-        return output.loss
-    raise TypeError("measure: cannot reduce the model output to a loss; pass loss_fn=")
 
 
 def _step(model: nn.Module, inputs: tuple, loss_fn: Callable | None, ctx: Any) -> None:
     with ctx:
         out = model(*inputs)
-        loss = loss_fn(out) if loss_fn is not None else _default_loss(out)
+        loss = loss_fn(out) if loss_fn is not None else default_loss(out)
     params = [p for p in model.parameters() if p.requires_grad]
     if loss.requires_grad and params:
         torch.autograd.grad(loss, params, allow_unused=True)
@@ -176,36 +207,77 @@ def _step(model: nn.Module, inputs: tuple, loss_fn: Callable | None, ctx: Any) -
 def measure(
     model: nn.Module,
     *inputs: Any,
-    strategy: str | Strategy = "actnn",
+    strategy: str | Strategy | None = None,
     loss_fn: Callable[[Any], Tensor] | None = None,
-    min_numel: int = DEFAULT_MIN_NUMEL,
+    min_numel: int | None = None,
 ) -> Report:
     """Run one forward and backward of ``model`` and report the bytes saved.
 
     The count is exact: every tensor autograd saves is seen by the engine.
-    Parameter ``.grad`` and buffers (BatchNorm statistics) are left as they
-    were.  On CUDA the peak memory of the step is reported with and without
-    compression.
+    Parameter ``.grad``, buffers (BatchNorm statistics) and torch's CPU and
+    CUDA random states are left as they were, so measuring before training
+    does not change the training run.  On CUDA the peak memory of the step is
+    reported with and without compression.  ``loss_fn(output)`` gives the
+    scalar loss; by default :func:`actpack.probe.default_loss` (the
+    ``.loss`` of a HuggingFace output, else the sum of the outputs).
+
+    ``strategy``: what to measure; by default the strategy of a model
+    wrapped by :func:`wrap` (measured through a copy of its settings, with
+    its own engine set aside for the step), else ``"actnn"``.
+
+    Raises:
+        ValueError: ``model`` is wrapped and ``strategy`` names another
+            strategy than the one it runs (unwrap it, or omit ``strategy``).
 
     Example::
 
         report = actpack.measure(model, x, strategy="division")
         print(report.ratio, report.modules)
     """
+    wrapped = getattr(model, _ATTR, None)
+    if wrapped is not None:
+        if (
+            strategy is not None
+            and strategy is not wrapped.strategy
+            and (not isinstance(strategy, str) or strategy.lower() != wrapped.strategy.name)
+        ):
+            raise ValueError(
+                f"measure: the model is wrapped with {wrapped.strategy!r}; omit strategy= to "
+                "measure what it runs, or actpack.unwrap(model) to measure another strategy"
+            )
+        # A copy: measuring must not advance the wrapped strategy's state or generators.
+        strategy = copy.deepcopy(wrapped.strategy)
+        if min_numel is None:
+            min_numel = wrapped.min_numel
+    strategy = "actnn" if strategy is None else strategy
+    min_numel = DEFAULT_MIN_NUMEL if min_numel is None else min_numel
+    with wrapped.suspended() if wrapped is not None else _null():
+        return _measure(model, inputs, strategy, loss_fn, min_numel)
+
+
+def _measure(
+    model: nn.Module,
+    inputs: tuple,
+    strategy: str | Strategy,
+    loss_fn: Callable[[Any], Tensor] | None,
+    min_numel: int,
+) -> Report:
     buffers = {
         k: v.detach().clone()
         for k, v in model.state_dict().items()
         if not isinstance(v, nn.Parameter)
     }
-    engine = Engine(strategy, model=model, min_numel=min_numel, track_modules=True)
+    engine = Engine(strategy, model=model, min_numel=min_numel, track_modules=True, track_ops=True)
     device = next((t.device for t in inputs if isinstance(t, Tensor)), torch.device("cpu"))
     peak = baseline_peak = None
     try:
-        if device.type == "cuda":
-            baseline_peak = _peak(lambda: _step(model, inputs, loss_fn, _null()), device)
-            peak = _peak(lambda: _step(model, inputs, loss_fn, engine), device)
-        else:
-            _step(model, inputs, loss_fn, engine)
+        # Dropout in this extra step must not advance the user's generators.
+        with preserved_rng([*inputs, *model.parameters()]):
+            if device.type == "cuda":
+                baseline_peak = _peak(lambda: _step(model, inputs, loss_fn, _null()), device)
+                peak = _peak(lambda: _step(model, inputs, loss_fn, engine), device)
+            else:
+                _step(model, inputs, loss_fn, engine)
     finally:
         engine.close()
         with torch.no_grad():
@@ -220,6 +292,7 @@ def measure(
         tensors=s.tensors,
         baseline_elements=s.baseline_elements,
         weight_bytes=s.weight_bytes,
+        leaf_bytes=s.leaf_bytes,
         modules={k: (v[0], v[1]) for k, v in s.by_module.items()},
         ops={k: (v[0], v[1]) for k, v in s.by_op.items()},
         passthrough=dict(s.passthrough),

@@ -10,8 +10,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from actpack.api import _default_loss
 from actpack.engine import DEFAULT_MIN_NUMEL, Engine
+from actpack.probe import default_loss, preserved_rng
 from actpack.strategies import Exact, Strategy, resolve
 
 __all__ = ["NoiseReport", "gradient_noise"]
@@ -116,7 +116,9 @@ def gradient_noise(
     The model is not modified: its buffers (BatchNorm running statistics) are
     restored before every pass and at the end, ``.grad`` is not touched, and
     every pass runs with the same torch random state (same dropout masks).
-    ``loss_fn(output)`` gives the scalar loss (default: sum of the outputs).
+    ``loss_fn(output)`` gives the scalar loss (default: the ``.loss`` of a
+    HuggingFace output, else the sum of the outputs; see
+    :func:`actpack.probe.default_loss`).
     ``track_modules`` must match how a stateful strategy was trained (its
     statistics are keyed by module names only when modules were tracked); a
     model wrapped with :func:`actpack.wrap` is measured through its own
@@ -136,15 +138,7 @@ def gradient_noise(
         raise ValueError("gradient_noise: the model has no parameter that requires grad")
     params = [p for _, p in named]
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    wrapped = getattr(model, "_actpack_engine", None)
-    wrapped_engine = wrapped[0] if wrapped is not None else None
-    devices = sorted(
-        {
-            t.device.index or 0
-            for t in list(inputs) + params
-            if isinstance(t, Tensor) and t.device.type == "cuda"
-        }
-    )
+    wrapped_engine = getattr(model, "_actpack_engine", None)
 
     def restore() -> None:
         with torch.no_grad():
@@ -164,11 +158,11 @@ def gradient_noise(
             engine = Engine(strat, model=model, min_numel=min_numel, track_modules=track_modules)
             ctx = engine
         try:
-            with torch.random.fork_rng(devices=devices):
+            with preserved_rng([*inputs, *params]):
                 torch.manual_seed(seed)
                 with ctx:
                     out = model(*inputs)
-                    loss = loss_fn(out) if loss_fn is not None else _default_loss(out)
+                    loss = loss_fn(out) if loss_fn is not None else default_loss(out)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
             if engine is not None:

@@ -2,9 +2,11 @@
 
 Every function here takes and returns plain tensors (or small frozen
 dataclasses of tensors) and works on any device.  These are the reference
-implementations; fused Triton kernels in :mod:`actpack.codecs.kernels` have the same
-signatures and are tested against them.  :mod:`actpack.codecs.backend` has the
-same functions dispatching to either (``ACTPACK_BACKEND=auto|reference|triton``).
+implementations; fused Triton kernels in :mod:`actpack.codecs.kernels` and
+TorchInductor-compiled CPU codecs in :mod:`actpack.codecs.compiled` have the
+same signatures and are tested against them.  :mod:`actpack.codecs.backend`
+has the same functions dispatching to one of them
+(``ACTPACK_BACKEND=auto|reference|triton|compiled``).
 """
 
 from actpack.codecs.backend import resolve_backend

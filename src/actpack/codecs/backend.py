@@ -1,12 +1,19 @@
-"""Choose between the pure-PyTorch reference codecs and the fused Triton kernels.
+"""Choose between the pure-PyTorch reference codecs and the fused ones.
 
 The functions here have the reference signatures plus a keyword-only
 ``backend``.  The backend is, in order of precedence:
 
-1. the ``backend=`` argument: ``"auto"``, ``"reference"`` or ``"triton"``;
+1. the ``backend=`` argument: ``"auto"``, ``"reference"``, ``"triton"`` or
+   ``"compiled"``;
 2. the environment variable ``ACTPACK_BACKEND`` (same values, read at each call);
-3. ``"auto"``: the Triton kernels for CUDA tensors when ``triton`` imports,
-   the reference otherwise (CPU tensors, no Triton).
+3. ``"auto"``: the Triton kernels for CUDA tensors when ``triton`` imports;
+   the compiled CPU codecs (:mod:`actpack.codecs.compiled`) for CPU tensors of
+   at least :data:`COMPILED_MIN_NUMEL` elements when TorchInductor works
+   there; the reference otherwise.
+
+``"compiled"`` forces the TorchInductor-compiled codecs on CPU tensors (a
+CUDA tensor raises ``RuntimeError``).  Where they cannot be compiled (no C++
+compiler) they warn once and run the reference: never an error.
 
 ``"triton"`` forces the kernels; it needs a CUDA tensor, or Triton's
 interpreter (``TRITON_INTERPRET=1`` set before the kernels are first
@@ -36,7 +43,9 @@ from actpack.codecs.groupquant import GroupCode
 
 __all__ = [
     "BACKENDS",
+    "COMPILED_MIN_NUMEL",
     "ENV_VAR",
+    "compiled_available",
     "dequantize_groups",
     "division_decode",
     "division_encode",
@@ -49,8 +58,14 @@ __all__ = [
     "unpack_mask",
 ]
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "compiled")
 ENV_VAR = "ACTPACK_BACKEND"
+
+#: Under ``"auto"``, CPU tensors with fewer elements keep the reference codecs:
+#: below this size a compiled call's fixed cost (guards, wrapper) outweighs
+#: what fusing saves (``benchmarks/bench_codecs_cpu.py``), and small tensors
+#: never set the peak memory.
+COMPILED_MIN_NUMEL = 1 << 14
 
 
 @functools.cache
@@ -64,12 +79,21 @@ def triton_available() -> bool:
     return True
 
 
+def compiled_available() -> bool:
+    """Whether TorchInductor compiles CPU code here (probed once, warns once if not)."""
+    return importlib.import_module("actpack.codecs.compiled.build").available()
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def resolve_backend(t: Tensor, backend: str | None = None) -> str:
-    """``"triton"`` or ``"reference"`` for an operation on tensor ``t``."""
+def resolve_backend(t: Tensor, backend: str | None = None, numel: int | None = None) -> str:
+    """``"triton"``, ``"compiled"`` or ``"reference"`` for an operation on tensor ``t``.
+
+    ``numel``: the operation's size in elements when ``t`` is not the full
+    tensor (a packed code); ``t.numel()`` otherwise.
+    """
     choice = backend if backend is not None else os.environ.get(ENV_VAR, "") or "auto"
     choice = choice.strip().lower()
     if choice not in BACKENDS:
@@ -78,7 +102,19 @@ def resolve_backend(t: Tensor, backend: str | None = None) -> str:
     if choice == "reference":
         return "reference"
     if choice == "auto":
-        return "triton" if t.is_cuda and triton_available() else "reference"
+        if t.is_cuda:
+            return "triton" if triton_available() else "reference"
+        size = t.numel() if numel is None else numel
+        if t.device.type == "cpu" and size >= COMPILED_MIN_NUMEL and compiled_available():
+            return "compiled"
+        return "reference"
+    if choice == "compiled":
+        if t.device.type != "cpu":
+            raise RuntimeError(
+                f"the compiled backend runs on CPU tensors (got a {t.device.type} tensor); "
+                "use backend='triton' or 'auto' for CUDA tensors"
+            )
+        return "compiled" if compiled_available() else "reference"
     if not triton_available():
         raise RuntimeError("the triton backend was requested but triton cannot be imported")
     if not (t.is_cuda or _interpreting()):
@@ -93,6 +129,15 @@ def _kernels(name: str):
     return importlib.import_module(f"actpack.codecs.kernels.{name}")
 
 
+def _impl(choice: str, name: str, reference):
+    """The module implementing ``name`` codecs for a resolved backend ``choice``."""
+    if choice == "triton":
+        return _kernels(name)
+    if choice == "compiled":
+        return importlib.import_module(f"actpack.codecs.compiled.{name}")
+    return reference
+
+
 def quantize_groups(
     x: Tensor,
     bits: int,
@@ -105,9 +150,7 @@ def quantize_groups(
     backend: str | None = None,
 ) -> GroupCode:
     """:func:`actpack.codecs.quantize_groups` on the chosen backend."""
-    impl = _ref_groupquant
-    if resolve_backend(x, backend) == "triton":
-        impl = _kernels("groupquant")
+    impl = _impl(resolve_backend(x, backend), "groupquant", _ref_groupquant)
     return impl.quantize_groups(
         x,
         bits,
@@ -123,9 +166,8 @@ def dequantize_groups(
     code: GroupCode, dtype: torch.dtype = torch.float32, *, backend: str | None = None
 ) -> Tensor:
     """:func:`actpack.codecs.dequantize_groups` on the chosen backend."""
-    if resolve_backend(code.packed, backend) == "triton":
-        return _kernels("groupquant").dequantize_groups(code, dtype)
-    return _ref_groupquant.dequantize_groups(code, dtype)
+    choice = resolve_backend(code.packed, backend, code.rows * code.cols)
+    return _impl(choice, "groupquant", _ref_groupquant).dequantize_groups(code, dtype)
 
 
 def division_encode(
@@ -138,9 +180,7 @@ def division_encode(
     backend: str | None = None,
 ) -> DivisionCode:
     """:func:`actpack.codecs.division_encode` on the chosen backend."""
-    impl = _ref_division
-    if resolve_backend(x, backend) == "triton":
-        impl = _kernels("division")
+    impl = _impl(resolve_backend(x, backend), "division", _ref_division)
     return impl.division_encode(x, block, bits, stochastic=stochastic, generator=generator)
 
 
@@ -148,35 +188,37 @@ def division_decode(
     code: DivisionCode, dtype: torch.dtype = torch.float32, *, backend: str | None = None
 ) -> Tensor:
     """:func:`actpack.codecs.division_decode` on the chosen backend."""
-    if resolve_backend(code.hfc.packed, backend) == "triton":
-        return _kernels("division").division_decode(code, dtype)
-    return _ref_division.division_decode(code, dtype)
+    numel = code.hfc.rows * code.hfc.cols
+    choice = resolve_backend(code.hfc.packed, backend, numel)
+    return _impl(choice, "division", _ref_division).division_decode(code, dtype)
 
 
 def pack_bits(codes: Tensor, bits: int, *, backend: str | None = None) -> Tensor:
     """:func:`actpack.codecs.pack_bits` on the chosen backend."""
-    if resolve_backend(codes, backend) == "triton":
-        return _kernels("bits").pack_bits(codes, bits)
-    return _ref_pack.pack_bits(codes, bits)
+    choice = resolve_backend(codes, backend)
+    if choice == "reference":
+        return _ref_pack.pack_bits(codes, bits)
+    return _impl(choice, "bits", _ref_pack).pack_bits(codes, bits)
 
 
 def unpack_bits(packed: Tensor, bits: int, numel: int, *, backend: str | None = None) -> Tensor:
     """:func:`actpack.codecs.unpack_bits` on the chosen backend."""
-    if resolve_backend(packed, backend) == "triton":
-        return _kernels("bits").unpack_bits(packed, bits, numel)
-    return _ref_pack.unpack_bits(packed, bits, numel)
+    choice = resolve_backend(packed, backend, numel)
+    return _impl(choice, "bits", _ref_pack).unpack_bits(packed, bits, numel)
 
 
 def pack_mask(mask: Tensor, *, backend: str | None = None) -> Tensor:
     """A bool tensor packed 1 bit per element (the byte stream of ``pack_bits(., 1)``)."""
-    if resolve_backend(mask, backend) == "triton":
-        return _kernels("bits").pack_mask(mask)
-    return _ref_pack.pack_bits(mask.reshape(-1).to(torch.uint8), 1)
+    choice = resolve_backend(mask, backend)
+    if choice == "reference":
+        return _ref_pack.pack_bits(mask.reshape(-1).to(torch.uint8), 1)
+    return _impl(choice, "bits", _ref_pack).pack_mask(mask)
 
 
 def unpack_mask(packed: Tensor, shape: torch.Size, *, backend: str | None = None) -> Tensor:
     """Inverse of :func:`pack_mask`: a bool tensor of ``shape``."""
     shape = torch.Size(shape)
-    if resolve_backend(packed, backend) == "triton":
-        return _kernels("bits").unpack_mask(packed, shape)
-    return _ref_pack.unpack_bits(packed, 1, shape.numel()).view(shape).bool()
+    choice = resolve_backend(packed, backend, shape.numel())
+    if choice == "reference":
+        return _ref_pack.unpack_bits(packed, 1, shape.numel()).view(shape).bool()
+    return _impl(choice, "bits", _ref_pack).unpack_mask(packed, shape)

@@ -167,3 +167,32 @@ class LogOf(Encoded):
     def decode(self) -> Tensor:
         p = self.inner.decode()
         return p.clamp_min(torch.finfo(p.dtype).tiny).log()
+
+
+@dataclass
+class TwoValued(Encoded):
+    """A tensor whose elements are 0 or one value ``scale`` (dropout's noise):
+    1 bit per element plus the value, lossless."""
+
+    mask: Bits
+    scale: Tensor  # 0-d, the tensor's dtype and device
+
+    @classmethod
+    def encode(cls, x: Tensor, check: bool = False) -> TwoValued | None:
+        """The code of ``x``; with ``check``, None unless ``x`` really holds
+        only 0 and one other value (a host read: for CPU tensors)."""
+        # amax, not a host read: the value stays on the device (no synchronisation).
+        scale = x.amax() if x.numel() else x.new_zeros(())
+        nonzero = x != 0
+        code = cls(Bits.encode(nonzero), scale)
+        if check and not torch.equal(torch.where(nonzero, scale, x.new_zeros(())), x):
+            return None  # the decode would differ: not two-valued
+        return code
+
+    @property
+    def nbytes(self) -> int:
+        return self.mask.nbytes + tensor_bytes(self.scale)
+
+    def decode(self) -> Tensor:
+        m = self.mask.decode()
+        return torch.where(m, self.scale, torch.zeros((), dtype=self.scale.dtype, device=m.device))

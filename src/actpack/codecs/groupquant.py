@@ -53,6 +53,8 @@ def _round_out(v: Tensor, meta_dtype: torch.dtype, down: bool) -> Tensor:
     Values beyond the meta range saturate at its finite maximum rather than
     becoming infinite; see the note in :func:`quantize_groups`.
     """
+    if meta_dtype == torch.bfloat16:
+        return _round_out_bf16(v, down)
     m = v.to(meta_dtype)
     if m.element_size() >= 4:
         return m  # float32/float64 hold every float32 value exactly
@@ -68,6 +70,23 @@ def _round_out(v: Tensor, meta_dtype: torch.dtype, down: bool) -> Tensor:
     m = torch.where(off, moved.view(meta_dtype), m)
     big = torch.finfo(meta_dtype).max
     return m.clamp(-big, big)
+
+
+def _round_out_bf16(v: Tensor, down: bool) -> Tensor:
+    """:func:`_round_out` to bfloat16 from float32 bits, never from a rounding cast.
+
+    A bfloat16 is the high half of a float32, so cutting the low half rounds
+    towards zero; an inexact value on the far side moves one bfloat16 ulp
+    outwards.  Compilers may drop a ``.to(bfloat16).float()`` round trip
+    (Inductor does, unless ``emulate_precision_casts``), so the comparisons
+    of the generic path would see the unrounded value there.
+    """
+    b = v.float().view(torch.int32)
+    cut = b & -65536
+    away = ((b & 0xFFFF) != 0) & ((b < 0) == down)
+    m = torch.where(away, cut + 65536, cut).view(torch.float32)  # a bfloat16 value, or Inf
+    big = torch.finfo(torch.bfloat16).max
+    return m.clamp(-big, big).to(torch.bfloat16)
 
 
 def _scale(lo: Tensor, hi: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -91,6 +110,7 @@ def quantize_groups(
     generator: torch.Generator | None = None,
     zero_exact: bool = False,
     meta_dtype: torch.dtype = torch.bfloat16,
+    noise: Tensor | None = None,
 ) -> GroupCode:
     """Quantize 2-D ``x`` (rows, cols) per group to ``bits``-bit codes.
 
@@ -102,6 +122,11 @@ def quantize_groups(
     positive values over codes 1..L; the caller guarantees ``x >= 0`` (a
     negative value would be coded as zero).  Finite values outside
     ``meta_dtype``'s range saturate at its maximum (biased, never non-finite).
+
+    ``noise`` (float32, ``rows * ngroups * group_size`` values in [0, 1), the
+    padded matrix in row-major order) supplies ``u`` instead of ``generator``:
+    :mod:`actpack.codecs.traceable` passes a counter-based hash so that the
+    whole function traces into compiled graphs.
     """
     bits = _check_bits(bits)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -145,13 +170,16 @@ def quantize_groups(
         k, lok, step = k.unsqueeze(-1), lok.unsqueeze(-1), step.unsqueeze(-1)
         # Divide rather than multiply by 1/step: a subnormal step would make 1/step Inf.
         t = torch.where(step > 0, (g * k - lok) / step, 0.0)  # constant group: code 0
-        if stochastic:
+        if noise is not None:
+            u = noise.reshape(g.shape)
+        elif stochastic:
             u = torch.rand(g.shape, generator=generator, device=g.device, dtype=torch.float32)
         else:
             u = torch.full_like(t, 0.5)
-        q = torch.floor(t + u).clamp_(0, levels)
+        # uint8 at once: a compiler that stores the codes stores 1 byte each.
+        q = torch.floor(t + u).clamp_(0, levels).to(torch.uint8)
         if zero_exact:
-            q = torch.where(positive, q + 1, 0.0)
+            q = torch.where(positive, q + 1, 0).to(torch.uint8)
 
         gx = xf.reshape(rows, ngroups, group_size)
         if bits >= 2:
@@ -159,7 +187,7 @@ def quantize_groups(
         else:
             cls = torch.ones_like(gx, dtype=torch.int64)
         cls = torch.where(finite, 0, cls)
-        codes = torch.where(poisoned.unsqueeze(-1), cls.to(q.dtype), q).to(torch.uint8)
+        codes = torch.where(poisoned.unsqueeze(-1), cls.to(torch.uint8), q)
 
         lo = torch.where(poisoned, torch.full_like(lo, math.nan), lo)
         hi = torch.where(poisoned, torch.zeros_like(hi), hi)

@@ -26,6 +26,10 @@ class Stats:
     #: Casts of parameters and buffers autograd holds (autocast's bf16 weight
     #: copies): never compressed, the same with or without actpack.
     weight_bytes: int = 0
+    #: Leaf tensors without autograd history that autograd holds (the input
+    #: batch, a frozen model's activations): never compressed, since their
+    #: storage normally exists anyway, and not counted in the ratio.
+    leaf_bytes: int = 0
     tensors: int = 0
     by_module: dict[str, list[int]] = field(default_factory=dict)
     by_op: dict[str, list[int]] = field(default_factory=dict)
@@ -75,16 +79,22 @@ class StorageSet:
 
     @staticmethod
     def key(t: Tensor) -> tuple:
-        return (t.device, t.untyped_storage().data_ptr())
+        # The storage's address without building a storage object (hot path).
+        return (t.device, t.data_ptr() - t.storage_offset() * t.element_size())
 
     def add(self, t: Tensor) -> bool:
         """Record ``t``'s storage; True if it was not already held."""
         key = self.key(t)
-        refs = [r for r in self._refs.get(key, ()) if r() is not None]
-        fresh = not refs
-        refs.append(weakref.ref(anchor(t)))
-        self._refs[key] = refs
-        return fresh
+        refs = self._refs.get(key)
+        ref = weakref.ref(anchor(t))
+        if refs is None:
+            self._refs[key] = [ref]
+            return True
+        alive = any(r() is not None for r in refs)
+        if not alive:
+            refs.clear()
+        refs.append(ref)
+        return not alive
 
     def clear(self) -> None:
         self._refs.clear()

@@ -1,7 +1,21 @@
-"""The saved-tensor engine: packs what autograd saves, restores it in backward."""
+"""The eager engine: packs what autograd saves, restores it in backward.
+
+Mechanism: ``torch.autograd.graph.saved_tensors_hooks`` (the mechanism of
+``torch.autograd.graph.save_on_cpu``).  Each saved tensor is described as
+:class:`~actpack.policy.decide.Facts`, :func:`~actpack.policy.decide.decide`
+picks its form, and this module carries the plan out.
+
+State is per thread and per forward: hooks and ``TorchFunctionMode`` stacks
+are thread-local in PyTorch, so each thread entering the engine gets its own
+hooks, op tracker and de-duplication table; two threads running forwards of
+one wrapped model never see each other's saves.
+"""
 
 from __future__ import annotations
 
+import sys
+import threading
+import warnings
 import weakref
 from typing import Any
 
@@ -9,13 +23,19 @@ import torch
 from torch import Tensor, nn
 
 from actpack.codecs.compact import compact_integer
-from actpack.codecs.encoded import Bits, Copy, Encoded, LogOf, Region
+from actpack.codecs.encoded import Bits, Copy, Encoded, LogOf, Region, TwoValued
 from actpack.engine.accounting import Stats, StorageSet, anchor
+from actpack.engine.compiled import compiled_hooks, op_caller
+from actpack.engine.saved import Held, Reshaped, Saved, unpack
 from actpack.engine.tracking import ModuleTracker, OpTracker
+from actpack.policy.decide import Facts, Kind, Plan, Settings, decide
 from actpack.policy.rules import ReluOutput, reads_region_only, rule_for, same_tensor
-from actpack.strategies import SaveInfo, Strategy, resolve
+from actpack.strategies import Cast16, Int8, SaveInfo, Strategy, resolve
 
 DEFAULT_MIN_NUMEL = 2048
+
+#: Forms tensors a checkpoint recomputes from may take when the user opts in.
+CHECKPOINT_INPUTS = ("exact", "bf16", "fp16", "int8")
 
 # Autograd nodes a parameter passes through before it is saved as a cast
 # (autocast's cached weight casts, their transposes and views).
@@ -23,41 +43,27 @@ _CAST_NODES = frozenset(
     {"ToCopyBackward0", "TBackward0", "ViewBackward0", "TransposeBackward0",
      "PermuteBackward0", "ExpandBackward0", "UnsqueezeBackward0", "AliasBackward0",
      "SliceBackward0", "SelectBackward0", "SqueezeBackward0", "SqueezeBackward1",
-     "ReshapeAliasBackward0", "AsStridedBackward0"}
+     "ReshapeAliasBackward0", "AsStridedBackward0", "SplitBackward0",
+     "SplitWithSizesBackward0", "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0",
+     "NarrowBackward0", "UnbindBackward0"}
 )  # fmt: skip
 
-
-# Reasons to keep a tensor exact under which an exact copy is still fine.
+# Reasons to keep a tensor exact under which an exact copy of a small view
+# (freeing the large storage it pins) is still exact.
 _COPYABLE = frozenset({"tiny", "integer", "float64 (kept exact)", "op statistics"})
 
-
-def _dense_order(t: Tensor) -> bool:
-    """Whether ``t`` covers its elements without overlap (strides of a permutation)."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _same_strides(t: Tensor, stride: tuple[int, ...]) -> bool:
-    return all(n == 1 or a == b for n, a, b in zip(t.shape, t.stride(), stride))
-
-
-def _overlaps(t: Tensor) -> bool:
-    return any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride()))
+_FUNCTION_FILE = ("autograd", "function.py")
+_CHECKPOINT_FILE = ("utils", "checkpoint.py")
 
 
 def _parameter_source(t: Tensor) -> str | None:
-    """ "view" or "cast" if ``t`` is a parameter seen through views and casts."""
+    """``"parameter view"`` or ``"parameter cast"`` if ``t`` is a weight seen
+    through views and casts that require grad, else None."""
     node, depth, cast = t.grad_fn, 0, False
     while node is not None and depth < 6:
         name = type(node).__name__
         if name == "AccumulateGrad":
-            return "cast" if cast else "view"
+            return "parameter cast" if cast else "parameter view"
         if name not in _CAST_NODES or len(node.next_functions) != 1:
             return None
         cast = cast or name == "ToCopyBackward0"
@@ -65,34 +71,84 @@ def _parameter_source(t: Tensor) -> str | None:
     return None
 
 
-class Saved:
-    """What the engine hands autograd in place of a tensor."""
+def _in_file(filename: str, tail: tuple[str, str]) -> bool:
+    return filename.endswith(tail[1]) and filename[: -len(tail[1]) - 1].endswith(tail[0])
 
-    __slots__ = ("encoded", "stride", "requires_grad", "__weakref__")
 
-    def __init__(self, encoded: Encoded, stride: tuple[int, ...] | None, requires_grad: bool):
-        self.encoded = encoded
-        self.stride = stride
-        self.requires_grad = requires_grad
+def _origin(frame: Any) -> str:
+    """Who is saving, read from the Python frame that called into autograd.
 
-    def restore(self) -> Tensor:
-        if self.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                "actpack: a compressed saved tensor was unpacked with grad mode on "
-                "(backward(create_graph=True) or double backward). Higher-order gradients "
-                "through lossy codes would silently miss terms; run that part without "
-                "actpack.compress or with strategy='none'."
-            )
-        x = self.encoded.decode()
-        if self.stride is not None and not _same_strides(x, self.stride):
-            x = torch.empty_strided(x.shape, self.stride, dtype=x.dtype, device=x.device).copy_(x)
-        return x
+    A custom ``autograd.Function`` saves from ``Function.apply`` (its class is
+    that frame's ``cls``: AOTAutograd's ``CompiledFunction`` for compiled
+    graphs, ``CheckpointFunction`` for reentrant checkpointing);
+    non-reentrant checkpointing saves its inputs from torch/utils/checkpoint.py.
+    Ops save from C++ called by any other frame.  One frame suffices, and
+    the save path pays for no more.
+    """
+    code = frame.f_code
+    filename = code.co_filename
+    if code.co_name == "apply" and _in_file(filename, _FUNCTION_FILE):
+        cls = frame.f_locals.get("cls")
+        name = getattr(cls, "__name__", "")
+        if name == "CheckpointFunction":
+            return "checkpoint"
+        if name == "CompiledFunction" or getattr(cls, "__module__", "").startswith(
+            "torch._functorch"
+        ):
+            return "compiled"
+        return "custom-function"
+    if _in_file(filename, _CHECKPOINT_FILE):
+        return "checkpoint"
+    return "op"
+
+
+def _role(t: Tensor, args: tuple, kwargs: dict) -> str:
+    if any(same_tensor(a, t) for a in args) or any(same_tensor(a, t) for a in kwargs.values()):
+        return "input"
+    return "internal"
+
+
+def _frozen_weight(t: Tensor, args: tuple) -> bool:
+    # A cast of a frozen weight (autocast, no grad) has no autograd link to
+    # the parameter; recognise it by shape among the op's parameter args.
+    for a in args:
+        if isinstance(a, nn.Parameter) and a.dtype != t.dtype and a.dim() == t.dim():
+            if a.shape == t.shape or (a.dim() == 2 and a.shape[::-1] == t.shape):
+                return True
+    return False
+
+
+class _Forward:
+    """One thread's state during one forward under the engine."""
+
+    __slots__ = (
+        "depth", "hooks", "ops", "table", "held", "held_compressed", "ordinals", "stats",
+        "weights", "settings",
+    )  # fmt: skip
+
+    def __init__(self, tracked: bool) -> None:
+        self.depth = 0
+        self.hooks: Any = None
+        self.ops = OpTracker() if tracked else None
+        self.table: dict[tuple, list[tuple[weakref.ref, object, Any]]] = {}
+        self.held = StorageSet()
+        self.held_compressed = StorageSet()
+        self.ordinals: dict[tuple, int] = {}
+        self.stats = Stats()
+        #: Storage addresses of the model's plain parameters and buffers.
+        self.weights: dict[int, str] = {}
+        self.settings = Settings()
 
 
 class Engine:
     """Context manager installing actpack's saved-tensor hooks.
 
-    Use :func:`actpack.compress` rather than this class directly.
+    Use :func:`actpack.compress` or :func:`actpack.wrap` rather than this
+    class directly.  An engine may be entered by several threads at once
+    (each gets its own hooks and tables) and re-entered by one (nested
+    forwards share the outer one's state).  ``stats`` describe the forward
+    most recently started.  Copies (``copy.deepcopy``, pickling) get an
+    engine of their own with a copy of the strategy and nothing else.
     """
 
     def __init__(
@@ -102,57 +158,148 @@ class Engine:
         model: nn.Module | None = None,
         min_numel: int = DEFAULT_MIN_NUMEL,
         track_modules: bool = False,
+        checkpoint_inputs: str = "exact",
+        track_ops: bool | None = None,
+        smooth: str = "code",
     ) -> None:
         if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
             raise ValueError(f"min_numel must be a non-negative integer, got {min_numel!r}")
+        if checkpoint_inputs not in CHECKPOINT_INPUTS:
+            raise ValueError(
+                f"checkpoint_inputs must be one of {', '.join(CHECKPOINT_INPUTS)}, "
+                f"got {checkpoint_inputs!r}"
+            )
+        if smooth not in ("code", "exact"):
+            raise ValueError(f"smooth must be 'code' or 'exact', got {smooth!r}")
+        self.smooth = smooth
         self.strategy = resolve(strategy)
         self.min_numel = min_numel
+        self.checkpoint_inputs = checkpoint_inputs
         self.stats = Stats()
         self._model = model
-        self._modules: ModuleTracker | None = None
         self._track_modules = track_modules and model is not None
-        self._ops = OpTracker()
-        self._hooks: Any = None
-        self._depth = 0
-        self._table: dict[tuple, list[tuple[weakref.ref, object, Saved]]] = {}
-        self._held = StorageSet()
-        self._held_compressed = StorageSet()
-        self._param_ptrs: dict[int, str] = {}
-        self._ordinals: dict[tuple, int] = {}
+        self._modules: ModuleTracker | None = None
+        self._local = threading.local()
+        self._warned: set[str] = set()
+        self._suspended = 0
+        self._checkpoint_strategy: Strategy | None = None
+        # Threads inside a forward, for strategies that keep per-forward state.
+        self._inside: set[int] = set()
+        self._lock = threading.Lock()
+        # Naming the op of every torch call costs a few microseconds each; a
+        # lossless strategy needs no name unless the accounting must tell the
+        # input batch from an op's statistics (measure does).
+        self._track_ops = track_ops
+
+    # -- copies ----------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "model": self._model,
+            "min_numel": self.min_numel,
+            "track_modules": self._track_modules,
+            "checkpoint_inputs": self.checkpoint_inputs,
+            "track_ops": self._track_ops,
+            "smooth": self.smooth,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(
+            state["strategy"],
+            model=state["model"],
+            min_numel=state["min_numel"],
+            track_modules=state["track_modules"],
+            checkpoint_inputs=state["checkpoint_inputs"],
+            track_ops=state["track_ops"],
+            smooth=state["smooth"],
+        )
 
     # -- context management -------------------------------------------------
+    def _state(self) -> _Forward | None:
+        return getattr(self._local, "state", None)
+
     def __enter__(self) -> Engine:
-        self._depth += 1
-        if self._depth > 1:
+        st = self._state()
+        if st is not None:
+            st.depth += 1
             return self
-        self.stats = Stats()
-        self._param_ptrs = {}
-        self._ordinals: dict[tuple, int] = {}
+        if self._suspended:
+            self._local.state = st = _Forward(tracked=False)
+            st.depth = 1
+            return self
+        self._warn_if_nested()
+        self._admit()
+        tracked = self._track_ops if self._track_ops is not None else not self.strategy.lossless
+        st = _Forward(tracked=tracked)
+        st.depth = 1
+        self._local.state = st
+        self.stats = st.stats
         self.strategy.begin_forward()
-        if self._model is not None:
-            for p in self._model.parameters():
-                self._param_ptrs[p.untyped_storage().data_ptr()] = "parameter"
-            for b in self._model.buffers():
-                self._param_ptrs[b.untyped_storage().data_ptr()] = "buffer"
-            if self._track_modules and self._modules is None:
-                self._modules = ModuleTracker(self._model)
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-        self._hooks.__enter__()
-        self._ops.__enter__()
+        if self._track_modules and self._modules is None:
+            self._modules = ModuleTracker(self._model)
+        st.weights = self._weight_storages()
+        st.settings = self._settings()
+        # Compile-native where torch can inline GraphModule hooks into
+        # compiled graphs; eager saves still come to self.pack and unpack.
+        graph_hooks = compiled_hooks(self)
+        if graph_hooks is not None:
+            st.hooks = graph_hooks.installed()
+        else:
+            st.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, unpack)
+        st.hooks.__enter__()
+        if st.ops is not None:
+            st.ops.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._depth -= 1
-        if self._depth > 0:
+        st = self._state()
+        if st is None:
             return
+        st.depth -= 1
+        if st.depth > 0:
+            return
+        self._local.state = None
         exc = exc or (None, None, None)
-        self._ops.__exit__(*exc)
-        self._hooks.__exit__(*exc)
-        self._hooks = None
-        self._table.clear()
-        self._held.clear()
-        self._held_compressed.clear()
-        self.strategy.end_forward()
+        if st.hooks is not None:
+            if st.ops is not None:
+                st.ops.__exit__(*exc)
+            st.hooks.__exit__(*exc)
+            st.table.clear()
+            self.strategy.end_forward()
+            with self._lock:
+                self._inside.discard(threading.get_ident())
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._inside and not self.strategy.thread_safe:
+                raise RuntimeError(
+                    f"actpack: {self.strategy!r} keeps per-forward statistics and cannot run "
+                    "forwards of one engine in two threads at once; give each thread its own "
+                    "model copy (copy.deepcopy(model)) or use a stateless strategy such as "
+                    "'actnn'."
+                )
+            self._inside.add(threading.get_ident())
+
+    def _warn_if_nested(self) -> None:
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if top is not None:
+            self._warn_once(
+                "nested",
+                "actpack.compress is entered inside other saved-tensor hooks "
+                f"({getattr(top[0], '__qualname__', top[0])!r}); only the innermost hooks run, "
+                "so those outer hooks are bypassed for everything saved inside actpack. "
+                "Use actpack's own offload (ActNN level L4) instead of save_on_cpu, and see "
+                "the README section 'Composing with other saved-tensor hooks'.",
+            )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
+    def suspended(self) -> _Suspend:
+        """Context manager: forwards inside it are not compressed by this engine."""
+        return _Suspend(self)
 
     def close(self) -> None:
         """Remove the module hooks this engine installed (if any)."""
@@ -160,151 +307,258 @@ class Engine:
             self._modules.remove()
             self._modules = None
 
-    # -- hooks ----------------------------------------------------------------
-    def _skip_reason(self, t: Tensor) -> str | None:
-        if type(t) is not Tensor and not isinstance(t, nn.Parameter):
-            return "tensor subclass"
-        if t.layout != torch.strided or t.device.type == "meta":
-            return "unsupported layout"
-        if _parameter_source(t) == "cast":
-            return "parameter cast"
-        kind = self._param_ptrs.get(t.untyped_storage().data_ptr())
+    # -- facts ----------------------------------------------------------------
+    def _settings(self) -> Settings:
+        s = self.strategy
+        return Settings(
+            lossless=s.lossless,
+            min_numel=self.min_numel,
+            keeps_relu_exact=s.keeps_relu_exact,
+            checkpoint_inputs=self.checkpoint_inputs,
+            smooth=self.smooth,
+        )
+
+    def _weight_storages(self) -> dict[int, str]:
+        # Plain tensors only: sharded parameters (FSDP2's DTensors) have no
+        # storage of their own; what FSDP2 gathers for the forward are leaf
+        # parameters, recognised without this table.
+        found: dict[int, str] = {}
+        if self._model is None:
+            return found
+        for kind, tensors in (
+            ("parameter", self._model.parameters()),
+            ("buffer", self._model.buffers()),
+        ):
+            for p in tensors:
+                if type(p) in (Tensor, nn.Parameter) and p.device.type != "meta":
+                    found[p.untyped_storage().data_ptr()] = kind
+        return found
+
+    def _leaf(self, t: Tensor, args: tuple, st: _Forward) -> str | None:
+        if t.grad_fn is not None:
+            return _parameter_source(t)
+        kind = st.weights.get(t.untyped_storage().data_ptr()) if st.weights else None
         if kind is not None:
             return kind
-        if t.grad_fn is None and not t.requires_grad and self._is_frozen_weight_cast(t):
+        if _frozen_weight(t, args):
             return "parameter cast"
-        if t.dtype == torch.bool:
-            return None if t.numel() >= self.min_numel else "tiny"
-        if not t.is_floating_point():
-            if t.is_complex():
-                return "unsupported dtype"
-            return "integer" if t.numel() >= self.min_numel else "tiny"
-        if t.dtype == torch.float64:
-            return "float64 (kept exact)"
-        if t.numel() < self.min_numel:
-            return "tiny"
-        if self._is_op_internal(t):
-            return "op statistics"
-        if _overlaps(t):
-            return "broadcast view"
-        if self.strategy.lossless:
-            return "exact strategy"
-        return self.strategy.skip_reason(t)
+        return None
+
+    def _facts(self, t: Tensor, st: _Forward) -> tuple[Facts, str | None, tuple, dict]:
+        ops = st.ops
+        op, args, kwargs = (ops.name, ops.args, ops.kwargs) if ops is not None else (None, (), {})
+        kind = type(t)
+        plain = (
+            (kind is Tensor or kind is nn.Parameter)
+            and t.layout == torch.strided
+            and t.device.type != "meta"
+        )
+        history = t.grad_fn is not None
+        origin = _origin(op_caller(sys._getframe(2)))
+        floating = t.is_floating_point()
+        rule = None
+        region_only = declined = False
+        role = "unknown"
+        if floating and op is not None and origin == "op":
+            if history:
+                if plain:
+                    rule = rule_for(t, op, args, kwargs)
+                    region_only = rule is not None and reads_region_only(op)
+                declined = self.strategy.skip_reason(t)
+            else:
+                role = _role(t, args, kwargs)
+        facts = Facts(
+            t.dtype,
+            t.numel(),
+            origin,
+            op,
+            role,
+            history,
+            self._leaf(t, args, st) if plain else None,
+            plain,
+            0 in t.stride() and any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())),
+            rule,
+            region_only,
+            False,
+            declined or None,
+            t.device.type == "cpu",
+        )
+        return facts, op, args, kwargs
+
+    # -- hooks ----------------------------------------------------------------
+    def pack(self, t: Tensor) -> object:
+        """The pack hook: what autograd keeps instead of ``t``."""
+        if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
+            return t  # parameters exist anyway, and hold no graph: no cycle
+        st = self._state()
+        if st is None or st.hooks is None:
+            # Hooks propagated to a thread that never entered (autograd's
+            # worker threads): keep the tensor, as autograd would.
+            return Held(t)
+        try:
+            if st.ops is None and t.dtype != torch.bool:
+                return self._keep_untracked(t, st)
+            facts, op, args, kwargs = self._facts(t, st)
+        except RuntimeError:
+            # No storage to inspect (torch.vmap's batched tensors, sparse
+            # operands): nothing can be proven, so nothing is coded.
+            st.stats.passthrough["uninspectable"] = st.stats.passthrough.get("uninspectable", 0)
+            return Held(t)
+        compact = None
+        if not facts.dtype.is_floating_point and facts.dtype != torch.bool:
+            compact = compact_integer(t, op, args, kwargs) if not self.strategy.lossless else None
+            if compact is not None:
+                facts = facts._replace(compactable=True)
+        plan = decide(facts, st.settings)
+        if plan.kind is Kind.TWO_VALUED and facts.checkable:
+            compact = TwoValued.encode(t.detach(), check=True)
+            if compact is None:  # not two-valued after all: exact
+                plan = Plan(Kind.EXACT, plan.reason)
+        if facts.origin == "compiled":
+            self._warn_once(
+                "compiled",
+                "actpack: tensors saved by torch.compile'd graphs are kept exact (this engine "
+                "cannot see which ops saved them); compress eager code, or see the README "
+                "section on torch.compile.",
+            )
+        return self._carry_out(t, plan, st, op, compact)
+
+    def _keep_untracked(self, t: Tensor, st: _Forward) -> Held:
+        """A lossless strategy without op names keeps every non-bool tensor:
+        the whole decision reduces to accounting (the fast path of ``"none"``)."""
+        held = Held(t)
+        nbytes = t.untyped_storage().nbytes() if st.held.add(t) else 0
+        stats = st.stats
+        if t.grad_fn is not None and _parameter_source(t) is not None:
+            stats.weight_bytes += nbytes
+            return held
+        reason = "exact strategy"
+        stats.passthrough[reason] = stats.passthrough.get(reason, 0) + nbytes
+        stats.tensors += 1
+        module = self._modules.current if self._modules is not None else None
+        stats.add(module, None, nbytes, nbytes, nbytes // t.element_size())
+        return held
+
+    def _carry_out(
+        self, t: Tensor, plan: Plan, st: _Forward, op: str | None, compact: Encoded | None
+    ) -> object:
+        stats = st.stats
+        module = self._modules.current if self._modules is not None else None
+        kind = plan.kind
+        if kind is Kind.KEEP:
+            nbytes = t.untyped_storage().nbytes() if st.held.add(t) else 0
+            if plan.reason in ("parameter cast", "parameter view"):
+                stats.weight_bytes += nbytes  # identical with or without actpack
+            elif plan.reason == "leaf input":
+                stats.leaf_bytes += nbytes
+            return Held(t)
+        before = t.untyped_storage().nbytes() if st.held.add(t) else 0
+        elements = before // t.element_size() if t.element_size() else 0
+        if kind is Kind.EXACT:
+            if self._worth_copying(t, plan.reason):
+                # A small view keeps its whole storage alive; an exact copy frees it.
+                saved: Any = Saved(Copy(t.detach().clone()), t, t.requires_grad)
+                after = saved.encoded.nbytes
+            else:
+                saved = Held(t)
+                after = t.untyped_storage().nbytes() if st.held_compressed.add(t) else 0
+            stats.passthrough[plan.reason] = stats.passthrough.get(plan.reason, 0) + after
+            stats.tensors += 1
+            stats.add(module, op, before, after, elements)
+            return saved
+        tag = (kind, plan.rule)
+        # Contiguous tensors are keyed by their memory alone, so that a view
+        # of a saved tensor with another shape (Flatten before a Linear)
+        # shares its code.
+        shape = tuple(t.shape)
+        layout = ("contiguous", t.numel()) if t.is_contiguous() else (shape, t.stride())
+        key = (t.data_ptr(), t.dtype, t.device, layout, t._version)
+        for ref, entry_tag, saved in st.table.get(key, ()):
+            # A live entry pins its memory, so equal keys mean equal bytes.
+            if ref() is not None and self._serves(entry_tag, tag):
+                stats.add(module, op, before, 0, elements)
+                if isinstance(saved, Saved):
+                    self.strategy.saved_again(
+                        saved.encoded, SaveInfo(op=op, module=module, rule=plan.rule)
+                    )
+                    if saved.shape != shape:
+                        return Reshaped(saved, shape)
+                return saved
+        saved = self._encode(t, plan, st, op, module, compact)
+        st.table.setdefault(key, []).append(
+            (weakref.ref(anchor(t), lambda _r, k=key, tb=st.table: tb.pop(k, None)), tag, saved)
+        )
+        stats.tensors += 1
+        stats.add(module, op, before, saved.encoded.nbytes, elements)
+        return saved
+
+    def _serves(self, have: tuple, want: tuple) -> bool:
+        """Whether a code made for ``have`` (kind, rule) also serves ``want``."""
+        if have == want:
+            return True
+        # A code keeping ReLU zeros exact is also an unbiased code of the values.
+        return (
+            have[0] is want[0] is Kind.LOSSY
+            and want[1] is None
+            and isinstance(have[1], ReluOutput)
+            and self.strategy.keeps_relu_exact
+        )
 
     def _worth_copying(self, t: Tensor, reason: str) -> bool:
         if reason not in _COPYABLE or self.strategy.lossless:
             return False
         return 2 * t.numel() * t.element_size() < t.untyped_storage().nbytes()
 
-    def _is_op_internal(self, t: Tensor) -> bool:
-        # Neither an argument nor a differentiable output: an op's own
-        # statistics (BatchNorm/LayerNorm mean and rstd, attention's
-        # logsumexp).  Backward treats them as exact constants, so a lossy
-        # code would bias every gradient upstream.
-        if self._ops.name is None or t.grad_fn is not None:
-            return False
-        return not any(same_tensor(a, t) for a in self._ops.args) and not any(
-            same_tensor(a, t) for a in self._ops.kwargs.values()
-        )
-
-    def _is_frozen_weight_cast(self, t: Tensor) -> bool:
-        # A cast of a frozen weight (autocast, no grad) has no autograd link to
-        # the parameter; recognise it by shape among the op's parameter args.
-        for a in self._ops.args:
-            if isinstance(a, nn.Parameter) and a.dtype != t.dtype and a.dim() == t.dim():
-                if a.shape == t.shape or (a.dim() == 2 and a.shape[::-1] == t.shape):
-                    return True
-        return False
-
-    def pack(self, t: Tensor) -> object:
-        if (
-            isinstance(t, nn.Parameter)
-            or (t.is_leaf and t.requires_grad)
-            or _parameter_source(t) == "view"
-        ):
-            return t  # parameters exist anyway: neither held nor compressed
-        reason = self._skip_reason(t)
-        module = self._modules.current if self._modules is not None else None
-        op, args, kwargs = self._ops.name, self._ops.args, self._ops.kwargs
-        compact = None
-        if reason == "integer" and not self.strategy.lossless:
-            compact = compact_integer(t, op, args, kwargs)
-        if compact is not None:
-            reason = None
-        before = t.untyped_storage().nbytes() if self._held.add(t) else 0
-        elements = before // t.element_size()
-        if reason in ("parameter", "buffer"):
-            return t  # the model's own storage: exists anyway
-        if reason == "parameter cast":
-            # Copies of weights, identical with or without actpack: reported
-            # apart so that activation ratios are not diluted by model size.
-            self.stats.weight_bytes += before
-            return t
-        if reason is not None and self._worth_copying(t, reason):
-            # A small view keeps its whole storage alive; an exact copy frees it.
-            saved = Saved(Copy(t.detach().clone()), None, t.requires_grad)
-            self.stats.passthrough[reason] = self.stats.passthrough.get(reason, 0) + (
-                saved.encoded.nbytes
-            )
-            self.stats.tensors += 1
-            self.stats.add(module, op, before, saved.encoded.nbytes, elements)
-            return saved
-        if reason is not None:
-            after = t.untyped_storage().nbytes() if self._held_compressed.add(t) else 0
-            self.stats.passthrough[reason] = self.stats.passthrough.get(reason, 0) + after
-            self.stats.tensors += 1
-            self.stats.add(module, op, before, after, elements)
-            return t
-        rule = rule_for(t, op, args, kwargs) if t.is_floating_point() else None
-        region_only = False
-        if rule is not None and not (
-            isinstance(rule, ReluOutput) and self.strategy.keeps_relu_exact
-        ):
-            # The activation itself needs only the region; other ops saving the
-            # same tensor need unbiased values, which clamping would bias.
-            region_only = reads_region_only(op)
-            rule = rule if region_only else None
-        tag = (region_only, rule)
-        dedupe = (t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride(), t._version)
-        for ref, entry_tag, saved in self._table.get(dedupe, ()):
-            # A live entry pins its memory, so equal keys mean equal bytes.
-            if ref() is not None and entry_tag == tag:
-                self.stats.add(module, op, before, 0, elements)
-                self.strategy.saved_again(saved.encoded, SaveInfo(op=op, module=module, rule=rule))
-                return saved
-        n = self._ordinals.get((module, op), 0)
-        self._ordinals[(module, op)] = n + 1
-        info = SaveInfo(op=op, module=module, rule=rule, key=f"{module or ''}/{op or ''}#{n}")
-        saved = self._encode(t, info, compact, region_only)
-        entries = self._table.setdefault(dedupe, [])
-        entries.append(
-            (weakref.ref(anchor(t), lambda _r, k=dedupe: self._table.pop(k, None)), tag, saved)
-        )
-        self.stats.tensors += 1
-        self.stats.add(module, op, before, saved.encoded.nbytes, elements)
-        return saved
-
     def _encode(
-        self, t: Tensor, info: SaveInfo, compact: Encoded | None, region_only: bool = False
+        self,
+        t: Tensor,
+        plan: Plan,
+        st: _Forward,
+        op: str | None,
+        module: str | None,
+        compact: Encoded | None,
     ) -> Saved:
-        # Restored tensors keep the original strides: some backward kernels
-        # (oneDNN's RNN) read their inputs as if they had them.
-        stride = t.stride() if _dense_order(t) else None
-        if compact is not None:
-            return Saved(compact, stride, False)
-        if t.dtype == torch.bool:
-            return Saved(Bits.encode(t), stride, False)
-        x = t.detach()
-        if region_only:
-            region = Region(Bits.encode(info.rule.mask(x)), info.rule, x.dtype)
-            return Saved(region, stride, t.requires_grad)
+        kind, x = plan.kind, t.detach()
+        if kind is Kind.COMPACT:
+            return Saved(compact, t, False)
+        if kind is Kind.BITS:
+            return Saved(Bits.encode(x), t, False)
+        if kind is Kind.TWO_VALUED:
+            return Saved(compact or TwoValued.encode(x), t, t.requires_grad)
+        if kind is Kind.REGION:
+            return Saved(
+                Region(Bits.encode(plan.rule.mask(x)), plan.rule, x.dtype), t, t.requires_grad
+            )
+        strategy = self.strategy
+        if plan.reason.startswith("checkpoint input"):
+            strategy = self._checkpoint_coder()
+        n = st.ordinals.get((module, op), 0)
+        st.ordinals[(module, op)] = n + 1
+        info = SaveInfo(op=op, module=module, rule=plan.rule, key=f"{module or ''}/{op or ''}#{n}")
         if t.grad_fn is not None and type(t.grad_fn).__name__ == "LogSoftmaxBackward0":
             # log_softmax backward reads exp(output): code the probabilities, so
             # the restored exp(output) is unbiased (a code of the log would not be).
-            return Saved(LogOf(self.strategy.encode(x.exp(), info)), stride, t.requires_grad)
-        return Saved(self.strategy.encode(x, info), stride, t.requires_grad)
+            return Saved(LogOf(strategy.encode(x.exp(), info)), t, t.requires_grad)
+        return Saved(strategy.encode(x, info), t, t.requires_grad)
 
-    def unpack(self, obj: object) -> Tensor:
-        if isinstance(obj, Tensor):
-            return obj
-        return obj.restore()
+    def _checkpoint_coder(self) -> Strategy:
+        if self._checkpoint_strategy is None:
+            form = self.checkpoint_inputs
+            self._checkpoint_strategy = (
+                Int8(seed=self.strategy.seed + 7)
+                if form == "int8"
+                else Cast16(torch.bfloat16 if form == "bf16" else torch.float16)
+            )
+        return self._checkpoint_strategy
+
+
+class _Suspend:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def __enter__(self) -> Engine:
+        self.engine._suspended += 1
+        return self.engine
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine._suspended -= 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 from torch import nn
@@ -32,35 +33,86 @@ class OpTracker(TorchFunctionMode):
             self.name, self.args, self.kwargs = outer
 
 
+class _Push:
+    """Forward pre-hook of one submodule: push its qualified name."""
+
+    def __init__(self, tracker: ModuleTracker, name: str) -> None:
+        self.tracker, self.name = tracker, name
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.tracker.stack.append(self.name)
+
+
+class _Pop:
+    """Forward hook of one submodule (always called): pop its name."""
+
+    def __init__(self, tracker: ModuleTracker) -> None:
+        self.tracker = tracker
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+        stack = self.tracker.stack
+        if stack:
+            stack.pop()
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+
+
 class ModuleTracker:
-    """Keeps the qualified name of the innermost running submodule of a model."""
+    """Keeps the qualified name of the innermost running submodule of a model.
+
+    The hooks are small picklable objects, so a model carrying them can be
+    deep-copied or saved; the name stack is per thread.  A copy's hooks
+    belong to a tracker copy that no engine owns: :meth:`strip` removes
+    such strays before an engine installs its own.
+    """
 
     def __init__(self, model: nn.Module) -> None:
-        self.stack: list[str] = []
-        self._handles = []
+        self._local = threading.local()
+        self.model = model
+        self.strip(model, owner=None)  # strays copied along with a wrapped model
         for name, module in model.named_modules():
-            self._handles.append(module.register_forward_pre_hook(self._enter(name)))
-            self._handles.append(module.register_forward_hook(self._exit(), always_call=True))
+            module.register_forward_pre_hook(_Push(self, name or "<root>"))
+            module.register_forward_hook(_Pop(self), always_call=True)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # a copy tracks nothing until an engine installs a new tracker
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._local = threading.local()
+        self.model = None
+
+    @property
+    def stack(self) -> list[str]:
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
 
     @property
     def current(self) -> str | None:
-        return self.stack[-1] if self.stack else None
+        stack = self.stack
+        return stack[-1] if stack else None
 
-    def _enter(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: Any) -> None:
-            self.stack.append(name or "<root>")
-
-        return hook
-
-    def _exit(self) -> Callable:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if self.stack:
-                self.stack.pop()
-
-        return hook
+    @staticmethod
+    def strip(model: nn.Module, owner: ModuleTracker | None) -> None:
+        """Remove ``owner``'s hooks from ``model``'s modules; with ``owner=None``,
+        those of trackers no engine owns (copies, whose ``model`` is None)."""
+        for module in model.modules():
+            for attr in _HOOK_DICTS:
+                hooks = getattr(module, attr, None)
+                if not hooks:
+                    continue
+                for key in [
+                    k
+                    for k, h in hooks.items()
+                    if isinstance(h, (_Push, _Pop))
+                    and (h.tracker is owner if owner is not None else h.tracker.model is None)
+                ]:
+                    del hooks[key]
+                    module._forward_hooks_always_called.pop(key, None)
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        if self.model is not None:
+            self.strip(self.model, owner=self)
         self.stack.clear()

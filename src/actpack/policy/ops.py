@@ -15,3 +15,50 @@ CHANNEL_FIRST_OPS = frozenset(
 # multiplies a row's input error by that row's 1/std, so one quantization
 # range must not span rows of different scale (a cls token among patches).
 ROW_NORM_OPS = frozenset({"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"})
+
+# Dropout ops whose saved noise is two-valued by construction: on the CPU
+# ``_dropout_impl`` saves ``bernoulli(1 - p) / (1 - p)`` (0 or 1/(1-p)), or
+# ``a * bernoulli(1 - p)`` for alpha dropout; on CUDA they save a bool mask.
+DROPOUT_OPS = frozenset(
+    {"dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout",
+     "feature_alpha_dropout"}
+)  # fmt: skip
+
+# Ops whose backward reads each saved float tensor linearly (matmul family,
+# convolutions, products, averages, exp's output, log_softmax's output through
+# its probabilities): an unbiased code gives an unbiased gradient.
+LINEAR_BACKWARD_OPS = frozenset(
+    {"linear", "bilinear", "matmul", "mm", "bmm", "addmm", "addbmm", "baddbmm", "addmv",
+     "mv", "dot", "vdot", "outer", "ger", "einsum", "tensordot", "chain_matmul",
+     "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+     "conv_transpose3d", "conv_tbc", "mul", "multiply", "addcmul", "square", "exp",
+     "expm1", "log_softmax", "cross_entropy", "nll_loss", "mse_loss", "avg_pool1d",
+     "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
+     "adaptive_avg_pool3d", "interpolate", "embedding", "embedding_bag", "dropout",
+     "dropout1d", "dropout2d", "dropout3d", "feature_dropout", "alpha_dropout",
+     "feature_alpha_dropout", "max_pool1d", "max_pool2d", "max_pool3d",
+     "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+     "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+     "fractional_max_pool2d", "mul_", "__mul__", "__rmul__", "__imul__", "__matmul__",
+     "__rmatmul__", "relu", "relu_", "leaky_relu", "leaky_relu_", "threshold",
+     "threshold_", "relu6", "hardtanh", "hardtanh_", "rrelu", "rrelu_",
+     # aten names the compile-native path reports (every forward user vetted)
+     "add", "sub", "nll_loss_forward", "_log_softmax", "convolution"}
+)  # fmt: skip
+
+# Ops whose backward is a smooth function of the saved tensor with bounded
+# second derivative: normalization layers, smooth activations, attention,
+# recurrent cells.  An unbiased code leaves a second-order bias, proportional
+# to the code's variance: ActNN's, GACT's and DIVISION's published trade-off,
+# measured in BENCHMARKS.md; ``compress(..., smooth="exact")`` keeps them exact.
+SMOOTH_BACKWARD_OPS = frozenset(
+    {"layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm", "batch_norm",
+     "group_norm", "instance_norm", "local_response_norm", "gelu", "silu", "sigmoid",
+     "tanh", "softmax", "logsigmoid", "softplus", "mish", "scaled_dot_product_attention",
+     "multi_head_attention_forward", "gru", "rnn_tanh", "rnn_relu", "lstm", "gru_cell",
+     "lstm_cell", "rnn_tanh_cell", "rnn_relu_cell", "_thnn_fused_gru_cell",
+     "_thnn_fused_lstm_cell", "_softmax", "_scaled_dot_product_flash_attention_for_cpu",
+     "_scaled_dot_product_flash_attention_for_cpu_backward",
+     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+     "_scaled_dot_product_cudnn_attention", "native_group_norm", "native_batch_norm"}
+)  # fmt: skip

@@ -142,6 +142,7 @@ def same_tensor(a: object, t: Tensor) -> bool:
     """Whether ``a`` is a tensor viewing exactly the memory of ``t``."""
     return (
         isinstance(a, Tensor)
+        and a.layout == torch.strided
         and a.data_ptr() == t.data_ptr()
         and a.shape == t.shape
         and a.stride() == t.stride()

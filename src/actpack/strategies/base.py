@@ -45,6 +45,9 @@ class Strategy:
     lossless: ClassVar[bool] = False
     #: Whether ``encode`` already keeps ReLU-output zeros exact (no mask bit).
     keeps_relu_exact: ClassVar[bool] = False
+    #: Whether forwards in several threads may use this strategy at once
+    #: (False for strategies keeping per-forward statistics).
+    thread_safe: ClassVar[bool] = True
 
     def __init__(self, seed: int | None = None) -> None:
         if seed is None:
@@ -59,6 +62,12 @@ class Strategy:
             gen.manual_seed(self.seed)
             self._generators[device] = gen
         return gen
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Generators are not picklable; a copy restarts its stream from ``seed``.
+        state = dict(self.__dict__)
+        state["_generators"] = {}
+        return state
 
     def encode(self, x: Tensor, info: SaveInfo) -> Encoded:  # pragma: no cover - interface
         raise NotImplementedError

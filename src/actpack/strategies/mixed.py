@@ -82,13 +82,14 @@ from torch.overrides import TorchFunctionMode
 
 from actpack.codecs.backend import quantize_groups
 from actpack.codecs.encoded import Encoded
-from actpack.policy.ops import CHANNEL_FIRST_OPS, ROW_NORM_OPS
+from actpack.policy.ops import ROW_NORM_OPS
 from actpack.policy.rules import ReluOutput, reads_region_only
 from actpack.strategies.actnn import ActNN, parse_level, rows_of
 from actpack.strategies.allocate import MAX_BITS, Allocation, allocate_bits
 from actpack.strategies.base import SaveInfo
 from actpack.strategies.levels import LEVELS, NORM_OPS, ActNNPreset
 from actpack.strategies.mixedcode import Kept, MixedGroups
+from actpack.strategies.sensitivity import VALUE_FREE_OPS, locations, row_ranges
 
 __all__ = [
     "LEVELS",
@@ -101,57 +102,6 @@ __all__ = [
     "allocate_bits",
     "row_ranges",
 ]
-
-# Ops whose backward reads only indices (and shapes) of their saved input.
-_VALUE_FREE = frozenset(
-    {"max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices",
-     "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_max_pool1d",
-     "adaptive_max_pool2d", "adaptive_max_pool3d", "fractional_max_pool2d"}
-)  # fmt: skip
-
-
-# --------------------------------------------------------------------------- #
-# Device side
-# --------------------------------------------------------------------------- #
-
-
-def row_ranges(x2: Tensor, group_size: int) -> Tensor:
-    """``R[n] = sum over row n's groups of range**2 * interior / 6`` (float32).
-
-    ``interior`` counts the group's elements strictly above its minimum: a
-    value on the bottom of the grid (a ReLU zero, an image's background) is
-    coded exactly and adds no rounding noise.  Non-finite rows get 0: they
-    decode to their non-finite values whatever their width.  No host
-    synchronisation.
-    """
-    rows, cols = x2.shape
-    ngroups = -(-cols // group_size)
-    pad = ngroups * group_size - cols
-    xf = x2.detach().float()
-    if pad:
-        xf = torch.cat([xf, xf[:, -1:].expand(rows, pad)], dim=1)
-    groups = xf.reshape(rows, ngroups, group_size)
-    lo, hi = torch.aminmax(groups, dim=-1)
-    above = groups > lo.unsqueeze(-1)
-    if pad:  # padding repeats the last element; it is not coded
-        valid = torch.arange(ngroups * group_size, device=xf.device) < cols
-        above = above & valid.view(ngroups, group_size)
-    interior = above.sum(-1, dtype=torch.float32)
-    r = ((hi - lo).square() * interior).sum(-1) * (1.0 / 6.0)
-    return torch.where(torch.isfinite(r), r, 0.0)
-
-
-def _locations(op: str | None, shape: tuple[int, ...], args: tuple) -> float:
-    """ActNN's ``num_locations / num_pixels`` for a tensor of ``shape`` read by ``op``."""
-    if len(shape) < 2:
-        return 1.0
-    per_row = math.prod(shape[1:])
-    if op is not None and op.startswith("conv"):
-        weight = args[1] if len(args) > 1 and isinstance(args[1], Tensor) else None
-        kernel = math.prod(weight.shape[2:]) if weight is not None and weight.dim() > 2 else 1
-        return kernel / max(1, math.prod(shape[2:]))
-    channels = shape[1] if op in CHANNEL_FIRST_OPS else shape[-1]
-    return 1.0 / max(1, per_row // max(1, channels))
 
 
 class _OpWatch(TorchFunctionMode):
@@ -268,6 +218,7 @@ class ActNNMixed(ActNN):
     """
 
     levels = (3, 4, 5)  # what ActNN(level=...) builds with this class
+    thread_safe = False  # per-forward statistics and swap lists
 
     name = "actnn-mixed"
     keeps_relu_exact = True
@@ -435,6 +386,11 @@ class ActNNMixed(ActNN):
             L.counts = None if d["counts"] is None else [tuple(c) for c in d["counts"]]
             L.counts_rows, L.step = int(d["counts_rows"]), int(d["step"])
             self._layers[key] = L
+
+    def __reduce__(self) -> tuple:
+        # Copies and pickles carry the settings and the statistics; the swap
+        # machinery (CUDA streams) and the op watch are rebuilt.
+        return (_rebuild, (type(self), self._config, self.state_dict(), self._simulate_swap))
 
     def fork(self, seed: int | None = None) -> ActNNMixed:
         """A new strategy with the same settings and statistics (and ``seed``)."""
@@ -689,7 +645,7 @@ class ActNNMixed(ActNN):
     def _attribute(self, L: _Layer, op: str | None, swap_ref: Any) -> None:
         """Record that ``op`` reads the values of ``L`` in backward."""
         base = (op or "").strip("_")
-        if reads_region_only(base) or base in _VALUE_FREE:
+        if reads_region_only(base) or base in VALUE_FREE_OPS:
             return  # backward reads an exact sign pattern or indices only
         if base in NORM_OPS:
             L.pinned = True
@@ -697,7 +653,7 @@ class ActNNMixed(ActNN):
             L.unknown = True
             return
         L.consumers += 1
-        scale = _locations(op, L.shape, self._watch.args) / max(1, L.rows)
+        scale = locations(op, L.shape, self._watch.args) / max(1, L.rows)
         self._watch.pending.append((L, scale, swap_ref))
 
     def _hook_outputs(self, out: Any, pending: list) -> None:
@@ -776,3 +732,10 @@ def _expandable_segments() -> str:
             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before starting Python"
         )
     return "enabled expandable_segments in the CUDA caching allocator (process-wide)"
+
+
+def _rebuild(cls: type, config: dict[str, Any], state: dict[str, Any], simulate: bool) -> Any:
+    new = cls(**config)
+    new.load_state_dict(state)
+    new._simulate_swap = simulate
+    return new

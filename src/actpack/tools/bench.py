@@ -1,13 +1,15 @@
 """``actpack bench``: strategies and their alternatives side by side, in one process.
 
-For one built-in model and batch, every row is measured in the same process
+For one model and batch, every row is measured in the same process
 on the same inputs:
 
 * bytes autograd holds for backward (exact, :func:`actpack.measure`), and
   their ratio to plain fp32 training;
 * time of a forward + backward step relative to ``none``: the median of
-  ``--steps`` timed steps after warm-up, the rows interleaved round-robin so
-  that drift of the machine hits them all alike;
+  ``--steps`` timed rounds after warm-up, on one CPU thread by default; each
+  round times every row once, in alternating order, so that drift of the
+  machine hits them all alike.  A warning says when the timings vary too much
+  between rounds to trust the ratios;
 * peak memory of the step and the largest batch that fits (binary search,
   CUDA only: an out-of-memory error is caught and cleaned up per trial).
 
@@ -16,9 +18,14 @@ Besides actpack's strategies it measures what a user would pick instead:
 activation checkpointing of each block of the model's main block container)
 and ``save_on_cpu`` (:func:`torch.autograd.graph.save_on_cpu`; GPU only).
 
+The model is a built-in one (``--model resnet --size small``) or any
+model spec ``actpack report`` accepts: ``torchvision:resnet50``,
+``timm:NAME``, ``hf:gpt2``, ``hf:llama:small``.
+
 Example::
 
     actpack bench --model resnet --size small --batch-size 32 --steps 5
+    actpack bench --model hf:gpt2 --batch-size 8 --device cuda
 """
 
 from __future__ import annotations
@@ -40,23 +47,25 @@ from torch.utils.checkpoint import checkpoint
 
 import actpack
 from actpack.engine import DEFAULT_MIN_NUMEL
-from actpack.tools.models import MODELS, build_model, loss_for
-from actpack.tools.train import (
+from actpack.tools import args as cli_args
+from actpack.tools.args import HelpFormatter, UsageError, plain, positive_int, strategy_name
+from actpack.tools.common import (
     default_device,
     environment,
     make_strategy,
     mib,
     progress,
-    strategy_name,
     synchronize,
     write_json,
 )
+from actpack.tools.models import MODELS
+from actpack.tools.specs import ModelSpec, build
 
 __all__ = [
     "ALTERNATIVES",
     "Variant",
     "add_parser",
-    "block_container",
+    "block_containers",
     "checkpointed",
     "format_table",
     "largest_batch",
@@ -77,34 +86,44 @@ NA_GPU_ONLY = "n/a (GPU only)"
 # --------------------------------------------------------------------------- #
 
 
-def block_container(model: nn.Module) -> nn.Module:
-    """The ``nn.Sequential``/``nn.ModuleList`` holding ``model``'s main blocks.
+def block_containers(model: nn.Module) -> list[nn.Module]:
+    """The ``nn.Sequential``/``nn.ModuleList`` modules holding ``model``'s main blocks.
 
-    Looks for a well-known attribute (``stages`` of the built-in ResNet,
-    ``blocks`` of GPT/ViT, ``layers``, ``h``...), else takes the container
-    child with the most parameters.
+    A well-known attribute of ``model`` (``stages`` of the built-in ResNet,
+    ``blocks`` of GPT/ViT, ``layers``, ``h``...), else, of the modules with
+    containers of several blocks among their children, the one whose
+    containers hold the most parameters, with all those containers
+    (torchvision's ResNet: ``layer1`` .. ``layer4``; HuggingFace GPT-2:
+    ``transformer.h``).  Raises ``ValueError`` when there is none.
     """
     containers = (nn.Sequential, nn.ModuleList)
     for name in _CONTAINER_NAMES:
         child = getattr(model, name, None)
         if isinstance(child, containers) and len(child) > 0:
-            return child
-    candidates = [m for m in model.modules() if isinstance(m, containers) and len(m) > 1]
-    if not candidates:
+            return [child]
+    groups = [
+        kids
+        for parent in model.modules()
+        if (kids := [c for c in parent.children() if isinstance(c, containers) and len(c) > 1])
+    ]
+    if not groups:
         raise ValueError(f"{type(model).__name__} has no Sequential/ModuleList of blocks")
-    return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return max(groups, key=lambda kids: sum(p.numel() for c in kids for p in c.parameters()))
 
 
 @contextlib.contextmanager
-def checkpointed(model: nn.Module, container: nn.Module | None = None) -> Iterator[list[nn.Module]]:
-    """Run each child of ``container`` under non-reentrant activation checkpointing.
+def checkpointed(
+    model: nn.Module, containers: list[nn.Module] | None = None
+) -> Iterator[list[nn.Module]]:
+    """Run each child of ``containers`` (default: :func:`block_containers`) under
+    non-reentrant activation checkpointing.
 
     Only the children's ``forward`` is patched, and only inside the ``with``
     block: parameters, hooks and ``state_dict`` are untouched, and the
     original ``forward`` is restored on exit.  Yields the checkpointed blocks.
     """
-    container = block_container(model) if container is None else container
-    blocks = list(container.children())
+    containers = block_containers(model) if containers is None else containers
+    blocks = [block for c in containers for block in c.children()]
     patched: list[tuple[nn.Module, Any]] = []
     try:
         for block in blocks:
@@ -182,9 +201,11 @@ def _variants(args: argparse.Namespace, model: nn.Module, device: torch.device) 
                 )
             )
         elif name == "checkpoint":
-            container = block_container(model)
+            found = block_containers(model)
+            names = {id(m): n for n, m in model.named_modules()}
+            where = ", ".join(f"{names[id(c)]}[{len(c)}]" for c in found)
 
-            def ckpt(c: nn.Module = container) -> Any:
+            def ckpt(c: list[nn.Module] = found) -> Any:
                 return checkpointed(model, c)
 
             out.append(
@@ -193,8 +214,7 @@ def _variants(args: argparse.Namespace, model: nn.Module, device: torch.device) 
                     "alternative",
                     forward_ctx=ckpt,
                     measure_ctx=ckpt,
-                    note=f"torch.utils.checkpoint (non-reentrant) per block of "
-                    f"{type(container).__name__}[{len(container)}]",
+                    note=f"torch.utils.checkpoint (non-reentrant) around each block of {where}",
                 )
             )
         elif name == "save_on_cpu":
@@ -299,6 +319,60 @@ def largest_batch(
     return lo, False
 
 
+def spread(times: list[float]) -> float:
+    """Relative spread of repeated timings: median absolute deviation / median.
+
+    Robust to one outlier round (a median, not a range); 0.1 means half the
+    rounds were more than 10% off the median.
+    """
+    mid = statistics.median(times)
+    return statistics.median(abs(t - mid) for t in times) / mid if mid > 0 else 0.0
+
+
+#: Largest spread (see :func:`spread`) under which step-time ratios are shown without a warning.
+MAX_SPREAD = 0.05
+#: Rows that do all the work of ``none`` and more: measured faster, the timings are off.
+_NEVER_FASTER = ("actpack", "checkpoint", "save_on_cpu")
+
+
+def timing_warnings(rows: list[dict[str, Any]]) -> list[str]:
+    """Why the step times of a :func:`run` cannot be trusted, if they cannot (a few lines).
+
+    Two signs: rows whose timings vary between rounds by more than
+    :data:`MAX_SPREAD`; a row that does all the work of ``none`` and more
+    (every actpack strategy, checkpointing, ``save_on_cpu``) measured faster
+    than ``none`` by more than the spread of the two.
+    """
+    ref = next((r for r in rows if r["name"] == "none"), None)
+    timed = [r for r in rows if r.get("time_spread") is not None]
+    noisy = [
+        f"{r['name']} {100 * r['time_spread']:.0f}%" for r in timed if r["time_spread"] > MAX_SPREAD
+    ]
+    faster = []
+    for r in timed:
+        extra_work = r["kind"] in _NEVER_FASTER or r["name"] in _NEVER_FASTER
+        if ref is None or r is ref or not extra_work or not r.get("time_vs_none"):
+            continue
+        noise = max(r["time_spread"], ref.get("time_spread") or 0.0)
+        if r["time_vs_none"] < 1 - 2 * noise - 0.02:
+            faster.append(f"{r['name']} {r['time_vs_none']:.2f}x")
+    out = []
+    if noisy:
+        out.append(
+            f"step times vary between rounds (median absolute deviation): {', '.join(noisy)}; "
+            f"over {100 * MAX_SPREAD:.0f}% the time ratios are not to be trusted"
+        )
+    if faster:
+        out.append(
+            f"measured faster than none although they do all of its work and more: "
+            f"{', '.join(faster)}"
+        )
+    if out:
+        out.append("the machine's load changed while timing: rerun on an idle machine, or with "
+                   "more --steps")  # fmt: skip
+    return out
+
+
 def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every row; returns the JSON payload (also written to ``--json``)."""
     if args.threads:
@@ -306,19 +380,20 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.manual_seed(args.seed)
-    model, make_inputs = build_model(args.model, args.size)
+    spec = ModelSpec("builtin", args.model, args.size) if args.model in MODELS else args.model
+    model, make_inputs, loss_fn = build(spec)
     model.to(device).train()
-    loss_fn = loss_for(args.model)
     inputs = make_inputs(args.batch_size, device)
     variants = _variants(args, model, device)
     log(
-        f"actpack bench: {args.model}-{args.size}, batch {args.batch_size}, device {device}, "
-        f"{args.steps} timed step(s) after {args.warmup} warm-up, rows interleaved"
+        f"actpack bench: {spec}, batch {args.batch_size}, device {device}, "
+        f"{torch.get_num_threads()} thread(s), {args.steps} timed round(s) after "
+        f"{args.warmup} warm-up"
     )
 
     rows: list[dict[str, Any]] = []
     # Saved bytes.
-    for v in variants:
+    for v in progress(variants, quiet=args.quiet, desc="saved bytes", unit="row"):
         row: dict[str, Any] = {"name": v.name, "kind": v.kind, "note": v.note}
         if v.available and v.name != "save_on_cpu":
             with v.measure_ctx():
@@ -349,25 +424,28 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         )
         r["fp32_bytes"] = ref_bytes
 
-    # Step time, round-robin.
+    # Step time: every row once per round; the order alternates between rounds
+    # so that no row always runs right after the same other one.
     live = [v for v in variants if v.available]
-    for _ in range(args.warmup):
+    for _ in progress(range(args.warmup), quiet=args.quiet, desc="warm-up", unit="round"):
         for v in live:
             _step(model, inputs, loss_fn, v)
-    for _ in progress(range(args.steps), enabled=args.progress, desc="timing", unit="round"):
-        for v in live:
+    for k in progress(range(args.steps), quiet=args.quiet, desc="timing", unit="round"):
+        for v in live if k % 2 == 0 else live[::-1]:
             v.times.append(_timed(model, inputs, loss_fn, v, device))
     ref_time = next((statistics.median(v.times) for v in live if v.name == "none"), None)
     for v, r in zip(variants, rows):
         if v.times:
             r["time_per_step_s"] = statistics.median(v.times)
             r["times_s"] = v.times
+            r["time_spread"] = spread(v.times)
             r["time_vs_none"] = r["time_per_step_s"] / ref_time if ref_time else None
         else:
-            r.update(time_per_step_s=None, times_s=[], time_vs_none=None)
+            r.update(time_per_step_s=None, times_s=[], time_spread=None, time_vs_none=None)
 
     # Peak memory and largest batch (CUDA only).
-    for v, r in zip(variants, rows):
+    pairs = list(zip(variants, rows))
+    for v, r in progress(pairs, quiet=args.quiet or not cuda, desc="peak memory", unit="row"):
         if not cuda:
             r["peak_bytes"] = NA_CPU if v.available else None
             r["max_batch"] = NA_GPU_ONLY if v.available else None
@@ -394,15 +472,18 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         if v.engine is not None:
             v.engine.close()
 
+    config = {
+        k: (str(val) if isinstance(val, (Path, ModelSpec)) else val)
+        for k, val in vars(args).items()
+        if k != "func"
+    }
+    config.update(label=spec.label)
     payload = {
         "command": "bench",
-        "config": {
-            k: (str(val) if isinstance(val, Path) else val)
-            for k, val in vars(args).items()
-            if k not in ("func", "progress")
-        },
+        "config": config,
         "environment": environment(device),
         "rows": rows,
+        "warnings": timing_warnings(rows),
     }
     if args.json:
         write_json(args.json, payload)
@@ -428,8 +509,8 @@ def format_table(payload: dict[str, Any]) -> str:
         "| largest batch | vs none |"
     )
     out = [
-        f"{cfg['model']}-{cfg['size']}, batch {cfg['batch_size']}, device {cfg['device']}, "
-        f"forward + backward, median of {cfg['steps']} steps",
+        f"{cfg['label']}, batch {cfg['batch_size']}, device {cfg['device']}, "
+        f"forward + backward, median of {cfg['steps']} rounds",
         "",
         head,
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -459,22 +540,19 @@ def format_table(payload: dict[str, Any]) -> str:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.size not in MODELS[args.model]:
-        print(
-            f"actpack bench: error: unknown size {args.size!r} for {args.model}; "
-            f"choose from {list(MODELS[args.model])}",
-            file=sys.stderr,
-        )
-        return 2
-    if args.steps < 1:
-        print("actpack bench: error: --steps must be at least 1", file=sys.stderr)
-        return 2
+    spec = args.model
+    if spec.source == "builtin" and spec.size is None:
+        spec = ModelSpec("builtin", spec.name, args.size or "small")
+    elif args.size is not None:
+        raise UsageError(f"--size is for a built-in model given without a size, not {spec}")
+    args.model, args.size = (spec.name, spec.size) if spec.source == "builtin" else (spec, None)
     if "none" not in args.strategies:
         args.strategies = ["none", *args.strategies]  # the reference row
-    args.progress = not args.quiet and sys.stderr.isatty()
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     payload = run(args, log=log)
     print(format_table(payload), flush=True)
+    for line in payload["warnings"]:
+        print(f"actpack bench: warning: {line}", file=sys.stderr, flush=True)
     if args.json:
         log(f"wrote {args.json}")
     return 0
@@ -485,35 +563,46 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="bytes, step time, peak memory and largest batch per strategy and alternative",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=plain(__doc__),
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", choices=sorted(MODELS), default="resnet")
     sizes = "; ".join(f"{m}: {', '.join(s)}" for m, s in MODELS.items())
-    p.add_argument("--size", default="small", help=f"model size ({sizes}); default small")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=default_device())
+    p.add_argument(
+        "--model", type=cli_args.model_spec, default="resnet", metavar="SPEC",
+        help="built-in model (resnet, gpt, vit; or NAME:SIZE), torchvision:NAME, timm:NAME or "
+        "hf:TYPE[:tiny|small|full]",
+    )  # fmt: skip
+    p.add_argument("--size", default=None,
+                   help=f"size of a built-in model ({sizes}); default: small")  # fmt: skip
+    p.add_argument("--batch-size", type=positive_int, default=32, help="batch of the step")
+    p.add_argument("--device", type=cli_args.device, default=default_device(),
+                   help="torch device")  # fmt: skip
     p.add_argument(
         "--strategies", nargs="+", type=strategy_name,
         default=list(DEFAULT_STRATEGIES),
         metavar="NAME",
-        help="actpack strategies (any name actpack.resolve accepts); 'none' is always measured",
+        help="actpack strategies (any name actpack.resolve accepts); none is always measured",
     )  # fmt: skip
     p.add_argument(
         "--alternatives", nargs="*", choices=ALTERNATIVES, default=list(ALTERNATIVES),
-        help="what a user would pick instead (default: all); give none to skip",
+        help="what a user would pick instead; give the option alone to skip them",
     )  # fmt: skip
-    p.add_argument("--steps", type=int, default=5, help="timed steps per row (median)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per row first")
+    p.add_argument("--steps", type=positive_int, default=5,
+                   help="timed rounds (each row's median is reported)")  # fmt: skip
+    p.add_argument("--warmup", type=cli_args.nonnegative_int, default=1,
+                   help="untimed rounds first")  # fmt: skip
     p.add_argument(
-        "--max-batch-limit", type=int, default=1 << 14, metavar="B",
+        "--max-batch-limit", type=cli_args.nonnegative_int, default=1 << 14, metavar="B",
         help="upper bound of the largest-batch search on CUDA (0 skips the search)",
     )  # fmt: skip
-    p.add_argument("--min-numel", type=int, default=DEFAULT_MIN_NUMEL)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (default: leave torch's choice)")  # fmt: skip
-    p.add_argument("--json", type=Path, default=None, metavar="PATH")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--min-numel", type=cli_args.nonnegative_int, default=DEFAULT_MIN_NUMEL,
+                   help="smallest saved tensor (elements) that is compressed")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="torch.set_num_threads: one thread keeps timings comparable "
+                   "on a shared machine")  # fmt: skip
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="write every figure as JSON")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only the table")
     p.set_defaults(func=_cmd_bench)
     return p

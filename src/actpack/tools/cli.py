@@ -1,50 +1,78 @@
-"""Command-line interface: ``actpack report``, ``actpack train``, ``actpack bench``."""
+"""Command-line interface: ``actpack report``, ``actpack train``, ``actpack bench``.
+
+Run ``actpack COMMAND --help`` for a command's options.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any, Callable
 
 import torch
 
 from actpack.api import measure
 from actpack.strategies import STRATEGY_NAMES
+from actpack.tools import args as cli_args
 from actpack.tools import bench, train
-from actpack.tools.models import MODELS, build_model, loss_for
+from actpack.tools.args import HelpFormatter, UsageError, plain, positive_int
+from actpack.tools.common import autocast_context, progress_bar
+from actpack.tools.models import MODELS
+from actpack.tools.specs import ModelSpec, build, parse_spec
+
+__all__ = ["CORE_STRATEGIES", "build_parser", "format_table", "main", "report_rows"]
 
 # The report's default: one column per kind of encoding (levels are ActNN variants).
 CORE_STRATEGIES = ("none", "fp16", "bf16", "int8", "actnn", "division")
 
+REPORT_DOC = """Bytes autograd holds for backward in one training step, per model, dtype and
+strategy, counted exactly by actpack.measure, as a Markdown table.
 
-def _autocast(device: str, dtype: str | None):
-    if dtype in (None, "none", "fp32"):
-        return torch.autocast(device_type=device.split(":")[0], enabled=False)
-    return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
+Models are built-in (resnet, gpt, vit, with a size: resnet:tiny) or come from
+torchvision, timm or HuggingFace transformers when those are installed, with
+random weights and nothing downloaded:
+
+  torchvision:resnet50   timm:vit_small_patch16_224
+  hf:gpt2 (GPT-2 small, 124M)   hf:llama:small   hf:bert:tiny   hf:vit:tiny
+
+hf:TYPE[:SIZE] builds the config class of that model type: SIZE full (the
+config's defaults; hf:llama is 7B), small or tiny.
+
+Example:
+
+  actpack report --models resnet:small hf:gpt2:small --dtype fp32 bfloat16
+"""
 
 
 def report_rows(
-    model_name: str,
-    size: str,
+    spec: str | ModelSpec,
     batch_size: int,
     strategies: Sequence[str],
     device: str = "cpu",
     autocast: str | None = None,
     seed: int = 0,
+    on_row: Callable[[], Any] = lambda: None,
 ) -> list[dict]:
-    """Bytes saved for backward per strategy for one built-in model."""
+    """Bytes saved for backward per strategy for one model spec (see :mod:`actpack.tools.specs`).
+
+    ``autocast``: ``None``/``"fp32"`` or the autocast dtype name.  ``on_row``
+    is called after each strategy is measured (progress).
+    """
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.source == "builtin" and spec.size is None:
+        spec = ModelSpec("builtin", spec.name, "small")
     torch.manual_seed(seed)
-    model, make_inputs = build_model(model_name, size)
+    model, make_inputs, loss = build(spec)
     model.to(device).train()
     inputs = make_inputs(batch_size, device)
-    loss = loss_for(model_name)
     rows = []
     for name in strategies:
-        with _autocast(device, autocast):
+        with autocast_context(torch.device(device), autocast):
             rep = measure(model, *inputs, strategy=name, loss_fn=lambda out: loss(out, inputs))
         rows.append(
             {
-                "model": f"{model_name}-{size}",
+                "model": spec.label,
                 "dtype": autocast or "fp32",
                 "strategy": name,
                 "baseline_bytes": rep.baseline_bytes,
@@ -56,10 +84,12 @@ def report_rows(
                 "baseline_peak_bytes": rep.baseline_peak_bytes,
             }
         )
+        on_row()
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`report_rows` rows."""
     head = (
         "| model | dtype | strategy | saved for backward | compressed | ratio | bits/element "
         "| passed through |"
@@ -76,44 +106,72 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    total = len(args.models) * len(args.dtype) * len(args.strategies)
+    bar = progress_bar(total, quiet=args.quiet, desc="measuring", unit="row")
     rows = []
     for spec in args.models:
-        name, _, size = spec.partition(":")
         for dtype in args.dtype:
+            bar.set_postfix_str(f"{spec} {dtype}")
             rows += report_rows(
-                name, size or "small", args.batch_size, args.strategies, args.device, dtype
+                spec, args.batch_size, args.strategies, args.device, dtype, on_row=bar.update
             )
+    bar.close()
     print(format_table(rows))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="actpack", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("report", help="bytes saved for backward per strategy, as a table")
-    choices = "; ".join(f"{n}: {', '.join(sizes)}" for n, sizes in MODELS.items())
+def _add_report(sub: Any) -> None:
+    rep = sub.add_parser(
+        "report",
+        help="bytes saved for backward per strategy, as a table",
+        description=REPORT_DOC,
+        formatter_class=HelpFormatter,
+    )
+    sizes = "; ".join(f"{n}: {', '.join(s)}" for n, s in MODELS.items())
     rep.add_argument(
-        "--models", nargs="+", default=["resnet:small", "gpt:small"],
-        help=f"NAME[:SIZE] (default size small); {choices}",
+        "--models", nargs="+", type=cli_args.model_spec,
+        default=[parse_spec("resnet:small"), parse_spec("gpt:small")], metavar="SPEC",
+        help=f"NAME[:SIZE] of a built-in model (SIZE small when omitted; {sizes}), "
+        "torchvision:NAME, timm:NAME or hf:TYPE[:tiny|small|full]",
     )  # fmt: skip
     rep.add_argument(
-        "--strategies", nargs="+", default=list(CORE_STRATEGIES), choices=STRATEGY_NAMES
-    )
-    rep.add_argument("--batch-size", type=int, default=8)
-    rep.add_argument("--device", default="cpu")
+        "--strategies", nargs="+", default=list(CORE_STRATEGIES), choices=STRATEGY_NAMES,
+        metavar="NAME", help=f"one row each; from {', '.join(STRATEGY_NAMES)}",
+    )  # fmt: skip
+    rep.add_argument("--batch-size", type=positive_int, default=8, help="batch of the step")
+    rep.add_argument("--device", type=cli_args.device, default="cpu", help="torch device")
     rep.add_argument(
         "--dtype", nargs="+", default=["fp32"], choices=["fp32", "bfloat16", "float16"],
-        help="fp32, or the autocast dtype",
+        metavar="DTYPE", help="fp32, or the autocast dtype (bfloat16, float16); rows for each",
     )  # fmt: skip
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
     rep.set_defaults(func=_cmd_report)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``actpack`` parser and its subcommands' parsers by name."""
+    parser = argparse.ArgumentParser(
+        prog="actpack", description=plain(__doc__), formatter_class=HelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_report(sub)
     train.add_parser(sub)
     bench.add_parser(sub)
-    return parser
+    return parser, dict(sub.choices)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run ``actpack`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status.
+
+    Bad input exits through argparse (status 2, one ``error:`` line).
+    """
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    cli_args.check_optional(getattr(args, "quiet", False))
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        commands[args.command].error(str(exc))
 
 
 if __name__ == "__main__":

@@ -16,15 +16,10 @@ Example::
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,119 +29,29 @@ from torch import Tensor, nn
 
 import actpack
 from actpack.engine import DEFAULT_MIN_NUMEL
+from actpack.tools import args as cli_args
+from actpack.tools.args import HelpFormatter, UsageError, plain, positive_int, strategy_name
+from actpack.tools.common import (
+    autocast_context,
+    default_device,
+    environment,
+    make_strategy,
+    mib,
+    progress,
+    synchronize,
+    write_json,
+)
 from actpack.tools.data import DatasetMissingError, load_fashion_mnist
 from actpack.tools.models import MODELS, build_model
+from actpack.tools.plots import plot_training
 
-__all__ = ["add_parser", "environment", "make_strategy", "run", "strategy_name", "summarize"]
+__all__ = ["add_parser", "format_summary", "run", "summarize"]
 
 TRAIN_MODELS = ("resnet", "vit")
 AUTOCAST_CHOICES = ("none", "bfloat16", "float16")
 DEFAULT_OPTIMIZER = {"resnet": "sgd", "vit": "adamw"}
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
-
-
-# --------------------------------------------------------------------------- #
-# Shared helpers (also used by ``actpack bench``)
-# --------------------------------------------------------------------------- #
-
-
-def strategy_name(value: str) -> str:
-    """argparse type: any name :func:`actpack.resolve` accepts."""
-    try:
-        actpack.resolve(value)
-    except (ValueError, TypeError) as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
-
-
-def make_strategy(name: str, seed: int) -> actpack.Strategy:
-    """A fresh strategy for ``name`` whose random state is seeded with ``seed``."""
-    strategy = actpack.resolve(name)
-    state = strategy.state_dict()
-    if "seed" in state:
-        state["seed"] = int(seed)
-        strategy.load_state_dict(state)
-    return strategy
-
-
-def autocast_context(device: torch.device, dtype: str | None) -> Any:
-    if dtype in (None, "none"):
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Versions and machine description stored with every result."""
-    env: dict[str, Any] = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "actpack": actpack.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env["gpu"] = props.name
-        env["gpu_memory_bytes"] = props.total_memory
-        env["cuda"] = torch.version.cuda
-    return env
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def write_json(path: str | os.PathLike, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (torch.device, torch.dtype)):
-        return str(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def mib(n: float | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
-
-
-def progress(iterable: Any, *, enabled: bool, **kwargs: Any) -> Any:
-    """tqdm progress bar on stderr when enabled and available."""
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is an optional dependency
-        return iterable
-    return tqdm(iterable, leave=False, dynamic_ncols=True, file=sys.stderr, **kwargs)
 
 
 # --------------------------------------------------------------------------- #
@@ -196,22 +101,30 @@ def _schedule(args: argparse.Namespace, optimizer: torch.optim.Optimizer, total:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device: torch.device, autocast: str
-) -> tuple[float, float]:
-    """(mean loss, accuracy in %) of ``model`` on ``(x, y)``."""
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    device: torch.device,
+    autocast: str,
+    quiet: bool = True,
+) -> tuple[float, float, Tensor]:
+    """(mean loss, accuracy in %, bool per image: classified right) of ``model`` on ``(x, y)``."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    for i in range(0, len(x), batch_size):
+    right = []
+    starts = range(0, len(x), batch_size)
+    for i in progress(starts, quiet=quiet, desc="test", unit="batch"):
         xb, yb = x[i : i + batch_size], y[i : i + batch_size]
         with autocast_context(device, autocast):
             out = model(xb)
         loss_sum += F.cross_entropy(out.float(), yb, reduction="sum").double()
-        correct += (out.argmax(1) == yb).sum()
+        right.append(out.argmax(1) == yb)
     model.train(was_training)
+    correct = torch.cat(right).cpu() if right else torch.zeros(0, dtype=torch.bool)
     n = max(1, len(x))
-    return loss_sum.item() / n, 100.0 * correct.item() / n
+    return loss_sum.item() / n, 100.0 * correct.sum().item() / n, correct
 
 
 def _saved(stats: Any) -> dict[str, Any]:
@@ -271,7 +184,7 @@ def train_one(
             t_epoch = time.perf_counter()
             bar = progress(
                 range(steps_per_epoch),
-                enabled=args.progress,
+                quiet=args.quiet,
                 desc=f"{strategy} s{seed} e{epoch}/{args.epochs}",
                 unit="step",
             )
@@ -300,8 +213,8 @@ def train_one(
             train_loss = loss_sum.item() / len(train_x)
             if not math.isfinite(train_loss):
                 log(f"[{strategy} seed {seed}] training diverged (loss {train_loss})")
-            test_loss, test_acc = evaluate(
-                model, test_x, test_y, args.eval_batch_size, device, args.autocast
+            test_loss, test_acc, correct_images = evaluate(
+                model, test_x, test_y, args.eval_batch_size, device, args.autocast, args.quiet
             )
             times = step_times[1:] if len(step_times) > 1 else step_times
             ep = {
@@ -333,6 +246,9 @@ def train_one(
         actpack.unwrap(model)
     last = record["epochs"][-1]
     record.update(
+        # Per test image, 1 if the final model got it right: differences
+        # between strategies are paired on the same images (see summarize).
+        test_correct="".join("1" if c else "0" for c in correct_images.tolist()),
         final_test_acc=last["test_acc"],
         final_test_loss=last["test_loss"],
         saved=record["epochs"][0]["saved"],
@@ -342,8 +258,41 @@ def train_one(
     return record
 
 
+def paired_delta(runs: list[dict[str, Any]], name: str, ref: str = "none") -> tuple[float, float]:
+    """Accuracy of ``name`` minus that of ``ref`` (points) and its standard error.
+
+    Both are evaluated on the same test images, so the difference is paired:
+    per image ``i`` and seed ``j``, ``d_ij`` = 1 if only ``name`` classified it
+    right, -1 if only ``ref`` did, else 0.  Over the ``k`` seeds both
+    strategies ran, ``D_i`` is the mean of ``d_ij`` and ``delta_j`` the mean
+    of ``d_ij`` over the ``n`` images.  The delta is ``100 mean(D)``; its
+    standard error adds two variances:
+
+    * ``var(D) / n``: how far the delta would move on another test set of
+      that size (on 51 images, each image the two disagree on moves it by 2
+      points);
+    * ``var(delta_j) / k`` with several seeds: how far it would move with
+      other seeds (this counts the test-set noise of each seed again, so the
+      sum errs on the large side).
+
+    Raises ``ValueError`` when the runs share no seed.
+    """
+    mine = {r["seed"]: r["test_correct"] for r in runs if r["strategy"] == name}
+    refs = {r["seed"]: r["test_correct"] for r in runs if r["strategy"] == ref}
+    seeds = sorted(set(mine) & set(refs))
+    if not seeds:
+        raise ValueError(f"{name} and {ref} share no seed")
+    n, k = len(mine[seeds[0]]), len(seeds)
+    d = [[int(mine[j][i]) - int(refs[j][i]) for i in range(n)] for j in seeds]
+    per_image = [statistics.fmean(col) for col in zip(*d)]
+    var = statistics.variance(per_image) / n if n > 1 else math.inf
+    if k > 1:
+        var += statistics.variance(statistics.fmean(row) for row in d) / k
+    return 100.0 * statistics.fmean(per_image), 100.0 * math.sqrt(var)
+
+
 def summarize(runs: list[dict[str, Any]], strategies: list[str]) -> list[dict[str, Any]]:
-    """One row per strategy: mean/std test accuracy over seeds, bytes, relative time."""
+    """One row per strategy: mean/std test accuracy over seeds, delta vs none, bytes, time."""
     rows = []
     for name in strategies:
         mine = [r for r in runs if r["strategy"] == name]
@@ -359,6 +308,7 @@ def summarize(runs: list[dict[str, Any]], strategies: list[str]) -> list[dict[st
                 "test_acc_mean": statistics.fmean(accs),
                 "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 "test_accs": accs,
+                "test_images": len(mine[0]["test_correct"]),
                 "baseline_bytes": saved.get("baseline_bytes"),
                 "compressed_bytes": saved.get("compressed_bytes"),
                 "ratio": saved.get("ratio"),
@@ -368,7 +318,9 @@ def summarize(runs: list[dict[str, Any]], strategies: list[str]) -> list[dict[st
         )
     ref = next((r for r in rows if r["strategy"] == "none"), None)
     for row in rows:
-        row["acc_delta_vs_none"] = row["test_acc_mean"] - ref["test_acc_mean"] if ref else None
+        row["acc_delta_vs_none"] = row["acc_delta_se"] = None
+        if ref is not None and set(row["seeds"]) & set(ref["seeds"]):
+            row["acc_delta_vs_none"], row["acc_delta_se"] = paired_delta(runs, row["strategy"])
         row["time_vs_none"] = row["time_per_step_s"] / ref["time_per_step_s"] if ref else None
     return rows
 
@@ -377,10 +329,24 @@ def _ratio(value: float | None) -> str:
     return "n/a" if not value else f"{value:.2f}x"
 
 
+def _accuracy(row: dict[str, Any]) -> str:
+    if len(row["seeds"]) == 1:  # no spread to show: one seed says nothing about it
+        return f"{row['test_acc_mean']:.2f} (n=1)"
+    return f"{row['test_acc_mean']:.2f} ± {row['test_acc_std']:.2f} (n={len(row['seeds'])})"
+
+
+def _delta(row: dict[str, Any]) -> str:
+    if row["acc_delta_vs_none"] is None:
+        return "n/a"
+    if row["strategy"] == "none":
+        return "0 (reference)"
+    return f"{row['acc_delta_vs_none']:+.2f} ± {row['acc_delta_se']:.2f}"
+
+
 def format_summary(rows: list[dict[str, Any]], cuda: bool) -> str:
-    """Markdown table of :func:`summarize` rows."""
+    """Markdown table of :func:`summarize` rows, and a line on the noise of the deltas."""
     head = (
-        "| strategy | test acc (mean ± std) | Δ vs none | saved for backward | compressed "
+        "| strategy | test acc (mean ± std) | Δ vs none ± s.e. | saved for backward | compressed "
         "| ratio | time/step | vs none |"
     )
     sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
@@ -389,70 +355,23 @@ def format_summary(rows: list[dict[str, Any]], cuda: bool) -> str:
         sep += "---:|"
     out = [head, sep]
     for r in rows:
-        delta = "n/a" if r["acc_delta_vs_none"] is None else f"{r['acc_delta_vs_none']:+.2f}"
         rel = "n/a" if r["time_vs_none"] is None else f"{r['time_vs_none']:.2f}x"
         line = (
-            f"| {r['strategy']} | {r['test_acc_mean']:.2f} ± {r['test_acc_std']:.2f} "
-            f"(n={len(r['seeds'])}) | {delta} | {mib(r['baseline_bytes'])} | "
+            f"| {r['strategy']} | {_accuracy(r)} | {_delta(r)} | {mib(r['baseline_bytes'])} | "
             f"{mib(r['compressed_bytes'])} | {_ratio(r['ratio'])} | "
             f"{1e3 * r['time_per_step_s']:.1f} ms | {rel} |"
         )
         if cuda:
             line += f" {mib(r['peak_bytes'])} |"
         out.append(line)
+    if any(r["acc_delta_se"] is not None for r in rows):
+        out += [
+            "",
+            f"s.e.: standard error of the accuracy difference, over the {rows[0]['test_images']} "
+            "test images (paired: every strategy is tested on the same images) and the seeds. "
+            "A delta within 2 s.e. of 0 is noise.",
+        ]
     return "\n".join(out)
-
-
-def plot(payload: dict[str, Any], path: str | os.PathLike) -> None:
-    """PNG: test accuracy per epoch per strategy, and bytes saved for backward."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs, rows = payload["runs"], payload["summary"]
-    fig, (ax_acc, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for row in rows:
-        mine = [r for r in runs if r["strategy"] == row["strategy"]]
-        epochs = [e["epoch"] for e in mine[0]["epochs"]]
-        curves = [[e["test_acc"] for e in r["epochs"]] for r in mine]
-        mean = [statistics.fmean(vals) for vals in zip(*curves)]
-        (line,) = ax_acc.plot(epochs, mean, marker="o", label=row["strategy"])
-        if len(curves) > 1:
-            lo = [min(vals) for vals in zip(*curves)]
-            hi = [max(vals) for vals in zip(*curves)]
-            ax_acc.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.15)
-    cfg = payload["config"]
-    ax_acc.set(
-        xlabel="epoch",
-        ylabel="test accuracy (%)",
-        title=f"Fashion-MNIST, {cfg['model']}-{cfg['size']} (mean, min-max over seeds)",
-    )
-    ax_acc.grid(alpha=0.3)
-    ax_acc.legend()
-
-    names = [r["strategy"] for r in rows]
-    base = [(r["baseline_bytes"] or 0) / 2**20 for r in rows]
-    comp = [(r["compressed_bytes"] or 0) / 2**20 for r in rows]
-    xs = range(len(names))
-    width = 0.4
-    ax_mem.bar([x - width / 2 for x in xs], base, width, label="without actpack")
-    bars = ax_mem.bar([x + width / 2 for x in xs], comp, width, label="with strategy")
-    for bar, r in zip(bars, rows):
-        ax_mem.annotate(
-            _ratio(r["ratio"]),
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-        )
-    ax_mem.set_xticks(list(xs), names)
-    ax_mem.set(ylabel="MiB", title=f"saved for backward per step (batch {cfg['batch_size']})")
-    ax_mem.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
@@ -463,9 +382,7 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
     data = load_fashion_mnist(args.data, subset=args.subset, test_subset=args.test_subset)
     data = tuple(t.to(device) for t in data)
     config = {
-        k: (str(v) if isinstance(v, Path) else v)
-        for k, v in vars(args).items()
-        if k not in ("func", "progress")
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"
     }
     config.update(train_samples=len(data[0]), test_samples=len(data[2]))
     payload: dict[str, Any] = {
@@ -487,37 +404,36 @@ def run(args: argparse.Namespace, log: Any = print) -> dict[str, Any]:
             payload["summary"] = summarize(payload["runs"], args.strategies)
             if args.json:
                 write_json(args.json, payload)
-    log("")
-    log(format_summary(payload["summary"], device.type == "cuda"))
-    if args.json:
-        log(f"wrote {args.json}")
     if args.plot:
-        plot(payload, args.plot)
-        log(f"wrote {args.plot}")
+        plot_training(payload, args.plot)
     return payload
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.size not in MODELS[args.model]:
+        raise UsageError(
+            f"unknown size {args.size!r} for {args.model}; "
+            f"choose from {', '.join(MODELS[args.model])}"
+        )
+    if args.plot is not None:
+        cli_args.require("matplotlib", "--plot")
     if args.optimizer is None:
         args.optimizer = DEFAULT_OPTIMIZER[args.model]
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     if args.weight_decay is None:
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
-    if args.size not in MODELS[args.model]:
-        print(
-            f"actpack train: error: unknown size {args.size!r} for {args.model}; "
-            f"choose from {list(MODELS[args.model])}",
-            file=sys.stderr,
-        )
-        return 2
-    args.progress = not args.quiet and sys.stderr.isatty()
     log = (lambda *a, **k: None) if args.quiet else print
     try:
-        run(args, log=lambda msg: log(msg, flush=True))
+        payload = run(args, log=lambda msg: log(msg, flush=True))
     except DatasetMissingError as exc:
         print(f"actpack train: error: {exc}", file=sys.stderr)
         return 2
+    log("")
+    print(format_summary(payload["summary"], args.device.startswith("cuda")), flush=True)
+    for path in (args.json, args.plot):
+        if path is not None:
+            log(f"wrote {path}")
     return 0
 
 
@@ -526,14 +442,14 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a built-in model on Fashion-MNIST under several strategies",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=plain(__doc__),
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", choices=TRAIN_MODELS, default="resnet")
+    p.add_argument("--model", choices=TRAIN_MODELS, default="resnet", help="built-in model")
     sizes = "; ".join(f"{m}: {', '.join(MODELS[m])}" for m in TRAIN_MODELS)
-    p.add_argument("--size", default="tiny", help=f"model size ({sizes}); default tiny")
+    p.add_argument("--size", default="tiny", help=f"model size ({sizes})")
     p.add_argument(
-        "--width", type=int, default=None,
+        "--width", type=positive_int, default=None,
         help="override the model width (resnet: base channels, vit: embedding dim)",
     )  # fmt: skip
     p.add_argument(
@@ -542,39 +458,45 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="strategies trained one after another from the same weights and data order "
         "(any name actpack.resolve accepts: " + ", ".join(actpack.STRATEGY_NAMES) + ", ...)",
     )  # fmt: skip
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--eval-batch-size", type=int, default=1000)
+    p.add_argument("--epochs", type=positive_int, default=3, help="passes over the training set")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="training batch")
+    p.add_argument("--eval-batch-size", type=positive_int, default=1000, help="test batch")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
                    help="default: sgd (momentum 0.9, nesterov) for resnet, "
                    "adamw for vit")  # fmt: skip
-    p.add_argument("--lr", type=float, default=None, help="default: 0.1 for sgd, 1e-3 for adamw")
-    p.add_argument("--weight-decay", type=float, default=None,
+    p.add_argument("--lr", type=cli_args.positive_float, default=None,
+                   help="peak learning rate; default: 0.1 for sgd, 1e-3 for adamw")  # fmt: skip
+    p.add_argument("--weight-decay", type=cli_args.nonnegative_float, default=None,
                    help="default: 5e-4 for sgd, 0.05 for adamw")  # fmt: skip
-    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
-    p.add_argument("--warmup", type=float, default=0.0,
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                   help="learning-rate schedule after the warmup")  # fmt: skip
+    p.add_argument("--warmup", type=cli_args.fraction, default=0.0,
                    help="fraction of the steps with a linear learning-rate warmup")  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[0],
                    help="one run per seed and strategy; accuracy is reported as "
                    "mean ± std")  # fmt: skip
-    p.add_argument("--device", default=default_device())
-    p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="none")
-    p.add_argument("--subset", type=int, default=None, metavar="N",
-                   help="train on the first N training and N//5 test samples")  # fmt: skip
-    p.add_argument("--test-subset", type=int, default=None, metavar="M",
-                   help="evaluate on the first M test samples (default: all, or N//5 "
+    p.add_argument("--device", type=cli_args.device, default=default_device(),
+                   help="torch device")  # fmt: skip
+    p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="none",
+                   help="autocast dtype of the forward, or none")  # fmt: skip
+    p.add_argument("--subset", type=positive_int, default=None, metavar="N",
+                   help="train on the first N training and N//5 test samples "
+                   "(default: all 60000)")  # fmt: skip
+    p.add_argument("--test-subset", type=positive_int, default=None, metavar="M",
+                   help="evaluate on the first M test samples (default: all 10000, or N//5 "
                    "with --subset)")  # fmt: skip
     p.add_argument("--data", type=Path, default=None, metavar="DIR",
-                   help="directory with the Fashion-MNIST IDX files "
-                   "(default /usr/share/datasets/fashion-mnist)")  # fmt: skip
-    p.add_argument("--min-numel", type=int, default=DEFAULT_MIN_NUMEL,
+                   help="directory with the Fashion-MNIST IDX files (default: "
+                   "$ACTPACK_FASHION_MNIST or /usr/share/datasets/fashion-mnist)")  # fmt: skip
+    p.add_argument("--min-numel", type=cli_args.nonnegative_int, default=DEFAULT_MIN_NUMEL,
                    help="smallest saved tensor (elements) that is compressed")  # fmt: skip
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch.set_num_threads (default: leave torch's choice)")  # fmt: skip
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="write every figure (per epoch and per run) as JSON")  # fmt: skip
     p.add_argument("--plot", type=Path, default=None, metavar="PATH",
-                   help="write a PNG of accuracy curves and bytes saved for backward")  # fmt: skip
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no per-epoch lines")
+                   help="write a PNG of accuracy curves and bytes saved for backward "
+                   "(needs matplotlib)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no per-epoch lines")
     p.set_defaults(func=_cmd_train)
     return p

@@ -1,0 +1,132 @@
+"""Bit packing compiled for the CPU by TorchInductor, contiguous loads only.
+
+The stream is the reference's (:mod:`actpack.codecs.pack`): element ``i``
+occupies bits ``[i*bits, (i+1)*bits)``, least significant first.  Gathering
+the ``8 // bits`` codes of a byte would make Inductor load with a stride,
+one element at a time.  Instead the uint8 codes are viewed as words of four
+(int32) or eight (int64) codes, little-endian, and each word is folded with
+shifts into the ``bits * codes / 8`` bytes it packs to: one byte for 1 and 2
+bits, several for the others.  Unpacking spreads each word's bytes back into
+one word of uint8 codes the same way.  (int16 words would suit 4 bits, but
+Inductor does not vectorise int16.)
+
+Packing is compiled on its own, once per bit width, and the codecs call it
+on the uint8 codes their bodies write: viewing the codes as words needs a
+buffer, and a codec body that flattened its codes for the view would be
+compiled as one flat loop with a division per index.  The codes array (a
+quarter of a float32 input) is the only full-size temporary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from actpack.codecs import pack as ref
+from actpack.codecs.compiled import build
+from actpack.codecs.pack import _check_bits, packed_numel
+
+__all__ = ["pack_bits", "pack_codes", "pack_mask", "unpack_bits", "unpack_codes", "unpack_mask"]
+
+
+def _word(bits: int) -> tuple[int, torch.dtype, int]:
+    """(codes per word, word dtype, packed bytes per word) for ``bits`` < 8."""
+    per = 4 if bits % 2 == 0 else 8  # 4 codes of an even width fill whole bytes
+    return per, (torch.int32 if per == 4 else torch.int64), per * bits // 8
+
+
+def _packer(bits: int):
+    per, dtype, nbytes = _word(bits)
+    mask = (1 << bits) - 1
+
+    def pack_words(codes: Tensor):
+        n = codes.shape[0]
+        pad = -n % per
+        if pad:
+            codes = F.pad(codes, (0, pad))
+        word = codes.view(dtype)  # codes < 128: words are never negative
+        folded = word & mask
+        for i in range(1, per):
+            folded = folded | ((word >> (8 * i - bits * i)) & (mask << (bits * i)))
+        if nbytes == 1:
+            return folded.to(torch.uint8)
+        out = torch.stack([(folded >> (8 * m)) & 0xFF for m in range(nbytes)], dim=1)
+        return out.to(torch.uint8).reshape(-1)[: (n * bits + 7) // 8]
+
+    return pack_words
+
+
+def _unpacker(bits: int):
+    per, dtype, nbytes = _word(bits)
+    mask = (1 << bits) - 1
+
+    def unpack_words(stream: Tensor, words: Tensor):
+        # ``words``: an empty (count, 0) tensor whose first size is the word count.
+        if nbytes == 1:
+            word = stream.to(dtype)
+        else:
+            count = words.shape[0]
+            stream = F.pad(stream, (0, count * nbytes - stream.shape[0])).view(count, nbytes)
+            word = stream[:, 0].to(dtype)
+            for m in range(1, nbytes):
+                word = word | (stream[:, m].to(dtype) << (8 * m))
+        spread = word & mask
+        for i in range(1, per):
+            spread = spread | (((word >> (bits * i)) & mask) << (8 * i))
+        return spread
+
+    return unpack_words
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Packed stream of contiguous uint8 ``codes`` (any shape; 8 bits: the codes
+    themselves, not a copy)."""
+    flat = codes.reshape(-1)
+    if bits == 8 or flat.numel() == 0:
+        return flat if bits == 8 else ref.pack_bits(flat, bits)
+    with torch.no_grad():
+        out = build.run(_packer, (bits,), (flat,))
+    return ref.pack_bits(flat, bits) if out is None else out
+
+
+def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """The first ``numel`` codes of a packed stream, 1-D uint8 (8 bits: a view)."""
+    need = packed_numel(numel, bits)
+    if packed.numel() < need:
+        raise ValueError(f"packed holds {packed.numel()} bytes, {need} needed for {numel} codes")
+    stream = packed.detach().reshape(-1)[:need]
+    if bits == 8 or numel == 0:
+        return stream
+    words = -(-numel // _word(bits)[0])
+    with torch.no_grad():
+        out = build.run(_unpacker, (bits,), (stream, stream.new_empty(words, 0)))
+    if out is None:
+        return ref.unpack_bits(stream, bits, numel)
+    return out.view(torch.uint8)[:numel]
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Compiled :func:`actpack.codecs.pack_bits` (bool inputs are read as 0/1)."""
+    _check_bits(bits)
+    flat = codes.detach().reshape(-1)
+    flat = flat.view(torch.uint8) if flat.dtype == torch.bool else flat.to(torch.uint8)
+    return flat.clone() if bits == 8 else pack_codes(flat, bits)
+
+
+def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """Compiled :func:`actpack.codecs.unpack_bits`: 1-D uint8 codes of length ``numel``."""
+    _check_bits(bits)
+    codes = unpack_codes(packed, bits, numel)
+    return codes.clone() if bits == 8 or numel == 0 else codes
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A bool tensor packed 1 bit per element (no uint8 copy of the mask)."""
+    return pack_bits(mask, 1)
+
+
+def unpack_mask(packed: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`pack_mask`: a bool tensor of ``shape``."""
+    shape = torch.Size(shape)
+    return unpack_bits(packed, 1, shape.numel()).view(torch.bool).view(shape)

@@ -1,0 +1,132 @@
+"""Compile a codec body once per configuration; fall back to the reference.
+
+A *body* is a plain PyTorch function (``x, seed, ...`` tensors in, tensors
+out) whose configuration (bit width, dtypes, flags, block sizes) is bound in
+a closure by a *factory*.  :func:`run` compiles ``factory(*key)`` with
+TorchInductor on first use and calls it.
+
+Three details keep compilations few and results exact:
+
+* Every dimension of every tensor argument is marked dynamic, so one
+  compilation serves every shape (sizes 0 and 1 aside), and the bodies take
+  sizes as tensor dimensions, never as int arguments.  Everything else is
+  static (``dynamic=False``): the closure's integers become constants, so
+  Inductor's loops divide by constants, which it vectorises.  Dynamo's
+  default would turn an integer dynamic once it changes, and it tracks that
+  per function name and line, across configurations: a bit width then
+  became symbolic, and Inductor miscompiled ``mask << (bits * i)``.
+* Dynamo keeps its compiled graphs per code object and gives up (runs the
+  function uncompiled) after ``recompile_limit`` graphs.  Every closure made
+  by one factory shares a code object, so each configuration gets a copy of
+  the body's code object of its own: its graphs then only vary with shape
+  facts (a size of 1, a padded tail), a handful at most.
+* ``emulate_precision_casts`` makes Inductor round every bfloat16/float16
+  intermediate as eager PyTorch does; without it the outward rounding of the
+  group ranges is skipped and lo/hi differ from the reference.
+
+When a body cannot be compiled (no C++ compiler, an Inductor error) the
+wrapper warns once with :class:`CompileFallbackWarning` and every later call
+with that configuration runs the reference instead: never an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["CompileFallbackWarning", "available", "run"]
+
+_OPTIONS = {"emulate_precision_casts": True}
+
+
+class CompileFallbackWarning(RuntimeWarning):
+    """A fused CPU codec could not be compiled; the reference codecs run instead."""
+
+
+class _Compiled:
+    """One configuration's compiled body; ``fn`` is None once compiling it failed."""
+
+    def __init__(self, factory: Callable[..., Callable[..., Any]], key: tuple) -> None:
+        self.name = f"{factory.__name__}{key}"
+        body = factory(*key)
+        code = body.__code__.replace()  # a distinct code object: graphs of its own
+        fresh = types.FunctionType(code, body.__globals__, body.__name__, None, body.__closure__)
+        try:
+            self.fn: Callable[..., Any] | None = torch.compile(
+                fresh, dynamic=False, options=_OPTIONS
+            )
+        except Exception as exc:  # a torch without Inductor, a rejected option
+            self.fn = None
+            _warn(self.name, exc)
+
+
+@functools.cache
+def _compiled(factory: Callable[..., Callable[..., Any]], key: tuple) -> _Compiled:
+    return _Compiled(factory, key)
+
+
+def _warn(what: str, exc: BaseException) -> None:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    warnings.warn(
+        f"actpack could not compile the fused CPU codec {what} ({type(exc).__name__}: "
+        f"{reason}); the reference codecs run instead, correct but slower. Install a C++ "
+        "compiler (gcc/g++) for TorchInductor, or set ACTPACK_BACKEND=reference to silence this.",
+        CompileFallbackWarning,
+        stacklevel=4,
+    )
+
+
+def run(factory: Callable[..., Callable[..., Any]], key: tuple, args: tuple) -> Any:
+    """``factory(*key)(*args)`` compiled, or None if it cannot be compiled
+    (then the caller runs the reference)."""
+    compiled = _compiled(factory, key)
+    if compiled.fn is None:
+        return None
+    try:
+        return compiled.fn(*(_dynamic(a) for a in args))
+    except Exception as exc:  # compilation failed: any error type, never the caller's
+        compiled.fn = None
+        _warn(compiled.name, exc)
+        return None
+
+
+def _dynamic(arg: Any) -> Any:
+    """A tensor argument as a fresh view with every dimension marked dynamic
+    (the mark is an attribute: the caller's tensor stays untouched)."""
+    if not isinstance(arg, torch.Tensor) or arg.dim() == 0:
+        return arg
+    view = arg.view(arg.shape)
+    torch._dynamo.maybe_mark_dynamic(view, list(range(view.dim())))
+    return view
+
+
+def _probe_body(x: torch.Tensor) -> torch.Tensor:
+    return (x * 3 + 1).to(torch.uint8)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether TorchInductor compiles and runs a small CPU function (checked once).
+
+    Warns once (:class:`CompileFallbackWarning`) when it does not, e.g. when no
+    C++ compiler is installed.
+    """
+    try:
+        fn = torch.compile(_probe_body, dynamic=True, options=_OPTIONS)
+        x = torch.arange(37, dtype=torch.float32)
+        ok = torch.equal(fn(x), _probe_body(x))
+    except Exception as exc:  # any failure means: do not use the compiled codecs
+        _warn("probe", exc)
+        return False
+    if not ok:
+        warnings.warn(
+            "actpack's compiled probe returned a wrong result; the reference codecs run instead",
+            CompileFallbackWarning,
+            stacklevel=2,
+        )
+    return ok

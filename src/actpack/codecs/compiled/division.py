@@ -1,0 +1,213 @@
+"""DIVISION dual precision compiled for the CPU by TorchInductor.
+
+Same signatures and results as :mod:`actpack.codecs.division` (the
+specification): round to nearest gives the same LFC, packed bytes, lo and
+hi; decoding gives the same values; stochastic rounding uses the hashed
+noise of :mod:`actpack.codecs.compiled.noise`.
+
+The block means come from ATen's ``avg_pool`` as in the reference (same
+summation order, so the same bfloat16 means), run on the input in its own
+dtype when that is float32 or bfloat16: ATen accumulates bfloat16 in float32
+and rounds the mean once, which is what the reference's float32 pool followed
+by a bfloat16 cast computes.  The compiled body keeps the (N, C, *S) layout
+and ``x``'s strides, reads ``x`` twice (the row statistics of the residual
+and, for rows whose residual is not finite, of ``x`` itself, in one loop;
+then the codes) and never materialises the upsampled LFC except along the
+innermost dimension (:func:`spread`).
+
+Falls back to the reference for invalid arguments, empty tensors, input
+dtypes other than float32/float16/bfloat16/float64, decode dtypes other than
+float32/float16/bfloat16, codes whose LFC is not bfloat16, and tensors of
+2**32 elements or more.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from actpack.codecs import division as ref
+from actpack.codecs.compiled import build
+from actpack.codecs.compiled.arith import (
+    canonical_nan_,
+    dequantize_values,
+    finish_ranges_,
+    group_codes,
+    group_ranges,
+    poisoned_values,
+)
+from actpack.codecs.compiled.bits import pack_codes, unpack_codes
+from actpack.codecs.compiled.groupquant import _FLOATS, levels_tensor
+from actpack.codecs.compiled.noise import MAX_NUMEL, draw_seed, uniform
+from actpack.codecs.division import DivisionCode, _upsample
+from actpack.codecs.groupquant import GroupCode
+
+__all__ = ["division_decode", "division_encode"]
+
+_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def spread(lfc: Tensor, block: tuple[int, ...], shape: tuple[int, ...], inner: int):
+    """``lfc`` upsampled along dimension ``inner`` only and laid out with it
+    innermost; the blocks left to upsample (``inner``'s becomes 1).
+
+    Inductor vectorises along the innermost dimension; an upsampling index
+    there (``w // 8``) would make it load the LFC one element at a time, or
+    not vectorise at all.  Along any other dimension the index is a loop
+    constant.  The price: a bfloat16 array of ``numel / prod(other blocks)``
+    elements (1/8 of a 2-D map's for 8x8 blocks; a 1-D map's full size).
+    """
+    if inner < 2 or block[inner - 2] == 1:
+        return lfc, block
+    out = lfc.repeat_interleave(block[inner - 2], dim=inner).narrow(inner, 0, shape[inner])
+    order = [d for d in range(out.dim()) if d != inner] + [inner]
+    out = out.permute(order).contiguous().permute([order.index(d) for d in range(out.dim())])
+    return out, tuple(1 if d == inner - 2 else b for d, b in enumerate(block))
+
+
+def flat_rows(x: Tensor, eff: tuple[int, ...]) -> Tensor | None:
+    """``x`` viewed as (N, C, prod(S)) when each (n, c) row is one block (maps no
+    larger than the block: one LFC value per row, broadcast) and the view is
+    free; None otherwise.  One long inner loop vectorises; a 7x7 or 4x4 map's
+    rows of 7 or 4 elements would leave most vector lanes idle."""
+    if any(b != s for b, s in zip(eff, x.shape[2:])):
+        return None
+    try:
+        return x.view(x.shape[0], x.shape[1], -1)
+    except RuntimeError:  # spatial dims not contiguous together
+        return None
+
+
+def _upsampled(spread_lfc: Tensor, block: tuple[int, ...] | None, spatial) -> Tensor:
+    """float32 LFC per element: broadcast (``block`` None: one value per row)."""
+    if block is None:
+        return spread_lfc.float()
+    return _upsample(spread_lfc.float(), block, spatial)
+
+
+def _encoder(wide: bool, stochastic: bool, block: tuple[int, ...] | None, dtype: torch.dtype):
+    def encode_division(x: Tensor, lfc: Tensor, spread_lfc: Tensor, seed: Tensor, levels):
+        dims = tuple(range(2, x.dim()))
+        xf = x.float()
+        resid = xf - _upsampled(spread_lfc, block, x.shape[2:])
+        # A row whose residual is not finite stores LFC = 0 and quantizes x itself.
+        ok = (resid.abs() < math.inf).all(dim=dims, keepdim=True)
+        rows = torch.where(ok, resid, xf)
+        lo, hi, poisoned = group_ranges(rows, torch.bfloat16, False, dims)
+        u = 0.5
+        if stochastic:
+            u = uniform(torch.arange(x.numel(), device=x.device).view(x.shape), seed)
+        codes = group_codes(rows, lo, hi, poisoned, u, levels, wide, False)
+        return torch.where(ok, lfc, 0.0), codes, lo, hi, poisoned
+
+    return encode_division
+
+
+def _decoder(wide: bool, block: tuple[int, ...] | None, dtype: torch.dtype):
+    big = torch.finfo(dtype).max
+    big32 = torch.finfo(torch.float32).max
+
+    def decode_division(spread_lfc: Tensor, q: Tensor, lo: Tensor, hi: Tensor, levels):
+        n, c, spatial = q.shape[0], q.shape[1], q.shape[2:]
+        lo, hi = lo.view(n, c, *([1] * len(spatial))), hi.view(n, c, *([1] * len(spatial)))
+        hq = dequantize_values(q, lo, hi, levels, False).clamp(-big32, big32)
+        poisoned = torch.isnan(lo)
+        hq = torch.where(poisoned, poisoned_values(q, wide, torch.float32), hq)
+        out = _upsampled(spread_lfc, block, spatial) + hq
+        # A poisoned row decodes from its classes alone: its LFC must not leak in.
+        return torch.where(poisoned, hq, out.clamp(-big, big)).to(dtype)
+
+    return decode_division
+
+
+def _valid(x: Tensor, block: int, bits: int) -> bool:
+    return (
+        x.dim() in (3, 4, 5)
+        and isinstance(block, int)
+        and not isinstance(block, bool)
+        and block >= 1
+        and isinstance(bits, int)
+        and not isinstance(bits, bool)
+        and 1 <= bits <= 8
+        and x.dtype in (*_FLOATS, torch.float64)
+        and 0 < x.numel() < MAX_NUMEL
+    )
+
+
+def _innermost(x: Tensor) -> int:
+    """The dimension Inductor will vectorise along: x's smallest stride (not of size 1)."""
+    return min(range(x.dim()), key=lambda d: (x.stride(d) if x.shape[d] > 1 else math.inf, -d))
+
+
+def division_encode(
+    x: Tensor,
+    block: int = 8,
+    bits: int = 2,
+    *,
+    stochastic: bool = True,
+    generator: torch.Generator | None = None,
+) -> DivisionCode:
+    """Compiled :func:`actpack.codecs.division_encode` (same signature and result)."""
+
+    def reference() -> DivisionCode:
+        return ref.division_encode(x, block, bits, stochastic=stochastic, generator=generator)
+
+    if not _valid(x, block, bits):
+        return reference()
+    x = x.detach()
+    shape = tuple(x.shape)
+    eff = tuple(min(block, s) for s in shape[2:])
+    seed = draw_seed(x.device, generator) if stochastic else torch.zeros(1, dtype=torch.int64)
+    with torch.no_grad():
+        pooled = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+        lfc = _POOL[len(eff)](pooled, eff, eff, 0, True, False).to(torch.bfloat16)
+        rows = flat_rows(x, eff)
+        if rows is not None:
+            view, rest = rows, None
+            spread_lfc = lfc = lfc.view(rows.shape[0], rows.shape[1], 1)
+        else:
+            view = x
+            spread_lfc, rest = spread(lfc, eff, shape, _innermost(x))
+        key = (bits >= 2, bool(stochastic), rest, x.dtype)
+        out = build.run(_encoder, key, (view, lfc, spread_lfc, seed, levels_tensor(bits, False)))
+        if out is None:
+            return reference()
+        lfc, codes, lo, hi, poisoned = out
+        if rows is not None:
+            lfc = lfc.view(shape[0], shape[1], *[1] * len(eff))
+        packed = pack_codes(codes, bits)
+        finish_ranges_(lo, hi, poisoned)
+    size, rows = math.prod(shape[2:]), shape[0] * shape[1]
+    hfc = GroupCode(packed, lo.view(rows, 1), hi.view(rows, 1), rows, size, size, bits, False)
+    return DivisionCode(lfc, hfc, shape, eff)
+
+
+def division_decode(code: DivisionCode, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Compiled :func:`actpack.codecs.division_decode` (same signature and result)."""
+    hfc = code.hfc
+    n = hfc.rows * hfc.cols
+    if not (
+        dtype in _FLOATS
+        and code.lfc.dtype == torch.bfloat16
+        and hfc.lo.dtype in _FLOATS
+        and not hfc.zero_exact
+        and 0 < n < MAX_NUMEL
+    ):
+        return ref.division_decode(code, dtype)
+    shape = tuple(code.shape)
+    with torch.no_grad():
+        q = unpack_codes(hfc.packed, hfc.bits, n)
+        if all(b == s for b, s in zip(code.block, shape[2:])):  # one block per row
+            q, spread_lfc, rest = q.view(*shape[:2], -1), code.lfc.view(*shape[:2], 1), None
+        else:
+            # The output is contiguous: its innermost dimension is the last.
+            spread_lfc, rest = spread(code.lfc, tuple(code.block), shape, len(shape) - 1)
+            q = q.view(shape)
+        args = (spread_lfc, q, hfc.lo, hfc.hi, levels_tensor(hfc.bits, False))
+        out = build.run(_decoder, (hfc.bits >= 2, rest, dtype), args)
+        if out is None:
+            return ref.division_decode(code, dtype)
+    return canonical_nan_(out, hfc.lo).view(shape)

@@ -1,0 +1,162 @@
+"""ActNN per-group quantization compiled for the CPU by TorchInductor.
+
+Same signatures and results as :mod:`actpack.codecs.groupquant` (the
+specification): round to nearest gives the same packed bytes, lo and hi;
+decoding gives the same values; stochastic rounding draws its noise from a
+counter-based hash (:mod:`actpack.codecs.compiled.noise`) seeded from the
+caller's generator, so it is the same distribution, not the same stream.
+
+Encoding is one compiled body (two loops over ``x``: the group ranges, then
+one uint8 code per element) and the packing of
+:mod:`actpack.codecs.compiled.bits`; decoding unpacks the codes and writes
+the output in one loop.  No float32 array of the input's size is allocated
+(the reference allocates several); the uint8 codes are the one full-size
+temporary.  Compiled once per (bits >= 2, zero_exact, stochastic, dtypes);
+the bit width itself is a runtime value.
+
+Falls back to the reference for invalid arguments (so that it raises its
+errors), empty tensors, meta dtypes other than bfloat16/float16/float32,
+decode dtypes other than float32/float16/bfloat16, and tensors of 2**32
+elements or more.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from actpack.codecs import groupquant as ref
+from actpack.codecs.compiled import build
+from actpack.codecs.compiled.arith import (
+    canonical_nan_,
+    dequantize_values,
+    finish_ranges_,
+    group_codes,
+    group_ranges,
+    poisoned_values,
+)
+from actpack.codecs.compiled.bits import pack_codes, unpack_codes
+from actpack.codecs.compiled.noise import MAX_NUMEL, draw_seed, uniform
+from actpack.codecs.groupquant import GroupCode
+
+__all__ = ["dequantize_groups", "quantize_groups"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def levels_tensor(bits: int, zero_exact: bool) -> Tensor:
+    """The grid's step count as the 0-d float32 the compiled bodies take."""
+    return torch.tensor(float((1 << bits) - 1 - int(zero_exact)))
+
+
+def _encoder(wide: bool, zero_exact: bool, stochastic: bool, meta: torch.dtype, dtype):
+    def encode_groups(x: Tensor, seed: Tensor, levels: Tensor, size: Tensor):
+        # ``size``: an empty (group_size, 0) tensor, so that the group size is dynamic.
+        rows, cols = x.shape
+        group_size = size.shape[0]
+        ngroups = (cols + group_size - 1) // group_size
+        width = ngroups * group_size
+        if width != cols:
+            # The reference's padding: repeat the row's last element.
+            x = x[:, torch.arange(width, device=x.device).clamp_max(cols - 1)]
+        g = x.float().reshape(rows * ngroups, group_size)
+        lo, hi, poisoned = group_ranges(g, meta, zero_exact)
+        u = 0.5
+        if stochastic:
+            index = torch.arange(rows * width, device=x.device).view(rows * ngroups, group_size)
+            u = uniform(index, seed)
+        codes = group_codes(g, lo, hi, poisoned, u, levels, wide, zero_exact)
+        return codes, lo, hi, poisoned  # (groups, 1): a view of them would be recomputed
+
+    return encode_groups
+
+
+def _decoder(wide: bool, zero_exact: bool, meta: torch.dtype, dtype: torch.dtype):
+    fin = torch.finfo(dtype)
+
+    def decode_groups(q: Tensor, lo: Tensor, hi: Tensor, levels: Tensor):
+        # q (groups, group_size) in and out: the caller's reshape to (rows, cols) is a view.
+        lo, hi = lo.reshape(-1, 1), hi.reshape(-1, 1)
+        v = dequantize_values(q, lo, hi, levels, zero_exact)
+        v = v.clamp(-fin.max, fin.max).to(dtype)  # a finite value must not round to Inf
+        if zero_exact:
+            # Code >= 1 means positive: keep it so even if the grid value underflows in dtype.
+            v = torch.where(q.float() > 0, v.clamp_min(fin.tiny), 0.0)
+        return torch.where(torch.isnan(lo), poisoned_values(q, wide, dtype), v)
+
+    return decode_groups
+
+
+def _valid(x: Tensor, bits: int, group_size: int, zero_exact: bool, meta: torch.dtype) -> bool:
+    return (
+        isinstance(bits, int)
+        and not isinstance(bits, bool)
+        and 1 <= bits <= 8
+        and isinstance(group_size, int)
+        and not isinstance(group_size, bool)
+        and group_size >= 1
+        and x.dim() == 2
+        and x.dtype in (*_FLOATS, torch.float64)
+        and not (zero_exact and bits < 2)
+        and meta in _FLOATS
+        and 0 < x.numel() < MAX_NUMEL
+    )
+
+
+def quantize_groups(
+    x: Tensor,
+    bits: int,
+    group_size: int,
+    *,
+    stochastic: bool = True,
+    generator: torch.Generator | None = None,
+    zero_exact: bool = False,
+    meta_dtype: torch.dtype = torch.bfloat16,
+) -> GroupCode:
+    """Compiled :func:`actpack.codecs.quantize_groups` (same signature and result)."""
+
+    def reference() -> GroupCode:
+        return ref.quantize_groups(
+            x,
+            bits,
+            group_size,
+            stochastic=stochastic,
+            generator=generator,
+            zero_exact=zero_exact,
+            meta_dtype=meta_dtype,
+        )
+
+    if not _valid(x, bits, group_size, zero_exact, meta_dtype):
+        return reference()
+    x = x.detach()
+    zero_exact, stochastic = bool(zero_exact), bool(stochastic)
+    seed = draw_seed(x.device, generator) if stochastic else torch.zeros(1, dtype=torch.int64)
+    key = (bits >= 2, zero_exact, stochastic, meta_dtype, x.dtype)
+    args = (x, seed, levels_tensor(bits, zero_exact), x.new_empty(group_size, 0))
+    with torch.no_grad():
+        out = build.run(_encoder, key, args)
+        if out is None:
+            return reference()
+        codes, lo, hi, poisoned = out
+        packed = pack_codes(codes, bits)
+        finish_ranges_(lo, hi, poisoned)
+    rows, cols = x.shape
+    lo, hi = lo.view(rows, -1), hi.view(rows, -1)
+    return GroupCode(packed, lo, hi, rows, cols, group_size, bits, zero_exact)
+
+
+def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Compiled :func:`actpack.codecs.dequantize_groups` (same signature and result)."""
+    n = code.rows * code.ngroups * code.group_size
+    if not (dtype in _FLOATS and code.lo.dtype in _FLOATS and 0 < n < MAX_NUMEL):
+        return ref.dequantize_groups(code, dtype)
+    key = (code.bits >= 2, code.zero_exact, code.lo.dtype, dtype)
+    with torch.no_grad():
+        q = unpack_codes(code.packed, code.bits, n).view(-1, code.group_size)
+        args = (q, code.lo, code.hi, levels_tensor(code.bits, code.zero_exact))
+        out = build.run(_decoder, key, args)
+        if out is None:
+            return ref.dequantize_groups(code, dtype)
+        canonical_nan_(out, code.lo)
+    out = out.view(code.rows, code.ngroups * code.group_size)
+    return out if out.shape[1] == code.cols else out[:, : code.cols].contiguous()

@@ -1,0 +1,284 @@
+"""Saved-tensor hooks that AOTAutograd inlines into ``torch.compile``'s graphs.
+
+When the innermost saved-tensor hooks are ``torch.fx.GraphModule`` s, AOTAutograd
+(torch >= 2.8, ``maybe_inline_graph_saved_tensors_hooks`` in
+``torch/_functorch/_aot_autograd/graph_compile.py``) traces the pack hook into
+the end of the forward graph and the unpack hook into the start of the
+backward graph, once per saved node, and Inductor compiles them with the rest
+(its memory-aware scheduling then packs each save right after its producer).
+While it traces, ``_get_saved_tensor_hook_context()`` hands the hook the saved
+FX node and both graphs: the decision for each save is made from the graph
+(:mod:`actpack.engine.graphfacts`) by the same :func:`~actpack.policy.decide.decide`
+as in eager mode, and the codes are plain tensor ops
+(:mod:`actpack.engine.graphcodes`).
+
+One pair of GraphModules serves both worlds: called by autograd for an eager
+save (no hook context) they hand the tensor to the eager engine's ``pack``
+and, in backward, the result to its ``unpack``; traced by AOTAutograd they
+return tensors and constants only.
+
+Private torch API used here (pinned by ``tests/test_compiled.py``):
+``_get_saved_tensor_hook_context`` and its keys ``_node``/``_fw_graph``/``_bw_graph``,
+the node meta ``is_wrapped``/``user_cache_hash`` that AOTAutograd's cache
+reads, and ``prims.inductor_seeds``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import importlib
+import inspect
+import os
+import sys
+import warnings
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, fx
+
+from actpack.engine import graphcodes
+from actpack.engine.graphfacts import graph_facts
+from actpack.engine.saved import Held, unpack
+from actpack.policy.decide import Kind, decide
+
+__all__ = ["Decision", "GraphHooks", "available", "compiled_hooks", "op_caller"]
+
+# Marks a pack result made inside a graph (as opposed to an eager save).
+_TAG = "actpack-graph-code/1"
+
+# Modules whose code decides what the inlined hooks compute: their source is
+# part of the AOT autograd cache key, so an upgrade never reuses stale graphs.
+_KEY_MODULES = (
+    "actpack.engine.compiled",
+    "actpack.engine.graphcodes",
+    "actpack.engine.graphfacts",
+    "actpack.codecs.traceable",
+    "actpack.codecs.groupquant",
+    "actpack.codecs.pack",
+    "actpack.codecs.compact",
+    "actpack.policy.decide",
+    "actpack.policy.ops",
+    "actpack.policy.rules",
+    "actpack.strategies.actnn",
+)
+
+# The GraphHooks whose pair is innermost, as torch's own hook stack is: the
+# hook functions must be module-level (AOTAutograd's cache pickles them by
+# name), so this is how they find their engine.  Set and reset only by the
+# context manager of GraphHooks.installed(), per thread and per context.
+_ACTIVE: contextvars.ContextVar[GraphHooks | None] = contextvars.ContextVar(
+    "actpack_graph_hooks", default=None
+)
+
+
+# Imported by torch.compile: looked up, never imported here (importing it
+# pulls in Inductor and Triton, which some programs configure first).
+_GRAPH_COMPILE = "torch._functorch._aot_autograd.graph_compile"
+
+
+def available() -> bool:
+    """Whether this torch inlines GraphModule saved-tensor hooks into compiled graphs.
+
+    torch >= 2.8.  With an older torch the pair would be called at run time
+    after a compiled forward, like plain hooks; the engine keeps those saves
+    exact (origin ``"compiled"``).
+    """
+    return torch.torch_version.TorchVersion(torch.__version__) >= (2, 8)
+
+
+def _trace_state() -> dict | None:
+    """The saved node and graphs while AOTAutograd traces the hooks, else None."""
+    module = sys.modules.get(_GRAPH_COMPILE)
+    get = getattr(module, "_get_saved_tensor_hook_context", None)
+    return get() if get is not None else None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the inlined pack hook chose for one saved node of a compiled graph."""
+
+    node: str
+    producer: str
+    op: str | None
+    readers: tuple[str, ...]
+    kind: Kind
+    reason: str
+    form: str
+    #: Bytes of the value autograd would hold, and of what the graph holds instead.
+    before: int
+    after: int
+
+
+def _nbytes(t: Tensor) -> int:
+    """Bytes of ``t`` at its example sizes (never a guard: dynamic shapes stay dynamic)."""
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+    return optimization_hint(t.numel()) * t.element_size()
+
+
+def _cache_hash(engine: Any) -> str:
+    """What the inlined code depends on: torch, the strategy's knobs, actpack's code."""
+    strategy = engine.strategy
+    h = hashlib.sha256()
+    h.update(torch.__version__.encode())
+    h.update(repr((strategy, type(strategy).__qualname__, engine._settings())).encode())
+    for name in (*_KEY_MODULES, type(strategy).__module__):
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    return h.hexdigest()
+
+
+# Frames between an op and the eager engine's pack when it is called through
+# the GraphModule pair: nn.Module.__call__, fx's wrapper, the generated
+# forward and this module's hook function.
+_HOOK_FILES = (
+    os.path.join("torch", "fx", ""),
+    os.path.join("torch", "nn", "modules", "module.py"),
+    "<eval_with_key>",
+    __file__,
+)
+
+
+def op_caller(frame: Any) -> Any:
+    """The first frame from ``frame`` up that is not one of the GraphModule hooks' own.
+
+    The eager engine reads who is saving from the frame that called the op
+    (a custom ``autograd.Function``'s ``apply``, a checkpoint): called through
+    the GraphModule pair, its pack hook sees these frames in between.
+    """
+    while frame is not None and any(part in frame.f_code.co_filename for part in _HOOK_FILES):
+        frame = frame.f_back
+    return frame
+
+
+def _pack_hook(x: Tensor) -> Any:
+    hooks = _ACTIVE.get()
+    state = _trace_state()
+    if hooks is None:
+        # Hooks propagated to a thread that never entered (autograd's worker
+        # threads): keep the tensor, as autograd would.
+        return Held(x) if state is None else x
+    if state is None:
+        return hooks.engine.pack(x)
+    return hooks.pack_graph(x, state)
+
+
+def _unpack_hook(packed: Any) -> Tensor:
+    if isinstance(packed, tuple) and len(packed) == 4 and packed[0] == _TAG:
+        return graphcodes.decode(*packed[1:])
+    return unpack(packed)  # an eager save, or a graph save kept as it is
+
+
+class _HookModule(fx.GraphModule):
+    """A GraphModule whose call skips ``nn.Module.__call__``: autograd calls
+    the pack hook for every eager save, and Module dispatch would cost more
+    than the save itself.  AOTAutograd calls and traces it like any other."""
+
+    def __call__(self, arg: Any) -> Any:
+        return self._hook(arg)
+
+
+def _module(fn: Any, arg: str, cache_hash: str) -> fx.GraphModule:
+    # One call of ``fn`` marked as an fx.wrap-ped leaf carrying a cache hash:
+    # AOTAutograd re-traces through it, and its autograd cache accepts the
+    # hook graphs (keyed by that hash) instead of bypassing the cache.
+    graph = fx.Graph()
+    node = graph.call_function(fn, (graph.placeholder(arg),))
+    node.meta["is_wrapped"] = True
+    node.meta["user_cache_hash"] = cache_hash
+    graph.output(node)
+    module = _HookModule(torch.nn.Module(), graph)
+    module._hook = fn
+    # GraphModule.recompile() installs fx's call wrapper on the instance's own
+    # class; put the direct call back.
+    type(module).__call__ = _HookModule.__call__
+    return module
+
+
+class _Installed:
+    def __init__(self, hooks: GraphHooks) -> None:
+        self.hooks = hooks
+        self.token: contextvars.Token | None = None
+        self.torch_hooks = torch.autograd.graph.saved_tensors_hooks(hooks.pack_gm, hooks.unpack_gm)
+
+    def __enter__(self) -> GraphHooks:
+        self.torch_hooks.__enter__()
+        self.token = _ACTIVE.set(self.hooks)
+        return self.hooks
+
+    def __exit__(self, *exc: object) -> None:
+        _ACTIVE.reset(self.token)
+        self.torch_hooks.__exit__(*exc)
+
+
+class GraphHooks:
+    """An engine's hooks as a compile-native GraphModule pair.
+
+    ``installed()`` is a context manager to enter where the engine would enter
+    ``torch.autograd.graph.saved_tensors_hooks(engine.pack, unpack)``; eager
+    saves still go to ``engine.pack`` and :func:`actpack.engine.saved.unpack`
+    (:func:`op_caller` skips the frames in between).  Keep one per engine
+    (:func:`compiled_hooks` does): Dynamo guards compiled code on the identity
+    of ``pack_gm``/``unpack_gm``, so a new pair would recompile.
+
+    ``decisions`` holds what the inlined hooks chose, one entry per saved node
+    of every graph compiled under this engine (for reports and tests).
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.decisions: dict[tuple[int, str], Decision] = {}
+        cache_hash = _cache_hash(engine)
+        self.pack_gm = _module(_pack_hook, "x", cache_hash)
+        self.unpack_gm = _module(_unpack_hook, "packed", cache_hash)
+
+    def installed(self) -> _Installed:
+        """A context manager installing the pair (one per entry: threads may nest)."""
+        return _Installed(self)
+
+    def pack_graph(self, x: Tensor, state: dict) -> Any:
+        """The pack hook while AOTAutograd traces it for saved node ``state["_node"]``."""
+        node = state["_node"]
+        strategy = self.engine.strategy
+        gf = graph_facts(node, state["_bw_graph"], x)
+        if x.is_floating_point() and gf.facts.history:
+            declined = gf.facts.declined or strategy.skip_reason(x)
+            gf = replace(gf, facts=gf.facts._replace(declined=declined))
+        plan = decide(gf.facts, self.engine._settings())
+        if plan.kind == Kind.LOSSY and not graphcodes.traceable_strategy(strategy):
+            warnings.warn(
+                f"actpack: {strategy!r} has no traceable code yet; tensors saved inside "
+                "torch.compile graphs are kept exact (eager regions are compressed as usual).",
+                UserWarning,
+                stacklevel=2,
+            )
+        form, meta, tensors = graphcodes.encode(strategy, plan, gf, x)
+        after = sum(_nbytes(t) for t in tensors) if form != "exact" else _nbytes(x)
+        # AOTAutograd calls the hook twice per node (value, then tracing): one entry.
+        self.decisions[(id(state["_fw_graph"]), node.name)] = Decision(
+            node.name, gf.producer, gf.op, gf.readers, plan.kind, plan.reason, form,
+            _nbytes(x), after,
+        )  # fmt: skip
+        if form == "exact":
+            return x
+        return (_TAG, form, meta, tensors)
+
+
+def compiled_hooks(engine: Any) -> GraphHooks | None:
+    """``engine``'s :class:`GraphHooks` (made once), or None if torch cannot inline hooks.
+
+    ``engine`` needs ``strategy``, ``_settings()`` (the decision's
+    :class:`~actpack.policy.decide.Settings`) and ``pack(t)``.  On
+    None, install the engine's plain hooks: compiled graphs then save after
+    their forward, where the engine keeps what they save exact.  Strategies
+    without a traceable code (mixed precision, DIVISION) keep compiled saves
+    exact, with a warning when a graph is compiled.
+    """
+    if not available():
+        return None
+    hooks = getattr(engine, "_graph_hooks", None)
+    if hooks is None:
+        hooks = GraphHooks(engine)
+        engine._graph_hooks = hooks
+    return hooks

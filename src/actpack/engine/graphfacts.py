@@ -1,0 +1,298 @@
+"""What a compiled graph says about one of its saved tensors.
+
+Under ``torch.compile`` no Python call stack names the op that saves a tensor:
+AOTAutograd's forward graph ends with every tensor saved for backward, and the
+backward graph starts with them.  The FX graphs say more than the call stack
+would: the node that produced the value, the forward ops it feeds (a
+``var_mean`` over the last dimension makes it a LayerNorm input) and the
+backward ops that read it (only comparisons with a constant: the region is
+all backward needs).  This module turns those into the
+:class:`~actpack.policy.decide.Facts` the eager engine would have built, plus
+the eager op name strategies key their layouts on.
+
+The graphs are torch's post-decomposition ATen graphs (``aten.var_mean``,
+``aten.rsqrt``... rather than ``aten.native_layer_norm``), so the patterns
+below match decomposed forms; they are pinned by ``tests/test_compiled.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from actpack.policy.decide import Facts
+from actpack.policy.rules import ReluOutput
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Ops that move or relabel values without changing them: a save seen through
+# them is the same data.
+_THROUGH = frozenset(
+    {"view", "reshape", "_unsafe_view", "permute", "transpose", "t", "expand", "clone",
+     "squeeze", "unsqueeze", "alias", "convert_element_type", "_to_copy", "contiguous"}
+)  # fmt: skip
+
+# Reductions whose outputs (and values derived from them elementwise) are an
+# op's statistics: backward treats them as exact constants.
+_REDUCTIONS = frozenset(
+    {"var_mean", "mean", "sum", "amax", "amin", "var", "std", "logsumexp", "max", "min",
+     "native_layer_norm", "native_batch_norm", "_native_batch_norm_legit",
+     "_native_batch_norm_legit_functional", "_native_batch_norm_legit_no_training",
+     "native_group_norm", "_scaled_dot_product_flash_attention_for_cpu",
+     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+     "_fused_rms_norm"}
+)  # fmt: skip
+
+_ELEMENTWISE = frozenset(
+    {"add", "sub", "mul", "div", "rsqrt", "sqrt", "reciprocal", "pow", "exp", "log", "neg",
+     "squeeze", "unsqueeze", "view", "reshape", "convert_element_type", "_to_copy", "clone",
+     "expand", "permute"}
+)  # fmt: skip
+
+_MATMULS = {"mm": "linear", "addmm": "linear", "bmm": "matmul", "baddbmm": "matmul"}
+_ACTIVATIONS = frozenset({"relu", "leaky_relu", "hardtanh", "gelu", "silu", "sigmoid", "tanh"})
+_COMPARISONS = frozenset({"le", "gt"})  # backward reads x > c either way
+_POOL_OFFSETS = "_low_memory_max_pool_offsets_to_indices"
+
+
+def op_name(node: fx.Node) -> str:
+    """``"addmm"`` for ``aten.addmm.default``; the node's op otherwise (placeholder, output)."""
+    if node.op != "call_function":
+        return node.op
+    target = node.target
+    packet = getattr(target, "overloadpacket", None)
+    if packet is not None:
+        return packet.__name__
+    return getattr(target, "__name__", str(target))
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """The facts of a compiled graph's save, and the eager op name strategies see."""
+
+    facts: Facts
+    op: str | None
+    producer: str
+    readers: tuple[str, ...]
+    #: Bits per max-pool window offset when the save is Inductor's int8 offsets.
+    offset_bits: int | None = None
+    #: (op name, args, kwargs) with example values for tensors, when the save
+    #: is an op's integer output that :func:`~actpack.codecs.compact.compact_integer`
+    #: knows (max-pool indices).
+    integer_op: tuple | None = None
+
+
+def _forward_users(node: fx.Node, depth: int = 3, through: frozenset = _THROUGH) -> list[fx.Node]:
+    """Users of ``node`` in the forward graph, seen through ops in ``through``."""
+    out: list[fx.Node] = []
+    for user in node.users:
+        if user.op == "output":
+            continue
+        out.append(user)
+        if depth and op_name(user) in through:
+            out.extend(_forward_users(user, depth - 1, through))
+    return out
+
+
+def _last_dims(user: fx.Node) -> bool:
+    """Whether reduction ``user`` reduces over its input's last dimension alone."""
+    source = user.args[0] if user.args else None
+    val = source.meta.get("val") if isinstance(source, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return False
+    ndim = val.dim()
+    dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+    if dims is None:
+        return False
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return [d % ndim for d in dims] == [ndim - 1]
+
+
+def _norm_of(node: fx.Node) -> str | None:
+    """``"layer_norm"``/``"rms_norm"``/``"batch_norm"`` if ``node`` is a normalization input."""
+    # A residual sum feeding the norm counts: backward recomputes it from this save.
+    for user in _forward_users(node, 4, _THROUGH | {"add"}):
+        name = op_name(user)
+        if name == "var_mean":
+            return "layer_norm" if _last_dims(user) else "batch_norm"
+        if name == "native_layer_norm":
+            return "layer_norm"
+        if name.startswith(("native_batch_norm", "_native_batch_norm")):
+            return "batch_norm"
+        if name == "native_group_norm":
+            return "group_norm"
+        if name == "pow":
+            if any(op_name(m) == "mean" and _last_dims(m) for m in user.users):
+                return "rms_norm"
+    return None
+
+
+def _is_statistic(node: fx.Node, depth: int = 4) -> bool:
+    """Whether ``node`` is computed elementwise from a reduction's (smaller) output."""
+    name = op_name(node)
+    if name == "getitem":
+        source = node.args[0]
+        return isinstance(source, fx.Node) and (
+            op_name(source) in _REDUCTIONS and (node.args[1] > 0 or op_name(source) == "var_mean")
+        )
+    if name in _REDUCTIONS:
+        return True
+    if depth == 0 or name not in _ELEMENTWISE:
+        return False
+    val = node.meta.get("val")
+    for arg in node.args:
+        if isinstance(arg, fx.Node) and _is_statistic(arg, depth - 1):
+            inner = arg.meta.get("val")
+            # Only if the result keeps the statistic's size (not ``x * rstd``).
+            if isinstance(inner, torch.Tensor) and isinstance(val, torch.Tensor):
+                if _same_numel(inner, val):
+                    return True
+    return False
+
+
+def _same_numel(a: torch.Tensor, b: torch.Tensor) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return bool(statically_known_true(a.numel() == b.numel()))
+
+
+def _backward_readers(node: fx.Node, bw_graph: fx.Graph) -> list[fx.Node]:
+    for placeholder in bw_graph.find_nodes(op="placeholder"):
+        if placeholder.name == node.name:
+            return list(placeholder.users)
+    return []
+
+
+def _compared_with(readers: list[fx.Node]) -> float | None:
+    """The constant backward compares the save with, if comparing is all it does."""
+    thresholds = set()
+    for reader in readers:
+        if op_name(reader) not in _COMPARISONS or len(reader.args) != 2:
+            return None
+        c = reader.args[1]
+        if not isinstance(c, (int, float)) or isinstance(c, bool):
+            return None
+        thresholds.add(float(c))
+    return thresholds.pop() if len(thresholds) == 1 else None
+
+
+def _offset_bits(node: fx.Node, readers: list[fx.Node]) -> int | None:
+    for reader in readers:
+        if op_name(reader) == _POOL_OFFSETS and len(reader.args) > 1:
+            size = math.prod(int(k) for k in reader.args[1])
+            return max(1, math.ceil(math.log2(size))) if 1 < size <= 256 else None
+    return None
+
+
+def _integer_op(node: fx.Node) -> tuple | None:
+    """The op producing integer save ``node`` (max-pool indices), with example values."""
+    if op_name(node) != "getitem" or node.args[1] != 1:
+        return None
+    source = node.args[0]
+    name = op_name(source) if isinstance(source, fx.Node) else ""
+    if name not in ("max_pool2d_with_indices", "max_pool3d_with_indices"):
+        return None
+
+    def val(a: object) -> object:
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+    return name, tuple(val(a) for a in source.args), {k: val(v) for k, v in source.kwargs.items()}
+
+
+def _saving_op(node: fx.Node, ndim: int, readers: list[fx.Node]) -> str | None:
+    norm = _norm_of(node)
+    if norm is not None:
+        return norm
+    names = [op_name(u) for u in _forward_users(node)] + [op_name(r) for r in readers]
+    names = [n for n in names if n not in _THROUGH]
+    for name in names:
+        if name == "convolution":
+            return f"conv{max(1, ndim - 2)}d"
+        if name in _MATMULS:
+            return _MATMULS[name]
+    for name in names:
+        if name in _ACTIVATIONS:
+            return name
+    return names[0] if names else None
+
+
+# Forward users whose backward reads a saved value linearly or smoothly (or
+# not at all): the same rule as the eager policy's op lists, in aten names.
+# A save feeding any other op (amax/max compare it with their result, abs,
+# clamp, log, pow, ...) stays exact: one code would serve every reader.
+_SAFE_USERS = _THROUGH | frozenset(_MATMULS) | _ACTIVATIONS | frozenset(
+    {"convolution", "mul", "add", "sub", "neg", "sum", "mean", "cat", "stack", "split",
+     "split_with_sizes", "slice", "select", "_softmax", "_log_softmax", "native_layer_norm",
+     "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_functional",
+     "_native_batch_norm_legit_no_training", "native_group_norm", "var_mean", "exp",
+     "threshold", "le", "gt", "lt", "ge", "where", "native_dropout", "bernoulli",
+     "embedding", "avg_pool2d", "avg_pool3d", "_adaptive_avg_pool2d", "max_pool2d_with_indices",
+     "max_pool3d_with_indices", "_low_memory_max_pool2d_with_offsets",
+     "_low_memory_max_pool3d_with_offsets", "scaled_dot_product_attention",
+     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+     "copy", "copy_", "fill", "zeros_like", "empty_like", "full_like", "ones_like"}
+)  # fmt: skip
+
+
+def _unsafe_user(node: fx.Node) -> str | None:
+    """The first forward user of ``node`` whose backward may read it nonlinearly."""
+    for user in _forward_users(node):
+        name = op_name(user)
+        if name == "div":
+            if len(user.args) > 1 and user.args[1] is node:
+                return name  # a denominator: far from linear
+            continue
+        if name == "pow":
+            if len(user.args) > 1 and user.args[1] == 2:
+                continue
+            return name
+        if name not in _SAFE_USERS:
+            return name
+    return None
+
+
+def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFacts:
+    """Facts about the save of forward node ``node`` (value ``val``) read by ``bw_graph``."""
+    readers = _backward_readers(node, bw_graph)
+    producer = op_name(node)
+    statistic = node.op == "call_function" and _is_statistic(node)
+    # Backward that only compares the save with 0 (ReLU's mask) reads its
+    # region alone; compared with another constant, the save stays exact
+    # (restoring a value on the right side of an arbitrary bound in the
+    # save's dtype is not written in graph ops).
+    bound = _compared_with(readers) if val.is_floating_point() else None
+    region_only = bound == 0.0
+    rule = ReluOutput() if region_only or producer == "relu" else None
+    declined = "compared with a constant" if bound not in (None, 0.0) else None
+    offset_bits = integer_op = None
+    if not val.is_floating_point():
+        offset_bits = _offset_bits(node, readers)
+        integer_op = _integer_op(node) if node.op == "call_function" else None
+    op = _saving_op(node, val.dim(), readers)
+    if region_only:
+        op = "relu"  # backward reads x > 0 alone, as ReLU's does
+    elif val.is_floating_point() and not statistic:
+        op = _unsafe_user(node) or op
+    overlapping = any(s == 0 and n > 1 for n, s in zip(val.shape, val.stride()))
+    facts = Facts(
+        dtype=val.dtype,
+        numel=val.numel(),
+        origin="op" if op is not None else "unknown",
+        op=op,
+        role="internal" if statistic else "input",
+        history=not statistic,
+        leaf="graph input" if node.op == "placeholder" else None,
+        plain=type(val).__name__ in ("FakeTensor", "FunctionalTensor", "Tensor"),
+        overlapping=overlapping,
+        rule=rule,
+        region_only=region_only,
+        compactable=offset_bits is not None or integer_op is not None,
+        declined=declined,
+    )
+    readers_names = tuple(op_name(r) for r in readers)
+    return GraphFacts(facts, op, producer, readers_names, offset_bits, integer_op)

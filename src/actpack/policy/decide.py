@@ -1,0 +1,232 @@
+"""What a saved tensor becomes: one pure decision from what is known about it.
+
+The eager engine (``torch.autograd.graph.saved_tensors_hooks``) and the
+compile-native path (hooks inlined into AOTAutograd's graphs) both describe
+each saved tensor as :class:`Facts` and call :func:`decide`; they differ only
+in how they learn the facts (the torch function being recorded and the
+Python stack in eager mode, the FX graph under ``torch.compile``).
+
+The rule behind every branch: **a lossy code is used only where it is known
+to be safe**.  That takes all of
+
+* a floating-point tensor with autograd history (``grad_fn``), saved by an op
+  actpack can name: a tensor with no history is a leaf (parameters, buffers,
+  frozen weights, the input batch: their storage exists anyway) or an op's
+  own statistics (BatchNorm/LayerNorm mean and rstd, attention's logsumexp),
+  which backward uses as exact constants;
+* an origin whose backward actpack knows: saves made by a custom
+  ``torch.autograd.Function`` (fused-kernel libraries save their own
+  statistics), by a compiled graph seen from outside, or by
+  ``torch.utils.checkpoint`` (which recomputes the block from what it saved)
+  stay exact;
+* a tensor large enough to be worth it, dense, strided, of a plain type.
+
+Lossless forms are always allowed: bool masks in 1 bit, dropout's two-valued
+noise in 1 bit plus its scale, integer indices narrowed, and the region
+pattern that ReLU-family backward reads.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from actpack.policy.ops import DROPOUT_OPS, LINEAR_BACKWARD_OPS, SMOOTH_BACKWARD_OPS
+from actpack.policy.rules import ReluOutput
+
+__all__ = ["ORIGINS", "ROLES", "Facts", "Kind", "Plan", "Settings", "decide"]
+
+#: Where a save comes from: a torch function actpack can name ("op"), a
+#: custom autograd.Function, torch.utils.checkpoint, a compiled graph seen
+#: from outside, or nothing actpack recognises.
+ORIGINS = ("op", "custom-function", "checkpoint", "compiled", "unknown")
+
+#: How the saved tensor relates to the saving op: one of its arguments, one
+#: of its outputs, or neither (the op's own statistics).
+ROLES = ("input", "output", "internal", "unknown")
+
+
+class Kind(enum.Enum):
+    """The forms a saved tensor can take."""
+
+    #: Hand autograd the tensor itself: its storage exists anyway (a
+    #: parameter, a buffer, a leaf the caller holds).  Never compressed.
+    KEEP = "keep"
+    #: Keep the values exactly (an exact copy if it is a small view of a
+    #: large storage, so that the storage can be freed).
+    EXACT = "exact"
+    #: A bool tensor, 1 bit per element, lossless.
+    BITS = "bits"
+    #: Dropout's noise (0 or 1/(1-p) by construction): 1 bit + its scale,
+    #: lossless.  Where values can be checked cheaply (CPU) they are, and a
+    #: tensor that is not two-valued is kept exact instead.
+    TWO_VALUED = "two-valued"
+    #: An integer tensor in a narrower lossless form (pool offsets, indices).
+    COMPACT = "compact"
+    #: Only the region ReLU-family backward reads, 1 bit per element.
+    REGION = "region"
+    #: The strategy's lossy code (``rule`` keeps a region exact inside it).
+    LOSSY = "lossy"
+
+
+class Facts(NamedTuple):
+    """What is known about one saved tensor when it is saved (a named tuple:
+    cheap to build on the save path).
+
+    Attributes:
+        dtype: the tensor's dtype.
+        numel: its number of elements.
+        origin: one of :data:`ORIGINS`.
+        op: name of the torch function (eager) or aten op (compiled) saving
+            it, or None when unknown.
+        role: one of :data:`ROLES`.
+        history: whether it has autograd history (a ``grad_fn``): computed
+            by differentiable ops in this graph.
+        leaf: ``"parameter"``, ``"buffer"``, ``"parameter view"`` or
+            ``"parameter cast"`` when its storage belongs to the model's
+            weights, else None.
+        plain: a plain strided, non-meta ``torch.Tensor`` (not a subclass).
+        overlapping: a broadcast view (stride 0 over a dimension > 1).
+        rule: the region rule ReLU-family backward needs (see
+            :mod:`actpack.policy.rules`), or None.
+        region_only: the saving op's backward reads only that region.
+        compactable: an integer tensor with a known lossless narrow form.
+        declined: why the strategy leaves this tensor as it is (a 16-bit
+            tensor under a 16-bit cast), or None.
+        checkable: whether a lossless form may be verified on the values
+            at no synchronisation cost (CPU tensors).
+    """
+
+    dtype: torch.dtype
+    numel: int
+    origin: str = "op"
+    op: str | None = None
+    role: str = "unknown"
+    history: bool = True
+    leaf: str | None = None
+    plain: bool = True
+    overlapping: bool = False
+    rule: object | None = None
+    region_only: bool = False
+    compactable: bool = False
+    declined: str | None = None
+    checkable: bool = False
+
+
+class Plan(NamedTuple):
+    """The decision for one saved tensor: its form and why (for reports)."""
+
+    kind: Kind
+    reason: str
+    rule: object | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the decision needs to know of the strategy and the engine.
+
+    Attributes:
+        lossless: the strategy never codes lossily (``"none"``, ActNN L0).
+        min_numel: tensors with fewer elements stay exact.
+        keeps_relu_exact: the strategy's code keeps ReLU zeros exact itself.
+        checkpoint_inputs: ``"exact"``, or a lossy form the user opted into
+            for tensors a checkpoint recomputes from (``"bf16"``, ``"fp16"``,
+            ``"int8"``).
+        smooth: ``"code"`` (default): inputs of ops with a smooth backward
+            (normalization, GELU/SiLU/softmax/tanh, attention) are coded,
+            leaving a second-order bias; ``"exact"`` keeps them exact.
+    """
+
+    lossless: bool = False
+    min_numel: int = 2048
+    keeps_relu_exact: bool = False
+    checkpoint_inputs: str = "exact"
+    smooth: str = "code"
+
+
+_FLOAT_EXACT = {torch.float64: "float64 (kept exact)"}
+
+
+def _exact(reason: str) -> Plan:
+    return Plan(Kind.EXACT, reason)
+
+
+def decide(f: Facts, s: Settings) -> Plan:
+    """The form of a saved tensor described by ``f`` under settings ``s``.
+
+    Pure: the same facts and settings always give the same plan.
+    """
+    if f.leaf is not None:
+        return Plan(Kind.KEEP, f.leaf)
+    if not f.plain:
+        return _exact("tensor subclass or layout")
+    if f.numel == 0:
+        return _exact("empty")
+    if f.dtype == torch.bool:
+        return Plan(Kind.BITS, "bool mask") if f.numel >= s.min_numel else _exact("tiny")
+    if not f.dtype.is_floating_point:
+        if f.dtype.is_complex:
+            return _exact("complex (kept exact)")
+        if f.numel < s.min_numel:
+            return _exact("tiny")
+        if f.compactable and not s.lossless:
+            return Plan(Kind.COMPACT, "integer indices")
+        return _exact("integer")
+    if f.dtype in _FLOAT_EXACT:
+        return _exact(_FLOAT_EXACT[f.dtype])
+    if f.numel < s.min_numel:
+        return _exact("tiny")
+    if not f.history and f.role == "input":
+        # An argument without autograd history: the input batch, a frozen
+        # model's activations, a constant.  Its storage exists anyway.
+        return Plan(Kind.KEEP, "leaf input")
+    if s.lossless:
+        return _exact("exact strategy")
+    if f.origin == "checkpoint":
+        if s.checkpoint_inputs != "exact" and f.history:
+            return Plan(Kind.LOSSY, f"checkpoint input ({s.checkpoint_inputs}, opted in)")
+        return _exact("checkpoint input")
+    if f.origin == "compiled":
+        return _exact("compiled graph")
+    if f.origin == "custom-function":
+        return _exact("custom autograd.Function")
+    if f.origin != "op" or f.op is None:
+        return _exact("unknown op")
+    if not f.history:
+        if f.role == "internal":
+            if f.op.strip("_") in DROPOUT_OPS:
+                return Plan(Kind.TWO_VALUED, "dropout noise")
+            if f.checkable:
+                # Dropout inside another op (attention's dropout_p) saves its
+                # noise too; on the CPU a check of two-valuedness is cheap and
+                # makes the 1-bit form lossless by verification.
+                return Plan(Kind.TWO_VALUED, "op statistics")
+        # Neither an argument nor a differentiable output: the op's own
+        # statistics, constants to backward.
+        return _exact("op statistics")
+    if f.overlapping:
+        return _exact("broadcast view")
+    if f.declined is not None:
+        return _exact(f.declined)
+    base = f.op.strip("_") if f.op not in LINEAR_BACKWARD_OPS else f.op
+    if f.op not in LINEAR_BACKWARD_OPS and base not in LINEAR_BACKWARD_OPS:
+        if base not in SMOOTH_BACKWARD_OPS and f.op not in SMOOTH_BACKWARD_OPS:
+            # max/amax compare the input with the result, clamp/abs read
+            # regions, log/sqrt/pow/div are far from linear: a code of the
+            # input gives zero, NaN or biased gradients.
+            return _exact(f"nonlinear backward ({f.op})")
+        if s.smooth == "exact":
+            return _exact(f"smooth backward ({f.op}, kept exact)")
+    if f.rule is None or (isinstance(f.rule, ReluOutput) and s.keeps_relu_exact):
+        # The strategy's own code keeps ReLU zeros exact: one code serves the
+        # activation and the next layer.
+        return Plan(Kind.LOSSY, "lossy", f.rule)
+    if f.region_only:
+        # The activation's own save: its backward reads the region alone.
+        return Plan(Kind.REGION, "region", f.rule)
+    # Another op saving the same values needs them unbiased; clamping a code
+    # into the region would bias it.
+    return Plan(Kind.LOSSY, "lossy")

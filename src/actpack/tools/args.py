@@ -1,0 +1,139 @@
+"""Command-line input the actpack commands share: checked argument types, help text, usage errors.
+
+Bad input is refused by argparse itself (one ``error:`` line, exit status
+2) before any work starts, never by a traceback or a table of zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import re
+import sys
+from typing import Any, Callable
+
+import torch
+
+import actpack
+from actpack.tools.specs import ModelSpec, parse_spec
+
+__all__ = [
+    "CLI_EXTRA",
+    "HelpFormatter",
+    "UsageError",
+    "check_optional",
+    "device",
+    "fraction",
+    "model_spec",
+    "nonnegative_float",
+    "nonnegative_int",
+    "plain",
+    "positive_float",
+    "positive_int",
+    "require",
+    "strategy_name",
+]
+
+#: What installs every optional dependency of the commands.
+CLI_EXTRA = "pip install 'actpack[cli]'"
+
+
+class UsageError(ValueError):
+    """Bad input found after parsing (it depends on several options); shown as argparse's error."""
+
+
+def _checked(kind: Callable[[str], Any], test: Callable[[Any], bool], what: str) -> Callable:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    parse.__name__ = what  # argparse names the type by it in its own messages
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+nonnegative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _checked(float, lambda v: v > 0, "a positive number")
+nonnegative_float = _checked(float, lambda v: v >= 0, "a non-negative number")
+fraction = _checked(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
+def strategy_name(value: str) -> str:
+    """argparse type: any name :func:`actpack.resolve` accepts."""
+    try:
+        actpack.resolve(value)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def model_spec(text: str) -> ModelSpec:
+    """argparse type: a model spec (see :mod:`actpack.tools.specs`)."""
+    try:
+        return parse_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def device(text: str) -> str:
+    """argparse type: a torch device that exists on this machine."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a torch device (cpu, cuda, cuda:1)"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text}: CUDA is not available here (torch {torch.__version__}); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return text
+
+
+def plain(doc: str | None) -> str:
+    """A docstring as plain text for ``--help``: Sphinx roles and ``literals`` unwrapped."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc or "")
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    return text.replace("::\n", ":\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and shows each option's default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or any(default is v for v in (None, False, argparse.SUPPRESS))  # 0 is shown
+            or "default" in text
+        ):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(str(d) for d in default) or "none"
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+def check_optional(quiet: bool) -> None:
+    """Say once, up front, what an optional dependency that is missing costs."""
+    if not quiet and sys.stderr.isatty() and importlib.util.find_spec("tqdm") is None:
+        print(
+            f"actpack: no progress bars: tqdm is not installed ({CLI_EXTRA})",
+            file=sys.stderr,
+        )
+
+
+def require(module: str, option: str) -> None:
+    """Raise :class:`UsageError`, before any work, when ``option`` needs a missing ``module``."""
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{option} needs {module}, which is not installed: {CLI_EXTRA}")

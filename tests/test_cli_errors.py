@@ -1,0 +1,130 @@
+"""Bad command-line input: argparse's one-line error and exit status 2, never a traceback.
+
+Each case runs ``python -m actpack.tools.cli`` as a subprocess, as a user
+would; they start together so that the imports of torch overlap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from actpack.tools import cli
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+# The cases the issue reported, as a user meets them: subprocesses.
+CASES = {
+    "unknown model": (["report", "--models", "nosuch"], "unknown model 'nosuch'"),
+    "unknown size": (["report", "--models", "resnet:huge"], "unknown size 'huge' for resnet"),
+    "train batch 0": (["train", "--batch-size", "0"], "--batch-size: '0' is not a positive"),
+    "train epochs 0": (["train", "--epochs", "0"], "--epochs: '0' is not a positive integer"),
+    "report batch 0": (["report", "--batch-size", "0"], "--batch-size: '0' is not a positive"),
+    "bench batch 0": (["bench", "--batch-size", "0"], "--batch-size: '0' is not a positive"),
+}
+if importlib.util.find_spec("torchvision") is None:
+    CASES["torchvision missing"] = (
+        ["bench", "--model", "torchvision:resnet50"],
+        "torchvision:resnet50 needs torchvision, which is not installed: pip install torchvision",
+    )
+# The same path, in process (cheaper): argparse exits from inside cli.main.
+IN_PROCESS = {
+    "bench steps 0": (["bench", "--steps", "0"], "--steps: '0' is not a positive integer"),
+    "bench warmup -1": (["bench", "--warmup", "-1"], "'-1' is not a non-negative integer"),
+    "train size": (["train", "--size", "huge"], "unknown size 'huge' for resnet; choose from"),
+    "train lr": (["train", "--lr", "0"], "--lr: '0' is not a positive number"),
+    "train warmup": (["train", "--warmup", "1"], "--warmup: '1' is not a fraction in [0, 1)"),
+    "bench size twice": (
+        ["bench", "--model", "resnet:tiny", "--size", "small"],
+        "--size is for a built-in model given without a size",
+    ),
+    "hf type": (["report", "--models", "hf:nosuch"], "transformers has no model type 'nosuch'"),
+    "hf size": (["report", "--models", "hf:gpt2:huge"], "unknown size 'huge' for hf:gpt2"),
+    "hf head": (["report", "--models", "hf:t5"], "no causal-LM, masked-LM or image-class"),
+    "empty spec": (["report", "--models", "hf:"], "'hf:' names no model"),
+    "device": (["report", "--device", "gpu"], "'gpu' is not a torch device"),
+}
+if not torch.cuda.is_available():
+    IN_PROCESS["no cuda"] = (["report", "--device", "cuda"], "CUDA is not available here")
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, subprocess.CompletedProcess]:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "actpack.tools.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name, (argv, _) in CASES.items()
+    }
+    done = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        done[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_argparse_error(results, case: str) -> None:
+    argv, message = CASES[case]
+    proc = results[case]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""  # no table of zeros, nothing started
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith(f"actpack {argv[0]}: error: ")
+    assert message in errors[0]
+    assert proc.stderr.startswith(f"usage: actpack {argv[0]}")
+
+
+@pytest.mark.parametrize("case", list(IN_PROCESS))
+def test_bad_input_in_process(capsys, case: str) -> None:
+    argv, message = IN_PROCESS[case]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"actpack {argv[0]}: error: ")
+    assert message in errors[0], errors[0]
+
+
+def test_plot_without_matplotlib_fails_before_training(monkeypatch, capsys, tmp_path) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails, find_spec says absent
+    with pytest.raises(SystemExit) as exc:
+        # --data points nowhere: the error must come before the data is even looked for
+        cli.main(["train", "--plot", str(tmp_path / "x.png"), "--data", str(tmp_path / "none")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--plot needs matplotlib, which is not installed: pip install 'actpack[cli]'" in err
+    assert "Fashion-MNIST" not in err
+
+
+@pytest.mark.parametrize("command", ["report", "train", "bench"])
+def test_help_is_plain_text_with_defaults(capsys, command: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for markup in ("``", ":func:", ":class:", "::"):
+        assert markup not in text, markup
+    description = text.split("\n\n")[1]
+    assert description.strip() and not description.startswith("options:")
+    assert "--batch-size BATCH_SIZE" in text
+    defaults = {"report": "(default: 8)", "train": "(default: 128)", "bench": "(default: 32)"}
+    assert defaults[command] in " ".join(text.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    if command == "bench":
+        assert "seed of the weights and inputs (default: 0)" in " ".join(text.split())

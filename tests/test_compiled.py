@@ -1,0 +1,620 @@
+"""Compile-native compression: hooks inlined into torch.compile's graphs (CPU, Inductor).
+
+Covers the traceable codecs (:mod:`actpack.codecs.traceable`), the decisions
+made from the FX graphs (:mod:`actpack.engine.graphfacts`), the private torch
+API they rely on, and compiled training steps: exactness under ``"none"``,
+gradient fidelity against eager under the same strategy, graph breaks and
+recompilations, dynamic shapes, bf16 autocast, the AOT autograd cache, and
+the built-in and HF models.  Inductor compiles are slow on CPU: models are
+tiny, and checks that need no Inductor lowering use the ``aot_eager`` backend
+(the hooks are inlined by AOTAutograd either way).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import actpack
+from actpack.codecs import groupquant, traceable
+from actpack.engine import compiled
+from actpack.policy.decide import Kind
+
+pytestmark = pytest.mark.skipif(not compiled.available(), reason="torch cannot inline hooks")
+
+
+class _Counters:
+    """torch._dynamo.utils.counters, imported on first use: importing Dynamo
+    imports Triton, which tests/test_kernels.py configures at collection."""
+
+    def __getitem__(self, key):
+        from torch._dynamo.utils import counters
+
+        return counters[key]
+
+    def clear(self) -> None:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+
+
+counters = _Counters()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    # Each test traces its hooks (and records their decisions): no graph from
+    # AOTAutograd's on-disk cache, except where the cache itself is tested.
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+class Block(nn.Module):
+    """LayerNorm -> Linear -> activation -> Linear, plus the residual."""
+
+    def __init__(self, dim: int = 32, act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.act = act if act is not None else nn.GELU()
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.ln(x))))
+
+
+def _mlp(act: type[nn.Module] = nn.GELU, depth: int = 2, dim: int = 32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[Block(dim, act()) for _ in range(depth)])
+
+
+def _grads(model: nn.Module, x: torch.Tensor, run=None) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    out = (run or model)(x)
+    out.float().pow(2).mean().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _decisions(engine) -> list[compiled.Decision]:
+    return list(engine._graph_hooks.decisions.values())
+
+
+# --------------------------------------------------------------------------- #
+# Private torch API this path relies on (changes without notice: pinned here)
+# --------------------------------------------------------------------------- #
+
+
+def test_private_torch_api_is_there():
+    from torch._functorch._aot_autograd import graph_compile, utils
+
+    assert callable(graph_compile._get_saved_tensor_hook_context)
+    assert callable(graph_compile.maybe_inline_graph_saved_tensors_hooks)
+    assert callable(utils.saved_tensors_hooks_are_inlineable)
+    assert torch._functorch.config.saved_tensors_hooks_filtering_mode == "donated"
+    importlib.import_module("torch._inductor.inductor_prims")  # registers the prims
+    seeds = torch.ops.prims.inductor_seeds.default(1, torch.device("cpu"))
+    assert seeds.shape == (1,) and seeds.dtype == torch.int64
+
+
+def test_hook_context_hands_over_node_and_both_graphs():
+    # What graphfacts reads: the saved node, and the backward placeholder of
+    # the same name whose users are the ops that read the save.
+    seen = {}
+
+    def pack(x):
+        state = compiled._trace_state()
+        if state is not None:
+            node, bw = state["_node"], state["_bw_graph"]
+            names = [n.name for n in bw.find_nodes(op="placeholder")]
+            seen[node.name] = (node.name in names, isinstance(state["_fw_graph"], torch.fx.Graph))
+        return x
+
+    graph = torch.fx.Graph()
+    graph.output(graph.call_function(pack, (graph.placeholder("x"),)))
+    pack_gm = torch.fx.GraphModule(nn.Module(), graph)
+    graph = torch.fx.Graph()
+    graph.output(graph.placeholder("p"))
+    unpack_gm = torch.fx.GraphModule(nn.Module(), graph)
+    model = _mlp(depth=1)
+    with torch.autograd.graph.saved_tensors_hooks(pack_gm, unpack_gm):
+        torch.compile(model, backend="aot_eager")(torch.randn(2, 8, 32))
+    assert seen and all(found and fw for found, fw in seen.values())
+
+
+# --------------------------------------------------------------------------- #
+# Traceable codecs
+# --------------------------------------------------------------------------- #
+
+
+def _awkward(rows: int = 6, cols: int = 300) -> torch.Tensor:
+    x = torch.randn(rows, cols) * torch.logspace(-3, 3, rows).unsqueeze(1)
+    x[1, 5], x[2, 7], x[2, 8], x[3, :] = math.nan, math.inf, -math.inf, 0.25
+    return x
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_round_to_nearest_is_the_reference_code(bits):
+    x = _awkward()
+    for zero_exact, data in ((False, x), (bits >= 2, x.abs().nan_to_num(0.0))):
+        got = traceable.quantize_groups(data, bits, 64, None, zero_exact=zero_exact)
+        ref = groupquant.quantize_groups(data, bits, 64, stochastic=False, zero_exact=zero_exact)
+        for a, b in zip((got.packed, got.lo, got.hi), (ref.packed, ref.lo, ref.hi)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vectorisable_decode_is_the_reference_decode(dtype):
+    x = _awkward(6, 700)
+    key = traceable.random_key(torch.Generator().manual_seed(4))
+    for bits in (1, 2, 4, 8):
+        for zero_exact, data in ((False, x), (bits >= 2, x.abs().nan_to_num(0.0))):
+            code = traceable.quantize_groups(data, bits, 128, key, zero_exact=zero_exact)
+            got = traceable.dequantize_groups(code, dtype)
+            torch.testing.assert_close(
+                got, groupquant.dequantize_groups(code, dtype), rtol=0, atol=0, equal_nan=True
+            )
+
+
+def test_round_out_bf16_is_outward_and_tight():
+    # The bit-cut rounding must give the nearest bf16 on the required side.
+    v = torch.cat(
+        [torch.randn(4000) * 10.0 ** torch.randint(-40, 38, (4000,)).float(),
+         torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3.3e38, -3.3e38, 3.4e38, 1.0, -1.0])]
+    )  # fmt: skip
+    v = v[torch.isfinite(v)]
+    big = torch.finfo(torch.bfloat16).max
+    for down in (True, False):
+        r = groupquant._round_out(v, torch.bfloat16, down=down).float()
+        inside = v.abs() <= big
+        if down:
+            assert bool((r[inside] <= v[inside]).all())
+        else:
+            assert bool((r[inside] >= v[inside]).all())
+        beyond = torch.nextafter(
+            r.to(torch.bfloat16), torch.full_like(r, math.inf if down else -math.inf).bfloat16()
+        ).float()
+        # The next bf16 outwards... inwards from r crosses v: r is the tightest.
+        tight = beyond > v if down else beyond < v
+        assert bool(tight[inside & (r.abs() < big)].all())
+
+
+def test_hash_uniform_is_uniform_and_uncorrelated():
+    n = 1 << 20
+    gen = torch.Generator().manual_seed(1)
+    u = traceable.hash_uniform(n, traceable.random_key(gen))
+    assert u.dtype == torch.float32 and bool((u >= 0).all()) and bool((u < 1).all())
+    sd_mean = (1 / 12 / n) ** 0.5
+    assert abs(u.mean().item() - 0.5) < 5 * sd_mean
+    assert abs(u.var().item() - 1 / 12) < 5 * (1 / 180 / n) ** 0.5  # var of (u-1/2)^2 is 1/180
+    counts = torch.histc(u, 64, 0, 1)
+    chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum().item()
+    assert chi2 < 63 + 5 * (2 * 63) ** 0.5
+    for lag in (1, 2, 3, 256, 4096):
+        r = torch.corrcoef(torch.stack([u[:-lag], u[lag:]]))[0, 1].item()
+        assert abs(r) < 5 / n**0.5
+    # The same element under independent keys: independent draws.
+    draws = torch.stack([traceable.hash_uniform(64, traceable.random_key(gen)) for _ in range(512)])
+    assert (draws.mean(0) - 0.5).abs().max().item() < 5 * (1 / 12 / 512) ** 0.5
+
+
+def test_hash_key_is_checked():
+    with pytest.raises(ValueError, match="random_key"):
+        traceable.hash_uniform(8, torch.tensor(3))
+    with pytest.raises(ValueError, match="random_key"):
+        traceable.hash_uniform(8, torch.zeros(2))
+
+
+def test_stochastic_rounding_is_unbiased_over_keys():
+    torch.manual_seed(0)
+    x = torch.randn(8, 512)
+    gen = torch.Generator().manual_seed(2)
+
+    def mean_error(k: int) -> float:
+        acc = torch.zeros_like(x)
+        for _ in range(k):
+            code = traceable.quantize_groups(x, 2, 128, traceable.random_key(gen))
+            acc += groupquant.dequantize_groups(code)
+        return (acc / k - x).pow(2).mean().item()
+
+    one, many = mean_error(1), mean_error(64)
+    # Unbiased: the squared error of the mean falls as 1/K (3x slack).
+    assert many < 3 * one / 64
+
+
+def test_compiled_codec_equals_eager_codec():
+    x = _awkward(8, 700)
+    key = traceable.random_key(torch.Generator().manual_seed(3))
+
+    def encode(x, key):
+        code = traceable.quantize_groups(x, 2, 256, key)
+        return code.packed, code.lo, code.hi
+
+    got = torch.compile(encode, fullgraph=True)(x, key)
+    for a, b in zip(got, encode(x, key)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+# --------------------------------------------------------------------------- #
+# Decisions from the graph (aot_eager: AOTAutograd inlines the hooks either way)
+# --------------------------------------------------------------------------- #
+
+
+class Mixed(nn.Module):
+    """Conv-BN-ReLU-pool-dropout-hardtanh, then LayerNorm-MLP with ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.ln, self.fc1, self.fc2 = nn.LayerNorm(128), nn.Linear(128, 256), nn.Linear(256, 10)
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        h = F.hardtanh(F.dropout(h, 0.2)).flatten(1)
+        return self.fc2(F.relu(self.fc1(self.ln(h))))
+
+
+def _compiled_step(model, x, engine, backend="aot_eager", **kw):
+    run = torch.compile(model, backend=backend, **kw)
+    with engine:
+        out = run(x)
+    out.float().pow(2).mean().backward()
+    return _decisions(engine)
+
+
+def test_decisions_follow_the_graph():
+    torch.manual_seed(0)
+    model, x = Mixed(), torch.randn(16, 3, 8, 8)
+    engine = actpack.compress("actnn", min_numel=64)
+    by_node = {d.node: d for d in _compiled_step(model, x, engine)}
+    kinds = {d.kind for d in by_node.values()}
+    assert Kind.LOSSY in kinds and Kind.BITS in kinds
+    for d in by_node.values():
+        # Masks (ReLU's le, dropout's gt, hardtanh's bounds) in 1 bit, lossless.
+        if d.producer in ("le", "gt", "bitwise_or"):
+            assert (d.kind, d.form, d.after) == (Kind.BITS, "bits", d.before // 8)
+        # Statistics (BatchNorm/LayerNorm mean and rstd) are constants to backward.
+        if d.producer == "rsqrt" or (d.producer == "getitem" and d.readers == ("sub",)):
+            assert d.kind is Kind.EXACT and d.form == "exact"
+            assert d.reason in ("op statistics", "tiny")
+    # Max-pool indices (int64 here; Inductor's own int8 offsets in
+    # test_inductor_step_under_autocast): the offset in a 2x2 window, 2 bits.
+    pool = [d for d in by_node.values() if d.readers == ("max_pool2d_with_indices_backward",)]
+    assert pool and all(d.kind is Kind.COMPACT and d.form == "pool" for d in pool)
+    assert all(d.after * 32 == d.before for d in pool)
+    norm = [d for d in by_node.values() if d.op == "layer_norm"]
+    assert norm and all(d.form == "groups" for d in norm)
+    batchnorm = [d for d in by_node.values() if d.op == "batch_norm"]
+    assert batchnorm and all(d.form == "groups" for d in batchnorm)
+    # Parameters and the input batch are graph inputs: never handed to the hooks.
+    assert not any(d.node.startswith("primals") for d in by_node.values())
+
+
+def test_layer_norm_inputs_get_per_token_ranges():
+    # The residual sum feeding the next LayerNorm: one quantization range per
+    # token (group size = width), as the eager ActNN gives row-norm inputs.
+    model, x = _mlp(dim=64), torch.randn(2, 16, 64)
+    engine = actpack.compress(actpack.ActNN(bits=2, group_size=256), min_numel=64)
+    run = torch.compile(model, backend="aot_eager")
+    seen = []
+    encode = actpack.engine.graphcodes.traceable.quantize_groups
+
+    def spy(x, bits, group_size, key, **kw):
+        seen.append((tuple(x.shape), group_size))
+        return encode(x, bits, group_size, key, **kw)
+
+    actpack.engine.graphcodes.traceable.quantize_groups = spy
+    try:
+        with engine:
+            run(x)
+    finally:
+        actpack.engine.graphcodes.traceable.quantize_groups = encode
+    norm = [d for d in _decisions(engine) if d.op == "layer_norm"]
+    assert norm
+    assert ((32, 64), 64) in seen  # (tokens, width) rows of 64: per-token
+    assert ((32, 256), 256) in seen  # the fc2 input: rows of its own, groups of 256
+
+
+def test_filtering_all_hands_parameters_over_and_they_are_kept():
+    model, x = _mlp(depth=1), torch.randn(2, 8, 32)
+    engine = actpack.compress("actnn", min_numel=16)
+    with torch._functorch.config.patch(saved_tensors_hooks_filtering_mode="all"):
+        decisions = _compiled_step(model, x, engine)
+    inputs = [d for d in decisions if d.node.startswith("primals")]
+    assert inputs and all(d.kind is Kind.KEEP and d.form == "exact" for d in inputs)
+
+
+def test_untraceable_strategy_keeps_compiled_saves_exact_with_a_warning():
+    model, x = _mlp(depth=1), torch.randn(2, 8, 32)
+    exact = _grads(model, x)
+    engine = actpack.compress(actpack.Division(), min_numel=16)
+    run = torch.compile(model, backend="aot_eager")
+
+    def step(x):
+        with engine:
+            return run(x)
+
+    with pytest.warns(UserWarning, match="no traceable code"):
+        got = _grads(model, x, step)
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-6)
+    assert all(d.form in ("exact", "bits") for d in _decisions(engine))
+
+
+# --------------------------------------------------------------------------- #
+# Graph breaks and recompilations
+# --------------------------------------------------------------------------- #
+
+
+def _breaks() -> int:
+    return sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("how", ["compile(wrap)", "wrap(compile)", "compress", "per-block"])
+def test_one_graph_and_no_recompiles(how):
+    model, x = _mlp(), torch.randn(2, 8, 32)
+    if how == "compile(wrap)":
+        run = torch.compile(actpack.wrap(model, min_numel=64), backend="aot_eager")
+        engine = actpack.engine_of(model)
+    elif how == "wrap(compile)":
+        run = actpack.wrap(torch.compile(model, backend="aot_eager"), min_numel=64)
+        engine = actpack.engine_of(run)
+    elif how == "per-block":
+        run = actpack.wrap(model, min_numel=64)
+        engine = actpack.engine_of(model)
+        for block in model:
+            block.compile(backend="aot_eager")
+    else:
+        compiled_model = torch.compile(model, backend="aot_eager")
+        engine = actpack.compress("actnn", min_numel=64)
+
+        def run(x):
+            with engine:
+                return compiled_model(x)
+
+    _grads(model, x, run)
+    graphs = counters["stats"]["unique_graphs"]
+    # Per block: the first block's input needs no grad, the second's does.
+    assert graphs == (2 if how == "per-block" else 1)
+    for _ in range(2):
+        _grads(model, x, run)
+    assert counters["stats"]["unique_graphs"] == graphs
+    # Only wrap's disabled hooks break, entering and leaving the engine
+    # around the forward: the model's own ops are all in that one graph.
+    assert (_breaks() > 0) == (how == "compile(wrap)")
+    assert all("function _enter" in k or "function _leave" in k for k in counters["graph_break"])
+    assert not counters["recompiles"]
+    assert any(d.form == "groups" for d in _decisions(engine))
+
+
+def test_another_engine_recompiles_once():
+    model, x = _mlp(depth=1), torch.randn(2, 8, 32)
+    run = torch.compile(model, backend="aot_eager")
+    first, second = actpack.compress("actnn", min_numel=64), actpack.compress("int8", min_numel=64)
+    for engine in (first, second, first, second):
+        with engine:
+            run(x)
+    # Dynamo guards on the hook pair's identity: one graph per engine, reused.
+    assert counters["stats"]["unique_graphs"] == 2
+    assert {d.form for d in _decisions(second)} >= {"groups"}
+
+
+# --------------------------------------------------------------------------- #
+# Compiled training steps (Inductor)
+# --------------------------------------------------------------------------- #
+
+
+def _draws(model, x, engine, run, k: int) -> torch.Tensor:
+    def step(x):
+        with engine:
+            return run(x)
+
+    return torch.stack([_grads(model, x, step) for _ in range(k)])
+
+
+def test_none_is_exact_and_actnn_is_as_faithful_as_eager():
+    model, x = _mlp(act=nn.ReLU, depth=1), torch.randn(4, 16, 32)
+    exact = _grads(model, x)
+    run = torch.compile(model)
+    plain = _grads(model, x, run)
+    # "none" changes nothing in the compiled graphs: bitwise the same gradients.
+    none = _draws(model, x, actpack.compress("none", min_numel=64), run, 1)[0]
+    assert torch.equal(none, plain)
+    # actnn: each compiled step draws fresh rounding noise in the graph; the
+    # mean of K draws approaches the exact gradient (unbiased codes: the
+    # squared error falls as 1/K), and a single draw is as noisy as eager's.
+    k = 16
+    compiled_draws = _draws(model, x, actpack.compress("actnn", min_numel=64), run, k)
+    eager_draws = _draws(model, x, actpack.compress("actnn", min_numel=64), model, k)
+    single = (compiled_draws - exact).pow(2).sum(1).mean().item()
+    eager_single = (eager_draws - exact).pow(2).sum(1).mean().item()
+    mean_error = (compiled_draws.mean(0) - exact).pow(2).sum().item()
+    assert single > 0 and len({tuple(d.tolist()) for d in compiled_draws}) == k
+    assert mean_error < 3 * single / k
+    assert 0.5 < single / eager_single < 2
+
+
+class ConvMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.block = Block(128, nn.GELU())
+
+    def forward(self, x):
+        h = F.max_pool2d(F.relu(self.conv(x)), 2).flatten(2).transpose(1, 2)
+        return self.block(h.reshape(x.shape[0], -1, 128))
+
+
+def test_inductor_step_under_autocast_max_autotune():
+    torch.manual_seed(0)
+    model, x = ConvMLP(), torch.randn(8, 3, 16, 16)
+    engine = actpack.compress("actnn", min_numel=64)
+    run = torch.compile(model, mode="max-autotune-no-cudagraphs")
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16), engine:
+            return run(x)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = _grads(model, x)
+    got = torch.stack([_grads(model, x, step) for _ in range(4)])
+    decisions = _decisions(engine)
+    # Inductor saves max-pool offsets as int8: packed in 2 bits (2x2 windows).
+    offsets = [d for d in decisions if d.form == "offsets"]
+    assert offsets and all(d.after * 4 == d.before for d in offsets)
+    coded = [d for d in decisions if d.form == "groups"]
+    assert coded and sum(d.after for d in coded) * 6 < sum(d.before for d in coded)
+    assert bool(torch.isfinite(got).all())
+    eager = torch.stack([_grads(model, x, lambda x: _autocast_eager(model, x)) for _ in range(4)])
+    single = (got - exact).pow(2).sum(1).mean().item()
+    assert 0 < single < 3 * (eager - exact).pow(2).sum(1).mean().item()
+
+
+def _autocast_eager(model, x):
+    with torch.autocast("cpu", dtype=torch.bfloat16), actpack.compress("actnn", min_numel=64):
+        return model(x)
+
+
+def test_dynamic_shapes_one_graph():
+    model = _mlp(depth=1)
+    engine = actpack.compress("actnn", min_numel=64)
+    run = torch.compile(model, dynamic=True)
+    for n in (3, 5, 7):
+        x = torch.randn(n, 8, 32)
+        exact = _grads(model, x)
+        got = _draws(model, x, engine, run, 2)
+        assert bool(torch.isfinite(got).all()) and not torch.equal(got[0], exact)
+        assert (got.mean(0) - exact).norm() < 0.5 * exact.norm()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert any(d.form == "groups" for d in _decisions(engine))
+
+
+def test_aot_autograd_cache_hits_and_keys_on_the_strategy():
+    from torch._inductor.utils import fresh_cache
+
+    model, x = _mlp(depth=1), torch.randn(2, 8, 32)
+    exact = _grads(model, x)
+    with fresh_cache(), torch._functorch.config.patch(enable_autograd_cache=True):
+        for strategy, expect in (("actnn", "autograd_cache_miss"), ("actnn", "autograd_cache_hit"),
+                                 ("int8", "autograd_cache_miss")):  # fmt: skip
+            torch._dynamo.reset()
+            counters.clear()
+            engine = actpack.compress(strategy, min_numel=64)
+            got = _draws(model, x, engine, torch.compile(model), 1)[0]
+            assert counters["aot_autograd"][expect] == 1, dict(counters["aot_autograd"])
+            assert not counters["aot_autograd"]["autograd_cache_bypass"]
+            # A hit skips tracing the hooks, yet the cached graphs still compress.
+            assert bool(_decisions(engine)) == (expect != "autograd_cache_hit")
+            assert not torch.equal(got, exact)
+
+
+# --------------------------------------------------------------------------- #
+# Built-in models and transformers, compiled
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("name", ["gpt", "vit", "resnet"])
+def test_builtin_models_compiled(name):
+    from actpack.tools.models import build_model, loss_for
+
+    torch.manual_seed(0)
+    model, make_inputs = build_model(name, "tiny")
+    inputs, loss_fn = make_inputs(4), loss_for(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(run, ctx):
+        with ctx:
+            loss = loss_fn(run(*inputs), inputs)
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    exact = grads(model, torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t))
+    run = torch.compile(model, backend="aot_eager")
+    engine = actpack.compress("actnn")
+    got = torch.stack([grads(run, engine) for _ in range(2)])
+    eager = torch.stack([grads(model, actpack.compress("actnn")) for _ in range(2)])
+    assert any(d.form == "groups" for d in _decisions(engine))
+    single = (got - exact).pow(2).sum(1).mean().item()
+    assert 0 < single < 3 * (eager - exact).pow(2).sum(1).mean().item()
+
+
+def test_transformers_gpt2_compiled():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 128, (4, 32))
+    engine = actpack.compress("actnn", min_numel=1024)
+    run = torch.compile(model, backend="aot_eager")
+    with engine:
+        loss = run(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert bool(torch.isfinite(loss))
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    decisions = _decisions(engine)
+    assert any(d.form == "groups" for d in decisions)
+    assert sum(d.after for d in decisions) * 3 < sum(d.before for d in decisions)
+
+
+# --------------------------------------------------------------------------- #
+# Forms, eagerly: what the inlined hooks compute, checked on real tensors
+# --------------------------------------------------------------------------- #
+
+
+def _graph(saved_target, readers):
+    """A forward node saved for backward, read in backward by ``readers``."""
+    fw = torch.fx.Graph()
+    x = fw.placeholder("primals_1")
+    node = fw.call_function(saved_target, (x,))
+    fw.output((node, node))
+    bw = torch.fx.Graph()
+    saved = bw.placeholder(node.name)
+    outs = [bw.call_function(target, (saved, *args)) for target, args in readers]
+    bw.output(tuple(outs))
+    return node, bw
+
+
+def _round_trip(plan_strategy, node, bw, x):
+    from actpack.engine import graphcodes, graphfacts
+    from actpack.policy.decide import Settings, decide
+
+    strategy = actpack.resolve(plan_strategy)
+    gf = graphfacts.graph_facts(node, bw, x)
+    plan = decide(gf.facts, Settings(min_numel=16, keeps_relu_exact=strategy.keeps_relu_exact))
+    form, meta, tensors = graphcodes.encode(strategy, plan, gf, x)
+    if form == "exact":
+        return plan, form, x
+    return plan, form, graphcodes.decode(form, meta, tensors)
+
+
+def test_relu_output_read_only_by_comparisons_keeps_its_region_in_one_bit():
+    aten = torch.ops.aten
+    node, bw = _graph(aten.relu.default, [(aten.le.Scalar, (0,))])
+    x = torch.randn(4, 64).relu()
+    plan, form, y = _round_trip("bf16", node, bw, x)
+    assert (plan.kind, form) == (Kind.REGION, "region")
+    assert torch.equal(y <= 0, x <= 0) and y.dtype == x.dtype
+
+
+def test_comparison_with_another_constant_is_kept_exact():
+    aten = torch.ops.aten
+    node, bw = _graph(aten.neg.default, [(aten.le.Scalar, (0.5,))])
+    x = torch.randn(4, 64)
+    plan, form, y = _round_trip("actnn", node, bw, x)
+    assert form == "exact" and plan.kind is Kind.EXACT and y is x
+
+
+def test_relu_output_read_by_a_matmul_keeps_exact_zeros_in_its_code():
+    aten = torch.ops.aten
+    node, bw = _graph(aten.relu.default, [(aten.mm.default, ())])
+    x = torch.randn(8, 256).relu()
+    plan, form, y = _round_trip("actnn", node, bw, x)
+    assert (plan.kind, form) == (Kind.LOSSY, "groups")
+    assert torch.equal(y > 0, x > 0)  # ReLU zeros stay zeros, positives positive

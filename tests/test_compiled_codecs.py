@@ -1,0 +1,466 @@
+"""The TorchInductor-compiled CPU codecs against the pure-PyTorch reference.
+
+Same checks as the Triton kernels (``fused_checks.py``): round to nearest is
+bit-identical (packed bytes, lo, hi, LFC; every encode x decode pairing),
+stochastic rounding is unbiased, within one step, and the same distribution
+as the reference's.  Plus what is particular to compiling: every bit width
+1..8 and float dtype, awkward sizes (tails, tiny, empty), signed zeros and
+subnormals in the outward rounding, the absence of full-size float32
+temporaries, the dispatch, and the fallback with one warning when compiling
+fails.
+
+A fallback to the reference would make the equality checks pass vacuously,
+so :class:`CompileFallbackWarning` is an error in this module.  The first
+run compiles ~40 small graphs (minutes on a loaded 2-core machine);
+Inductor's on-disk cache makes later runs fast.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+from fused_checks import (
+    assert_division_matches_reference,
+    assert_division_unbiased,
+    assert_generator_semantics,
+    assert_groups_match_reference,
+    assert_groups_unbiased,
+    check_division,
+    check_groups,
+    same,
+    same_code,
+)
+
+import actpack
+from actpack.codecs import backend
+from actpack.codecs import groupquant as rgq
+from actpack.codecs import pack as rpack
+from actpack.codecs.compiled import bits as cbits
+from actpack.codecs.compiled import build
+from actpack.codecs.compiled import division as cdiv
+from actpack.codecs.compiled import groupquant as cgq
+from actpack.strategies import ActNN, Division, SaveInfo
+
+if not build.available():
+    pytest.skip(
+        "TorchInductor cannot compile CPU code here (no C++ compiler?)", allow_module_level=True
+    )
+
+pytestmark = pytest.mark.filterwarnings(
+    "error::actpack.codecs.compiled.build.CompileFallbackWarning"
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+# --------------------------------------------------------------------------------------
+# ActNN groups: round to nearest is bit-identical
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_groups_every_bit_width(bits):
+    """(3, 257): a tail group and a code count that is no multiple of a word."""
+    check_groups(cgq, torch.randn(3, 257) * 3 + 1, bits, 256)
+    check_groups(cgq, torch.randn(2, 4096), bits, 256)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (3, 255), (1, 1000), (64, 1024)])
+def test_groups_dtypes_and_sizes(shape, dtype):
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    check_groups(cgq, x, 2, 256, out_dtypes=[dtype, torch.float32])
+
+
+@pytest.mark.parametrize(("bits", "dtype"), [(2, torch.float32), (4, torch.float32),
+                                             (8, torch.float32), (2, torch.bfloat16)])  # fmt: skip
+def test_groups_zero_exact(bits, dtype):
+    x = torch.relu(torch.randn(3, 600)).to(dtype)
+    x[1, :256] = 0  # a group without positive values
+    x[2, 5] = 1e-45  # a positive subnormal: code >= 1 keeps it positive
+    _, got = check_groups(cgq, x, bits, 256, zero_exact=True, out_dtypes=[dtype, torch.float32])
+    y = cgq.dequantize_groups(got, dtype)
+    assert torch.equal(y == 0, x == 0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "gs", "bits"),
+    [((3, 20), 7, 2), ((2, 100), 49, 2), ((3, 10), 3, 1), ((1, 40), 5, 4), ((2, 5), 1, 2),
+     ((1, 5000), 4500, 3)],
+)  # fmt: skip
+def test_groups_awkward_group_sizes(shape, gs, bits):
+    check_groups(cgq, torch.randn(shape), bits, gs, out_dtypes=[torch.float32, torch.bfloat16])
+
+
+@pytest.mark.parametrize("meta", [torch.float16, torch.float32])
+def test_groups_meta_dtypes(meta):
+    x = torch.randn(3, 257) * 100
+    x[0, :3] = torch.tensor([7e4, -9e4, 3.0])  # beyond float16: saturates at its maximum
+    _, got = check_groups(cgq, x, 2, 256, meta=meta)
+    assert torch.isfinite(got.lo).all() and torch.isfinite(got.hi).all()
+
+
+def test_groups_strided_input():
+    x = torch.randn(300, 3).t()  # (3, 300), column stride 3
+    assert not x.is_contiguous()
+    check_groups(cgq, x, 2, 256)
+
+
+def test_groups_signed_zeros_and_subnormals():
+    """The int32 outward rounding of bfloat16 ranges (arith.round_out) at its edges:
+    groups of zeros of either sign, values below bfloat16's subnormals, exact
+    bfloat16 values, and values next to its maximum."""
+    rows = [
+        [0.0] * 16,
+        [-0.0] * 16,
+        [0.0, -0.0] * 8,
+        [1e-42, 2e-45, 1e-9, 3e-8, 0.0] * 3 + [1e-42],
+        [-1e-42, -2e-45, -1e-9, -3e-8, -0.0] * 3 + [-1e-42],
+        [1.0, 2.0, -0.5, 0.25] * 4,
+        [3.38e38, -3.38e38, 1.0, 3.3e38] * 4,
+        [9.2e-41, -9.2e-41, 5.9e-39, -1.2e-38] * 4,
+    ]
+    x = torch.tensor(rows, dtype=torch.float32)
+    for zero_exact in (False, True):
+        check_groups(cgq, x.abs() if zero_exact else x, 2, 16, zero_exact=zero_exact,
+                     out_dtypes=[torch.float32, torch.bfloat16])  # fmt: skip
+
+
+@pytest.mark.parametrize(("bits", "dtype"), [(1, torch.float32), (2, torch.float32),
+                                             (4, torch.float32), (2, torch.float16),
+                                             (2, torch.bfloat16)])  # fmt: skip
+def test_groups_nonfinite_classes(bits, dtype):
+    x = torch.randn(3, 300)
+    x[0, 3], x[0, 9], x[0, 200] = float("nan"), float("inf"), -float("inf")
+    x[1, 260] = float("inf")  # in the tail group
+    x[2, :256] = 1.0  # constant group
+    x = x.to(dtype)
+    _, got = check_groups(cgq, x, bits, 256, out_dtypes=[dtype, torch.float32])
+    y = cgq.dequantize_groups(got, torch.float32)
+    assert torch.isnan(got.lo[0, 0]) and torch.isnan(got.lo[1, 1])
+    assert not torch.isnan(got.lo[2]).any()
+    if bits >= 2:
+        assert y[0, 9] == float("inf") and y[0, 200] == -float("inf") and y[1, 260] == float("inf")
+    assert torch.isnan(y[0, :256]).sum() == 256 - (2 if bits >= 2 else 0)
+    assert torch.isfinite(y[2]).all()
+
+
+def test_groups_extreme_finite_ranges():
+    """Ranges overflowing float32 (the k = 0.5 path) and values at the meta limit."""
+    x = torch.randn(2, 512)
+    x[0, 0], x[0, 1] = -3.3e38, 3.3e38
+    x[1, 5] = 3.4e38  # beyond bf16's finite range: saturates
+    x[1, 300] = 1e-40  # subnormal
+    check_groups(cgq, x, 2, 256, out_dtypes=[torch.float32, torch.float16, torch.bfloat16])
+
+
+def test_groups_float64_input():
+    check_groups(cgq, torch.randn(3, 300, dtype=torch.float64), 2, 256, out_dtypes=[torch.float32])
+
+
+def test_decode_of_stochastic_codes_identical():
+    x = torch.randn(3, 600) * 2
+    for code in (rgq.quantize_groups(x, 2, 256), cgq.quantize_groups(x, 2, 256)):
+        for out in (torch.bfloat16, torch.float32):
+            same(cgq.dequantize_groups(code, out), rgq.dequantize_groups(code, out))
+
+
+def test_groups_empty_and_invalid_follow_the_reference():
+    empty = cgq.quantize_groups(torch.zeros(0, 5), 2, 4)
+    same_code(empty, rgq.quantize_groups(torch.zeros(0, 5), 2, 4))
+    assert cgq.dequantize_groups(empty).shape == (0, 5)
+    with pytest.raises(ValueError, match="bits"):
+        cgq.quantize_groups(torch.randn(2, 8), 9, 4)
+    with pytest.raises(ValueError, match="2-D"):
+        cgq.quantize_groups(torch.randn(8), 2, 4)
+    code = cgq.quantize_groups(torch.randn(2, 8), 2, 4)
+    short = rgq.GroupCode(code.packed[:1], code.lo, code.hi, 2, 8, 4, 2, False)
+    with pytest.raises(ValueError, match="bytes"):
+        cgq.dequantize_groups(short)
+
+
+# --------------------------------------------------------------------------------------
+# ActNN groups: stochastic rounding
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("bits", "zero_exact", "dtype"), [(2, False, torch.float32),
+                                                          (2, True, torch.float32),
+                                                          (4, False, torch.bfloat16)])  # fmt: skip
+def test_groups_stochastic_unbiased(bits, zero_exact, dtype):
+    assert_groups_unbiased(cgq, bits, zero_exact, dtype, "cpu")
+
+
+@pytest.mark.parametrize(("bits", "dtype"), [(2, torch.float32), (4, torch.bfloat16)])
+def test_groups_stochastic_matches_reference(bits, dtype):
+    assert_groups_match_reference(cgq, bits, dtype, "cpu")
+
+
+def test_groups_stochastic_generator_semantics():
+    assert_generator_semantics(cgq, "cpu")
+
+
+def test_hashed_noise_is_uniform_and_decorrelated():
+    """The counter hash over 2**20 consecutive indices: each of 64 bins within
+    5 sigma of n/64 (binomial), lag-1 correlation within 5 / sqrt(n)."""
+    from actpack.codecs.compiled.noise import uniform
+
+    n = 1 << 20
+    u = uniform(torch.arange(n), torch.tensor([12345]))
+    assert u.min() >= 0 and u.max() < 1
+    counts = torch.bincount((u * 64).long(), minlength=64).double()
+    sigma = (n / 64 * (1 - 1 / 64)) ** 0.5
+    assert ((counts - n / 64).abs() <= 5 * sigma).all()
+    c = u - u.mean()
+    corr = (c[1:] * c[:-1]).mean() / c.square().mean()
+    assert abs(float(corr)) <= 5 / n**0.5
+
+
+# --------------------------------------------------------------------------------------
+# DIVISION
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [7, 14, 28])
+def test_division_rtn_identical(size, dtype):
+    x = (torch.randn(2, 3, size, size) * 2 + 0.5).to(dtype)
+    check_division(cdiv, x, out_dtypes=[dtype, torch.float32])
+
+
+@pytest.mark.parametrize(
+    ("shape", "block", "bits"),
+    [((2, 3, 7, 7), 8, 1), ((2, 3, 14, 14), 8, 4), ((2, 3, 50), 8, 2), ((1, 2, 5, 6, 7), 4, 2),
+     ((2, 3, 9, 10), 4, 8), ((2, 3, 9, 10), 4, 3), ((1, 1, 1), 8, 2), ((3, 2, 1, 1), 8, 2)],
+)  # fmt: skip
+def test_division_shapes_and_bits(shape, block, bits):
+    check_division(cdiv, torch.randn(shape), block, bits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_division_nonfinite_and_overflowing_rows(dtype):
+    """Poisoned rows decode to their classes (NaN bit patterns included), only them."""
+    x = torch.randn(2, 3, 7, 7)
+    x[0, 0, 1, 2] = float("nan")
+    x[0, 1, 6, 6] = float("inf")
+    x[0, 2, 0, 0] = -float("inf")
+    big = 3.3e38 if dtype == torch.float32 else torch.finfo(dtype).max
+    x[1, 0, :4] = big  # the block means stay finite, the residual overflows (float32)
+    x[1, 0, 4:] = -big
+    x = x.to(dtype)
+    got = check_division(cdiv, x, out_dtypes=[torch.float32, torch.bfloat16, torch.float16])
+    assert (got.lfc[0, :3] == 0).all()
+    if dtype == torch.float32:
+        assert (got.lfc[1, 0] == 0).all()
+    y = cdiv.division_decode(got)
+    assert y[0, 1, 6, 6] == float("inf") and y[0, 2, 0, 0] == -float("inf")
+    assert torch.isnan(y[0, 0]).all() and torch.isnan(y[0, 1]).sum() == 48
+    assert torch.isfinite(y[1]).all()
+
+
+@pytest.mark.parametrize("layout", ["tokens", "channels_last"])
+def test_division_strided_input(layout):
+    """Dual's (N, D, L) view of (N, L, D) tokens, and a channels-last map: the
+    LFC is spread along the innermost dimension of each."""
+    if layout == "tokens":
+        x = torch.randn(2, 12, 5).permute(0, 2, 1)
+    else:
+        x = torch.randn(2, 5, 9, 6).permute(0, 3, 1, 2)
+    assert not x.is_contiguous()
+    check_division(cdiv, x)
+
+
+def test_division_stochastic_unbiased():
+    assert_division_unbiased(cdiv, "cpu")
+
+
+def test_division_stochastic_matches_reference():
+    assert_division_matches_reference(cdiv, "cpu")
+
+
+# --------------------------------------------------------------------------------------
+# Bit packing
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack_bits(bits):
+    for numel in (1, 7, 9, 1001):
+        codes = torch.randint(0, 2**bits, (numel,), dtype=torch.uint8)
+        packed = rpack.pack_bits(codes, bits)
+        same(cbits.pack_bits(codes, bits), packed)
+        same(cbits.unpack_bits(packed, bits, numel), codes)
+        same(cbits.unpack_bits(packed, bits, min(numel, 5)), codes[:5])
+    with pytest.raises(ValueError, match="bytes"):
+        cbits.unpack_bits(packed[:3], bits, 1001)
+
+
+def test_masks():
+    mask = torch.rand(6, 501).t() > 0.3  # strided
+    packed = cbits.pack_mask(mask)
+    same(packed, rpack.pack_bits(mask.reshape(-1).to(torch.uint8), 1))
+    back = cbits.unpack_mask(packed, mask.shape)
+    assert back.dtype == torch.bool and torch.equal(back, mask)
+
+
+# --------------------------------------------------------------------------------------
+# Memory: no full-size float32 temporaries
+# --------------------------------------------------------------------------------------
+
+_PEAK_SCRIPT = textwrap.dedent(
+    """
+    import re, sys, torch
+    from actpack.codecs import backend
+
+    def status(key):
+        text = open("/proc/self/status").read()
+        return int(re.search(key + r":\\s+(\\d+) kB", text).group(1)) * 1024
+
+    name, codec = sys.argv[1], sys.argv[2]
+    gen = torch.Generator().manual_seed(0)
+    if codec == "groups":
+        encode = lambda x: backend.quantize_groups(x, 2, 256, generator=gen, backend=name)
+        x = torch.randn(1024, 4096)
+    else:
+        encode = lambda x: backend.division_encode(x, 8, 2, generator=gen, backend=name)
+        x = torch.randn(64, 16, 32, 32)
+    encode(x[:4])  # compile (or load) first: its memory is not the codec's
+    base = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # reset the RSS high-water mark
+    code = encode(x)
+    print((status("VmHWM") - base) / (x.numel() * 4))
+    """
+)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.parametrize("codec", ["groups", "division"])
+def test_encode_allocates_no_full_size_float_temporaries(codec):
+    """Peak RSS above the input while encoding a 16 MiB float32 tensor, in a fresh
+    process whose large blocks are mmapped (so RSS follows live tensors), as a
+    fraction of the input's bytes.  The reference allocates several float32
+    copies (> 2x); compiled, the uint8 codes (0.25x), the packed codes, a
+    bfloat16 LFC spread (DIVISION, 1/16x) and page rounding (< 0.45x)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    env.pop("ACTPACK_BACKEND", None)
+
+    def extra(name: str) -> float:
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, name, codec], env=env,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return float(out.stdout.split()[-1])
+
+    assert extra("reference") > 2.0  # the measurement sees temporaries
+    assert extra("compiled") < 0.45
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch and fallback
+# --------------------------------------------------------------------------------------
+
+
+def test_resolve_backend(monkeypatch):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    big = torch.zeros(backend.COMPILED_MIN_NUMEL)
+    assert backend.resolve_backend(big) == "compiled"  # auto: CPU tensors large enough
+    assert backend.resolve_backend(big[:-1]) == "reference"
+    assert backend.resolve_backend(big[:8], numel=big.numel()) == "compiled"
+    assert backend.resolve_backend(big[:8], "compiled") == "compiled"  # forcible at any size
+    assert backend.resolve_backend(big, "reference") == "reference"
+    monkeypatch.setenv(backend.ENV_VAR, "compiled")
+    assert backend.resolve_backend(big[:8]) == "compiled"
+    with pytest.raises(RuntimeError, match="CPU"):
+        backend.resolve_backend(torch.zeros(3, device="meta"), "compiled")
+
+
+def test_dispatch_functions_match():
+    x = torch.randn(2, 300)
+    for name in ("reference", "compiled"):
+        code = backend.quantize_groups(x, 2, 256, stochastic=False, backend=name)
+        same(backend.dequantize_groups(code, backend=name), rgq.dequantize_groups(code))
+        m = x > 0
+        packed = backend.pack_mask(m, backend=name)
+        same(packed, rpack.pack_bits(m.reshape(-1).to(torch.uint8), 1))
+        assert torch.equal(backend.unpack_mask(packed, m.shape, backend=name), m)
+
+
+@pytest.mark.parametrize("strategy", ["actnn", "division"])
+def test_strategies_route_through_compiled(monkeypatch, strategy):
+    x = torch.randn(2, 4, 14, 14)
+    make = (lambda: ActNN(stochastic=False)) if strategy == "actnn" else (
+        lambda: Division(stochastic=False))  # fmt: skip
+    monkeypatch.setenv(backend.ENV_VAR, "reference")
+    want = make().encode(x, SaveInfo(op="conv2d"))
+    monkeypatch.setenv(backend.ENV_VAR, "compiled")
+    got = make().encode(x, SaveInfo(op="conv2d"))
+    same_code(want.code if strategy == "actnn" else want.code.hfc,
+              got.code if strategy == "actnn" else got.code.hfc)  # fmt: skip
+    same(got.decode(), want.decode())
+
+
+@pytest.mark.parametrize("strategy", ["actnn", "division"])
+def test_end_to_end_gradients_match(monkeypatch, strategy):
+    """A conv-BN-ReLU-linear step: round-to-nearest gradients bit for bit."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 10),
+    )  # fmt: skip
+    x = torch.randn(16, 3, 14, 14)
+    make = (lambda: ActNN(bits=4, stochastic=False)) if strategy == "actnn" else (
+        lambda: Division(bits=4, stochastic=False))  # fmt: skip
+
+    def grads(name):
+        monkeypatch.setenv(backend.ENV_VAR, name)
+        model.zero_grad()
+        with actpack.compress(make(), model=model, min_numel=1024):
+            loss = model(x).square().mean()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads("reference"), grads("compiled")):
+        same(a, b)
+
+
+def _failing_factory():
+    def body(x):
+        raise RuntimeError("simulated: no C++ compiler")
+
+    return body
+
+
+def test_compile_failure_falls_back_with_one_warning(monkeypatch):
+    """A body that cannot be compiled warns once, then runs the reference."""
+    monkeypatch.setattr(cgq, "_encoder", lambda *key: _failing_factory())
+    x = torch.randn(2, 300)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = cgq.quantize_groups(x, 2, 256, stochastic=False)
+        second = cgq.quantize_groups(x, 2, 256, stochastic=False)
+    assert [w.category for w in caught] == [build.CompileFallbackWarning]
+    want = rgq.quantize_groups(x, 2, 256, stochastic=False)
+    same_code(first, want)
+    same_code(second, want)
+
+
+def test_probe_failure_means_reference(monkeypatch):
+    """Where Inductor cannot compile at all, "auto" picks the reference and
+    "compiled" runs it too, after one warning."""
+    monkeypatch.setattr(build, "_OPTIONS", {"not_an_inductor_option": True})
+    build.available.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert not build.available()
+            assert not build.available()  # checked once
+            big = torch.zeros(backend.COMPILED_MIN_NUMEL)
+            assert backend.resolve_backend(big) == "reference"
+            assert backend.resolve_backend(big, "compiled") == "reference"
+        assert [w.category for w in caught] == [build.CompileFallbackWarning]
+    finally:
+        build.available.cache_clear()
