@@ -53,7 +53,12 @@ LINEAR_OPS = frozenset({"linear", "addmm", "mm", "matmul", "bmm", "baddbmm", "ad
 #: paths (CPU with dropout, ``nn.MultiheadAttention``), the attention
 #: probabilities, which must keep exact zeros and stay non-negative: codes
 #: without rotation (zeros at a group's minimum are coded exactly).
-ATTENTION_OPS = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
+ATTENTION_OPS = frozenset(
+    {"scaled_dot_product_attention", "multi_head_attention_forward",
+     # aten names the compile-native path reports
+     "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"}
+)  # fmt: skip
 #: Ops whose saved inputs get ``sensitive_bits``.
 SENSITIVE_OPS = LINEAR_OPS | ATTENTION_OPS | ROW_NORM_OPS
 
@@ -145,22 +150,39 @@ class RowActNN(ActNN):
             return False
         return x.dim() <= 3 or info.op in LINEAR_OPS or info.op in ATTENTION_OPS
 
-    def encode(self, x: Tensor, info: SaveInfo) -> Encoded:
-        bits = self.sensitive_bits if info.op in SENSITIVE_OPS else self.bits
-        if not self._rowwise(x, info):
-            return self.quantize(x, info, bits)
+    def bits_for(self, info: SaveInfo) -> int:
+        """The code width of a tensor saved by ``info.op``."""
+        return self.sensitive_bits if info.op in SENSITIVE_OPS else self.bits
+
+    def row_layout(self, x: Tensor, info: SaveInfo) -> tuple[int, int] | None:
+        """(group rows, group size) of ``x``'s row code: ``x`` is coded as the
+        (group rows, numel / group rows) matrix; None where ``x`` is not coded
+        by rows (conv maps, 1-D and per-row statistics: see :meth:`encode`).
+        The compile-native path (:mod:`actpack.engine.graphcodes`) codes by
+        the same layout."""
+        if not self._rowwise(x, info) or x.shape[-1] == 1:
+            return None
         cols = x.shape[-1]
         rows = x.numel() // cols
-        if cols == 1:
+        alone = info.op in self.alone_ops
+        k, group = row_groups(rows, cols, self.group_size, 1 if alone else self.min_group)
+        return rows // k, group
+
+    def encode(self, x: Tensor, info: SaveInfo) -> Encoded:
+        bits = self.bits_for(info)
+        if not self._rowwise(x, info):
+            return self.quantize(x, info, bits)
+        if x.shape[-1] == 1:
             # One number per row: a per-token statistic such as the rsqrt of a
             # Python RMSNorm (HF Llama), whose backward reads it cubed.  Coded
             # in groups of 256 tokens it shifted a Llama run's loss (ablation
             # "actnn-rows-grouped-stats" in BENCHMARKS.md).  A copy, not the
             # tensor: a (..., 1) slice may view a much larger storage.
             return Copy(x.clone())
-        alone = info.op in self.alone_ops
-        k, group = row_groups(rows, cols, self.group_size, 1 if alone else self.min_group)
-        x2 = x.reshape(rows // k, k * cols)
+        layout = self.row_layout(x, info)
+        assert layout is not None
+        group_rows, group = layout
+        x2 = x.reshape(group_rows, -1)
         gen = self.generator(x.device)  # the rotation's signs even when rounding to nearest
         relu = isinstance(info.rule, ReluOutput)
         if self.rotate and info.op in self.rotate_ops and not relu:
