@@ -12,10 +12,11 @@ Reported per strategy:
   training across the seeds' dropout masks: the chaos floor of the figure;
 * ``bits/element``, ``vs fp32``: compressed bits per element and the ratio of
   the bytes autograd would hold, from :func:`actpack.measure` on one
-  held-out batch.  The bytes the engine passes through as "op statistics"
-  are left out on both sides: on the CPU they are mostly dropout's float
-  masks (CUDA saves bool masks, which actpack stores in 1 bit, and fused
-  attention saves none); the last column keeps them, as measured here;
+  held-out batch.  Dropout's noise is left out on both sides: on the CPU
+  dropout saves it as a float tensor, which actpack stores in 1 bit (32x),
+  while CUDA saves a bool mask (8x) or, inside fused attention, none; so
+  are the op statistics the engine keeps exact (normalization and attention
+  statistics).  The last column counts every save, as measured here;
 * ``vs bf16``: the same ratio for the model cast to bf16;
 * ``gradient variance``: :func:`actpack.gradient_noise` relative variance
   (``--draws`` draws, dropout on, same masks in every draw) on the held-out
@@ -61,6 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import actpack
+from actpack.engine import eager
 from actpack.tools.data import load_fashion_mnist
 from actpack.tools.models import build_model
 
@@ -211,12 +213,49 @@ def train_losses(case: Case, init: dict, strategy: str | actpack.Strategy, seed:
     return losses, model
 
 
-def bits(case: Case, model: nn.Module, strategy: Any, dtype: torch.dtype) -> actpack.Report:
+class _NoiseTally:
+    """Counts the dropout noise the engine stores two-valued (1 bit + scale):
+    ``(elements, bytes held uncompressed, bytes of the codes)``.
+
+    On the CPU, dropout saves its noise as a float tensor (0 or 1/(1-p));
+    on CUDA it saves a bool mask, or nothing inside fused attention.  Left
+    out on both sides, the ratio speaks of the activations alone, as on a GPU.
+    """
+
+    def __init__(self) -> None:
+        self.elements = self.before = self.after = 0
+
+    def __enter__(self) -> _NoiseTally:
+        tally, base = self, eager.TwoValued
+
+        class Counted(base):
+            @classmethod
+            def encode(cls, x: Tensor, check: bool = False):
+                code = base.encode(x, check)
+                if code is not None:
+                    tally.elements += x.numel()
+                    tally.before += x.numel() * x.element_size()
+                    tally.after += code.nbytes
+                return code
+
+        self._base = base
+        eager.TwoValued = Counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        eager.TwoValued = self._base
+
+
+def bits(
+    case: Case, model: nn.Module, strategy: Any, dtype: torch.dtype
+) -> tuple[actpack.Report, _NoiseTally]:
     m = copy.deepcopy(model).to(dtype)
     inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in case.held_out)
-    return actpack.measure(
-        m, inputs[0], strategy=strategy, loss_fn=lambda out: case.loss(out, inputs)
-    )
+    with _NoiseTally() as tally:
+        report = actpack.measure(
+            m, inputs[0], strategy=strategy, loss_fn=lambda out: case.loss(out, inputs)
+        )
+    return report, tally
 
 
 def noise(case: Case, model: nn.Module, strategy: Any, draws: int) -> actpack.NoiseReport:
@@ -230,16 +269,17 @@ def noise(case: Case, model: nn.Module, strategy: Any, draws: int) -> actpack.No
     )
 
 
-def _without_masks(report: actpack.Report) -> tuple[float, float]:
-    """(bits per element, ratio) leaving out what the engine passed through as op
-    statistics: on the CPU these are mostly dropout's float masks (CUDA saves
-    bool masks, 1 bit each, or none inside fused attention), plus tiny
-    normalization statistics."""
+def _without_masks(report: actpack.Report, tally: _NoiseTally) -> tuple[float, float]:
+    """(bits per element, ratio) leaving out dropout's noise (see :class:`_NoiseTally`)
+    and what the engine passed through as op statistics (normalization and
+    attention statistics, and under ``none`` also the noise, kept exact there
+    as every other save)."""
     kept = report.passthrough.get("op statistics", 0)
-    elements = report.baseline_elements - kept / 4  # float32 masks (bf16: counted as 4 B too)
-    compressed = report.compressed_bytes - kept
+    elements = report.baseline_elements - kept / 4 - tally.elements  # statistics: float32
+    before = report.baseline_bytes - kept - tally.before
+    compressed = report.compressed_bytes - kept - tally.after
     bits_ = 8 * compressed / elements if elements else 0.0
-    return bits_, (report.baseline_bytes - kept) / compressed if compressed else float("inf")
+    return bits_, before / compressed if compressed else float("inf")
 
 
 def run_model(name: str, strategies: list[tuple[str, Callable[[int], Any]]], args) -> list[dict]:
@@ -265,16 +305,17 @@ def run_model(name: str, strategies: list[tuple[str, Callable[[int], Any]]], arg
     if exact_model is None:
         raise ValueError("the strategies must include 'none' (the exact reference)")
     for row, (label, make) in zip(rows, strategies):
-        rep32 = bits(case, exact_model, make(1000), torch.float32)
-        rep16 = bits(case, exact_model, make(1000), torch.bfloat16)
-        bits32, ratio32 = _without_masks(rep32)
+        rep32, tally32 = bits(case, exact_model, make(1000), torch.float32)
+        rep16, tally16 = bits(case, exact_model, make(1000), torch.bfloat16)
+        bits32, ratio32 = _without_masks(rep32, tally32)
         row.update(
             bits_measured=rep32.bits_per_element,
             ratio32_measured=rep32.ratio,
             bits=bits32,
             ratio32=ratio32,
-            ratio16=_without_masks(rep16)[1],
+            ratio16=_without_masks(rep16, tally16)[1],
             passthrough=rep32.passthrough,
+            dropout_noise=[tally32.elements, tally32.before, tally32.after],
         )
         if label != "none" and args.draws:
             rep = noise(case, exact_model, make(1000), args.draws)
@@ -286,7 +327,7 @@ def run_model(name: str, strategies: list[tuple[str, Callable[[int], Any]]], arg
 def table(rows: list[dict]) -> str:
     out = [
         "| model | strategy | last-10 loss | vs exact | bits/element | vs fp32 | vs bf16 | "
-        "gradient variance | bits (CPU masks kept) |",
+        "gradient variance | bits (every save, CPU) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     exact = {r["model"]: r["loss"] for r in rows if r["strategy"] == "none"}
