@@ -167,4 +167,3 @@ def test_division_codes_sequences_by_rows_and_maps_by_blocks() -> None:
     assert isinstance(att, Groups) and att.code.group_size == 256  # 8 tokens of a head
     old = actpack.Division(sequence="tokens", seed=0)
     assert isinstance(old.encode(torch.randn(2, 32, 128), SaveInfo(op="linear")), Dual)
-
