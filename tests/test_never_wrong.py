@@ -714,6 +714,16 @@ _NONLINEAR = {
 }
 
 
+def _projected_grad(fn, W, x, ctx):
+    """W's gradient through ``fn(x @ W)`` against a fixed random projection."""
+    W.grad = None
+    with ctx:
+        out = fn(x @ W)
+    proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * proj).sum().backward()
+    return W.grad.clone()
+
+
 class TestNonlinearBackward:
     @pytest.mark.parametrize("name", sorted(_NONLINEAR))
     @pytest.mark.parametrize("strategy", LOSSY)
@@ -721,15 +731,9 @@ class TestNonlinearBackward:
         torch.manual_seed(0)
         W = nn.Parameter(torch.randn(64, 64) / 8)
         x = torch.randn(128, 64)  # a leaf: W's gradient reads it exactly
-        fn = _NONLINEAR[name]
 
         def grad(ctx):
-            W.grad = None
-            with ctx:
-                out = fn(x @ W)
-            proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-            (out * proj).sum().backward()
-            return W.grad.clone()
+            return _projected_grad(_NONLINEAR[name], W, x, ctx)
 
         exact = grad(_Null())
         got = grad(actpack.compress(strategy))
@@ -747,12 +751,7 @@ class TestNonlinearBackward:
         fn = {"pow": lambda h: h.pow(2), "**": lambda h: h**2, "square": torch.square}[form]
 
         def grad(ctx):
-            W.grad = None
-            with ctx:
-                out = fn(x @ W)
-            proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-            (out * proj).sum().backward()
-            return W.grad.clone().flatten().double()
+            return _projected_grad(fn, W, x, ctx).flatten().double()
 
         exact = grad(_Null())
         k = 16
