@@ -206,22 +206,6 @@ def test_groups_stochastic_generator_semantics():
     assert_generator_semantics(cgq, "cpu")
 
 
-def test_hashed_noise_is_uniform_and_decorrelated():
-    """The counter hash over 2**20 consecutive indices: each of 64 bins within
-    5 sigma of n/64 (binomial), lag-1 correlation within 5 / sqrt(n)."""
-    from actpack.codecs.compiled.noise import uniform
-
-    n = 1 << 20
-    u = uniform(torch.arange(n), torch.tensor([12345]))
-    assert u.min() >= 0 and u.max() < 1
-    counts = torch.bincount((u * 64).long(), minlength=64).double()
-    sigma = (n / 64 * (1 - 1 / 64)) ** 0.5
-    assert ((counts - n / 64).abs() <= 5 * sigma).all()
-    c = u - u.mean()
-    corr = (c[1:] * c[:-1]).mean() / c.square().mean()
-    assert abs(float(corr)) <= 5 / n**0.5
-
-
 # --------------------------------------------------------------------------------------
 # DIVISION
 # --------------------------------------------------------------------------------------
@@ -364,6 +348,33 @@ def test_encode_allocates_no_full_size_float_temporaries(codec):
 # --------------------------------------------------------------------------------------
 
 
+_STRICT_SCRIPT = textwrap.dedent("""
+    import warnings
+    import torch
+    from actpack.codecs import groupquant
+    from actpack.codecs.compiled import build, groupquant as cgq
+    warnings.simplefilter("error")  # as `python -W error`: any warning raises
+    x = torch.randn(64, 512)
+    code = cgq.quantize_groups(x, 2, 256, stochastic=False)
+    ref = groupquant.quantize_groups(x, 2, 256, stochastic=False)
+    assert build.available(), "compiled codecs disabled"
+    assert torch.equal(code.packed, ref.packed)
+    print("ok")
+""")
+
+
+def test_compiles_under_warnings_as_errors():
+    """torch's own deprecation notices while Inductor imports and compiles
+    (torch.jit.script_method) must not disable the compiled codecs, or raise
+    from a pack hook, when the user runs with warnings as errors (fresh
+    process: the probe runs once per process)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("ACTPACK_BACKEND", None)
+    out = subprocess.run([sys.executable, "-c", _STRICT_SCRIPT], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_resolve_backend(monkeypatch):
     monkeypatch.delenv(backend.ENV_VAR, raising=False)
     big = torch.zeros(backend.COMPILED_MIN_NUMEL)
@@ -486,3 +497,24 @@ def test_probe_failure_means_reference(monkeypatch):
         assert [w.category for w in caught] == [build.CompileFallbackWarning]
     finally:
         build.available.cache_clear()
+
+
+def test_called_while_dynamo_traces_runs_the_reference_and_stays_enabled():
+    """A pack hook running inside a region Dynamo traces (a block compiled
+    inside a wrapped model) must not try a nested compile: it runs the
+    reference there, with no fallback warning, and the compiled codec keeps
+    serving eager calls (a failed nested compile used to disable it)."""
+    from actpack.codecs.compiled.build import CompileFallbackWarning
+
+    x = torch.randn(64, 512)
+
+    def lo_of(x):
+        return cgq.quantize_groups(x, 2, 256, stochastic=False).lo
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileFallbackWarning)
+        traced = torch.compile(lo_of, backend="aot_eager")(x)
+        eager = cgq.quantize_groups(x, 2, 256, stochastic=False)
+    ref = rgq.quantize_groups(x, 2, 256, stochastic=False)
+    assert torch.equal(traced, ref.lo)
+    assert torch.equal(eager.packed, ref.packed)

@@ -391,3 +391,37 @@ def test_cast_strategies_leave_16_bit_tensors_alone():
     assert ctx.stats.passthrough["already 16-bit"] == x.numel() * 2
     assert ctx.stats.compressed_bytes == ctx.stats.baseline_bytes
     y.sum().backward()
+
+
+@pytest.mark.parametrize("strategy", ["none", "actnn", "division"])
+def test_an_engine_dies_by_reference_count(strategy):
+    # A reference cycle through an engine (its compile-native hooks pointing
+    # back at it) left every ``with compress(...)`` of a training loop to the
+    # garbage collector, whose full passes over a large heap (Inductor
+    # imported) then cost more than the step.  No timing here: the engine and
+    # its hooks must be freed as soon as the last reference goes.
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    x = torch.randn(64, 64)
+    # The first engine of a configuration builds the shared GraphModule pair;
+    # torch.fx keeps frames of that first build (and so that engine) alive.
+    with actpack.compress(strategy, min_numel=16):
+        model(x).square().mean().backward()
+    enabled = gc.isenabled()
+    gc.disable()  # a collection in between would hide a cycle
+    try:
+        engine = actpack.compress(strategy, min_numel=16)
+        with engine:
+            loss = model(x).square().mean()
+        loss.backward()
+        refs = [weakref.ref(engine), weakref.ref(engine.stats)]
+        hooks = getattr(engine, "_graph_hooks", None)
+        if hooks is not None:
+            refs.append(weakref.ref(hooks))
+        del engine, hooks, loss
+        assert all(r() is None for r in refs)
+    finally:
+        if enabled:
+            gc.enable()

@@ -50,12 +50,13 @@ SLACK = 3.0
 RATIO = {
     "resnet_bottleneck": (14.65, 11.12, 3.92),
     "densenet": (14.96, 11.65, 3.93),
-    # hardswish's input is kept exact (its backward reads a region and a value)
-    "mobilenetv3": (5.03, 4.73, 2.94),
+    # hardswish's input: region exact + a code of the middle (actnn, int8);
+    # DIVISION's code can leave [-3, 3], so it keeps that input exact
+    "mobilenetv3": (13.31, 4.73, 4.12),
     "unet": (12.96, 10.92, 3.92),
     "vit": (12.59, 6.64, 3.69),
-    # HF's gelu_new cubes its input: pow's backward is not linear, kept exact
-    "gpt2": (5.70, 4.40, 2.98),
+    # HF's gelu_new (x**3 inside) is read as the smooth GELU it computes
+    "gpt2": (14.46, 7.74, 3.99),
     "bert": (12.92, 7.35, 3.68),
     "lstm": (1.10, 1.08, 1.08),
     "gru": (13.66, 7.66, 4.29),
@@ -89,8 +90,7 @@ COS_NOISE_GROWTH = 1.5
 #: "integer": the LSTM's oneDNN workspace (uint8, opaque), cross-entropy
 #: targets; "op statistics": the RNN cells' gate statistics kept exact.
 ALLOWED_REASONS = {
-    "tiny", "integer", "op statistics", "nonlinear backward (pow)",
-    "nonlinear backward (hardswish)",
+    "tiny", "integer", "op statistics", "nonlinear backward (hardswish)",
 }  # fmt: skip
 PASSTHROUGH = {
     "resnet_bottleneck": 0.01,
@@ -98,7 +98,7 @@ PASSTHROUGH = {
     "mobilenetv3": 0.15,
     "unet": 0.03,
     "vit": 0.03,
-    "gpt2": 0.12,
+    "gpt2": 0.01,
     "bert": 0.02,
     "lstm": 0.95,
     "gru": 0.04,
@@ -271,6 +271,13 @@ def _check_finite(z: Zoo, grads, label: str) -> None:
             assert torch.isfinite(g).all(), f"{label}: {n} has non-finite gradients"
 
 
+def _chi2_tail(d: int, z: float = 3.719) -> float:
+    """Upper quantile of chi^2 with d degrees of freedom at the normal z-score ``z``
+    (3.719: a 1e-4 tail), by the Wilson-Hilferty approximation."""
+    c = 2 / (9 * d)
+    return d * (1 - c + z * math.sqrt(c)) ** 3
+
+
 def _check_gradients(z: Zoo, draws, label: str) -> dict:
     """Per parameter: averaging the draws must shrink the error like unbiased noise.
 
@@ -286,11 +293,18 @@ def _check_gradients(z: Zoo, draws, label: str) -> dict:
     the squared error (unbiased draws remove 87%; a deterministic error, e.g. a
     wrongly restored tensor, removes none).  The ratio r = |m - g|^2 / (rho^2 |g|^2)
     of unbiased draws is Beta(d/2, d(K-1)/2) for a d-element isotropic error
-    (mean 1/8); for the smallest parameter checked (d = 10) P(r > 3/8) ~ 2%,
-    for d >= 64 below 1e-6.  Second-order bias of backward formulas that are
-    nonlinear in the saved tensor (BatchNorm, GELU, LayerNorm) adds ~bias^2 /
-    noise^2, measured below 0.1 here.  Parameters with tau_p > 0 are also
-    signal-dominated, and the measured cos of their mean is reported.
+    (mean 1/8); for d >= 64, P(r > 3/8) is below 1e-6, but for an 8-element
+    parameter (a BatchNorm bias) it is ~3%, and with hundreds of parameters
+    checked over the zoo a fixed 3/8 fails by chance whenever the codecs'
+    random stream changes.  So small parameters get the upper 1e-4 tail of
+    r ~ chi^2_d / (d K) instead (Wilson-Hilferty), when it is larger: 0.50
+    for d = 8, still well below the r ~ 1 of a deterministic error (8 draws
+    cannot tell one from noise for parameters of 1-3 elements: the bound
+    exceeds 1 there, and the model-level cosine covers them).
+    Second-order bias of backward formulas that are nonlinear in the saved
+    tensor (BatchNorm, GELU, LayerNorm) adds ~bias^2 / noise^2, measured below
+    0.1 here.  Parameters with tau_p > 0 are also signal-dominated, and the
+    measured cos of their mean is reported.
     """
     worst, worst_r, signal = (2.0, "", 0.0), (0.0, ""), (2.0, "")
     failures = []
@@ -302,18 +316,19 @@ def _check_gradients(z: Zoo, draws, label: str) -> dict:
         m = torch.stack([d[i].double() for d in draws]).mean(0)
         e_mean = ((m - g).norm() ** 2 / gg).item()
         cos = _cos(m, g)
-        tau = math.sqrt(max(0.0, 1 - SLACK * rho2 / len(draws)))
+        slack = max(SLACK, _chi2_tail(g.numel()) / g.numel())
+        tau = math.sqrt(max(0.0, 1 - slack * rho2 / len(draws)))
         r = e_mean / rho2 if rho2 > 0 else 0.0
         name = z.names[i]
         worst_r = max(worst_r, (r, name))
         worst = min(worst, (cos, name, tau))
         if tau > 0:
             signal = min(signal, (cos, name))
-        if e_mean > SLACK * rho2 / len(draws) + 1e-12 or (tau > 0 and cos < tau - 1e-9):
+        if e_mean > slack * rho2 / len(draws) + 1e-12 or (tau > 0 and cos < tau - 1e-9):
             failures.append(
                 f"{label}: {name}: averaging {len(draws)} draws left {r:.0%} of the "
                 f"single-draw squared error (unbiased: {1 / len(draws):.0%}, bound "
-                f"{SLACK / len(draws):.0%}); cos {cos:.4f}, tau {tau:.4f}"
+                f"{slack / len(draws):.0%}); cos {cos:.4f}, tau {tau:.4f}"
             )
     return {
         "min_cos": worst[0],
@@ -495,7 +510,7 @@ def test_wrap_and_measure(name):
 
 #: Ratios measured under CPU bf16 autocast with "actnn" (saved activations are
 #: bf16, so the ceiling halves), as exact-run baseline over compressed bytes.
-BF16_RATIO = {"gpt2": 5.02, "bert": 8.30}  # gpt2: gelu_new's pow input is exact
+BF16_RATIO = {"gpt2": 8.60, "bert": 8.30}
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -159,11 +160,38 @@ def wrap(
         track_modules=track_modules,
         checkpoint_inputs=checkpoint_inputs,
     )
+    _warn_if_compiled_before(model)
     object.__setattr__(model, _ATTR, engine)
     pre = model.register_forward_pre_hook(_Enter())
     post = model.register_forward_hook(_Leave(), always_call=True)
     object.__setattr__(model, _HOOK_IDS, (pre.id, post.id))
     return model
+
+
+def _warn_if_compiled_before(model: nn.Module) -> None:
+    """Warn when Dynamo already holds code compiled for ``model``'s class.
+
+    Dynamo does not guard compiled code on module hooks
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``): a later
+    ``torch.compile(wrap(model))`` may reuse code compiled for an unwrapped
+    instance of the class and run without wrap's hooks, uncompressed, with
+    no sign of it.  ``wrap(torch.compile(model))`` is not affected.
+    """
+    if type(model).__name__ == "OptimizedModule":
+        return
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # a torch without Dynamo: nothing was compiled
+        return
+    forward = getattr(type(model).forward, "__code__", None)
+    if forward is not None and _debug_get_cache_entry_list(forward):
+        warnings.warn(
+            f"torch.compile already compiled {type(model).__qualname__}.forward in this "
+            "process, without actpack's hooks; torch.compile(actpack.wrap(model)) may reuse "
+            "that code and run uncompressed (Dynamo does not guard on module hooks). Use "
+            "actpack.wrap(torch.compile(model)) instead.",
+            stacklevel=3,
+        )
 
 
 def engine_of(model: nn.Module) -> Engine:
@@ -251,8 +279,37 @@ def measure(
             min_numel = wrapped.min_numel
     strategy = "actnn" if strategy is None else strategy
     min_numel = DEFAULT_MIN_NUMEL if min_numel is None else min_numel
+    model = _eager_module(model)
     with wrapped.suspended() if wrapped is not None else _null():
         return _measure(model, inputs, strategy, loss_fn, min_numel)
+
+
+def _eager_module(model: nn.Module) -> nn.Module:
+    """The module ``measure`` runs: the eager module behind a compiled one.
+
+    Compiled graphs' saves are packed inside the graphs, where the engine's
+    counters do not reach (the report would read 0 B); the eager module's
+    saves are what it can count, with the same policy (compiled graphs may
+    keep a few more tensors exact, e.g. values backward recomputes from).
+    """
+    compiled_parts = [m for m in model.modules() if type(m).__name__ == "OptimizedModule"]
+    if not compiled_parts:
+        return model
+    inner = getattr(model, "_orig_mod", None)
+    if compiled_parts[0] is model and isinstance(inner, nn.Module):
+        warnings.warn(
+            "measure: the model is compiled; measuring its eager module (model._orig_mod): "
+            "saves inside compiled graphs are not counted by the engine",
+            stacklevel=3,
+        )
+        return inner
+    warnings.warn(
+        f"measure: {len(compiled_parts)} submodule(s) are compiled; the engine does not see "
+        "saves inside compiled graphs, so the report leaves them out. Measure the model "
+        "before compiling its blocks.",
+        stacklevel=3,
+    )
+    return model
 
 
 def _measure(

@@ -7,6 +7,8 @@ accounting never synchronises with the device.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -150,8 +152,61 @@ class Region(Encoded):
         return self.mask.nbytes
 
     def decode(self) -> Tensor:
-        m = self.mask.decode()
-        return self.rule.restore(torch.zeros(m.shape, dtype=self.dtype, device=m.device), m)
+        return self.rule.values(self.mask.decode(), self.dtype)
+
+
+@functools.cache
+def hardswish_edges(device_type: str) -> tuple[bool, bool]:
+    """Whether this torch's hardswish backward treats x = -3 and x = 3 as
+    outside the middle (derivative 0 and 1; the CPU kernel does), read once
+    per device type from the kernel itself."""
+    x = torch.tensor([-3.0, 3.0], device=device_type)
+    d = torch.ops.aten.hardswish_backward(torch.ones_like(x), x)
+    return bool(d[0] == 0), bool(d[1] == 1)
+
+
+@dataclass
+class HardswishInput(Encoded):
+    """A hardswish input as its backward reads it: which of below -3, the
+    middle, above 3 each element is in (two exact bit masks; the edges -3
+    and 3 fall where this torch's kernel puts them, see
+    :func:`hardswish_edges`), and in the middle the strategy's code of x
+    (``middle``: a code of ``x.clamp(-3, 3)`` whose decoded values stay in
+    [-3, 3], as codes with ``Strategy.bounded_codes`` do).  The backward,
+    ``x / 3 + 1/2`` in the middle and 0 or 1 outside, is then linear in an
+    unbiased code with the region exact.  Decoded middle values on an edge
+    that the kernel counts as outside move one step of their dtype inward (a
+    change of the derivative by that step / 3).  Outside elements decode to
+    -4 and 4."""
+
+    below: Bits
+    above: Bits
+    middle: Encoded
+    edges_outside: tuple[bool, bool]
+
+    @classmethod
+    def encode(cls, x: Tensor, code: Callable[[Tensor], Encoded]) -> HardswishInput:
+        edges = hardswish_edges(x.device.type)
+        below = x <= -3 if edges[0] else x < -3
+        above = x >= 3 if edges[1] else x > 3
+        return cls(Bits.encode(below), Bits.encode(above), code(x.clamp(-3, 3)), edges)
+
+    @property
+    def nbytes(self) -> int:
+        return self.below.nbytes + self.above.nbytes + self.middle.nbytes
+
+    def decode(self) -> Tensor:
+        v = self.middle.decode()
+        # Also removes float rounding past +-3 (lo + levels * step).
+        lo = torch.tensor(-3.0, dtype=v.dtype, device=v.device)
+        hi = -lo
+        if self.edges_outside[0]:
+            lo = torch.nextafter(lo, torch.zeros_like(lo))
+        if self.edges_outside[1]:
+            hi = torch.nextafter(hi, torch.zeros_like(hi))
+        v = v.clamp(lo, hi)
+        v = v.masked_fill(self.below.decode(), -4.0)
+        return v.masked_fill(self.above.decode(), 4.0)
 
 
 @dataclass

@@ -1,20 +1,10 @@
 """Codecs written as plain tensor ops, so that AOTAutograd can trace them into graphs.
 
-Compiled graphs cannot call ``torch.rand`` with a ``torch.Generator`` (Inductor
-refuses to lower a random op it did not place itself unless
-``torch._inductor.config.fallback_random`` is set, which changes the random
-stream of the whole program).  Stochastic rounding here draws its ``u`` from a
-counter-based hash of the element index and a random key instead: a few
-integer ops that trace, fuse into the quantization kernel and need no RNG
-state.  With the same ``u`` the codes are those of the reference codec
-(:func:`actpack.codecs.groupquant.quantize_groups`), which decodes them.
-
-The hash is a keyed multiply-xorshift permutation of 32-bit words (the
-structure of MurmurHash3's finalizer, with the key mixed into the first two
-rounds).  Multipliers stay below 2**31 so that no product of a 32-bit word
-leaves int64 (signed overflow is undefined in the C++ Inductor emits), and the
-whole hash stays under Inductor's CPU threshold for inlining (50 ops), so it is
-computed inside the quantization kernel rather than stored.
+Stochastic rounding here draws its ``u`` from the counter-based hash of
+:mod:`actpack.codecs.counter_noise` (a compiled graph cannot call
+``torch.rand`` with a ``torch.Generator``).  With the same ``u`` the codes are
+those of the reference codec (:func:`actpack.codecs.groupquant.quantize_groups`),
+which decodes them.
 """
 
 from __future__ import annotations
@@ -24,42 +14,22 @@ import math
 import torch
 from torch import Tensor
 
-from actpack.codecs import groupquant
+from actpack.codecs import counter_noise, groupquant
 from actpack.codecs.groupquant import _NEG_INF, _POS_INF, GroupCode
 from actpack.codecs.pack import pack_bits, unpack_bits
 
-_MASK32 = 0xFFFFFFFF
-# Odd multipliers below 2**31 with mixed bit patterns (any odd one is a bijection).
-_C1, _C2, _C3 = 0x7FEB352D, 0x297A2D39, 0x2C1B3C6D
-
-
-def random_key(generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
-    """A key for :func:`hash_uniform`: int64 tensor of shape (2,), two random 32-bit words."""
-    return torch.randint(0, 1 << 32, (2,), generator=generator, dtype=torch.int64, device=device)
+random_key = counter_noise.random_key
 
 
 def hash_uniform(numel: int, key: Tensor) -> Tensor:
-    """``numel`` float32 values in [0, 1), a function of (element index, ``key``).
+    """``numel`` float32 values in [0, 1): :func:`actpack.codecs.counter_noise.uniform`
+    of the indices ``0 .. numel-1``.
 
-    ``key``: an integer tensor of two elements, each a uniformly random 32-bit
-    word (see :func:`random_key`; only their low 32 bits are read).  The values
-    lie on ``key``'s device, 24 random bits each (every value exactly
-    representable in float32).  Raises ValueError for any other ``key``.
+    ``key``: an integer tensor of shape (2,) (see :func:`random_key`); the
+    values lie on its device.  Raises ValueError for any other ``key``.
     """
-    if key.shape != (2,) or key.is_floating_point() or key.is_complex():
-        raise ValueError(
-            f"key must be an integer tensor of shape (2,), got {key.dtype} of shape "
-            f"{tuple(key.shape)}; make one with actpack.codecs.traceable.random_key()"
-        )
-    k = key.to(torch.int64) & _MASK32
-    i = torch.arange(numel, device=key.device, dtype=torch.int64)
-    h = ((i & _MASK32) ^ k[0]) * _C1 & _MASK32
-    h = h ^ (h >> 15)
-    h = (h ^ k[1] ^ (i >> 32)) * _C2 & _MASK32
-    h = h ^ (h >> 13)
-    h = h * _C3 & _MASK32
-    h = h ^ (h >> 16)
-    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+    counter_noise.check_key(key)
+    return counter_noise.uniform(torch.arange(numel, device=key.device, dtype=torch.int64), key)
 
 
 def quantize_groups(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -51,10 +53,17 @@ class Stats:
         self.baseline_bytes += before
         self.baseline_elements += elements
         self.compressed_bytes += after
-        for table, key in ((self.by_module, module or "<none>"), (self.by_op, op or "<none>")):
-            row = table.setdefault(key, [0, 0])
-            row[0] += before
-            row[1] += after
+        # Unrolled, and no list built unless a row is new (the save path).
+        row = self.by_module.get(module or "<none>")
+        if row is None:
+            row = self.by_module[module or "<none>"] = [0, 0]
+        row[0] += before
+        row[1] += after
+        row = self.by_op.get(op or "<none>")
+        if row is None:
+            row = self.by_op[op or "<none>"] = [0, 0]
+        row[0] += before
+        row[1] += after
 
 
 def anchor(t: Tensor) -> Tensor:
@@ -72,29 +81,43 @@ class StorageSet:
 
     A freed storage's address can be reused by a new tensor; tying each entry
     to live weak references keeps a new tensor from being taken for an old one.
+
+    Entries are kept per device and keyed by the storage's address (an int,
+    which the garbage collector does not track); an entry is one weak
+    reference, or a list of them in the rare case of several anchors sharing
+    a storage.  A save adds one tracked object at most (a weak reference of
+    its anchor, shared with any other plain reference to it): fewer tracked
+    objects per save mean fewer collections during a forward.
     """
 
     def __init__(self) -> None:
-        self._refs: dict[tuple, list[weakref.ref]] = {}
-
-    @staticmethod
-    def key(t: Tensor) -> tuple:
-        # The storage's address without building a storage object (hot path).
-        return (t.device, t.data_ptr() - t.storage_offset() * t.element_size())
+        self._refs: dict[torch.device, dict[int, Any]] = {}
 
     def add(self, t: Tensor) -> bool:
         """Record ``t``'s storage; True if it was not already held."""
-        key = self.key(t)
-        refs = self._refs.get(key)
+        device = t.device
+        table = self._refs.get(device)
+        if table is None:
+            table = self._refs[device] = {}
+        # The storage's address without building a storage object (hot path).
+        key = t.data_ptr() - t.storage_offset() * t.element_size()
+        entry = table.get(key)
         ref = weakref.ref(anchor(t))
-        if refs is None:
-            self._refs[key] = [ref]
+        if entry is None:
+            table[key] = ref
             return True
-        alive = any(r() is not None for r in refs)
-        if not alive:
-            refs.clear()
-        refs.append(ref)
-        return not alive
+        refs = entry if type(entry) is list else (entry,)
+        for r in refs:
+            if r() is not None:
+                break
+        else:
+            table[key] = ref
+            return True
+        # weakref.ref(x) is one shared object per x: a tensor saved again
+        # does not grow the entry.
+        if all(r is not ref for r in refs):
+            table[key] = [*refs, ref]
+        return False
 
     def clear(self) -> None:
         self._refs.clear()

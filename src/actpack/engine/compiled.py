@@ -26,12 +26,14 @@ reads, and ``prims.inductor_seeds``.
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import importlib
 import inspect
 import os
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -78,6 +80,7 @@ _ACTIVE: contextvars.ContextVar[GraphHooks | None] = contextvars.ContextVar(
 _GRAPH_COMPILE = "torch._functorch._aot_autograd.graph_compile"
 
 
+@functools.cache
 def available() -> bool:
     """Whether this torch inlines GraphModule saved-tensor hooks into compiled graphs.
 
@@ -118,14 +121,22 @@ def _nbytes(t: Tensor) -> int:
     return optimization_hint(t.numel()) * t.element_size()
 
 
+@functools.lru_cache(maxsize=64)
+def _source_digest(strategy_module: str) -> bytes:
+    """The code the inlined hooks run: read once per process (reading sources
+    costs ~0.1 ms per engine, and every ``compress()`` makes one)."""
+    h = hashlib.sha256()
+    for name in (*_KEY_MODULES, strategy_module):
+        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    return h.digest()
+
+
 def _cache_hash(engine: Any) -> str:
     """What the inlined code depends on: torch, the strategy's knobs, actpack's code."""
     strategy = engine.strategy
-    h = hashlib.sha256()
-    h.update(torch.__version__.encode())
+    h = hashlib.sha256(torch.__version__.encode())
     h.update(repr((strategy, type(strategy).__qualname__, engine._settings())).encode())
-    for name in (*_KEY_MODULES, type(strategy).__module__):
-        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    h.update(_source_digest(type(strategy).__module__))
     return h.hexdigest()
 
 
@@ -147,9 +158,15 @@ def op_caller(frame: Any) -> Any:
     (a custom ``autograd.Function``'s ``apply``, a checkpoint): called through
     the GraphModule pair, its pack hook sees these frames in between.
     """
-    while frame is not None and any(part in frame.f_code.co_filename for part in _HOOK_FILES):
+    while frame is not None and _is_hook_file(frame.f_code.co_filename):
         frame = frame.f_back
     return frame
+
+
+# By file name: a str caches its hash (a code object's is recomputed per call).
+@functools.lru_cache(maxsize=4096)
+def _is_hook_file(filename: str) -> bool:
+    return any(part in filename for part in _HOOK_FILES)
 
 
 def _pack_hook(x: Tensor) -> Any:
@@ -196,6 +213,19 @@ def _module(fn: Any, arg: str, cache_hash: str) -> fx.GraphModule:
     return module
 
 
+@functools.lru_cache(maxsize=64)
+def _hook_pair(cache_hash: str) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """The GraphModule pair for one inlined-code configuration, shared by every
+    engine with that configuration.  Dynamo guards compiled code on the
+    identity of the innermost hook pair: a pair per engine would recompile a
+    compiled model (and each fused CPU codec) under every new ``compress()``
+    context, a new one per training step in the usual loop, and after 8 of
+    them Dynamo runs the model uncompiled.  The hooks are stateless (they
+    dispatch to the engine active in this context, ``_ACTIVE``), so sharing
+    them shares nothing else."""
+    return _module(_pack_hook, "x", cache_hash), _module(_unpack_hook, "packed", cache_hash)
+
+
 class _Installed:
     def __init__(self, hooks: GraphHooks) -> None:
         self.hooks = hooks
@@ -218,20 +248,27 @@ class GraphHooks:
     ``installed()`` is a context manager to enter where the engine would enter
     ``torch.autograd.graph.saved_tensors_hooks(engine.pack, unpack)``; eager
     saves still go to ``engine.pack`` and :func:`actpack.engine.saved.unpack`
-    (:func:`op_caller` skips the frames in between).  Keep one per engine
-    (:func:`compiled_hooks` does): Dynamo guards compiled code on the identity
-    of ``pack_gm``/``unpack_gm``, so a new pair would recompile.
+    (:func:`op_caller` skips the frames in between).  Dynamo guards compiled
+    code on the identity of ``pack_gm``/``unpack_gm``: engines with the same
+    strategy and settings share one pair (:func:`_hook_pair`), so a new
+    engine per step recompiles nothing.
 
     ``decisions`` holds what the inlined hooks chose, one entry per saved node
     of every graph compiled under this engine (for reports and tests).
     """
 
     def __init__(self, engine: Any) -> None:
-        self.engine = engine
+        # Weak: the engine keeps its hooks, and a cycle between the two would
+        # leave every ``compress()`` of a training loop to the garbage
+        # collector (whose full passes then cost more than the step).  An
+        # engine is alive while its hooks are installed.
+        self._engine = weakref.ref(engine)
         self.decisions: dict[tuple[int, str], Decision] = {}
-        cache_hash = _cache_hash(engine)
-        self.pack_gm = _module(_pack_hook, "x", cache_hash)
-        self.unpack_gm = _module(_unpack_hook, "packed", cache_hash)
+        self.pack_gm, self.unpack_gm = _hook_pair(_cache_hash(engine))
+
+    @property
+    def engine(self) -> Any:
+        return self._engine()
 
     def installed(self) -> _Installed:
         """A context manager installing the pair (one per entry: threads may nest)."""

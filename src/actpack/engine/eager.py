@@ -23,12 +23,21 @@ import torch
 from torch import Tensor, nn
 
 from actpack.codecs.compact import compact_integer
-from actpack.codecs.encoded import Bits, Copy, Encoded, LogOf, Region, TwoValued
+from actpack.codecs.encoded import (
+    Bits,
+    Copy,
+    Encoded,
+    HardswishInput,
+    LogOf,
+    Region,
+    TwoValued,
+)
 from actpack.engine.accounting import Stats, StorageSet, anchor
 from actpack.engine.compiled import compiled_hooks, op_caller
 from actpack.engine.saved import Held, Reshaped, Saved, unpack
 from actpack.engine.tracking import ModuleTracker, OpTracker
 from actpack.policy.decide import Facts, Kind, Plan, Settings, decide
+from actpack.policy.ops import LINEAR_BACKWARD_OPS, SMOOTH_BACKWARD_OPS, SMOOTH_COMPOSITES
 from actpack.policy.rules import ReluOutput, reads_region_only, rule_for, same_tensor
 from actpack.strategies import Cast16, Int8, SaveInfo, Strategy, resolve
 
@@ -119,6 +128,23 @@ def _origin(frame: Any) -> str:
     return "op"
 
 
+def _composite(frame: Any) -> str | None:
+    """The smooth activation (``policy.ops.SMOOTH_COMPOSITES``) whose module's
+    code called the op, looking at most three frames up (the op tracker's own
+    frame, the module's ``forward`` and a helper it calls); None if not one.
+    Read only for saves of ops with a nonlinear backward, so the common save
+    path pays nothing."""
+    for _ in range(3):
+        if frame is None:
+            return None
+        owner = frame.f_code.co_qualname.partition(".")[0]
+        name = SMOOTH_COMPOSITES.get((frame.f_globals.get("__name__"), owner))
+        if name is not None:
+            return name
+        frame = frame.f_back
+    return None
+
+
 def _role(t: Tensor, args: tuple, kwargs: dict) -> str:
     if any(same_tensor(a, t) for a in args) or any(same_tensor(a, t) for a in kwargs.values()):
         return "input"
@@ -129,10 +155,19 @@ def _frozen_weight(t: Tensor, args: tuple) -> bool:
     # A cast of a frozen weight (autocast, no grad) has no autograd link to
     # the parameter; recognise it by shape among the op's parameter args.
     for a in args:
-        if isinstance(a, nn.Parameter) and a.dtype != t.dtype and a.dim() == t.dim():
+        # Parameter's isinstance goes through a Python metaclass: test it last.
+        if (
+            isinstance(a, Tensor)
+            and a.dtype != t.dtype
+            and isinstance(a, nn.Parameter)
+            and a.dim() == t.dim()
+        ):
             if a.shape == t.shape or (a.dim() == 2 and a.shape[::-1] == t.shape):
                 return True
     return False
+
+
+_DEFAULT_SETTINGS = Settings()
 
 
 class _Forward:
@@ -154,7 +189,7 @@ class _Forward:
         self.stats = Stats()
         #: Storage addresses of the model's plain parameters and buffers.
         self.weights: dict[int, str] = {}
-        self.settings = Settings()
+        self.settings: Settings = _DEFAULT_SETTINGS
 
 
 class Engine:
@@ -333,6 +368,7 @@ class Engine:
             keeps_relu_exact=s.keeps_relu_exact,
             checkpoint_inputs=self.checkpoint_inputs,
             smooth=self.smooth,
+            bounded_codes=s.bounded_codes,
         )
 
     def _weight_storages(self) -> dict[int, str]:
@@ -373,13 +409,25 @@ class Engine:
             and t.device.type != "meta"
         )
         history = t.grad_fn is not None
-        origin = _origin(op_caller(sys._getframe(2)))
+        caller = op_caller(sys._getframe(2))
+        origin = _origin(caller)
+        numel = t.numel()
+        dtype = t.dtype
+        if numel < st.settings.min_numel and dtype != torch.bool:
+            # Below min_numel the plan depends on dtype, size, plainness and
+            # weights alone (decide returns before reading anything else):
+            # the common small save pays for nothing more.
+            leaf = self._leaf(t, args, st) if plain else None
+            facts = Facts(dtype, numel, origin, op, "unknown", history, leaf, plain)
+            return facts, op, args, kwargs
         floating = t.is_floating_point()
         rule = None
         region_only = declined = False
         role = "unknown"
         if floating and op is not None and origin == "op":
             if history:
+                if op not in LINEAR_BACKWARD_OPS and op not in SMOOTH_BACKWARD_OPS:
+                    op = _composite(caller) or op
                 if plain:
                     rule = rule_for(t, op, args, kwargs)
                     region_only = rule is not None and reads_region_only(op)
@@ -387,8 +435,8 @@ class Engine:
             else:
                 role = _role(t, args, kwargs)
         facts = Facts(
-            t.dtype,
-            t.numel(),
+            dtype,
+            numel,
             origin,
             op,
             role,
@@ -554,6 +602,9 @@ class Engine:
         n = st.ordinals.get((module, op), 0)
         st.ordinals[(module, op)] = n + 1
         info = SaveInfo(op=op, module=module, rule=plan.rule, key=f"{module or ''}/{op or ''}#{n}")
+        if kind is Kind.PIECEWISE:
+            code = HardswishInput.encode(x, lambda middle: strategy.encode(middle, info))
+            return Saved(code, t, t.requires_grad)
         if t.grad_fn is not None and type(t.grad_fn).__name__ == "LogSoftmaxBackward0":
             # log_softmax backward reads exp(output): code the probabilities, so
             # the restored exp(output) is unbiased (a code of the log would not be).

@@ -24,6 +24,7 @@ import torch
 from torch import fx
 
 from actpack.policy.decide import Facts
+from actpack.policy.ops import SMOOTH_COMPOSITES
 from actpack.policy.rules import ReluOutput
 
 aten = torch.ops.aten
@@ -180,6 +181,122 @@ def _compared_with(readers: list[fx.Node]) -> float | None:
     return thresholds.pop() if len(thresholds) == 1 else None
 
 
+# Forward ops whose backward reads which region their input falls in, with
+# bounds other than ReLU's 0 (and their backward ops, when not decomposed).
+# The compile-native path has only ReLU's region form: a save read by one of
+# these stays exact (a lossy code moves values across the bounds, flipping
+# the derivative: a biased gradient).
+_REGION_READERS = frozenset(
+    {"leaky_relu", "leaky_relu_backward", "hardtanh", "hardtanh_backward", "hardsigmoid",
+     "hardsigmoid_backward", "threshold", "rrelu_with_noise", "rrelu_with_noise_backward",
+     "hardswish", "hardswish_backward", "clamp", "clamp_min", "clamp_max"}
+)  # fmt: skip
+_ALL_COMPARISONS = frozenset({"le", "lt", "ge", "gt", "eq", "ne"})
+
+
+def _region_reader(node: fx.Node, readers: list[fx.Node]) -> str | None:
+    """A reader of ``node`` that tells regions apart at a bound other than
+    ReLU's 0: a region activation among its forward users or backward
+    readers, or a backward comparison with a nonzero constant (what the
+    former decompose to); None if there is none."""
+    for user in (*_forward_users(node), *readers):
+        name = op_name(user)
+        if name in _REGION_READERS:
+            return name
+        if name in _ALL_COMPARISONS and user in readers and len(user.args) == 2:
+            c = user.args[1]
+            if isinstance(c, (int, float)) and not isinstance(c, bool) and c != 0:
+                return f"{name} {c}"
+    return None
+
+
+# Backward ops through which a value derived from the save stays a linear
+# (or smooth) function of it: the recomputation Inductor's partitioner puts in
+# the backward graph (BatchNorm's affine map before a recomputed ReLU, ...).
+_DERIVED_THROUGH = _THROUGH | frozenset(
+    {"add", "sub", "mul", "neg", "div", "sum", "mean", "cat", "stack", "slice", "select",
+     "split", "split_with_sizes", "squeeze", "unsqueeze", "expand", "where", "getitem",
+     "slice_backward", "select_backward", "constant_pad_nd", "gelu", "silu", "sigmoid",
+     "tanh", "exp", "erf", "_softmax", "_log_softmax", "native_layer_norm",
+     "native_dropout", "_to_copy", "detach", "pow", "square"}
+)  # fmt: skip
+# Backward ops that only read a derived value linearly (or smoothly) and end
+# its path: the matmuls and the fused backward kernels.
+_DERIVED_END = frozenset(
+    {"mm", "bmm", "addmm", "baddbmm", "convolution", "convolution_backward",
+     "native_layer_norm_backward", "native_batch_norm_backward", "native_group_norm_backward",
+     "_native_batch_norm_legit_functional", "gelu_backward", "silu_backward",
+     "sigmoid_backward", "tanh_backward", "_softmax_backward_data",
+     "_log_softmax_backward_data", "avg_pool2d_backward", "avg_pool3d_backward",
+     "_adaptive_avg_pool2d_backward", "max_pool2d_with_indices_backward",
+     "max_pool3d_with_indices_backward", "embedding_dense_backward",
+     "native_dropout_backward", "nll_loss_backward", "nll_loss2d_backward",
+     "_scaled_dot_product_flash_attention_for_cpu_backward",
+     "_scaled_dot_product_efficient_attention_backward",
+     "_scaled_dot_product_flash_attention_backward",
+     "_scaled_dot_product_cudnn_attention_backward", "output"}
+)  # fmt: skip
+
+
+def _derived_nonlinear_read(node: fx.Node, bw_graph: fx.Graph, limit: int = 4000) -> str | None:
+    """An op of the backward graph reading a value derived from the save
+    (the save itself or recomputed from it) other than linearly or smoothly;
+    None if there is none.
+
+    Inductor's partitioner may save a pre-activation and recompute the
+    activation in backward (ReLU, BatchNorm + ReLU): then the region of a
+    *recomputed* value decides the gradient, and a lossy code of the save
+    moves values across it.  The direct readers do not show this; following
+    the save through the ops that recompute from it does.  Arithmetic and
+    smooth functions of derived values pass (their bias is the second-order
+    one the policy accepts for smooth ops, as in eager mode); a region read
+    (ReLU, a comparison, ``where``'s condition, ``threshold_backward`` of a
+    recomputed value) or any op outside the known sets is reported.  Where
+    ``threshold_backward``/comparisons read the save itself, the ReLU forms
+    above decide.  The walk stops after ``limit`` nodes (reported too)."""
+    start = None
+    for placeholder in bw_graph.find_nodes(op="placeholder"):
+        if placeholder.name == node.name:
+            start = placeholder
+            break
+    if start is None:
+        return None
+    # Derived values, and whether each is elementwise in the save (True) or a
+    # reduction of it (False).
+    derived: dict[fx.Node, bool] = {start: True}
+    queue = [start]
+    seen = 0
+    while queue:
+        current = queue.pop()
+        for user in current.users:
+            seen += 1
+            if seen > limit:
+                return "backward too large to follow"
+            name = op_name(user)
+            args = [a for a in user.args if isinstance(a, fx.Node)]
+            if name == "threshold_backward":
+                # (grad, self, threshold): a derived grad is read linearly;
+                # comparing a *recomputed* self reads a region.
+                if len(user.args) > 1 and user.args[1] in derived and user.args[1] is not start:
+                    return name
+                continue
+            if name in _DERIVED_END:
+                continue
+            if name in _DERIVED_THROUGH:
+                full = [a for a in args if derived.get(a)]
+                if name == "where" and user.args and user.args[0] in derived:
+                    return "where on the save"
+                is_full = bool(full) and name not in ("sum", "mean")
+                if user not in derived or (is_full and not derived[user]):
+                    derived[user] = is_full
+                    queue.append(user)
+                continue
+            if current is start and name in _ALL_COMPARISONS:
+                continue  # the save's own region: decided by the ReLU forms
+            return name
+    return None
+
+
 def _offset_bits(node: fx.Node, readers: list[fx.Node]) -> int | None:
     for reader in readers:
         if op_name(reader) == _POOL_OFFSETS and len(reader.args) > 1:
@@ -239,10 +356,32 @@ _SAFE_USERS = _THROUGH | frozenset(_MATMULS) | _ACTIVATIONS | frozenset(
 )  # fmt: skip
 
 
+def _composite(user: fx.Node) -> str | None:
+    """The smooth activation (``policy.ops.SMOOTH_COMPOSITES``) whose module
+    computes ``user``, from its innermost ``nn_module_stack`` entry; else None."""
+    stack = user.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    cls = list(stack.values())[-1][1]
+    return SMOOTH_COMPOSITES.get((getattr(cls, "__module__", None), getattr(cls, "__name__", None)))
+
+
+def _composite_user(node: fx.Node) -> str | None:
+    """The smooth activation that the first forward user of ``node`` belongs to, if any."""
+    for user in _forward_users(node):
+        name = _composite(user)
+        if name is not None:
+            return name
+    return None
+
+
 def _unsafe_user(node: fx.Node) -> str | None:
-    """The first forward user of ``node`` whose backward may read it nonlinearly."""
+    """The first forward user of ``node`` whose backward may read it nonlinearly
+    (users inside a smooth composite activation are read smoothly as a whole)."""
     for user in _forward_users(node):
         name = op_name(user)
+        if name not in _SAFE_USERS and _composite(user) is not None:
+            continue
         if name == "div":
             if len(user.args) > 1 and user.args[1] is node:
                 return name  # a denominator: far from linear
@@ -269,6 +408,14 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
     region_only = bound == 0.0
     rule = ReluOutput() if region_only or producer == "relu" else None
     declined = "compared with a constant" if bound not in (None, 0.0) else None
+    if declined is None and val.is_floating_point() and not region_only:
+        reader = _region_reader(node, readers)
+        if reader is not None:
+            declined = f"region read by {reader} (no compiled region form)"
+    if declined is None and val.is_floating_point() and not statistic:
+        reader = _derived_nonlinear_read(node, bw_graph)
+        if reader is not None:
+            declined = f"recomputed in backward and read nonlinearly ({reader})"
     offset_bits = integer_op = None
     if not val.is_floating_point():
         offset_bits = _offset_bits(node, readers)
@@ -277,7 +424,10 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
     if region_only:
         op = "relu"  # backward reads x > 0 alone, as ReLU's does
     elif val.is_floating_point() and not statistic:
-        op = _unsafe_user(node) or op
+        # A node read inside a smooth composite activation is read smoothly
+        # as a whole (one code serves all its readers): name that activation,
+        # so that smooth="exact" applies to it.
+        op = _unsafe_user(node) or _composite_user(node) or op
     overlapping = any(s == 0 and n > 1 for n, s in zip(val.shape, val.stride()))
     facts = Facts(
         dtype=val.dtype,

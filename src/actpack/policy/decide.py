@@ -29,6 +29,7 @@ pattern that ReLU-family backward reads.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -70,6 +71,10 @@ class Kind(enum.Enum):
     REGION = "region"
     #: The strategy's lossy code (``rule`` keeps a region exact inside it).
     LOSSY = "lossy"
+    #: Hardswish's input: its three regions exact (2 bits per element) and
+    #: the strategy's code of the values between -3 and 3, where backward
+    #: reads them linearly.  Only for strategies with ``bounded_codes``.
+    PIECEWISE = "piecewise"
 
 
 class Facts(NamedTuple):
@@ -138,6 +143,8 @@ class Settings:
         smooth: ``"code"`` (default): inputs of ops with a smooth backward
             (normalization, GELU/SiLU/softmax/tanh, attention) are coded,
             leaving a second-order bias; ``"exact"`` keeps them exact.
+        bounded_codes: the strategy's decoded values stay within the range
+            of the values it coded (see ``Strategy.bounded_codes``).
     """
 
     lossless: bool = False
@@ -145,12 +152,15 @@ class Settings:
     keeps_relu_exact: bool = False
     checkpoint_inputs: str = "exact"
     smooth: str = "code"
+    bounded_codes: bool = False
 
 
 _FLOAT_EXACT = {torch.float64: "float64 (kept exact)"}
 
 
+@functools.lru_cache(maxsize=1024)
 def _exact(reason: str) -> Plan:
+    # Plans are immutable: one per reason, not one per save.
     return Plan(Kind.EXACT, reason)
 
 
@@ -214,6 +224,10 @@ def decide(f: Facts, s: Settings) -> Plan:
     base = f.op.strip("_") if f.op not in LINEAR_BACKWARD_OPS else f.op
     if f.op not in LINEAR_BACKWARD_OPS and base not in LINEAR_BACKWARD_OPS:
         if base not in SMOOTH_BACKWARD_OPS and f.op not in SMOOTH_BACKWARD_OPS:
+            if base == "hardswish" and s.bounded_codes and f.role != "output":
+                # Backward: 0 below -3, 1 above 3, x / 3 + 1/2 between: linear
+                # in the values once the region is exact.
+                return Plan(Kind.PIECEWISE, "hardswish input")
             # max/amax compare the input with the result, clamp/abs read
             # regions, log/sqrt/pow/div are far from linear: a code of the
             # input gives zero, NaN or biased gradients.

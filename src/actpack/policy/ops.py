@@ -41,7 +41,8 @@ LINEAR_BACKWARD_OPS = frozenset(
      "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
      "fractional_max_pool2d", "mul_", "__mul__", "__rmul__", "__imul__", "__matmul__",
      "__rmatmul__", "relu", "relu_", "leaky_relu", "leaky_relu_", "threshold",
-     "threshold_", "relu6", "hardtanh", "hardtanh_", "rrelu", "rrelu_",
+     "threshold_", "relu6", "hardtanh", "hardtanh_", "rrelu", "rrelu_", "hardsigmoid",
+     "hardsigmoid_",
      # aten names the compile-native path reports (every forward user vetted)
      "add", "sub", "nll_loss_forward", "_log_softmax", "convolution"}
 )  # fmt: skip
@@ -62,3 +63,20 @@ SMOOTH_BACKWARD_OPS = frozenset(
      "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
      "_scaled_dot_product_cudnn_attention", "native_group_norm", "native_batch_norm"}
 )  # fmt: skip
+
+#: Activations that libraries write as several elementary ops, one of which
+#: alone has a backward actpack keeps exact (``gelu_new``'s ``x ** 3``,
+#: ``erf``), while the composite's backward is a smooth function of its
+#: input, like the fused op it approximates.  Keyed by (Python module, class)
+#: of the ``nn.Module`` computing it; a save made inside one counts as a save
+#: of the smooth op named here (``smooth="exact"`` keeps it exact).  Only
+#: modules whose whole forward is the activation belong here.
+SMOOTH_COMPOSITES: dict[tuple[str, str], str] = {
+    ("transformers.activations", "NewGELUActivation"): "gelu",  # GPT-2's "gelu_new"
+    ("transformers.activations", "GELUTanh"): "gelu",  # its pure-Python path
+    ("transformers.activations", "AccurateGELUActivation"): "gelu",
+    ("transformers.activations", "GELUActivation"): "gelu",  # its erf Python path
+    ("transformers.activations", "FastGELUActivation"): "gelu",
+    ("transformers.activations", "QuickGELUActivation"): "gelu",
+    ("transformers.activations", "MishActivation"): "mish",
+}

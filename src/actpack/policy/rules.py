@@ -52,6 +52,12 @@ class ReluOutput:
         tiny = torch.finfo(decoded.dtype).tiny
         return torch.where(mask, decoded.clamp_min(tiny), torch.zeros_like(decoded))
 
+    def values(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """``restore(zeros, mask)``: the smallest normal value inside the
+        region, 0 outside, in one pass over the mask (``where`` and
+        ``masked_fill`` on a bool mask run 10-15x slower on the CPU)."""
+        return mask.to(dtype).mul_(torch.finfo(dtype).tiny)
+
 
 @dataclass(frozen=True)
 class Above:
@@ -62,6 +68,9 @@ class Above:
     def mask(self, x: Tensor) -> Tensor:
         return x.float() > _f32(self.threshold, x)
 
+    def values(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.restore(torch.zeros(mask.shape, dtype=dtype, device=mask.device), mask)
+
     def restore(self, decoded: Tensor, mask: Tensor) -> Tensor:
         up = _nearest(self.threshold, decoded, above=True, strict=True)
         down = _nearest(self.threshold, decoded, above=False, strict=False)
@@ -70,7 +79,7 @@ class Above:
 
 @dataclass(frozen=True)
 class Between:
-    """Backward reads ``lo < x < hi`` (Hardtanh, ReLU6)."""
+    """Backward reads ``lo < x < hi`` (Hardtanh, ReLU6, Hardsigmoid)."""
 
     lo: float
     hi: float
@@ -78,6 +87,9 @@ class Between:
     def mask(self, x: Tensor) -> Tensor:
         xf = x.float()
         return (xf > _f32(self.lo, x)) & (xf < _f32(self.hi, x))
+
+    def values(self, mask: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.restore(torch.zeros(mask.shape, dtype=dtype, device=mask.device), mask)
 
     def restore(self, decoded: Tensor, mask: Tensor) -> Tensor:
         d = decoded
@@ -95,7 +107,9 @@ class Between:
 Rule = "ReluOutput | Above | Between"
 
 # Ops whose backward reads only the region of what they save.
-_REGION_OPS = frozenset({"relu", "leaky_relu", "threshold", "relu6", "hardtanh", "rrelu"})
+_REGION_OPS = frozenset(
+    {"relu", "leaky_relu", "threshold", "relu6", "hardtanh", "rrelu", "hardsigmoid"}
+)
 
 
 def reads_region_only(op: str | None) -> bool:
@@ -131,6 +145,8 @@ def rule_for(t: Tensor, op: str | None, args: tuple, kwargs: dict) -> object | N
         return Above(_arg(args, kwargs, 1, "threshold", 0.0))
     if base == "relu6":
         return Between(0.0, 6.0)
+    if base == "hardsigmoid":
+        return Between(-3.0, 3.0)  # backward: grad / 6 where -3 < x < 3, else 0
     if base == "hardtanh":
         return Between(
             _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)

@@ -62,6 +62,7 @@ class ActNN(Strategy):
 
     name = "actnn"
     keeps_relu_exact = True
+    bounded_codes = True
 
     def __new__(cls, *args: Any, level: str | None = None, **kwargs: Any) -> ActNN:
         # ActNN(level="L0".."L5") builds the subclass that declares that level

@@ -45,6 +45,11 @@ class Strategy:
     lossless: ClassVar[bool] = False
     #: Whether ``encode`` already keeps ReLU-output zeros exact (no mask bit).
     keeps_relu_exact: ClassVar[bool] = False
+    #: Decoded values never leave the range of the values coded (per group,
+    #: rounded outward to values exactly representable, as -3 and 3 are):
+    #: true of per-group quantization and of casts, not of DIVISION (block
+    #: mean plus a residual code).  Hardswish inputs are coded only then.
+    bounded_codes: ClassVar[bool] = False
     #: Whether forwards in several threads may use this strategy at once
     #: (False for strategies keeping per-forward statistics).
     thread_safe: ClassVar[bool] = True

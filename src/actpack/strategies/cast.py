@@ -16,6 +16,8 @@ class Cast16(Strategy):
     silently finite, so an AMP step that overflows is still skipped.
     """
 
+    bounded_codes = True  # rounding to nearest never leaves the range
+
     def __init__(self, dtype: torch.dtype = torch.bfloat16, seed: int | None = None) -> None:
         super().__init__(seed)
         if dtype not in (torch.float16, torch.bfloat16):

@@ -3,8 +3,9 @@
 Every public function has the signature and the result of its reference in
 :mod:`actpack.codecs` (same dataclasses; same packed bytes, lo, hi and LFC
 for round-to-nearest; the same distribution for stochastic rounding, drawn
-from a counter hash seeded by the caller's generator).  Each codec is a few
-fused loops over the tensor with no float32 temporary of its size, compiled
+from the counter hash of :mod:`actpack.codecs.counter_noise` keyed by the
+caller's generator).  Each codec is a few fused loops over the tensor with no
+float32 temporary of its size, compiled
 once per configuration with dynamic shapes and cached (in memory, and on
 disk by Inductor).
 
@@ -12,7 +13,6 @@ disk by Inductor).
 * :mod:`~actpack.codecs.compiled.division`: DIVISION block means + residual;
 * :mod:`~actpack.codecs.compiled.bits`: bit packing, 1-bit masks;
 * :mod:`~actpack.codecs.compiled.arith`: the arithmetic they share;
-* :mod:`~actpack.codecs.compiled.noise`: the hashed uniform noise;
 * :mod:`~actpack.codecs.compiled.build`: compiling, caching, and the fallback
   to the reference (one :class:`~actpack.codecs.compiled.build.CompileFallbackWarning`)
   where no C++ compiler is available.

@@ -31,15 +31,20 @@ with that configuration runs the reference instead: never an error.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["CompileFallbackWarning", "available", "run"]
+__all__ = ["MAX_NUMEL", "CompileFallbackWarning", "available", "run"]
+
+# Larger tensors take the reference codecs: a bound kept from the first hash,
+# which read 32-bit indices; nothing here has been run at that size.
+MAX_NUMEL = 2**32
 
 _OPTIONS = {"emulate_precision_casts": True}
 
@@ -53,13 +58,15 @@ class _Compiled:
 
     def __init__(self, factory: Callable[..., Callable[..., Any]], key: tuple) -> None:
         self.name = f"{factory.__name__}{key}"
+        self.warm = False  # compiled and run once
         body = factory(*key)
         code = body.__code__.replace()  # a distinct code object: graphs of its own
         fresh = types.FunctionType(code, body.__globals__, body.__name__, None, body.__closure__)
         try:
-            self.fn: Callable[..., Any] | None = torch.compile(
-                fresh, dynamic=False, options=_OPTIONS
-            )
+            with _quiet_torch():  # torch.compile imports Inductor on first use
+                self.fn: Callable[..., Any] | None = torch.compile(
+                    fresh, dynamic=False, options=_OPTIONS
+                )
         except Exception as exc:  # a torch without Inductor, a rejected option
             self.fn = None
             _warn(self.name, exc)
@@ -74,21 +81,62 @@ def _warn(what: str, exc: BaseException) -> None:
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     warnings.warn(
         f"actpack could not compile the fused CPU codec {what} ({type(exc).__name__}: "
-        f"{reason}); the reference codecs run instead, correct but slower. Install a C++ "
-        "compiler (gcc/g++) for TorchInductor, or set ACTPACK_BACKEND=reference to silence this.",
+        f"{reason}); the reference codecs run instead, correct but slower. If no C++ "
+        "compiler is installed, install gcc/g++ for TorchInductor; ACTPACK_BACKEND=reference "
+        "silences this.",
         CompileFallbackWarning,
         stacklevel=4,
     )
 
 
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Deprecation notices that torch's compiler stack emits while it imports
+    and compiles (``torch.jit.script_method``, ...) are torch's business, not
+    the user's: ignored, so that ``-W error`` does not turn them into a
+    compile failure.  Used around ``torch.compile`` and the first call of
+    each configuration only (when importing and compiling happen):
+    ``catch_warnings`` swaps process-global filters, which a per-call use
+    would race on in threaded training."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
+
+
+def _keep(x: Any) -> Any:
+    return x
+
+
 def run(factory: Callable[..., Callable[..., Any]], key: tuple, args: tuple) -> Any:
     """``factory(*key)(*args)`` compiled, or None if it cannot be compiled
-    (then the caller runs the reference)."""
+    (then the caller runs the reference).
+
+    Dynamo guards every compiled function on the innermost saved-tensor
+    hooks when they are ``GraphModule``s (the pair AOTAutograd would inline),
+    and the codecs run inside such a pair: each engine's, from its pack hook.
+    A new ``compress()`` context per step would then recompile every codec
+    (0.7 s a step) until Dynamo's recompile limit and run them uncompiled
+    after it.  Under a plain-function pair (saving nothing: the codecs run
+    without grad) the guard sees no inlineable hooks, whichever engine runs.
+    """
+    if torch.compiler.is_compiling():
+        # Called while Dynamo traces a user's compiled region (a block compiled
+        # inside a wrapped model): the reference traces into that graph, a
+        # nested compiled call would not.  Not a failure: later eager calls
+        # still use the compiled codec.
+        return None
     compiled = _compiled(factory, key)
     if compiled.fn is None:
         return None
     try:
-        return compiled.fn(*(_dynamic(a) for a in args))
+        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            if compiled.warm:
+                return compiled.fn(*(_dynamic(a) for a in args))
+            with _quiet_torch():
+                out = compiled.fn(*(_dynamic(a) for a in args))
+        compiled.warm = True
+        return out
     except Exception as exc:  # compilation failed: any error type, never the caller's
         compiled.fn = None
         _warn(compiled.name, exc)
@@ -117,9 +165,10 @@ def available() -> bool:
     C++ compiler is installed.
     """
     try:
-        fn = torch.compile(_probe_body, dynamic=True, options=_OPTIONS)
-        x = torch.arange(37, dtype=torch.float32)
-        ok = torch.equal(fn(x), _probe_body(x))
+        with _quiet_torch():
+            fn = torch.compile(_probe_body, dynamic=True, options=_OPTIONS)
+            x = torch.arange(37, dtype=torch.float32)
+            ok = torch.equal(fn(x), _probe_body(x))
     except Exception as exc:  # any failure means: do not use the compiled codecs
         _warn("probe", exc)
         return False

@@ -3,7 +3,7 @@
 Same signatures and results as :mod:`actpack.codecs.division` (the
 specification): round to nearest gives the same LFC, packed bytes, lo and
 hi; decoding gives the same values; stochastic rounding uses the hashed
-noise of :mod:`actpack.codecs.compiled.noise`.
+noise of :mod:`actpack.codecs.counter_noise`.
 
 The block means come from ATen's ``avg_pool`` as in the reference (same
 summation order, so the same bfloat16 means), run on the input in its own
@@ -40,8 +40,9 @@ from actpack.codecs.compiled.arith import (
     poisoned_values,
 )
 from actpack.codecs.compiled.bits import pack_codes, unpack_codes
+from actpack.codecs.compiled.build import MAX_NUMEL
 from actpack.codecs.compiled.groupquant import _FLOATS, levels_tensor
-from actpack.codecs.compiled.noise import MAX_NUMEL, draw_seed, uniform
+from actpack.codecs.counter_noise import random_key, uniform
 from actpack.codecs.division import DivisionCode, _upsample
 from actpack.codecs.groupquant import GroupCode
 
@@ -99,7 +100,8 @@ def _encoder(wide: bool, stochastic: bool, block: tuple[int, ...] | None, dtype:
         lo, hi, poisoned = group_ranges(rows, torch.bfloat16, False, dims)
         u = 0.5
         if stochastic:
-            u = uniform(torch.arange(x.numel(), device=x.device).view(x.shape), seed)
+            index = torch.arange(x.numel(), device=x.device).view(x.shape)
+            u = uniform(index, seed, below_2_32=True)  # numel < MAX_NUMEL
         codes = group_codes(rows, lo, hi, poisoned, u, levels, wide, False)
         return torch.where(ok, lfc, 0.0), codes, lo, hi, poisoned
 
@@ -160,7 +162,7 @@ def division_encode(
     x = x.detach()
     shape = tuple(x.shape)
     eff = tuple(min(block, s) for s in shape[2:])
-    seed = draw_seed(x.device, generator) if stochastic else torch.zeros(1, dtype=torch.int64)
+    seed = random_key(generator, x.device) if stochastic else torch.zeros(2, dtype=torch.int64)
     with torch.no_grad():
         pooled = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
         lfc = _POOL[len(eff)](pooled, eff, eff, 0, True, False).to(torch.bfloat16)

@@ -3,7 +3,7 @@
 Same signatures and results as :mod:`actpack.codecs.groupquant` (the
 specification): round to nearest gives the same packed bytes, lo and hi;
 decoding gives the same values; stochastic rounding draws its noise from a
-counter-based hash (:mod:`actpack.codecs.compiled.noise`) seeded from the
+counter-based hash (:mod:`actpack.codecs.counter_noise`) seeded from the
 caller's generator, so it is the same distribution, not the same stream.
 
 Encoding is one compiled body (two loops over ``x``: the group ranges, then
@@ -36,7 +36,8 @@ from actpack.codecs.compiled.arith import (
     poisoned_values,
 )
 from actpack.codecs.compiled.bits import pack_codes, unpack_codes
-from actpack.codecs.compiled.noise import MAX_NUMEL, draw_seed, uniform
+from actpack.codecs.compiled.build import MAX_NUMEL
+from actpack.codecs.counter_noise import random_key, uniform
 from actpack.codecs.groupquant import GroupCode
 
 __all__ = ["dequantize_groups", "quantize_groups"]
@@ -64,7 +65,7 @@ def _encoder(wide: bool, zero_exact: bool, stochastic: bool, meta: torch.dtype, 
         u = 0.5
         if stochastic:
             index = torch.arange(rows * width, device=x.device).view(rows * ngroups, group_size)
-            u = uniform(index, seed)
+            u = uniform(index, seed, below_2_32=True)
         codes = group_codes(g, lo, hi, poisoned, u, levels, wide, zero_exact)
         return codes, lo, hi, poisoned  # (groups, 1): a view of them would be recomputed
 
@@ -130,7 +131,7 @@ def quantize_groups(
         return reference()
     x = x.detach()
     zero_exact, stochastic = bool(zero_exact), bool(stochastic)
-    seed = draw_seed(x.device, generator) if stochastic else torch.zeros(1, dtype=torch.int64)
+    seed = random_key(generator, x.device) if stochastic else torch.zeros(2, dtype=torch.int64)
     key = (bits >= 2, zero_exact, stochastic, meta_dtype, x.dtype)
     args = (x, seed, levels_tensor(bits, zero_exact), x.new_empty(group_size, 0))
     with torch.no_grad():
