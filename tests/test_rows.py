@@ -167,3 +167,14 @@ def test_division_codes_sequences_by_rows_and_maps_by_blocks() -> None:
     assert isinstance(att, Groups) and att.code.group_size == 256  # 8 tokens of a head
     old = actpack.Division(sequence="tokens", seed=0)
     assert isinstance(old.encode(torch.randn(2, 32, 128), SaveInfo(op="linear")), Dual)
+
+
+def test_default_strategy_is_actnn_rows() -> None:
+    from actpack.tools import cli
+
+    assert actpack.DEFAULT_STRATEGY == "actnn-rows"
+    assert isinstance(actpack.compress().strategy, RowActNN)
+    model = actpack.wrap(nn.Linear(4, 4))
+    assert isinstance(actpack.engine_of(model).strategy, RowActNN)
+    args = cli.build_parser()[0].parse_args(["train"])
+    assert args.strategies == ["none", "actnn-rows"]

@@ -14,10 +14,11 @@ from actpack.strategies.cast import Cast16
 from actpack.strategies.division import Division
 from actpack.strategies.levels import LEVELS, ActNNPreset
 from actpack.strategies.mixed import ActNNMixed
-from actpack.strategies.registry import STRATEGY_NAMES, resolve
+from actpack.strategies.registry import DEFAULT_STRATEGY, STRATEGY_NAMES, resolve
 from actpack.strategies.rows import RowActNN
 
 __all__ = [
+    "DEFAULT_STRATEGY",
     "LEVELS",
     "STRATEGY_NAMES",
     "ActNN",

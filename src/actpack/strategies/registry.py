@@ -32,6 +32,14 @@ _NAMED: dict[str, Any] = {
 
 STRATEGY_NAMES: tuple[str, ...] = tuple(_NAMED)
 
+#: The strategy of :func:`actpack.compress`, :func:`actpack.wrap`,
+#: :func:`actpack.measure`, :func:`actpack.gradient_noise` and the CLI when
+#: none is named: ActNN with token-row groups and 3-bit matmul, attention and
+#: norm inputs.  On CNNs it codes as ``"actnn"``; on small transformers it
+#: kept 50-step losses within 1% of exact training where ``"actnn"`` did not
+#: (README, "Choosing a strategy"; BENCHMARKS.md, "Transformers").
+DEFAULT_STRATEGY = "actnn-rows"
+
 
 def resolve(strategy: str | Strategy) -> Strategy:
     """A strategy object from a name or an object (returned as is)."""
