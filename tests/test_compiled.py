@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -318,6 +319,49 @@ def test_untraceable_strategy_keeps_compiled_saves_exact_with_a_warning():
         got = _grads(model, x, step)
     torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-6)
     assert all(d.form in ("exact", "bits") for d in _decisions(engine))
+
+
+def test_actnn_rows_has_a_traceable_twin():
+    # The default strategy inside compiled graphs: the eager token-row layout
+    # and widths (3 bits for matmul and norm inputs, 2 elsewhere), without the
+    # Hadamard rotation; no warning, nothing lossy kept exact.
+    model, x = _mlp(dim=64), torch.randn(2, 16, 64)
+    engine = actpack.compress("actnn-rows", min_numel=64)
+    run = torch.compile(model, backend="aot_eager")
+    seen = []
+    encode = actpack.engine.graphcodes.traceable.quantize_groups
+
+    def spy(x, bits, group_size, key, **kw):
+        seen.append((tuple(x.shape), bits, group_size))
+        return encode(x, bits, group_size, key, **kw)
+
+    actpack.engine.graphcodes.traceable.quantize_groups = spy
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with engine:
+                run(x)
+    finally:
+        actpack.engine.graphcodes.traceable.quantize_groups = encode
+    lossy = [d for d in _decisions(engine) if d.kind is Kind.LOSSY]
+    assert lossy and all(d.form == "groups" for d in lossy)
+    assert ((32, 64), 3, 64) in seen  # layer-norm / fc1 inputs: a range per token, 3 bits
+    assert ((32, 256), 3, 256) in seen  # the fc2 input
+    assert any(bits == 2 for _, bits, _ in seen)  # GELU's input: 2 bits
+
+
+def test_actnn_rows_compiled_gradients_are_unbiased():
+    # Mean of K compiled draws against the exact gradient: unbiased codes
+    # divide the squared error by K (ReLU: backward linear in every save).
+    model, x = _mlp(act=nn.ReLU, depth=1), torch.randn(4, 16, 32)
+    exact = _grads(model, x)
+    run = torch.compile(model, backend="aot_eager")
+    k = 16
+    draws = _draws(model, x, actpack.compress("actnn-rows", min_numel=64), run, k)
+    single = (draws - exact).pow(2).sum(1).mean().item()
+    mean_error = (draws.mean(0) - exact).pow(2).sum().item()
+    assert single > 0 and len({tuple(d.tolist()) for d in draws}) == k
+    assert mean_error < 3 * single / k
 
 
 # --------------------------------------------------------------------------- #

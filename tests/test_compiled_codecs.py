@@ -414,6 +414,28 @@ def test_strategies_route_through_compiled(monkeypatch, strategy):
     same(got.decode(), want.decode())
 
 
+@pytest.mark.parametrize("op", ["linear", "layer_norm", "scaled_dot_product_attention"])
+def test_row_codes_route_through_compiled(monkeypatch, op):
+    # actnn-rows (the default): token-row groups, rotated Linear inputs; the
+    # rotation is a matmul, its quantization the compiled group codec, so
+    # round to nearest gives the reference's codes bit for bit.
+    x = torch.randn(4, 40, 130)  # 20,800 elements: over COMPILED_MIN_NUMEL
+    x[..., 7] *= 30
+    info = SaveInfo(op=op)
+    monkeypatch.setenv(backend.ENV_VAR, "reference")
+    want = actpack.RowActNN(stochastic=False, seed=0).encode(x, info)
+    monkeypatch.setenv(backend.ENV_VAR, "auto")
+    assert backend.resolve_backend(x) == "compiled"
+    got = actpack.RowActNN(stochastic=False, seed=0).encode(x, info)
+    if op == "linear":
+        same(got.code.signs, want.code.signs)
+        same(got.code.plain, want.code.plain)
+        same_code(want.code.inner, got.code.inner)
+    else:
+        same_code(want.code, got.code)
+    same(got.decode(), want.decode())
+
+
 @pytest.mark.parametrize("strategy", ["actnn", "division"])
 def test_end_to_end_gradients_match(monkeypatch, strategy):
     """A conv-BN-ReLU-linear step: round-to-nearest gradients bit for bit."""

@@ -66,8 +66,12 @@ K = 16
 @pytest.mark.parametrize("kind", ["cnn", "transformer"])
 @pytest.mark.parametrize(
     "make",
-    [lambda s: actpack.ActNN(seed=s), lambda s: actpack.Division(seed=s)],
-    ids=["actnn", "division"],
+    [
+        lambda s: actpack.ActNN(seed=s),
+        lambda s: actpack.Division(seed=s),
+        lambda s: actpack.RowActNN(seed=s),
+    ],
+    ids=["actnn", "division", "rows"],
 )
 def test_two_bit_gradients_are_unbiased(kind, make):
     """Mean of K draws against exact autograd, judged by its own spread.

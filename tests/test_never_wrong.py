@@ -713,6 +713,16 @@ _NONLINEAR = {
 }
 
 
+def _projected_grad(fn, W, x, ctx):
+    """W's gradient through ``fn(x @ W)`` against a fixed random projection."""
+    W.grad = None
+    with ctx:
+        out = fn(x @ W)
+    proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * proj).sum().backward()
+    return W.grad.clone()
+
+
 class TestNonlinearBackward:
     @pytest.mark.parametrize("name", sorted(_NONLINEAR))
     @pytest.mark.parametrize("strategy", LOSSY)
@@ -720,20 +730,34 @@ class TestNonlinearBackward:
         torch.manual_seed(0)
         W = nn.Parameter(torch.randn(64, 64) / 8)
         x = torch.randn(128, 64)  # a leaf: W's gradient reads it exactly
-        fn = _NONLINEAR[name]
 
         def grad(ctx):
-            W.grad = None
-            with ctx:
-                out = fn(x @ W)
-            proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-            (out * proj).sum().backward()
-            return W.grad.clone()
+            return _projected_grad(_NONLINEAR[name], W, x, ctx)
 
         exact = grad(_Null())
         got = grad(actpack.compress(strategy))
         assert torch.isfinite(got).all()
         assert torch.equal(got, exact), name
+
+    @pytest.mark.parametrize("form", ["pow", "**", "square"])
+    def test_squares_are_coded_and_unbiased(self, form):
+        # pow(h, 2)'s backward, 2 h grad, reads h linearly (HF Llama's RMSNorm
+        # squares its input so): coded, and the mean of K draws approaches the
+        # exact gradient as 1/K.  pow(h, 3) above stays exact.
+        torch.manual_seed(0)
+        W = nn.Parameter(torch.randn(64, 64) / 8)
+        x = torch.randn(128, 64)
+        fn = {"pow": lambda h: h.pow(2), "**": lambda h: h**2, "square": torch.square}[form]
+
+        def grad(ctx):
+            return _projected_grad(fn, W, x, ctx).flatten().double()
+
+        exact = grad(_Null())
+        k = 16
+        draws = torch.stack([grad(actpack.compress(actpack.ActNN(seed=s))) for s in range(k)])
+        single = (draws - exact).square().sum(1).mean()
+        assert single > 1e-6 * exact.square().sum()  # coded, not kept exact
+        assert (draws.mean(0) - exact).square().sum() < 3 * single / k
 
     @pytest.mark.parametrize("act", [F.gelu, F.silu, torch.tanh, torch.sigmoid])
     def test_smooth_exact_keeps_smooth_activations_exact(self, act):

@@ -3,7 +3,7 @@
 Example::
 
     import actpack
-    with actpack.compress("actnn"):
+    with actpack.compress():  # "actnn-rows"; or "actnn", "division", "int8", ...
         loss = model(x).sum()
     loss.backward()
 """
@@ -13,6 +13,7 @@ from actpack.engine import Engine
 from actpack.noise import NoiseReport, gradient_noise
 from actpack.report import Report
 from actpack.strategies import (
+    DEFAULT_STRATEGY,
     LEVELS,
     STRATEGY_NAMES,
     ActNN,
@@ -22,6 +23,7 @@ from actpack.strategies import (
     Division,
     Exact,
     Int8,
+    RowActNN,
     SaveInfo,
     Strategy,
     resolve,
@@ -31,6 +33,7 @@ from actpack.strategies.allocate import Allocation, allocate_bits
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_STRATEGY",
     "LEVELS",
     "STRATEGY_NAMES",
     "ActNN",
@@ -44,6 +47,7 @@ __all__ = [
     "Int8",
     "NoiseReport",
     "Report",
+    "RowActNN",
     "SaveInfo",
     "Strategy",
     "allocate_bits",

@@ -12,11 +12,11 @@ from torch import Tensor, nn
 from actpack.engine import DEFAULT_MIN_NUMEL, Engine
 from actpack.probe import default_loss, preserved_rng
 from actpack.report import Report
-from actpack.strategies import Strategy
+from actpack.strategies import DEFAULT_STRATEGY, Strategy
 
 
 def compress(
-    strategy: str | Strategy = "actnn",
+    strategy: str | Strategy = DEFAULT_STRATEGY,
     *,
     model: nn.Module | None = None,
     min_numel: int = DEFAULT_MIN_NUMEL,
@@ -37,7 +37,12 @@ def compress(
 
     Args:
         strategy: a name (``"none"``, ``"fp16"``, ``"bf16"``, ``"int8"``,
-            ``"actnn"``, ``"division"``, ...) or a :class:`~actpack.Strategy`.
+            ``"actnn"``, ``"division"``, ``"actnn-rows"``, ...) or a
+            :class:`~actpack.Strategy`.  Default: ``"actnn-rows"``
+            (:data:`actpack.DEFAULT_STRATEGY`): ActNN's 2-bit stochastic codes
+            with one range per token row and 3 bits for matmul, attention and
+            norm inputs; CNN feature maps are coded exactly as ``"actnn"``
+            codes them.  ``"actnn"`` is the paper's method as published.
         model: optional; lets the engine recognise that model's parameters
             and buffers by storage (their views and frozen copies).
         min_numel: smallest tensor (in elements) worth compressing.
@@ -58,7 +63,7 @@ def compress(
 
     Example::
 
-        with actpack.compress("actnn") as ctx:
+        with actpack.compress() as ctx:  # "actnn-rows"
             loss = model(x).sum()
         loss.backward()
         print(ctx.stats.ratio)
@@ -119,7 +124,7 @@ class _Leave(_Hook):
 
 def wrap(
     model: nn.Module,
-    strategy: str | Strategy = "actnn",
+    strategy: str | Strategy = DEFAULT_STRATEGY,
     *,
     min_numel: int = DEFAULT_MIN_NUMEL,
     track_modules: bool = False,
@@ -251,7 +256,8 @@ def measure(
 
     ``strategy``: what to measure; by default the strategy of a model
     wrapped by :func:`wrap` (measured through a copy of its settings, with
-    its own engine set aside for the step), else ``"actnn"``.
+    its own engine set aside for the step), else :data:`actpack.DEFAULT_STRATEGY`
+    (``"actnn-rows"``).
 
     Raises:
         ValueError: ``model`` is wrapped and ``strategy`` names another
@@ -277,7 +283,7 @@ def measure(
         strategy = copy.deepcopy(wrapped.strategy)
         if min_numel is None:
             min_numel = wrapped.min_numel
-    strategy = "actnn" if strategy is None else strategy
+    strategy = DEFAULT_STRATEGY if strategy is None else strategy
     min_numel = DEFAULT_MIN_NUMEL if min_numel is None else min_numel
     model = _eager_module(model)
     with wrapped.suspended() if wrapped is not None else _null():

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from actpack.engine import DEFAULT_MIN_NUMEL, Engine
 from actpack.probe import default_loss, preserved_rng
-from actpack.strategies import Exact, Strategy, resolve
+from actpack.strategies import DEFAULT_STRATEGY, Exact, Strategy, resolve
 
 __all__ = ["NoiseReport", "gradient_noise"]
 
@@ -86,7 +86,7 @@ class _Null:
 def gradient_noise(
     model: nn.Module,
     *inputs: Any,
-    strategy: str | Strategy = "actnn",
+    strategy: str | Strategy = DEFAULT_STRATEGY,
     draws: int = 8,
     loss_fn: Callable[[Any], Tensor] | None = None,
     seed: int = 0,

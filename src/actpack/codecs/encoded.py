@@ -21,6 +21,7 @@ from actpack.codecs.backend import (
     pack_mask,
     unpack_mask,
 )
+from actpack.codecs.hadamard import RotatedCode, hadamard_decode
 
 
 def tensor_bytes(t: Tensor) -> int:
@@ -119,6 +120,22 @@ class Dual(Encoded):
                 inverse[p] = i
             x = x.permute(inverse)
         return x.reshape(self.shape)
+
+
+@dataclass
+class Rotated(Encoded):
+    """Hadamard-rotated per-group code of a tensor viewed as (rows, last dim)."""
+
+    code: RotatedCode
+    shape: torch.Size
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.code.nbytes
+
+    def decode(self) -> Tensor:
+        return hadamard_decode(self.code, self.dtype).reshape(self.shape)
 
 
 @dataclass

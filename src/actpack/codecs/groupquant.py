@@ -211,7 +211,9 @@ def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Te
         # Divide by k last: lo*k + q*step stays finite even when hi - lo overflows.
         v = (lok + qf * step) / k
         big = torch.finfo(dtype).max
-        v = v.clamp(-big, big).to(dtype)  # a finite value must not round to Inf in dtype
+        if big < torch.finfo(torch.float32).max:  # float64: nothing to clamp (and no float for it)
+            v = v.clamp(-big, big)  # a finite value must not round to Inf in dtype
+        v = v.to(dtype)
         if code.zero_exact:
             # Code >= 1 means positive: keep it so even if the grid value underflows in dtype.
             v = torch.where(q > 0, v.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(v))

@@ -59,6 +59,23 @@ _CAST_NODES = frozenset(
 
 # Reasons to keep a tensor exact under which an exact copy of a small view
 # (freeing the large storage it pins) is still exact.
+_POW_OPS = frozenset({"pow", "pow_", "__pow__", "__ipow__"})
+
+
+def _squares(op: str | None, args: tuple, kwargs: dict) -> bool:
+    """Whether the op is ``pow(x, 2)`` (``x ** 2``, a Python-number exponent 2).
+
+    Its backward, ``2 * x * grad``, reads ``x`` linearly, so an unbiased code
+    of ``x`` gives an unbiased gradient: the policy treats it as ``square``
+    (HF Llama's RMSNorm squares its input this way; the compile-native path
+    reads ``aten.pow(x, 2)`` the same way).  Other exponents stay nonlinear.
+    """
+    if op not in _POW_OPS:
+        return False
+    exponent = args[1] if len(args) > 1 else kwargs.get("exponent")
+    return type(exponent) in (int, float) and exponent == 2
+
+
 _COPYABLE = frozenset({"tiny", "integer", "float64 (kept exact)", "op statistics"})
 
 _FUNCTION_FILE = ("autograd", "function.py")
@@ -383,6 +400,8 @@ class Engine:
     def _facts(self, t: Tensor, st: _Forward) -> tuple[Facts, str | None, tuple, dict]:
         ops = st.ops
         op, args, kwargs = (ops.name, ops.args, ops.kwargs) if ops is not None else (None, (), {})
+        if _squares(op, args, kwargs):
+            op = "square"  # pow(x, 2): backward reads x linearly (2 x grad), as square's
         kind = type(t)
         plain = (
             (kind is Tensor or kind is nn.Parameter)

@@ -24,6 +24,7 @@ from actpack.policy.decide import Kind, Plan
 from actpack.policy.rules import ReluOutput
 from actpack.strategies import ActNN, Cast16, SaveInfo, Strategy
 from actpack.strategies.levels import ActNNPreset
+from actpack.strategies.rows import RowActNN
 
 Coded = tuple[str, tuple, tuple[Tensor, ...]]
 
@@ -41,11 +42,13 @@ def traceable_strategy(strategy: Strategy) -> bool:
 
     Mixed precision (allocations kept across steps in Python) and DIVISION
     have none yet: their lossy saves stay exact inside compiled graphs.
+    :class:`~actpack.strategies.rows.RowActNN`'s twin codes the same token
+    rows at the same widths, without the Hadamard rotation.
     """
     if isinstance(strategy, Cast16) or strategy.lossless:
         return True
     if isinstance(strategy, ActNN):
-        return type(strategy).encode in (ActNN.encode, ActNNPreset.encode)
+        return type(strategy).encode in (ActNN.encode, ActNNPreset.encode, RowActNN.encode)
     return False
 
 
@@ -89,17 +92,27 @@ def _lossy(strategy: Strategy, x: Tensor, info: SaveInfo) -> Coded | None:
         return "cast", (x.dtype,), (x.to(strategy.dtype),)
     if isinstance(strategy, ActNNPreset) and info.op in strategy.keep_ops:
         return None
+    bits = strategy.bits
+    layout = None
+    if isinstance(strategy, RowActNN):
+        # The eager widths and token-row layout, without the Hadamard rotation.
+        # Under dynamic shapes, ActNN's grouping below (rows of the last dim).
+        bits = strategy.bits_for(info)
+        if all(type(n) is int for n in x.shape):
+            if strategy._rowwise(x, info) and x.shape[-1] == 1:
+                return None  # a per-row statistic: kept exact, as in eager
+            layout = strategy.row_layout(x, info)
     # The eager strategy's own grouping: per-token ranges for row-norm inputs.
-    rows, group_size = strategy._grouping(x, info)
+    rows, group_size = layout or strategy._grouping(x, info)
     if isinstance(x.numel() // rows, torch.SymInt) and isinstance(x.shape[-1], int):
         # Dynamic shapes, where that grouping would merge samples into one
         # row of symbolic length: one range per row of the last dimension
         # instead, so that only the number of rows is symbolic.
         rows, group_size = x.numel() // x.shape[-1], min(group_size, x.shape[-1])
-    zero_exact = isinstance(info.rule, ReluOutput) and strategy.bits >= 2
+    zero_exact = isinstance(info.rule, ReluOutput) and bits >= 2
     key = _fresh_key(x.device) if strategy.stochastic else None
     code = traceable.quantize_groups(
-        x.reshape(rows, -1), strategy.bits, group_size, key, zero_exact=zero_exact
+        x.reshape(rows, -1), bits, group_size, key, zero_exact=zero_exact
     )
     meta = (group_size, code.bits, zero_exact)
     return "groups", meta, (_carrier(x), code.packed, code.lo, code.hi)

@@ -11,6 +11,7 @@ from actpack.codecs.encoded import Dual, Encoded
 from actpack.policy.ops import CHANNEL_FIRST_OPS, ROW_NORM_OPS
 from actpack.strategies.actnn import ActNN, check_bits
 from actpack.strategies.base import SaveInfo, Strategy
+from actpack.strategies.rows import ATTENTION_OPS, LINEAR_OPS, RowActNN
 
 
 class Division(Strategy):
@@ -20,10 +21,19 @@ class Division(Strategy):
     each spatial dimension (partial edge blocks are averaged exactly).  The
     block means (low-frequency component) are kept in bf16; the residual
     (high-frequency component) is quantized per (sample, channel) with
-    unbiased stochastic rounding.  Sequences (N, L, D) use blocks of tokens
-    (``sequence="tokens"``, the paper's T5 variant) or of features
-    (``sequence="features"``, its MLP variant); (N, D) inputs use features.
-    Tensors of other ranks fall back to per-group quantization at ``bits``.
+    unbiased stochastic rounding.
+
+    Inputs that are not spatial maps (sequences (N, L, D), (N, D) rows,
+    attention's (N, heads, L, d) tensors) are coded by default
+    (``sequence="rows"``) with :class:`~actpack.strategies.rows.RowActNN` at
+    ``bits`` (``bits + 1`` for matmul, attention and norm inputs): one range per
+    token row, Linear inputs Hadamard-rotated.  The
+    block-mean model fails there: on small Llama/GPT-2/``nn.TransformerEncoder``
+    language models, blocks of 8 tokens gave gradient variances of 600-74000
+    times the squared gradient norm (BENCHMARKS.md, "Transformers").  The
+    paper's variants remain: ``sequence="tokens"`` (blocks of tokens, its T5
+    variant) and ``"features"`` (blocks of features, its MLP variant), with
+    (N, D) inputs in blocks of features and other ranks per-group quantized.
 
     Example::
 
@@ -36,20 +46,25 @@ class Division(Strategy):
         self,
         block_size: int = 8,
         bits: int = 2,
-        sequence: str = "tokens",
+        sequence: str = "rows",
         stochastic: bool = True,
         seed: int | None = None,
     ) -> None:
         super().__init__(seed)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        if sequence not in ("tokens", "features"):
-            raise ValueError(f"sequence must be 'tokens' or 'features', got {sequence!r}")
+        if sequence not in ("rows", "tokens", "features"):
+            raise ValueError(f"sequence must be 'rows', 'tokens' or 'features', got {sequence!r}")
         self.block_size = block_size
         self.bits = check_bits(bits)
         self.sequence = sequence
         self.stochastic = bool(stochastic)
         self._fallback = ActNN(bits=bits, stochastic=stochastic, seed=self.seed + 1)
+        # Non-spatial inputs: actnn-rows, with its extra bit for sensitive inputs
+        # (at 2 bits everywhere the ViT's short-run loss was +2.3% off exact).
+        self._rows = RowActNN(
+            bits=bits, sensitive_bits=min(bits + 1, 8), stochastic=stochastic, seed=self.seed + 2
+        )
 
     def _layout(self, x: Tensor, info: SaveInfo) -> tuple[Tensor, tuple[int, ...] | None] | None:
         """View ``x`` as (N, C, *S); the permutation used, or None if no layout fits."""
@@ -66,7 +81,19 @@ class Division(Strategy):
             return x.unsqueeze(1), None
         return None
 
+    def _spatial(self, x: Tensor, info: SaveInfo) -> bool:
+        """Whether ``x`` is a map DIVISION's block means model: (N, C, *S) of a
+        channel-first op (convolution, pooling, BatchNorm) or of any op but
+        matmuls, attention and row normalizations at rank 4-5."""
+        if info.op in CHANNEL_FIRST_OPS:
+            return x.dim() >= 3
+        if info.op in LINEAR_OPS or info.op in ATTENTION_OPS or info.op in ROW_NORM_OPS:
+            return False
+        return x.dim() in (4, 5)
+
     def encode(self, x: Tensor, info: SaveInfo) -> Encoded:
+        if self.sequence == "rows" and not self._spatial(x, info):
+            return self._rows.encode(x, info)
         layout = self._layout(x, info)
         if layout is None:
             return self._fallback.encode(x, SaveInfo(info.op, info.module))
@@ -86,6 +113,7 @@ class Division(Strategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._fallback.load_state_dict({"seed": self.seed + 1})
+        self._rows.load_state_dict({"seed": self.seed + 2})
 
     def __repr__(self) -> str:
         return (

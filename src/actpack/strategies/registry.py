@@ -11,6 +11,7 @@ from actpack.strategies.base import Exact, Strategy
 from actpack.strategies.cast import Cast16
 from actpack.strategies.division import Division
 from actpack.strategies.mixed import ActNNMixed
+from actpack.strategies.rows import RowActNN
 
 _NAMED: dict[str, Any] = {
     "none": Exact,
@@ -26,9 +27,18 @@ _NAMED: dict[str, Any] = {
     "actnn-l4": lambda: ActNN(level="L4"),
     "actnn-l5": lambda: ActNN(level="L5"),
     "actnn-mixed": ActNNMixed,
+    "actnn-rows": RowActNN,
 }
 
 STRATEGY_NAMES: tuple[str, ...] = tuple(_NAMED)
+
+#: The strategy of :func:`actpack.compress`, :func:`actpack.wrap`,
+#: :func:`actpack.measure`, :func:`actpack.gradient_noise` and the CLI when
+#: none is named: ActNN with token-row groups and 3-bit matmul, attention and
+#: norm inputs.  On CNNs it codes as ``"actnn"``; on small transformers it
+#: kept 50-step losses within 1% of exact training where ``"actnn"`` did not
+#: (README, "Choosing a strategy"; BENCHMARKS.md, "Transformers").
+DEFAULT_STRATEGY = "actnn-rows"
 
 
 def resolve(strategy: str | Strategy) -> Strategy:

@@ -76,7 +76,9 @@ ALTERNATIVES = ("autocast-bf16", "checkpoint", "save_on_cpu")
 #: Attribute names of the container of a model's repeated blocks, tried in order.
 _CONTAINER_NAMES = ("stages", "blocks", "layers", "layer", "h", "encoder", "decoder")
 #: Strategies measured by default.
-DEFAULT_STRATEGIES = ("none", "fp16", "bf16", "int8", "actnn", "actnn-mixed", "division")
+DEFAULT_STRATEGIES = (
+    "none", "fp16", "bf16", "int8", "actnn", "actnn-mixed", "division", "actnn-rows",
+)  # fmt: skip
 NA_CPU = "n/a (CPU)"
 NA_GPU_ONLY = "n/a (GPU only)"
 

@@ -24,7 +24,7 @@ from actpack.tools.specs import ModelSpec, build, parse_spec
 __all__ = ["CORE_STRATEGIES", "build_parser", "format_table", "main", "report_rows"]
 
 # The report's default: one column per kind of encoding (levels are ActNN variants).
-CORE_STRATEGIES = ("none", "fp16", "bf16", "int8", "actnn", "division")
+CORE_STRATEGIES = ("none", "fp16", "bf16", "int8", "actnn", "division", "actnn-rows")
 
 REPORT_DOC = """Bytes autograd holds for backward in one training step, per model, dtype and
 strategy, counted exactly by actpack.measure, as a Markdown table.

@@ -453,7 +453,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="override the model width (resnet: base channels, vit: embedding dim)",
     )  # fmt: skip
     p.add_argument(
-        "--strategies", nargs="+", type=strategy_name, default=["none", "actnn"],
+        "--strategies", nargs="+", type=strategy_name,
+        default=["none", actpack.DEFAULT_STRATEGY],
         metavar="NAME",
         help="strategies trained one after another from the same weights and data order "
         "(any name actpack.resolve accepts: " + ", ".join(actpack.STRATEGY_NAMES) + ", ...)",
