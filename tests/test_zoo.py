@@ -54,10 +54,12 @@ RATIO = {
     # DIVISION's code can leave [-3, 3], so it keeps that input exact
     "mobilenetv3": (13.31, 4.73, 4.12),
     "unet": (12.96, 10.92, 3.92),
-    "vit": (12.59, 6.64, 3.69),
+    # transformers: fused attention's query and key stay exact (its backward
+    # recomputes softmax from them), 6-12% of the bytes
+    "vit": (5.30, 4.77, 2.79),
     # HF's gelu_new (x**3 inside) is read as the smooth GELU it computes
-    "gpt2": (14.46, 7.74, 3.99),
-    "bert": (12.92, 7.35, 3.68),
+    "gpt2": (8.18, 7.52, 3.41),
+    "bert": (6.26, 5.62, 2.96),
     "lstm": (1.10, 1.08, 1.08),
     "gru": (13.66, 7.66, 4.29),
     "conv1d": (19.10, 9.38, 5.50),
@@ -91,15 +93,16 @@ COS_NOISE_GROWTH = 1.5
 #: targets; "op statistics": the RNN cells' gate statistics kept exact.
 ALLOWED_REASONS = {
     "tiny", "integer", "op statistics", "nonlinear backward (hardswish)",
+    "attention query/key (softmax recomputed from them)",
 }  # fmt: skip
 PASSTHROUGH = {
     "resnet_bottleneck": 0.01,
     "densenet": 0.01,
     "mobilenetv3": 0.15,
     "unet": 0.03,
-    "vit": 0.03,
-    "gpt2": 0.01,
-    "bert": 0.02,
+    "vit": 0.13,
+    "gpt2": 0.07,
+    "bert": 0.10,
     "lstm": 0.95,
     "gru": 0.04,
     "conv1d": 0.01,
@@ -510,7 +513,7 @@ def test_wrap_and_measure(name):
 
 #: Ratios measured under CPU bf16 autocast with "actnn" (saved activations are
 #: bf16, so the ceiling halves), as exact-run baseline over compressed bytes.
-BF16_RATIO = {"gpt2": 8.60, "bert": 8.30}
+BF16_RATIO = {"gpt2": 6.34, "bert": 5.69}
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bert"])

@@ -21,6 +21,7 @@ def compress(
     model: nn.Module | None = None,
     min_numel: int = DEFAULT_MIN_NUMEL,
     checkpoint_inputs: str = "exact",
+    smooth: str = "code",
 ) -> Engine:
     """Context manager: compress every tensor autograd saves inside it.
 
@@ -50,12 +51,16 @@ def compress(
             ``"int8"`` to store the inputs ``torch.utils.checkpoint`` keeps
             to recompute from in that form.  Approximate: the recomputed
             block sees the rounded input, which biases its gradients.
+        smooth: ``"code"`` (default) codes the inputs of ops whose backward
+            is a smooth function of them (normalization, GELU/SiLU/tanh,
+            softmax, attention values), leaving a second-order bias;
+            ``"exact"`` keeps them exact (more memory, no such bias).
 
     Returns the engine; its ``stats`` hold the bytes saved for backward.
 
     Raises:
-        ValueError: an unknown strategy name, a negative ``min_numel`` or an
-            unknown ``checkpoint_inputs``.
+        ValueError: an unknown strategy name, a negative ``min_numel``, an
+            unknown ``checkpoint_inputs`` or ``smooth``.
 
     Warns once per engine when entered inside other saved-tensor hooks
     (``save_on_cpu``: only the innermost hooks run) and when a compiled
@@ -68,7 +73,13 @@ def compress(
         loss.backward()
         print(ctx.stats.ratio)
     """
-    return Engine(strategy, model=model, min_numel=min_numel, checkpoint_inputs=checkpoint_inputs)
+    return Engine(
+        strategy,
+        model=model,
+        min_numel=min_numel,
+        checkpoint_inputs=checkpoint_inputs,
+        smooth=smooth,
+    )
 
 
 _ATTR = "_actpack_engine"
@@ -129,6 +140,7 @@ def wrap(
     min_numel: int = DEFAULT_MIN_NUMEL,
     track_modules: bool = False,
     checkpoint_inputs: str = "exact",
+    smooth: str = "code",
 ) -> nn.Module:
     """Make every forward of ``model`` run under :func:`compress`.
 
@@ -141,7 +153,7 @@ def wrap(
 
     Args:
         model: the module to wrap.
-        strategy, min_numel, checkpoint_inputs: as in :func:`compress`.
+        strategy, min_numel, checkpoint_inputs, smooth: as in :func:`compress`.
         track_modules: attribute bytes to submodules in ``engine_of(model).stats``.
 
     Raises:
@@ -164,6 +176,7 @@ def wrap(
         min_numel=min_numel,
         track_modules=track_modules,
         checkpoint_inputs=checkpoint_inputs,
+        smooth=smooth,
     )
     _warn_if_compiled_before(model)
     object.__setattr__(model, _ATTR, engine)

@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from actpack.policy.decide import Facts
-from actpack.policy.ops import SMOOTH_COMPOSITES
+from actpack.policy.ops import ATTENTION_LOGIT_OPS, SMOOTH_COMPOSITES
 from actpack.policy.rules import ReluOutput
 
 aten = torch.ops.aten
@@ -297,6 +297,29 @@ def _derived_nonlinear_read(node: fx.Node, bw_graph: fx.Graph, limit: int = 4000
     return None
 
 
+def _is_view_of(arg: object, node: fx.Node, depth: int = 4) -> bool:
+    """Whether ``arg`` is ``node`` or reached from it through view-like ops."""
+    while isinstance(arg, fx.Node) and depth >= 0:
+        if arg is node:
+            return True
+        if op_name(arg) not in _THROUGH or not arg.args:
+            return False
+        arg, depth = arg.args[0], depth - 1
+    return False
+
+
+def _attention_logit_input(node: fx.Node, readers: list[fx.Node]) -> str | None:
+    """The fused attention op taking ``node`` as its query or key, if any: its
+    backward recomputes the probabilities from them (see the eager engine's
+    rule of the same name); ``node`` then stays exact."""
+    for user in (*_forward_users(node), *readers):
+        name = op_name(user)
+        base = name.removesuffix("_backward")
+        if base in ATTENTION_LOGIT_OPS and any(_is_view_of(a, node) for a in user.args[:2]):
+            return base
+    return None
+
+
 def _offset_bits(node: fx.Node, readers: list[fx.Node]) -> int | None:
     for reader in readers:
         if op_name(reader) == _POOL_OFFSETS and len(reader.args) > 1:
@@ -412,6 +435,10 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
         reader = _region_reader(node, readers)
         if reader is not None:
             declined = f"region read by {reader} (no compiled region form)"
+    if declined is None and val.is_floating_point() and not statistic:
+        attention = _attention_logit_input(node, readers)
+        if attention is not None:
+            declined = f"attention query/key ({attention} recomputes softmax from them)"
     if declined is None and val.is_floating_point() and not statistic:
         reader = _derived_nonlinear_read(node, bw_graph)
         if reader is not None:

@@ -80,3 +80,12 @@ SMOOTH_COMPOSITES: dict[tuple[str, str], str] = {
     ("transformers.activations", "QuickGELUActivation"): "gelu",
     ("transformers.activations", "MishActivation"): "mish",
 }
+
+#: Fused attention ops whose backward recomputes the probabilities from the
+#: saved query and key and an exact logsumexp: their q and k stay exact (a
+#: code's noise would enter an exponent); eager and aten names.
+ATTENTION_LOGIT_OPS = frozenset(
+    {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable"}
+)  # fmt: skip
