@@ -261,9 +261,7 @@ def _derived_nonlinear_read(node: fx.Node, bw_graph: fx.Graph, limit: int = 4000
             break
     if start is None:
         return None
-    # Derived values, and whether each is elementwise in the save (True) or a
-    # reduction of it (False).
-    derived: dict[fx.Node, bool] = {start: True}
+    derived = {start}
     queue = [start]
     seen = 0
     while queue:
@@ -273,7 +271,6 @@ def _derived_nonlinear_read(node: fx.Node, bw_graph: fx.Graph, limit: int = 4000
             if seen > limit:
                 return "backward too large to follow"
             name = op_name(user)
-            args = [a for a in user.args if isinstance(a, fx.Node)]
             if name == "threshold_backward":
                 # (grad, self, threshold): a derived grad is read linearly;
                 # comparing a *recomputed* self reads a region.
@@ -283,12 +280,10 @@ def _derived_nonlinear_read(node: fx.Node, bw_graph: fx.Graph, limit: int = 4000
             if name in _DERIVED_END:
                 continue
             if name in _DERIVED_THROUGH:
-                full = [a for a in args if derived.get(a)]
                 if name == "where" and user.args and user.args[0] in derived:
                     return "where on the save"
-                is_full = bool(full) and name not in ("sum", "mean")
-                if user not in derived or (is_full and not derived[user]):
-                    derived[user] = is_full
+                if user not in derived:
+                    derived.add(user)
                     queue.append(user)
                 continue
             if current is start and name in _ALL_COMPARISONS:
