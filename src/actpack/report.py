@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from actpack.engine.accounting import bits_per_element, compression_ratio
+
 __all__ = ["Report"]
 
 
@@ -76,14 +78,12 @@ class Report:
     @property
     def ratio(self) -> float:
         """``baseline_bytes / compressed_bytes`` (``inf`` when nothing is held)."""
-        return (
-            self.baseline_bytes / self.compressed_bytes if self.compressed_bytes else float("inf")
-        )
+        return compression_ratio(self.baseline_bytes, self.compressed_bytes)
 
     @property
     def bits_per_element(self) -> float:
         """Compressed bits per element autograd would have held."""
-        return 8 * self.compressed_bytes / self.baseline_elements if self.baseline_elements else 0.0
+        return bits_per_element(self.compressed_bytes, self.baseline_elements)
 
     def format(self, top: int = 10) -> str:
         """The summary ``str(report)`` prints, with the ``top`` largest modules and ops."""

@@ -10,6 +10,16 @@ import torch
 from torch import Tensor
 
 
+def compression_ratio(baseline_bytes: int, compressed_bytes: int) -> float:
+    """``baseline_bytes / compressed_bytes``; ``inf`` when nothing is held."""
+    return baseline_bytes / compressed_bytes if compressed_bytes else float("inf")
+
+
+def bits_per_element(compressed_bytes: int, elements: int) -> float:
+    """Compressed bits per element autograd would have held (0 for no elements)."""
+    return 8 * compressed_bytes / elements if elements else 0.0
+
+
 @dataclass
 class Stats:
     """Bytes held for backward, without actpack (baseline) and with it.
@@ -39,13 +49,11 @@ class Stats:
 
     @property
     def ratio(self) -> float:
-        return (
-            self.baseline_bytes / self.compressed_bytes if self.compressed_bytes else float("inf")
-        )
+        return compression_ratio(self.baseline_bytes, self.compressed_bytes)
 
     @property
     def bits_per_element(self) -> float:
-        return 8 * self.compressed_bytes / self.baseline_elements if self.baseline_elements else 0.0
+        return bits_per_element(self.compressed_bytes, self.baseline_elements)
 
     def add(
         self, module: str | None, op: str | None, before: int, after: int, elements: int = 0
