@@ -206,6 +206,54 @@ def test_groups_stochastic_generator_semantics():
     assert_generator_semantics(cgq, "cpu")
 
 
+def _same_draws(encode, x, layouts):
+    """Stochastic codes (a GroupCode) of ``x`` in several memory layouts, one key
+    each time: the noise of an element is a function of its logical index, so
+    the codes must be identical whatever the layout and whichever compiled
+    body ran."""
+    assert all(lay.shape == x.shape and torch.equal(lay, x) for lay in layouts)
+    assert len({lay.stride() for lay in layouts}) == len(layouts)
+    codes = [encode(lay, torch.Generator().manual_seed(7)) for lay in layouts]
+    for other in codes[1:]:
+        same(other.packed, codes[0].packed)
+    return codes[0]
+
+
+@pytest.mark.parametrize(("shape", "gs"), [((6, 512), 256), ((3, 300), 256), ((2, 1024), 128)])
+def test_groups_stochastic_codes_independent_of_layout(shape, gs):
+    """(rows, whole groups) contiguous runs the grouped body, other layouts and
+    tail groups the padded body: the same counter, so the same codes."""
+    x = torch.randn(shape)
+    layouts = [x, x.t().contiguous().t(), torch.cat([x, x], 1)[:, : shape[1]]]
+
+    def encode(lay, gen):
+        return cgq.quantize_groups(lay, 2, gs, generator=gen)
+
+    got = _same_draws(encode, x, layouts)
+    same(got.lo, cgq.quantize_groups(x, 2, gs, stochastic=False).lo)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("shape", [(4, 512), (3, 300)])
+def test_groups_stochastic_nonfinite_classes(bits, shape):
+    """Under stochastic rounding too (the classes are written after the compiled
+    body): poisoned groups decode to the reference's values exactly, the
+    others stay within one step of x."""
+    x = torch.randn(shape) * 3
+    x[0, 3], x[0, 9], x[0, 200] = float("nan"), float("inf"), -float("inf")
+    x[2, -1] = float("inf")  # the last group (a tail group for 300 columns)
+    gen = torch.Generator().manual_seed(3)
+    got = cgq.quantize_groups(x, bits, 256, generator=gen)
+    want = rgq.quantize_groups(x, bits, 256, stochastic=False)
+    y, y_ref = cgq.dequantize_groups(got), rgq.dequantize_groups(want)
+    poisoned = torch.isnan(want.lo).repeat_interleave(256, 1)[:, : shape[1]]
+    assert torch.equal(torch.isnan(got.lo), torch.isnan(want.lo))
+    same(y[poisoned], y_ref[poisoned])
+    step = ((want.hi.float() - want.lo.float()) / ((1 << bits) - 1)).repeat_interleave(256, 1)
+    err = (y - x).abs()[~poisoned]
+    assert (err <= step[:, : shape[1]][~poisoned] * (1 + 1e-6)).all()
+
+
 # --------------------------------------------------------------------------------------
 # DIVISION
 # --------------------------------------------------------------------------------------
@@ -266,6 +314,34 @@ def test_division_stochastic_unbiased():
 
 def test_division_stochastic_matches_reference():
     assert_division_matches_reference(cdiv, "cpu")
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 16, 16), (2, 5, 9, 6), (2, 3, 40), (1, 2, 4, 6, 5)])
+def test_division_stochastic_codes_independent_of_layout(shape):
+    """The noise index is the element's row-major index whatever dimension is
+    innermost in memory (channels-last, permuted tokens): identical codes."""
+    x = torch.randn(shape)
+    perm = [0, *range(2, len(shape)), 1]  # channels innermost in memory
+    inv = [perm.index(d) for d in range(len(shape))]
+    layouts = [x, x.permute(perm).contiguous().permute(inv)]
+
+    def encode(lay, gen):
+        return cdiv.division_encode(lay, 4, 2, generator=gen).hfc
+
+    _same_draws(encode, x, layouts)
+
+
+def test_division_stochastic_nonfinite_rows():
+    """Stochastic DIVISION keeps poisoned rows' classes (written after the body)."""
+    x = torch.randn(2, 3, 8, 8)
+    x[0, 1, 2, 3], x[1, 2, 0, 0] = float("nan"), -float("inf")
+    got = cdiv.division_encode(x, 4, 2, generator=torch.Generator().manual_seed(1))
+    y = cdiv.division_decode(got)
+    assert torch.isnan(y[0, 1]).all() and y[1, 2, 0, 0] == -float("inf")
+    assert torch.isnan(y[1, 2]).sum() == 63
+    keep = torch.ones(2, 3, dtype=torch.bool)
+    keep[0, 1] = keep[1, 2] = False
+    assert torch.isfinite(y[keep]).all()
 
 
 # --------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from actpack.codecs import counter_noise, traceable
+from actpack.codecs.compiled import build
 
 
 def _check_uniform(u: torch.Tensor) -> None:
@@ -69,3 +70,31 @@ def test_key_is_checked():
     for bad in (torch.tensor(3), torch.zeros(2), torch.zeros(3, dtype=torch.int64)):
         with pytest.raises(ValueError, match="random_key"):
             traceable.hash_uniform(8, bad)
+
+
+@pytest.mark.parametrize("start", [0, 2**31 - 2**18])
+def test_int32_index_gives_the_int64_values(start):
+    """The 32-bit-lane form draws exactly the int64 form's values, up to the
+    largest int32 index (where every product and shift wraps)."""
+    key = counter_noise.random_key(torch.Generator().manual_seed(5))
+    idx = torch.arange(start, start + 2**18)
+    want = counter_noise.uniform(idx, key)
+    assert torch.equal(counter_noise.uniform(idx.to(torch.int32), key), want)
+    assert torch.equal(counter_noise.uniform(idx.to(torch.int32), key.to(torch.int32)), want)
+
+
+@pytest.mark.parametrize("n", [1, 15, 17, 1000, 4099])
+def test_int32_index_compiled_by_inductor_gives_the_int64_values(n):
+    """Inductor's C++ (vector loops and their masked tails) computes the int32
+    form's wrapping products as ATen does: same values as the int64 form."""
+    key = counter_noise.random_key(torch.Generator().manual_seed(6))
+
+    def draw(start: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        idx = torch.arange(n, dtype=torch.int32) + start
+        return counter_noise.uniform(idx, k)
+
+    with build._quiet_torch():  # torch's own deprecation notices while it compiles
+        compiled = torch.compile(draw, backend="inductor", fullgraph=True)
+        got = compiled(torch.tensor(2**31 - n, dtype=torch.int32), key)
+    want = counter_noise.uniform(torch.arange(2**31 - n, 2**31), key)
+    assert torch.equal(got, want)

@@ -18,11 +18,14 @@ full avalanche: two xorshift-multiply rounds and a final xorshift), with
 input and ``key[1]`` between its rounds.  For a fixed index, ``u`` is exactly uniform on the
 2**-24 grid of [0, 1) over a uniformly random key (every step after
 ``index ^ key[0]`` is a bijection), which is what unbiased rounding needs;
-neighbouring indices are decorrelated by the avalanche.  Products stay
-within int64 (a multiplier of 2**31 or more is applied as its negative
-32-bit equivalent), so no step relies on signed overflow, which is undefined
-in the C++ Inductor emits; and the hash stays under Inductor's CPU limit for
-inlining (50 ops), so it is computed inside the quantization loop.
+neighbouring indices are decorrelated by the avalanche.  With an int64
+index, products stay within int64 (a multiplier of 2**31 or more is applied
+as its negative 32-bit equivalent), so no step relies on signed overflow,
+which is undefined in scalar C++; an int32 index (the fused CPU encoders,
+below 2**31 elements) computes the same values with wrapping 32-bit
+products, twice the vector width (see :func:`_uniform_int32`).  The hash
+stays under Inductor's CPU limit for inlining (50 ops), so it is computed
+inside the quantization loop.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_key", "random_key", "uniform"]
+__all__ = ["check_key", "int32_key", "random_key", "uniform"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -59,16 +62,22 @@ def check_key(key: Tensor) -> None:
 
 
 def uniform(index: Tensor, key: Tensor, *, below_2_32: bool = False) -> Tensor:
-    """float32 values in [0, 1), one per element of the int64 ``index`` (any shape).
+    """float32 values in [0, 1), one per element of the integer ``index`` (any shape).
 
-    ``below_2_32=True`` promises every index is below 2**32 and skips hashing
-    the high word (four integer ops per element, ~10% of a fused 2-bit encode).
+    ``index``: int64, or int32 with every index in [0, 2**31).  An int32
+    index computes the same values in 32-bit lanes (:func:`_uniform_int32`):
+    twice as many per vector as int64 and no 64-bit multiply, 1.7x faster in
+    the fused CPU encoders.
+    ``below_2_32=True`` promises every int64 index is below 2**32 and skips
+    hashing the high word (four integer ops per element, ~10% of a fused 2-bit encode).
 
     ``key``: an integer tensor of shape (2,), two uniformly random 32-bit
     words (:func:`random_key`; only their low 32 bits are read; not checked
     here, see :func:`check_key`).  24 random bits per value, every value
     exactly representable in float32; a function of (index, key) only.
     """
+    if index.dtype == torch.int32:
+        return _uniform_int32(index, key)
     k = key.to(torch.int64) & _MASK32
     # The high word enters scrambled (a constant XOR into the low word would
     # only shift u by a constant after the avalanche's last round).
@@ -80,3 +89,36 @@ def uniform(index: Tensor, key: Tensor, *, below_2_32: bool = False) -> Tensor:
     h = _mul32(h, 0x846CA68B)
     h = h ^ (h >> 16)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def int32_key(key: Tensor) -> Tensor:
+    """``key`` as int32 words with the same low 32 bits (for an int32 index:
+    converted once, outside a compiled loop, rather than in every iteration)."""
+    k = key.to(torch.int64) & _MASK32
+    return torch.where(k >= 1 << 31, k - (1 << 32), k).to(torch.int32)
+
+
+def _signed32(c: int) -> int:
+    """The int32 value with the bit pattern of ``c`` in [0, 2**32)."""
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+def _uniform_int32(index: Tensor, key: Tensor) -> Tensor:
+    """:func:`uniform` for an int32 ``index`` in [0, 2**31): the same values.
+
+    Every step acts on the 32-bit patterns: XOR and masks are the same on
+    int32, a logical right shift is the arithmetic shift masked to the
+    remaining bits, and a product modulo 2**32 is the int32 product, which
+    wraps in two's complement in ATen's CPU and CUDA kernels, in Triton, and
+    in the AVX/AVX-512 ``mullo`` instructions of Inductor's vectorised CPU
+    loops.  (A scalar C++ loop of Inductor would rely on signed overflow;
+    ``tests/test_counter_noise.py`` checks the compiled values against the
+    int64 form, awkward sizes included.)
+    """
+    k = key if key.dtype == torch.int32 else int32_key(key)
+    h = index ^ k[0]
+    h = (h ^ ((h >> 16) & 0xFFFF)) * _signed32(0x7FEB352D)
+    h = h ^ ((h >> 15) & 0x1FFFF) ^ k[1]
+    h = h * _signed32(0x846CA68B)
+    h = h ^ ((h >> 16) & 0xFFFF)
+    return ((h >> 8) & 0xFFFFFF).to(torch.float32) * (1.0 / (1 << 24))

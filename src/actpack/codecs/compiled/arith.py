@@ -15,14 +15,18 @@ every step in it does, so
 * ``levels`` is a 0-d float32 tensor, not a constant, so one compiled body
   serves every bit width from 2 to 8.
 
-Group ranges are returned from the compiled bodies rather than kept inside:
-Inductor stores an output once, but recomputes an inner value in every
-iteration of the loop that reads it.
+Group ranges and scales are returned from the compiled bodies rather than
+kept inside: Inductor stores an output once, but recomputes an inner value
+in every iteration of the loop that reads it.  The classes of poisoned
+groups (non-finite values) are written eagerly after the body, on those
+groups alone (:func:`fix_poisoned_codes_`): tested per element inside the
+loop they cost a quarter of a 2-bit encode.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -31,12 +35,17 @@ from actpack.codecs.groupquant import _round_out, _scale
 
 __all__ = [
     "canonical_nan_",
+    "class_codes",
+    "all_finite",
     "dequantize_values",
+    "extremes_ranges",
     "finish_ranges_",
-    "group_codes",
+    "fix_poisoned_codes_",
     "group_ranges",
+    "group_scale",
     "poisoned_values",
     "round_out",
+    "value_codes",
 ]
 
 
@@ -70,41 +79,92 @@ def round_out(v: Tensor, meta: torch.dtype, down: bool) -> Tensor:
 def group_ranges(g: Tensor, meta: torch.dtype, zero_exact: bool, dims=(-1,)):
     """(lo, hi, poisoned) of float32 ``g`` reduced over ``dims`` (kept, size 1).
 
-    The reference's statistics: lo/hi in ``meta``, rounded outwards, not yet
-    marked poisoned (:func:`finish_ranges_`).
+    The reference's statistics for every group whose values are all finite:
+    lo/hi in ``meta``, rounded outwards, not yet marked poisoned
+    (:func:`finish_ranges_`); the sign of a zero bound may differ (either
+    decodes alike).  A poisoned group's lo/hi are left undefined here (NaN
+    or infinite): :func:`finish_ranges_` overwrites them.  (Masking
+    non-finite values out first, as the reference does, cost 10% of a 2-bit
+    encode.)
     """
-    finite = g.abs() < math.inf
-    poisoned = ~finite.all(dim=dims, keepdim=True)
-    g = torch.where(finite, g, 0.0)
+    gmax = g.amax(dim=dims, keepdim=True)
+    gmin = g.amin(dim=dims, keepdim=True)
     if zero_exact:
+        poisoned = ~all_finite(gmin, gmax)
         gmin = torch.where(g > 0, g, math.inf).amin(dim=dims, keepdim=True)
         gmin = torch.where(gmin < math.inf, gmin, 0.0)  # no positive value
-    else:
-        gmin = g.amin(dim=dims, keepdim=True)
-    gmax = g.amax(dim=dims, keepdim=True)
+        return round_out(gmin, meta, down=True), round_out(gmax, meta, down=False), poisoned
+    return extremes_ranges(gmin, gmax, meta)
+
+
+def all_finite(gmin: Tensor, gmax: Tensor) -> Tensor:
+    """Whether a group whose plain ``amin``/``amax`` are these is all finite:
+    both propagate NaN, and an infinity is an extreme."""
+    return (gmax.abs() < math.inf) & (gmin.abs() < math.inf)
+
+
+def extremes_ranges(gmin: Tensor, gmax: Tensor, meta: torch.dtype):
+    """:func:`group_ranges` from a group's plain ``amin``/``amax``."""
+    poisoned = ~all_finite(gmin, gmax)
     return round_out(gmin, meta, down=True), round_out(gmax, meta, down=False), poisoned
 
 
-def group_codes(g, lo, hi, poisoned, u, levels: Tensor, wide: bool, zero_exact: bool) -> Tensor:
-    """uint8 codes of float32 ``g`` against its group's grid (classes if poisoned).
+def group_scale(lo: Tensor, hi: Tensor, poisoned: Tensor, levels: Tensor):
+    """Per-group ``(k, lok, step)`` of the reference's ``_scale``; ``step`` is 0
+    in a poisoned group, whose codes :func:`value_codes` then leaves at 0.
 
-    ``u``: the rounding offset (0.5, or uniform noise); ``wide``: bits >= 2
-    (classes NaN/+Inf/-Inf, else one non-finite class).
+    The compiled bodies return these as outputs: Inductor stores an output
+    once, where it would recompute an inner per-group value (two divisions)
+    in every vector iteration of the loop over the group's elements.
     """
     k, lok, step = _scale(lo.float(), hi.float(), levels)
-    finite = g.abs() < math.inf
-    v = torch.where(finite, g, 0.0)
+    return k, lok, torch.where(poisoned, 0.0, step)
+
+
+def value_codes(g, k, lok, step, u, levels: Tensor, zero_exact: bool) -> Tensor:
+    """uint8 codes of float32 ``g`` against its group's grid; 0 where ``step``
+    is 0 (a constant or poisoned group: :func:`fix_poisoned_codes_` writes the
+    poisoned groups' classes afterwards).
+
+    ``u``: the rounding offset (0.5, or uniform noise).  The per-element work
+    is the reference's formula and nothing else: non-finite values occur only
+    in poisoned groups, so no per-element class or finiteness test is needed.
+    """
     # Divide rather than multiply by 1/step: a subnormal step would make 1/step Inf.
-    t = torch.where(step > 0, (v * k - lok) / step, 0.0)
-    q = torch.minimum(torch.floor(t + u).clamp_min(0), levels)
+    t = torch.where(step > 0, (g * k - lok) / step, 0.0)
+    # Clamped with comparisons: t is never NaN here, and torch.minimum/maximum
+    # would add NaN propagation (4 instructions per vector each).  Below 0 and
+    # above ``levels`` happen where a range saturated at the meta dtype's maximum.
+    f = torch.floor(t + u)
+    q = torch.where(f > levels, levels, torch.where(f < 0, 0.0, f))
     if zero_exact:
-        q = torch.where(v > 0, q + 1, 0.0)
-    if wide:  # 1 NaN, 2 +Inf, 3 -Inf
-        cls = torch.where(g != g, 1.0, torch.where(g > 0, 2.0, 3.0))
+        q = torch.where(g > 0, q + 1, 0.0)
+    return q.to(torch.uint8)
+
+
+def class_codes(g: Tensor, wide: bool) -> Tensor:
+    """uint8 classes of a poisoned group's float32 values ``g``: 0 finite, then
+    (``wide``, bits >= 2) 1 NaN, 2 +Inf, 3 -Inf, or 1 for any non-finite."""
+    finite = torch.isfinite(g)
+    if wide:
+        cls = torch.where(torch.isnan(g), 1, torch.where(g > 0, 2, 3))
     else:
-        cls = torch.ones_like(g)
-    cls = torch.where(finite, 0.0, cls)
-    return torch.where(poisoned, cls, q).to(torch.uint8)
+        cls = torch.ones_like(g, dtype=torch.int64)
+    return torch.where(finite, 0, cls).to(torch.uint8)
+
+
+def fix_poisoned_codes_(
+    codes: Tensor, groups_of: Callable[[Tensor], Tensor], poisoned: Tensor, wide: bool
+) -> None:
+    """Write the classes of the poisoned groups into ``codes`` in place.
+
+    Eager, after the compiled body, on the poisoned groups alone (rare: a
+    non-finite activation); ``poisoned`` is a bool tensor over the leading
+    dimensions of ``codes``, ``groups_of(mask)`` returns the float32 values of
+    the groups it selects, shaped like ``codes[mask]``.
+    """
+    if bool(poisoned.any()):
+        codes[poisoned] = class_codes(groups_of(poisoned), wide)
 
 
 def dequantize_values(q, lo, hi, levels: Tensor, zero_exact: bool) -> Tensor:

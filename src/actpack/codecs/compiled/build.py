@@ -101,6 +101,9 @@ def _quiet_torch() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        # Inductor's note that a fused loop mixes bfloat16 and float16 (a
+        # float16 input with bfloat16 group ranges): informational.
+        warnings.filterwarnings("ignore", "bf16 and fp16 are mixed", UserWarning)
         yield
 
 

@@ -10,10 +10,12 @@ summation order, so the same bfloat16 means), run on the input in its own
 dtype when that is float32 or bfloat16: ATen accumulates bfloat16 in float32
 and rounds the mean once, which is what the reference's float32 pool followed
 by a bfloat16 cast computes.  The compiled body keeps the (N, C, *S) layout
-and ``x``'s strides, reads ``x`` twice (the row statistics of the residual
-and, for rows whose residual is not finite, of ``x`` itself, in one loop;
-then the codes) and never materialises the upsampled LFC except along the
-innermost dimension (:func:`spread`).
+and ``x``'s strides, reads ``x`` three times (the row extremes of the
+residual; those of ``x`` itself, for rows whose residual is not finite;
+then the codes: Inductor does not fuse the first two, whose loops differ)
+and never materialises the upsampled LFC except along the innermost
+dimension (:func:`spread`).  Poisoned rows get their classes afterwards, as
+in :mod:`~actpack.codecs.compiled.groupquant`.
 
 Falls back to the reference for invalid arguments, empty tensors, input
 dtypes other than float32/float16/bfloat16/float64, decode dtypes other than
@@ -32,17 +34,20 @@ from torch import Tensor
 from actpack.codecs import division as ref
 from actpack.codecs.compiled import build
 from actpack.codecs.compiled.arith import (
+    all_finite,
     canonical_nan_,
     dequantize_values,
+    extremes_ranges,
     finish_ranges_,
-    group_codes,
-    group_ranges,
+    fix_poisoned_codes_,
+    group_scale,
     poisoned_values,
+    value_codes,
 )
 from actpack.codecs.compiled.bits import pack_codes, unpack_codes
 from actpack.codecs.compiled.build import MAX_NUMEL
 from actpack.codecs.compiled.groupquant import _FLOATS, levels_tensor
-from actpack.codecs.counter_noise import random_key, uniform
+from actpack.codecs.counter_noise import int32_key, random_key, uniform
 from actpack.codecs.division import DivisionCode, _upsample
 from actpack.codecs.groupquant import GroupCode
 
@@ -89,21 +94,36 @@ def _upsampled(spread_lfc: Tensor, block: tuple[int, ...] | None, spatial) -> Te
     return _upsample(spread_lfc.float(), block, spatial)
 
 
-def _encoder(wide: bool, stochastic: bool, block: tuple[int, ...] | None, dtype: torch.dtype):
-    def encode_division(x: Tensor, lfc: Tensor, spread_lfc: Tensor, seed: Tensor, levels):
+def _encoder(wide: bool, stochastic: bool, block, dtype: torch.dtype, index, inner: int):
+    def encode_division(x: Tensor, lfc: Tensor, spread_lfc: Tensor, seed: Tensor, levels, lane):
+        # ``lane``: the flat (row-major) index offsets along ``inner``, x's
+        # innermost dimension in memory, as a tensor: Inductor would build an
+        # ``arange`` along the vectorised dimension lane by lane.
         dims = tuple(range(2, x.dim()))
         xf = x.float()
         resid = xf - _upsampled(spread_lfc, block, x.shape[2:])
-        # A row whose residual is not finite stores LFC = 0 and quantizes x itself.
-        ok = (resid.abs() < math.inf).all(dim=dims, keepdim=True)
+        # One pass for the extremes of the residual and of x: a row whose
+        # residual is not finite stores LFC = 0 and quantizes x itself.
+        ok = all_finite(resid.amin(dim=dims, keepdim=True), resid.amax(dim=dims, keepdim=True))
+        rmin, rmax = resid.amin(dim=dims, keepdim=True), resid.amax(dim=dims, keepdim=True)
+        xmin, xmax = xf.amin(dim=dims, keepdim=True), xf.amax(dim=dims, keepdim=True)
+        lo, hi, poisoned = extremes_ranges(
+            torch.where(ok, rmin, xmin), torch.where(ok, rmax, xmax), torch.bfloat16
+        )
         rows = torch.where(ok, resid, xf)
-        lo, hi, poisoned = group_ranges(rows, torch.bfloat16, False, dims)
+        k, lok, step = group_scale(lo, hi, poisoned, levels)
         u = 0.5
         if stochastic:
-            index = torch.arange(x.numel(), device=x.device).view(x.shape)
-            u = uniform(index, seed, below_2_32=True)  # numel < MAX_NUMEL
-        codes = group_codes(rows, lo, hi, poisoned, u, levels, wide, False)
-        return torch.where(ok, lfc, 0.0), codes, lo, hi, poisoned
+            flat = lane.view([-1 if d == inner else 1 for d in range(x.dim())])
+            for d in range(x.dim()):
+                if d != inner:
+                    step_d = math.prod(x.shape[d + 1 :])  # row-major stride of dim d
+                    along = torch.arange(x.shape[d], device=x.device, dtype=index) * step_d
+                    flat = flat + along.view([-1 if e == d else 1 for e in range(x.dim())])
+            u = uniform(flat, seed, below_2_32=True)  # numel < MAX_NUMEL
+        codes = value_codes(rows, k, lok, step, u, levels, False)
+        # k, lok, step: returned so that they are stored once (see group_scale).
+        return torch.where(ok, lfc, 0.0), codes, lo, hi, poisoned, k, lok, step
 
     return encode_division
 
@@ -173,11 +193,22 @@ def division_encode(
         else:
             view = x
             spread_lfc, rest = spread(lfc, eff, shape, _innermost(x))
-        key = (bits >= 2, bool(stochastic), rest, x.dtype)
-        out = build.run(_encoder, key, (view, lfc, spread_lfc, seed, levels_tensor(bits, False)))
+        # 32-bit noise lanes where every flat index fits (see counter_noise.uniform).
+        index = torch.int32 if x.numel() < 2**31 else torch.int64
+        inner = _innermost(view)
+        lane = torch.arange(view.shape[inner], device=x.device, dtype=index)
+        lane = lane * math.prod(view.shape[inner + 1 :])  # row-major stride of ``inner``
+        key = (bits >= 2, bool(stochastic), rest, x.dtype, index, inner)
+        if index == torch.int32:
+            seed = int32_key(seed)
+        args = (view, lfc, spread_lfc, seed, levels_tensor(bits, False), lane)
+        out = build.run(_encoder, key, args)
         if out is None:
             return reference()
-        lfc, codes, lo, hi, poisoned = out
+        lfc, codes, lo, hi, poisoned = out[:5]
+        # A poisoned row's residual is not finite, so its codes classify x itself.
+        mask = poisoned.view(shape[0], shape[1])
+        fix_poisoned_codes_(codes, lambda m: view[m].float(), mask, bits >= 2)
         if rows is not None:
             lfc = lfc.view(shape[0], shape[1], *[1] * len(eff))
         packed = pack_codes(codes, bits)
