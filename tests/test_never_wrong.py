@@ -1520,6 +1520,176 @@ class TestAttentionQueryKeyHalf:
         assert coded < 2 * (2 * 2 * 64 * 32) * 2.2 / 8
 
 
+class _MHA(nn.Module):
+    """nn.MultiheadAttention called as a layer would call it."""
+
+    def __init__(self, need_weights, batch_first, cross, padded):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(64, 4, batch_first=batch_first)
+        with torch.no_grad():
+            self.attn.in_proj_weight.mul_(3.0)  # logit std ~3
+        self.need_weights, self.batch_first, self.cross = need_weights, batch_first, cross
+        self.mask = None
+        if padded:
+            self.mask = torch.zeros(2, 48 if cross else 64, dtype=torch.bool)
+            self.mask[0, -8:] = True  # the last 8 keys of sample 0 are padding
+
+    def forward(self, x, memory):
+        kv = memory if self.cross else x
+        if not self.batch_first:
+            x, kv = x.transpose(0, 1), kv.transpose(0, 1)
+        out = self.attn(x, kv, kv, key_padding_mask=self.mask, need_weights=self.need_weights)[0]
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+_MHA_CASES = [  # need_weights, batch_first, cross-attention, key_padding_mask
+    (False, True, False, False),
+    (False, False, False, True),
+    (False, True, True, False),
+    (False, False, True, True),
+    (True, True, False, False),
+    (True, False, True, True),
+]
+
+
+class TestMultiheadAttentionQueryKey:
+    """Inside nn.MultiheadAttention (one call to the op tracker) only the
+    heads' q and k take the fp16 form, found as the function's locals when
+    it hands them to fused attention (need_weights=False); its values and
+    output keep the strategy's code.  With need_weights=True it runs bmm +
+    softmax + bmm, which recompute nothing: q and k are coded like any
+    matmul input."""
+
+    @pytest.mark.parametrize("case", _MHA_CASES)
+    def test_only_query_and_key_take_fp16(self, case, monkeypatch):
+        from actpack.policy.decide import LOGITS_HALF
+
+        need_weights, batch_first, cross, padded = case
+        torch.manual_seed(0)
+        model = _MHA(*case)
+        x, memory = torch.randn(2, 64, 64), torch.randn(2, 48, 64)
+        exact = _recorded(model, model, (x, memory), _Null(), monkeypatch)
+        engine = actpack.compress(_ExactCode())
+        got = _recorded(model, model, (x, memory), engine, monkeypatch)
+        if need_weights:
+            assert not exact and not engine.stats.forms  # no fused attention
+            grads = _grads(_Lambda(lambda x: model(x, memory), model), x, engine)
+            plain = _grads(_Lambda(lambda x: model(x, memory), model), x, _Null())
+            assert all(torch.equal(a, b) for a, b in zip(grads, plain))
+        else:
+            assert len(exact) == len(got) == 1
+            assert engine.stats.forms[LOGITS_HALF][1] == _half_bytes(exact[0])
+            _assert_within(got[0], exact[0])
+        # Under a lossy strategy v, the output and the products of the
+        # need_weights path are coded: nothing of attention passes through.
+        engine = actpack.compress("actnn")
+        _grads(_Lambda(lambda x: model(x, memory), model), x, engine)
+        stats = engine.stats
+        assert not any("attention" in reason for reason in stats.passthrough), stats.passthrough
+        half = stats.forms.get(LOGITS_HALF, [0, 0])[1]
+        assert half == (0 if need_weights else _half_bytes(exact[0]))
+        held = stats.compressed_bytes - half - sum(stats.passthrough.values())
+        n_q, n_kv = 2 * 64 * 64, 2 * (48 if cross else 64) * 64
+        if not need_weights:  # v, the output and the output projection's input
+            assert held <= (n_kv + 2 * n_q) * 2.2 / 8, held
+        else:  # q, k, probabilities, v and the output projection's input
+            probs = 2 * 4 * 64 * (48 if cross else 64)
+            assert held <= (2 * n_q + 2 * n_kv + 2 * probs) * 3.2 / 8, held
+
+    def test_unreadable_frame_keeps_every_4d_save_bounded(self, monkeypatch):
+        """Where MHA's frame cannot be read (another torch), each of its 4-D
+        saves (q, k, v, output) takes the fp16 form: none gets a few-bit code."""
+        from actpack.engine import eager
+        from actpack.policy.decide import LOGITS_HALF
+
+        monkeypatch.setattr(eager, "_mha_locals", lambda frame: None)
+        torch.manual_seed(0)
+        model = _MHA(False, True, False, False)
+        x = torch.randn(2, 64, 64)
+        engine = actpack.compress("actnn")
+        _grads(_Lambda(lambda x: model(x, x), model), x, engine)
+        assert engine.stats.forms[LOGITS_HALF][1] == 4 * (2 * 64 * 64 * 2 + 4)
+
+
+def _hf_model(kind: str) -> nn.Module:
+    """A 2-layer HF GPT-2 or Llama (sdpa attention), built from a config (no
+    download), q/k weights scaled up so that the logits' std is ~2-4."""
+    transformers = pytest.importorskip("transformers")
+    if kind == "gpt2":
+        config = transformers.GPT2Config(
+            n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, attn_pdrop=0.0,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation="sdpa",
+        )  # fmt: skip
+        model = transformers.GPT2Model(config)
+        with torch.no_grad():
+            for block in model.h:
+                block.attn.c_attn.weight[:, :128].mul_(10.0)  # q and k columns
+    else:
+        config = transformers.LlamaConfig(
+            num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+            intermediate_size=128, vocab_size=128, max_position_embeddings=64,
+            attn_implementation="sdpa",
+        )  # fmt: skip
+        model = transformers.LlamaModel(config)
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.self_attn.q_proj.weight.mul_(10.0)
+                layer.self_attn.k_proj.weight.mul_(10.0)
+    return model
+
+
+class TestTransformersQueryKey:
+    """HF models with "sdpa" attention: each layer's q and k in fp16, the
+    gradients within the derived bound (checked at the last layer, where the
+    gradient arriving at attention's output is exact in both runs)."""
+
+    @pytest.mark.parametrize("kind", ["gpt2", "llama"])
+    def test_eager(self, kind, monkeypatch):
+        from actpack.policy.decide import LOGITS_HALF
+
+        torch.manual_seed(0)
+        model = _hf_model(kind)
+        ids = torch.randint(0, 128, (2, 48))
+        run = _Lambda(lambda ids: model(input_ids=ids), model)
+        exact = _recorded(model, run, (ids,), _Null(), monkeypatch)
+        engine = actpack.compress(_ExactCode())
+        got = _recorded(model, run, (ids,), engine, monkeypatch)
+        assert len(exact) == len(got) == 2
+        assert engine.stats.forms[LOGITS_HALF][1] == sum(_half_bytes(c) for c in exact)
+        _assert_within(got[-1], exact[-1])
+
+    def test_compiled_gpt2(self):
+        from actpack.engine.compiled import compiled_hooks
+        from actpack.policy.decide import LOGITS_HALF, Kind
+
+        torch.manual_seed(0)
+        model = _hf_model("gpt2")
+        ids = torch.randint(0, 128, (2, 48))
+        plain = model(input_ids=ids, use_cache=False).last_hidden_state
+        plain.square().sum().backward()
+        exact = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        engine = actpack.compress(_ExactCode())
+        torch._dynamo.reset()
+        run = torch.compile(model, backend="inductor")
+        with warnings.catch_warnings(), torch._functorch.config.patch(enable_autograd_cache=False):
+            warnings.simplefilter("ignore")  # _ExactCode has no traceable code: exact in graphs
+            with engine:
+                # (With the cache on, k and v are outputs of the graph as well,
+                # which AOTAutograd keeps for the caller and hands to no hook.)
+                out = run(input_ids=ids, use_cache=False).last_hidden_state
+            out.square().sum().backward()
+        half = [d for d in compiled_hooks(engine).decisions.values() if d.kind is Kind.HALF]
+        assert len(half) == 4 and {d.reason for d in half} == {LOGITS_HALF}
+        assert all(d.after == 2 * 2 * 4 * 48 * 16 + 4 for d in half), half
+        # The eager test bounds these gradients; here: q and k were coded
+        # (the gradients moved) and nothing else was (they moved by as little
+        # as there: under 1% of their norm).
+        got = [p.grad for p in model.parameters()]
+        moved = max(float((g - e).norm() / e.norm()) for g, e in zip(got, exact) if e.norm() > 0)
+        assert 0 < moved < 0.01, moved
+
+
 def _token_major(t: torch.Tensor) -> torch.Tensor:
     """(batch, heads, tokens, dim) as (batch * tokens, heads * dim): the layout
     of the projection that made it."""
