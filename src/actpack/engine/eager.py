@@ -157,7 +157,8 @@ _MHA = "multi_head_attention_forward"
 def _mha_locals(frame: Any) -> dict[str, Any] | None:
     """``need_weights``, ``q`` and ``k`` of the innermost running
     ``torch.nn.functional.multi_head_attention_forward`` at or above ``frame``,
-    or None if there is none (or its locals are not named so: another torch).
+    or None if there is none or they are not tensors (before the function
+    assigns them, after it deletes them, or under another torch).
 
     The op tracker sees that Python function as one call (its ops run inside
     the tracker's own dispatch), so which of its saves are the heads' query
@@ -174,7 +175,11 @@ def _mha_locals(frame: Any) -> dict[str, Any] | None:
                 # keep q, k, v alive past the function's own ``del q, k, v``.
                 # (From 3.13 f_locals is a view that holds nothing.)
                 snapshot.clear()
-            if not isinstance(found["need_weights"], bool):
+            if not isinstance(found["need_weights"], bool) or not all(
+                isinstance(found[name], Tensor) for name in ("q", "k")
+            ):
+                # Not yet assigned (the in-projection's save), deleted (the
+                # out-projection's), or renamed by another torch: not known.
                 return None
             return found
         frame = frame.f_back
@@ -203,8 +208,10 @@ def _attention_logit_input(t: Tensor, op: str, args: tuple, frame: Any) -> bool:
     probabilities read linearly and smoothly.  With ``need_weights=True`` it
     runs bmm + softmax + bmm, which save the probabilities and recompute
     nothing: q and k are coded like any matmul input.  Where its frame
-    cannot be read (another torch), every 4-D save inside it, the heads'
-    q, k, v and output, is treated as q and k are: bounded, never coded.
+    holds no tensors ``q`` and ``k`` (before they exist, after it deletes
+    them, or under another torch), every 4-D save inside it, the heads'
+    q, k, v and output, is treated as q and k are: fp16, never a few-bit
+    code (its other saves, the projections' inputs, are 2-D or 3-D).
     """
     if op in ATTENTION_LOGIT_OPS:
         return any(same_tensor(a, t) for a in args[:2])
