@@ -31,6 +31,7 @@ import torch
 from zoo_models import ZOO, Case, build
 
 import actpack
+from actpack.policy.decide import LOGITS_16BIT
 
 pytest.importorskip("transformers")
 
@@ -54,12 +55,12 @@ RATIO = {
     # DIVISION's code can leave [-3, 3], so it keeps that input exact
     "mobilenetv3": (13.31, 4.73, 4.12),
     "unet": (12.96, 10.92, 3.92),
-    # transformers: fused attention's query and key stay exact (its backward
-    # recomputes softmax from them), 6-12% of the bytes
-    "vit": (5.30, 4.77, 2.79),
+    # transformers: fused attention's query and key are stored in fp16 (its
+    # backward recomputes softmax from them)
+    "vit": (7.67, 6.60, 3.34),
     # HF's gelu_new (x**3 inside) is read as the smooth GELU it computes
-    "gpt2": (8.18, 7.52, 3.41),
-    "bert": (6.26, 5.62, 2.96),
+    "gpt2": (10.66, 9.57, 3.78),
+    "bert": (8.64, 7.48, 3.41),
     "lstm": (1.10, 1.08, 1.08),
     "gru": (13.66, 7.66, 4.29),
     "conv1d": (19.10, 9.38, 5.50),
@@ -90,19 +91,19 @@ COS_NOISE_GROWTH = 1.5
 #: Reasons a saved tensor may pass through, and the largest share of the
 #: baseline bytes (summed over reasons) measured under "actnn" plus a margin.
 #: "integer": the LSTM's oneDNN workspace (uint8, opaque), cross-entropy
-#: targets; "op statistics": the RNN cells' gate statistics kept exact.
+#: targets; "op statistics": the RNN cells' gate statistics kept exact;
+#: fused attention's bf16 query and key (under bf16 autocast) stay as they are.
 ALLOWED_REASONS = {
-    "tiny", "integer", "op statistics", "nonlinear backward (hardswish)",
-    "attention query/key (softmax recomputed from them)",
+    "tiny", "integer", "op statistics", "nonlinear backward (hardswish)", LOGITS_16BIT,
 }  # fmt: skip
 PASSTHROUGH = {
     "resnet_bottleneck": 0.01,
     "densenet": 0.01,
     "mobilenetv3": 0.15,
     "unet": 0.03,
-    "vit": 0.13,
-    "gpt2": 0.07,
-    "bert": 0.10,
+    "vit": 0.03,
+    "gpt2": 0.01,
+    "bert": 0.02,
     "lstm": 0.95,
     "gru": 0.04,
     "conv1d": 0.01,

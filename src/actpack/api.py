@@ -372,6 +372,7 @@ def _measure(
         modules={k: (v[0], v[1]) for k, v in s.by_module.items()},
         ops={k: (v[0], v[1]) for k, v in s.by_op.items()},
         passthrough=dict(s.passthrough),
+        forms={k: (v[0], v[1]) for k, v in s.forms.items()},
         peak_bytes=peak,
         baseline_peak_bytes=baseline_peak,
     )

@@ -49,7 +49,11 @@ class Report:
     ``modules`` and ``ops`` map a module name (``"<none>"``: saved outside
     any module) and a torch op name to ``(bytes without actpack, bytes with
     it)``; ``passthrough`` maps a reason (``"tiny"``, ``"integer"``, ...) to
-    the bytes kept uncompressed for it.  ``weight_bytes``: casts of
+    the bytes kept uncompressed for it; ``forms`` maps a reason to
+    ``(bytes without actpack, bytes with it)`` of saves stored in a form the
+    policy picks instead of the strategy's code (``"attention query/key:
+    fp16 (softmax recomputed from them)"``: fused attention's query and
+    key).  ``weight_bytes``: casts of
     parameters autograd holds (autocast's bf16 weight copies), never
     compressed and not counted in the totals.  ``leaf_bytes``: tensors
     without autograd history autograd holds (the input batch, a frozen
@@ -59,7 +63,8 @@ class Report:
     compression (``None`` elsewhere).
 
     ``str(report)`` is a readable summary: totals, then the modules and ops
-    holding the most bytes, then what passed through and why.
+    holding the most bytes, then what is stored in another form than the
+    strategy's code, and what passed through, and why.
     """
 
     strategy: str
@@ -72,6 +77,7 @@ class Report:
     modules: dict[str, tuple[int, int]] = field(default_factory=dict)
     ops: dict[str, tuple[int, int]] = field(default_factory=dict)
     passthrough: dict[str, int] = field(default_factory=dict)
+    forms: dict[str, tuple[int, int]] = field(default_factory=dict)
     peak_bytes: int | None = None
     baseline_peak_bytes: int | None = None
 
@@ -112,6 +118,11 @@ class Report:
             if rows:
                 lines += ["", f"largest {title}s by bytes saved for backward:"]
                 lines += _table(title, rows, top)
+        if self.forms:
+            lines += ["", "stored in another form than the strategy's code:"]
+            width = max(len(reason) for reason in self.forms)
+            for reason, (b, c) in sorted(self.forms.items(), key=lambda kv: (-kv[1][1], kv[0])):
+                lines.append(f"  {reason.ljust(width)}  {_size(b).rjust(10)} -> {_size(c)}")
         if self.passthrough:
             total = sum(self.passthrough.values())
             lines += ["", f"passed through uncompressed: {_size(total)}"]

@@ -22,6 +22,7 @@ from actpack.codecs.backend import (
     unpack_mask,
 )
 from actpack.codecs.hadamard import RotatedCode, hadamard_decode
+from actpack.codecs.traceable import half_scaled, half_unscaled
 
 
 def tensor_bytes(t: Tensor) -> int:
@@ -48,6 +49,30 @@ class Cast(Encoded):
 
     def decode(self) -> Tensor:
         return self.data.to(self.dtype)
+
+
+@dataclass
+class ScaledHalf(Encoded):
+    """An fp32 tensor as fp16 values times one power-of-two scale (see
+    :func:`actpack.codecs.traceable.half_scaled`): per element
+    ``|decoded - x| <= 2^-11 |x| + 2^-25 scale``, never an overflow to inf,
+    non-finite values kept.  2 bytes per element plus 4."""
+
+    data: Tensor
+    scale: Tensor  # 0-d fp32, a power of two
+    dtype: torch.dtype
+
+    @classmethod
+    def encode(cls, x: Tensor) -> ScaledHalf:
+        data, scale = half_scaled(x)
+        return cls(data, scale, x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.data) + tensor_bytes(self.scale)
+
+    def decode(self) -> Tensor:
+        return half_unscaled(self.data, self.scale, self.dtype)
 
 
 @dataclass

@@ -46,6 +46,10 @@ class Stats:
     by_module: dict[str, list[int]] = field(default_factory=dict)
     by_op: dict[str, list[int]] = field(default_factory=dict)
     passthrough: dict[str, int] = field(default_factory=dict)
+    #: Saves stored in a form the policy picks instead of the strategy's code
+    #: (fused attention's query and key in fp16), by reason:
+    #: [bytes without actpack, bytes with it].
+    forms: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:

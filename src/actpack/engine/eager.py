@@ -30,13 +30,14 @@ from actpack.codecs.encoded import (
     HardswishInput,
     LogOf,
     Region,
+    ScaledHalf,
     TwoValued,
 )
 from actpack.engine.accounting import Stats, StorageSet, anchor
 from actpack.engine.compiled import compiled_hooks, op_caller
 from actpack.engine.saved import Held, Reshaped, Saved, unpack
 from actpack.engine.tracking import ModuleTracker, OpTracker
-from actpack.policy.decide import Facts, Kind, Plan, Settings, decide
+from actpack.policy.decide import LOGITS_16BIT, Facts, Kind, Plan, Settings, decide
 from actpack.policy.ops import (
     ATTENTION_LOGIT_OPS,
     LINEAR_BACKWARD_OPS,
@@ -81,11 +82,7 @@ def _squares(op: str | None, args: tuple, kwargs: dict) -> bool:
     return type(exponent) in (int, float) and exponent == 2
 
 
-_COPYABLE = frozenset(
-    {"tiny", "integer", "float64 (kept exact)", "op statistics",
-     "attention query/key (softmax recomputed from them)",
-     "attention query/key/value (softmax recomputed from them)"}
-)  # fmt: skip
+_COPYABLE = frozenset({"tiny", "integer", "float64 (kept exact)", "op statistics", LOGITS_16BIT})
 
 _FUNCTION_FILE = ("autograd", "function.py")
 _CHECKPOINT_FILE = ("utils", "checkpoint.py")
@@ -154,26 +151,78 @@ def _composite(frame: Any) -> str | None:
     return None
 
 
-def _attention_logit_input(t: Tensor, op: str, args: tuple) -> str | None:
-    """Why ``t`` stays exact if it is a query or key saved by fused attention.
+_MHA = "multi_head_attention_forward"
+
+
+def _mha_locals(frame: Any) -> dict[str, Any] | None:
+    """``need_weights``, ``q`` and ``k`` of the innermost running
+    ``torch.nn.functional.multi_head_attention_forward`` at or above ``frame``,
+    or None if there is none or they are not tensors (before the function
+    assigns them, after it deletes them, or under another torch).
+
+    The op tracker sees that Python function as one call (its ops run inside
+    the tracker's own dispatch), so which of its saves are the heads' query
+    and key is read from its frame: at the moment of a save its locals ``q``
+    and ``k`` are the tensors it is handing to attention.
+    """
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == _MHA and frame.f_globals.get("__name__") == "torch.nn.functional":
+            snapshot = frame.f_locals
+            found = {name: snapshot.get(name) for name in ("need_weights", "q", "k")}
+            if type(snapshot) is dict:
+                # Python < 3.13 caches this copy on the running frame: it would
+                # keep q, k, v alive past the function's own ``del q, k, v``.
+                # (From 3.13 f_locals is a view that holds nothing.)
+                snapshot.clear()
+            if not isinstance(found["need_weights"], bool) or not all(
+                isinstance(found[name], Tensor) for name in ("q", "k")
+            ):
+                # Not yet assigned (the in-projection's save), deleted (the
+                # out-projection's), or renamed by another torch: not known.
+                return None
+            return found
+        frame = frame.f_back
+    return None
+
+
+def _attention_logit_input(t: Tensor, op: str, args: tuple, frame: Any) -> bool:
+    """Whether ``t`` is the query or key of fused attention (``Facts.logits``).
 
     Fused attention's backward (flash, memory-efficient, cuDNN) recomputes
     the probabilities as ``exp(q k^T * scale - logsumexp)`` with the
     logsumexp of the exact forward: a coded q or k puts its noise into an
-    exponent, and rows no longer sum to 1.  The error grows exponentially
-    with the logits' scale (relative error of the mean of 64 draws 0.39 at
-    logit std 1.3 and 5.2 at std 3 under 2-bit codes; non-finite under ActNN
-    with sharper attention), far from a smooth op's second-order bias.
-    Values, outputs and everything else attention saves stay codable.
-    ``nn.MultiheadAttention`` runs attention inside one Python function the
-    op tracker sees as a whole: its 4-D saves are the heads' q, k, v.
+    exponent, and rows no longer sum to 1 (relative error of the mean of 64
+    draws 0.39 at logit std 1.3 and 5.2 at std 3 under 2-bit codes;
+    non-finite under ActNN with sharper attention), far from a smooth op's
+    second-order bias.  The policy stores them in fp16, whose error in each
+    logit has a worst-case bound (``Kind.HALF``).  Values, outputs and
+    everything else attention saves get the strategy's code.
+
+    ``nn.MultiheadAttention`` runs attention inside one Python function
+    (``frame``: the frame that called the op, or one below it): with
+    ``need_weights=False`` it hands its locals ``q`` and ``k`` to
+    ``scaled_dot_product_attention``, and they are what is matched; its other
+    saves are the projections' inputs, v and the output (read linearly), or,
+    where the CPU runs attention as matmul + softmax (dropout), products and
+    probabilities read linearly and smoothly.  With ``need_weights=True`` it
+    runs bmm + softmax + bmm, which save the probabilities and recompute
+    nothing: q and k are coded like any matmul input.  Where its frame
+    holds no tensors ``q`` and ``k`` (before they exist, after it deletes
+    them, or under another torch), every 4-D save inside it, the heads'
+    q, k, v and output, is treated as q and k are: fp16, never a few-bit
+    code (its other saves, the projections' inputs, are 2-D or 3-D).
     """
     if op in ATTENTION_LOGIT_OPS:
-        if any(same_tensor(a, t) for a in args[:2]):
-            return "attention query/key (softmax recomputed from them)"
-    elif op == "multi_head_attention_forward" and t.dim() == 4:
-        return "attention query/key/value (softmax recomputed from them)"
-    return None
+        return any(same_tensor(a, t) for a in args[:2])
+    if op != _MHA:
+        return False
+    found = _mha_locals(frame)
+    if found is None:
+        return t.dim() == 4
+    if found["need_weights"]:
+        return False
+    return same_tensor(found["q"], t) or same_tensor(found["k"], t)
 
 
 def _role(t: Tensor, args: tuple, kwargs: dict) -> str:
@@ -453,7 +502,7 @@ class Engine:
             return facts, op, args, kwargs
         floating = t.is_floating_point()
         rule = None
-        region_only = declined = False
+        region_only = declined = logits = False
         role = "unknown"
         if floating and op is not None and origin == "op":
             if history:
@@ -462,7 +511,10 @@ class Engine:
                 if plain:
                     rule = rule_for(t, op, args, kwargs)
                     region_only = rule is not None and reads_region_only(op)
-                declined = _attention_logit_input(t, op, args) or self.strategy.skip_reason(t)
+                logits = _attention_logit_input(t, op, args, caller)
+                # A strategy's own reason to leave x (Cast16: already 16-bit)
+                # does not apply to the fp16 form of q and k.
+                declined = None if logits else self.strategy.skip_reason(t)
             else:
                 role = _role(t, args, kwargs)
         facts = Facts(
@@ -480,6 +532,7 @@ class Engine:
             False,
             declined or None,
             t.device.type == "cpu",
+            logits,
         )
         return facts, op, args, kwargs
 
@@ -588,6 +641,10 @@ class Engine:
         )
         stats.tensors += 1
         stats.add(module, op, before, saved.encoded.nbytes, elements)
+        if kind is Kind.HALF:
+            row = stats.forms.setdefault(plan.reason, [0, 0])
+            row[0] += before
+            row[1] += saved.encoded.nbytes
         return saved
 
     def _serves(self, have: tuple, want: tuple) -> bool:
@@ -627,6 +684,8 @@ class Engine:
             return Saved(
                 Region(Bits.encode(plan.rule.mask(x)), plan.rule, x.dtype), t, t.requires_grad
             )
+        if kind is Kind.HALF:
+            return Saved(ScaledHalf.encode(x), t, t.requires_grad)
         strategy = self.strategy
         if plan.reason.startswith("checkpoint input"):
             strategy = self._checkpoint_coder()

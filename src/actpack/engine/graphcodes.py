@@ -133,6 +133,10 @@ def encode(strategy: Strategy, plan: Plan, gf: GraphFacts, x: Tensor) -> Coded:
         window = _fields(code.window) if isinstance(code, PoolIndices) else ()
         if window and all(type(n) is int for part in window for n in part):
             return "pool", (code.bits, window), (_carrier(x), code.packed)
+    if kind == Kind.HALF and x.dtype == torch.float32:
+        # Fused attention's query or key: any strategy, traceable or not.
+        data, scale = traceable.half_scaled(x)
+        return "half", (x.dtype,), (data, scale)
     if kind == Kind.REGION and isinstance(plan.rule, ReluOutput):
         # The only region graphfacts proposes: ReLU's x > 0.
         return "region", (), (_carrier(x), traceable.pack_mask(x > 0))
@@ -147,6 +151,8 @@ def decode(form: str, meta: tuple, tensors: tuple[Tensor, ...]) -> Tensor:
     """The tensor backward reads, from :func:`encode`'s form."""
     if form == "cast":
         return tensors[0].to(meta[0])
+    if form == "half":
+        return traceable.half_unscaled(tensors[0], tensors[1], meta[0])
     carrier, packed = tensors[0], tensors[1]
     shape, dtype = _shape(carrier), carrier.dtype
     if form == "bits":

@@ -306,7 +306,7 @@ def _is_view_of(arg: object, node: fx.Node, depth: int = 4) -> bool:
 def _attention_logit_input(node: fx.Node, readers: list[fx.Node]) -> str | None:
     """The fused attention op taking ``node`` as its query or key, if any: its
     backward recomputes the probabilities from them (see the eager engine's
-    rule of the same name); ``node`` then stays exact."""
+    rule of the same name); ``node`` is then stored in fp16 (``Kind.HALF``)."""
     for user in (*_forward_users(node), *readers):
         name = op_name(user)
         base = name.removesuffix("_backward")
@@ -430,10 +430,9 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
         reader = _region_reader(node, readers)
         if reader is not None:
             declined = f"region read by {reader} (no compiled region form)"
+    logits = False
     if declined is None and val.is_floating_point() and not statistic:
-        attention = _attention_logit_input(node, readers)
-        if attention is not None:
-            declined = f"attention query/key ({attention} recomputes softmax from them)"
+        logits = _attention_logit_input(node, readers) is not None
     if declined is None and val.is_floating_point() and not statistic:
         reader = _derived_nonlinear_read(node, bw_graph)
         if reader is not None:
@@ -465,6 +464,7 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
         region_only=region_only,
         compactable=offset_bits is not None or integer_op is not None,
         declined=declined,
+        logits=logits,
     )
     readers_names = tuple(op_name(r) for r in readers)
     return GraphFacts(facts, op, producer, readers_names, offset_bits, integer_op)

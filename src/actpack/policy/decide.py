@@ -24,6 +24,12 @@ to be safe**.  That takes all of
 Lossless forms are always allowed: bool masks in 1 bit, dropout's two-valued
 noise in 1 bit plus its scale, integer indices narrowed, and the region
 pattern that ReLU-family backward reads.
+
+One lossy form is not the strategy's: the query and key of fused attention,
+whose backward recomputes the softmax from them, are stored in fp16 (with a
+power-of-two scale), where the error of every recomputed logit has a
+worst-case bound (:attr:`Kind.HALF`); under lossless strategies and
+``smooth="exact"`` they stay exact, and 16-bit ones stay as they are.
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ import torch
 from actpack.policy.ops import DROPOUT_OPS, LINEAR_BACKWARD_OPS, SMOOTH_BACKWARD_OPS
 from actpack.policy.rules import ReluOutput
 
-__all__ = ["ORIGINS", "ROLES", "Facts", "Kind", "Plan", "Settings", "decide"]
+__all__ = [
+    "LOGITS_16BIT", "LOGITS_HALF", "ORIGINS", "ROLES", "Facts", "Kind", "Plan", "Settings",
+    "decide",
+]  # fmt: skip
 
 #: Where a save comes from: a torch function actpack can name ("op"), a
 #: custom autograd.Function, torch.utils.checkpoint, a compiled graph seen
@@ -75,6 +84,18 @@ class Kind(enum.Enum):
     #: the strategy's code of the values between -3 and 3, where backward
     #: reads them linearly.  Only for strategies with ``bounded_codes``.
     PIECEWISE = "piecewise"
+    #: The query or key of fused attention (fp32): fp16 values times one
+    #: power-of-two scale, whatever the strategy.  Fused attention's backward
+    #: recomputes the probabilities as ``exp(s q k^T - logsumexp)`` with the
+    #: exact forward's logsumexp, so an error in q or k lands in an exponent:
+    #: no unbiased few-bit code bounds it (a 2-bit draw put gradients 21x to
+    #: 2e5x off).  Rounding to nearest fp16 errs by at most ``2^-11 |x|``
+    #: per element (plus ``2^-25 scale`` for subnormals), so every logit
+    #: errs by at most ``s (2^-10 + 2^-22) sum_j |q_ij| |k_tj|
+    #: <= ~ s 2^-10 |q_i| |k_t|``: a worst-case bound, and what fp16 autocast
+    #: itself runs attention with.  The scale keeps values above 65504 from
+    #: overflowing without reading them on the host.
+    HALF = "half"
 
 
 class Facts(NamedTuple):
@@ -103,6 +124,8 @@ class Facts(NamedTuple):
             tensor under a 16-bit cast), or None.
         checkable: whether a lossless form may be verified on the values
             at no synchronisation cost (CPU tensors).
+        logits: the query or key of a fused attention op, whose backward
+            recomputes the softmax from it (see :attr:`Kind.HALF`).
     """
 
     dtype: torch.dtype
@@ -119,6 +142,7 @@ class Facts(NamedTuple):
     compactable: bool = False
     declined: str | None = None
     checkable: bool = False
+    logits: bool = False
 
 
 class Plan(NamedTuple):
@@ -156,6 +180,10 @@ class Settings:
 
 
 _FLOAT_EXACT = {torch.float64: "float64 (kept exact)"}
+
+#: Reasons given for fused attention's query and key (``Facts.logits``).
+LOGITS_HALF = "attention query/key: fp16 (softmax recomputed from them)"
+LOGITS_16BIT = "attention query/key: 16-bit, kept (softmax recomputed from them)"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -221,6 +249,13 @@ def decide(f: Facts, s: Settings) -> Plan:
         return _exact("broadcast view")
     if f.declined is not None:
         return _exact(f.declined)
+    if f.logits:
+        # Never the strategy's code: its noise would enter an exponent.
+        if f.dtype != torch.float32:
+            return _exact(LOGITS_16BIT)  # bf16/fp16 already; nothing narrower is bounded
+        if s.smooth == "exact":
+            return _exact(f"smooth backward ({f.op}, kept exact)")
+        return Plan(Kind.HALF, LOGITS_HALF)
     base = f.op.strip("_") if f.op not in LINEAR_BACKWARD_OPS else f.op
     if f.op not in LINEAR_BACKWARD_OPS and base not in LINEAR_BACKWARD_OPS:
         if base not in SMOOTH_BACKWARD_OPS and f.op not in SMOOTH_BACKWARD_OPS:
