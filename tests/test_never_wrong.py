@@ -1194,6 +1194,194 @@ class TestAttentionLogits:
         assert mean_error < 2 * single / 16**0.5  # unbiased: falls as 1/sqrt(K)
 
 
+# --------------------------------------------------------------------------- #
+# 17. Attention masks and -inf fills enter the softmax's exponent
+# --------------------------------------------------------------------------- #
+
+
+class _MaskedAttention(nn.Module):
+    """Causal attention (logit std ~3, as _SharpAttention) whose mask or bias
+    the model computes itself, one way per ``kind``: the saved mask is then
+    an op's output, not a leaf.  "bool": SDPA converts it to a 0/-inf float
+    mask (inside AOT's graph: a ``where`` node); "-inf"/"min": an additive
+    mask filled with -inf or finfo.min; "alibi": a fixed ALiBi bias plus a
+    (zero) key-padding mask, one per sample (fed to the fused kernel; a
+    broadcast one would be kept exact as a broadcast view); "bias": a
+    learned one (autograd history: SDPA takes its math path on the CPU);
+    "math": SDPA's math path (``_safe_softmax``);
+    "hand": masked_fill(-inf) + softmax written out."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.qkv, self.o = nn.Linear(64, 192), nn.Linear(64, 64)
+        self.slope = nn.Parameter(torch.full((4, 1, 1), 0.5))
+        self.register_buffer("alibi", 2.0 ** -torch.arange(1.0, 5.0).view(4, 1, 1))
+        with torch.no_grad():
+            self.qkv.weight.mul_(3.0)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(n, device=x.device)
+        causal = pos[:, None] >= pos[None, :]
+        if self.kind == "hand":
+            s = (q @ k.transpose(-1, -2)) * 16**-0.5
+            out = s.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        elif self.kind == "math":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.MATH]):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            if self.kind == "bool":
+                mask = causal
+            elif self.kind in ("bias", "alibi"):
+                slope = self.slope if self.kind == "bias" else self.alibi
+                mask = -slope * (pos[:, None] - pos[None, :]).abs().float()
+                if self.kind == "alibi":
+                    mask = mask + torch.zeros(b, 1, 1, n, device=x.device)
+            else:
+                fill = float("-inf") if self.kind == "-inf" else torch.finfo(x.dtype).min
+                mask = torch.zeros(n, n, device=x.device).masked_fill(~causal, fill)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(out.transpose(1, 2).reshape(b, n, 64))
+
+
+def _gpt2_sharp():
+    """HF GPT-2 (2 layers) with its query/key projections x10: attention
+    sharp enough that the causal mask matters in every row."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0,
+    )  # fmt: skip
+    model = transformers.GPT2Model(config)
+    with torch.no_grad():
+        for block in model.h:
+            block.attn.c_attn.weight[:, :128].mul_(10.0)  # q and k columns
+    ids = torch.randint(0, 128, (4, 32))
+    return model, ids
+
+
+class TestAttentionMasks:
+    """Fused attention's backward recomputes softmax(q k^T s + mask): the
+    mask is a logit input like q and k.  Compiled, SDPA's bool mask becomes a
+    0/-inf float node of the graph (HF GPT-2 builds one under torch.compile
+    where eagerly it passes is_causal); coded by groups, every group holding
+    a -inf decoded NaN elsewhere and GPT-2's gradients were non-finite.  A
+    learned bias coded lossily was 1.5e5x off.  Masks stay exact, and any
+    compiled save holding a -inf/NaN/finfo.min fill by construction too."""
+
+    @pytest.mark.parametrize("kind", ["bool", "-inf", "min", "alibi", "bias", "math", "hand"])
+    @pytest.mark.parametrize("mode", ["eager", "aot_eager", "inductor"])
+    def test_masked_attention_gradients_are_finite_bounded_unbiased(self, kind, mode):
+        if mode == "inductor" and kind not in ("bool", "alibi", "hand"):
+            pytest.skip("one Inductor compile per form of mask keeps the run short")
+        torch.manual_seed(0)
+        # 64 tokens: a 64x64 mask is above the default min_numel (2048).
+        model, x = _MaskedAttention(kind), torch.randn(4, 64, 64)
+        run = model if mode == "eager" else torch.compile(model, backend=mode)
+        torch._dynamo.reset()
+        k = 16
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exact = torch.cat([g.flatten() for g in _grads(model, x, _Null())])
+            draws = torch.stack(
+                [
+                    torch.cat([g.flatten() for g in _grads(run, x, actpack.compress("actnn"))])
+                    for _ in range(k)
+                ]
+            )
+        assert torch.isfinite(draws).all(), (kind, mode)
+        single = (draws - exact).pow(2).sum(1).mean().sqrt().item() / exact.norm().item()
+        # TestAttentionLogits' bound for one "actnn" draw with q and k exact:
+        # what coded values and outputs alone cost.
+        assert single < _ATTENTION_NOISE["actnn"], (kind, mode, single)
+        mean_error = (draws.mean(0) - exact).pow(2).sum().sqrt().item() / exact.norm().item()
+        assert mean_error < 2 * single / k**0.5, (kind, mode, mean_error, single)
+
+    @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+    def test_gpt2_sharp_attention_compiled(self, backend):
+        from actpack.engine.compiled import compiled_hooks
+
+        model, ids = _gpt2_sharp()
+
+        def grads(run, ctx):
+            params = [p for p in model.parameters() if p.requires_grad]
+            with ctx:
+                loss = run(input_ids=ids, use_cache=False).last_hidden_state.square().sum()
+            return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exact = grads(model, _Null())
+            eager = torch.stack([grads(model, actpack.compress("actnn")) for _ in range(2)])
+            torch._dynamo.reset()
+            run = torch.compile(model, backend=backend)
+            engine = actpack.compress("actnn")
+            with torch._functorch.config.patch(enable_autograd_cache=False):
+                got = torch.stack([grads(run, engine) for _ in range(2)])
+        assert torch.isfinite(got).all()
+        # The compiled graph codes the tensors eager mode codes (and keeps the
+        # mask eager mode never saves): the same order of noise.
+        single = (got - exact).pow(2).sum(1).mean().item()
+        assert 0 < single < 3 * (eager - exact).pow(2).sum(1).mean().item()
+        reasons = {d.reason for d in compiled_hooks(engine).decisions.values()}
+        assert any(r.startswith("attention mask") for r in reasons), reasons
+
+
+_FILLS = {"-inf": float("-inf"), "inf": float("inf"), "nan": float("nan"), "min": -3.4e38}
+
+
+class TestCompiledExtremeFills:
+    """A compiled save that holds a -inf/NaN/finfo.min fill by construction
+    stays exact: a group code decodes a group holding -inf NaN at its
+    finite elements, and a finfo.min stretches its group's step to ~1e38."""
+
+    @pytest.mark.parametrize("fill", sorted(_FILLS))
+    @pytest.mark.parametrize("how", ["masked_fill", "where"])
+    def test_extreme_fill_is_kept_exact(self, fill, how):
+        from actpack.engine.graphfacts import graph_facts
+        from actpack.policy.decide import Settings, decide
+
+        aten = torch.ops.aten
+        fw = torch.fx.Graph()
+        x, m = fw.placeholder("primals_1"), fw.placeholder("primals_2")
+        if how == "masked_fill":
+            node = fw.call_function(aten.masked_fill.Scalar, (x, m, _FILLS[fill]))
+        else:
+            c = fw.call_function(aten.scalar_tensor.default, (_FILLS[fill],))
+            node = fw.call_function(aten.where.self, (m, x, c))
+        fw.output((node,))
+        bw = torch.fx.Graph()
+        saved = bw.placeholder(node.name)
+        bw.output((bw.call_function(aten.mm.default, (saved, saved)),))
+        gf = graph_facts(node, bw, torch.randn(64, 64))
+        plan = decide(gf.facts, Settings(min_numel=16))
+        assert plan.reason.startswith("holds a"), plan
+        # A finite fill of ordinary size is coded as before.
+        node.update_arg(2, 0.5) if how == "masked_fill" else c.update_arg(0, 0.5)
+        plan = decide(graph_facts(node, bw, torch.randn(64, 64)).facts, Settings(min_numel=16))
+        assert plan.reason == "lossy", plan
+
+
+def test_attention_logit_args_match_the_schemas():
+    """ATTENTION_LOGIT_ARGS' positions and keywords name query, key and the
+    mask in each op's schema (pinned: the schemas change without notice)."""
+    from actpack.policy.ops import ATTENTION_LOGIT_ARGS
+
+    for op, (qk, mask_at, mask_kw) in ATTENTION_LOGIT_ARGS.items():
+        schema = getattr(torch.ops.aten, op).default._schema
+        names = [a.name for a in schema.arguments]
+        assert [names[i] for i in qk] == ["query", "key"], op
+        if mask_at is not None:
+            assert names[mask_at] in ("attn_mask", "attn_bias"), op
+        if mask_kw:
+            assert mask_kw in names, op
+
+
 class _Lambda(nn.Module):
     def __init__(self, fn, inner):
         super().__init__()

@@ -43,6 +43,7 @@ from actpack.policy.ops import (
     LINEAR_BACKWARD_OPS,
     SMOOTH_BACKWARD_OPS,
     SMOOTH_COMPOSITES,
+    attention_logit_args,
 )
 from actpack.policy.rules import ReluOutput, reads_region_only, rule_for, same_tensor
 from actpack.strategies import Cast16, Int8, SaveInfo, Strategy, resolve
@@ -82,7 +83,10 @@ def _squares(op: str | None, args: tuple, kwargs: dict) -> bool:
     return type(exponent) in (int, float) and exponent == 2
 
 
-_COPYABLE = frozenset({"tiny", "integer", "float64 (kept exact)", "op statistics", LOGITS_16BIT})
+_COPYABLE = frozenset(
+    {"tiny", "integer", "float64 (kept exact)", "op statistics", LOGITS_16BIT,
+     "attention mask (softmax recomputed with it)"}
+)  # fmt: skip
 
 _FUNCTION_FILE = ("autograd", "function.py")
 _CHECKPOINT_FILE = ("utils", "checkpoint.py")
@@ -186,7 +190,7 @@ def _mha_locals(frame: Any) -> dict[str, Any] | None:
     return None
 
 
-def _attention_logit_input(t: Tensor, op: str, args: tuple, frame: Any) -> bool:
+def _attention_logit_input(t: Tensor, op: str, args: tuple, kwargs: dict, frame: Any) -> bool:
     """Whether ``t`` is the query or key of fused attention (``Facts.logits``).
 
     Fused attention's backward (flash, memory-efficient, cuDNN) recomputes
@@ -214,7 +218,8 @@ def _attention_logit_input(t: Tensor, op: str, args: tuple, frame: Any) -> bool:
     code (its other saves, the projections' inputs, are 2-D or 3-D).
     """
     if op in ATTENTION_LOGIT_OPS:
-        return any(same_tensor(a, t) for a in args[:2])
+        qk, _ = attention_logit_args(op, args, kwargs)
+        return any(same_tensor(a, t) for a in qk)
     if op != _MHA:
         return False
     found = _mha_locals(frame)
@@ -223,6 +228,21 @@ def _attention_logit_input(t: Tensor, op: str, args: tuple, frame: Any) -> bool:
     if found["need_weights"]:
         return False
     return same_tensor(found["q"], t) or same_tensor(found["k"], t)
+
+
+def _attention_mask_input(t: Tensor, op: str, args: tuple, kwargs: dict) -> str | None:
+    """Why ``t`` stays exact if it is the additive mask (bias) of fused attention.
+
+    The mask enters the same recomputed exponent as q and k: ALiBi or
+    relative-position biases computed in the model would get a coded q's
+    error, and a ``-inf`` mask coded by groups decodes NaN next to each
+    ``-inf``.
+    """
+    if op in ATTENTION_LOGIT_OPS:
+        _, mask = attention_logit_args(op, args, kwargs)
+        if any(same_tensor(a, t) for a in mask):
+            return "attention mask (softmax recomputed with it)"
+    return None
 
 
 def _role(t: Tensor, args: tuple, kwargs: dict) -> str:
@@ -511,10 +531,13 @@ class Engine:
                 if plain:
                     rule = rule_for(t, op, args, kwargs)
                     region_only = rule is not None and reads_region_only(op)
-                logits = _attention_logit_input(t, op, args, caller)
+                logits = _attention_logit_input(t, op, args, kwargs, caller)
                 # A strategy's own reason to leave x (Cast16: already 16-bit)
                 # does not apply to the fp16 form of q and k.
-                declined = None if logits else self.strategy.skip_reason(t)
+                declined = None
+                if not logits:
+                    declined = _attention_mask_input(t, op, args, kwargs)
+                    declined = declined or self.strategy.skip_reason(t)
             else:
                 role = _role(t, args, kwargs)
         facts = Facts(

@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from actpack.policy.decide import Facts
-from actpack.policy.ops import ATTENTION_LOGIT_OPS, SMOOTH_COMPOSITES
+from actpack.policy.ops import SMOOTH_COMPOSITES, attention_logit_args
 from actpack.policy.rules import ReluOutput
 
 aten = torch.ops.aten
@@ -213,11 +213,15 @@ def _region_reader(node: fx.Node, readers: list[fx.Node]) -> str | None:
 # Backward ops through which a value derived from the save stays a linear
 # (or smooth) function of it: the recomputation Inductor's partitioner puts in
 # the backward graph (BatchNorm's affine map before a recomputed ReLU, ...).
+# Not exp, softmax or log_softmax: recomputed from a coded save, they put the
+# code's noise into an exponent (the error fused attention's coded q/k gave,
+# growing exponentially with the logits' scale), and a masked logit coded
+# with its -inf neighbours is NaN.  Eager softmax/exp save their outputs.
 _DERIVED_THROUGH = _THROUGH | frozenset(
     {"add", "sub", "mul", "neg", "div", "sum", "mean", "cat", "stack", "slice", "select",
      "split", "split_with_sizes", "squeeze", "unsqueeze", "expand", "where", "getitem",
      "slice_backward", "select_backward", "constant_pad_nd", "gelu", "silu", "sigmoid",
-     "tanh", "exp", "erf", "_softmax", "_log_softmax", "native_layer_norm",
+     "tanh", "erf", "native_layer_norm",
      "native_dropout", "_to_copy", "detach", "pow", "square"}
 )  # fmt: skip
 # Backward ops that only read a derived value linearly (or smoothly) and end
@@ -303,15 +307,63 @@ def _is_view_of(arg: object, node: fx.Node, depth: int = 4) -> bool:
     return False
 
 
-def _attention_logit_input(node: fx.Node, readers: list[fx.Node]) -> str | None:
-    """The fused attention op taking ``node`` as its query or key, if any: its
-    backward recomputes the probabilities from them (see the eager engine's
-    rule of the same name); ``node`` is then stored in fp16 (``Kind.HALF``)."""
+def _attention_input(node: fx.Node, readers: list[fx.Node]) -> tuple[str, str] | None:
+    """``(role, op)`` if a fused attention op takes ``node`` as its query or key
+    (role ``"qk"``: stored in fp16, ``Kind.HALF``) or as its additive mask
+    (role ``"mask"``: kept exact); its backward recomputes the probabilities
+    from them (see the eager engine's rules of the same names).  None if
+    none does."""
     for user in (*_forward_users(node), *readers):
         name = op_name(user)
+        qk, mask = attention_logit_args(name, user.args, user.kwargs)
         base = name.removesuffix("_backward")
-        if base in ATTENTION_LOGIT_OPS and any(_is_view_of(a, node) for a in user.args[:2]):
-            return base
+        if any(_is_view_of(a, node) for a in qk):
+            return "qk", base
+        if any(_is_view_of(a, node) for a in mask):
+            return "mask", base
+    return None
+
+
+# Ops that produce a tensor from a scalar value, and those through which a
+# fill value reaches the result unchanged (selected, broadcast, moved).
+_FILLS = frozenset({"scalar_tensor", "full", "full_like", "new_full", "fill", "fill_"})
+_FILL_THROUGH = _THROUGH | frozenset(
+    {"where", "masked_fill", "cat", "stack", "slice", "select", "index_put", "constant_pad_nd",
+     "slice_scatter", "select_scatter", "copy", "add", "sub", "mul", "minimum", "maximum"}
+)  # fmt: skip
+
+
+# Fills at least this large are masks' ``finfo(dtype).min`` (-3.4e38 in
+# float32 and bfloat16, -65504 in float16 is left to the mask rules), far
+# outside any activation's range.
+_HUGE_FILL = 1e30
+
+
+def _extreme_fill(node: fx.Node, limit: int = 64) -> float | None:
+    """A non-finite or huge constant (``-inf`` or ``finfo.min`` of a mask, a
+    NaN fill) that the value of ``node`` takes by construction, found among
+    the scalars of the ops producing it; None if there is none.
+
+    A group code keeps the non-finite values of a group and cannot code its
+    finite ones (:mod:`actpack.codecs.groupquant`: they decode to NaN), so
+    such a save would turn every finite neighbour of a ``-inf`` NaN; a
+    ``finfo.min`` stretches its group's range to ~3e38, one step of which
+    is ~1e38: the other values of its group decode to 0 or +-1e38 (unbiased,
+    and useless).  The walk follows the ops in ``_FILL_THROUGH`` up to
+    ``limit`` nodes."""
+    queue, seen = [node], {node}
+    while queue and len(seen) <= limit:
+        current = queue.pop()
+        name = op_name(current)
+        if name not in _FILL_THROUGH and name not in _FILLS:
+            continue  # softmax of a masked logit: finite, whatever its input held
+        for arg in (*current.args, *current.kwargs.values()):
+            for a in arg if isinstance(arg, (list, tuple)) else (arg,):
+                if isinstance(a, float) and not abs(a) < _HUGE_FILL:
+                    return a
+                if isinstance(a, fx.Node) and a not in seen:
+                    seen.add(a)
+                    queue.append(a)
     return None
 
 
@@ -432,7 +484,15 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
             declined = f"region read by {reader} (no compiled region form)"
     logits = False
     if declined is None and val.is_floating_point() and not statistic:
-        logits = _attention_logit_input(node, readers) is not None
+        attention = _attention_input(node, readers)
+        if attention is not None and attention[0] == "qk":
+            logits = True
+        elif attention is not None:
+            declined = f"attention mask ({attention[1]} recomputes softmax with it)"
+    if declined is None and val.is_floating_point() and node.op == "call_function":
+        fill = _extreme_fill(node)
+        if fill is not None:
+            declined = f"holds a {fill:g} fill (a group code would ruin the rest of its group)"
     if declined is None and val.is_floating_point() and not statistic:
         reader = _derived_nonlinear_read(node, bw_graph)
         if reader is not None:

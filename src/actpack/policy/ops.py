@@ -82,10 +82,46 @@ SMOOTH_COMPOSITES: dict[tuple[str, str], str] = {
 }
 
 #: Fused attention ops whose backward recomputes the probabilities from the
-#: saved query and key and an exact logsumexp: their q and k stay exact (a
-#: code's noise would enter an exponent); eager and aten names.
+#: saved query, key and additive mask (bias) and an exact logsumexp: those
+#: stay exact (a code's noise would enter an exponent; a group code of a
+#: ``-inf`` mask turns the rest of its group NaN); eager and aten names.
 ATTENTION_LOGIT_OPS = frozenset(
     {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
      "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
      "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention_overrideable"}
 )  # fmt: skip
+
+#: Where each attention op (forward, or its ``_backward``) takes its logit
+#: inputs: positions of query and key, the mask's position (None: keyword
+#: only, or no mask) and the mask's keyword.  From the schemas in
+#: ``aten/src/ATen/native/native_functions.yaml``.
+ATTENTION_LOGIT_ARGS: dict[str, tuple[tuple[int, ...], int | None, str]] = {
+    "scaled_dot_product_attention": ((0, 1), 3, "attn_mask"),
+    "_scaled_dot_product_flash_attention_for_cpu": ((0, 1), None, "attn_mask"),
+    "_scaled_dot_product_flash_attention": ((0, 1), None, ""),
+    "_scaled_dot_product_efficient_attention": ((0, 1), 3, "attn_bias"),
+    "_scaled_dot_product_cudnn_attention": ((0, 1), 3, "attn_bias"),
+    "_scaled_dot_product_fused_attention_overrideable": ((0, 1), 3, "attn_bias"),
+    # Backward ops: (grad_out, query, key, value, ...).
+    "_scaled_dot_product_flash_attention_for_cpu_backward": ((1, 2), None, "attn_mask"),
+    "_scaled_dot_product_flash_attention_backward": ((1, 2), None, ""),
+    "_scaled_dot_product_efficient_attention_backward": ((1, 2), 4, "attn_bias"),
+    "_scaled_dot_product_cudnn_attention_backward": ((1, 2), 8, "attn_bias"),
+    "_scaled_dot_product_fused_attention_overrideable_backward": ((1, 2), 4, "attn_bias"),
+}
+
+
+def attention_logit_args(op: str, args: tuple, kwargs: dict) -> tuple[tuple, tuple]:
+    """(query and key, mask) among an attention op's arguments: empty tuples
+    for an op not in :data:`ATTENTION_LOGIT_ARGS`."""
+    where = ATTENTION_LOGIT_ARGS.get(op)
+    if where is None:
+        return (), ()
+    qk_at, mask_at, mask_kw = where
+    qk = tuple(args[i] for i in qk_at if i < len(args))
+    mask = []
+    if mask_at is not None and mask_at < len(args):
+        mask.append(args[mask_at])
+    if mask_kw and kwargs.get(mask_kw) is not None:
+        mask.append(kwargs[mask_kw])
+    return qk, tuple(mask)
