@@ -34,13 +34,15 @@ from torch import Tensor
 from actpack.codecs.groupquant import _round_out, _scale
 
 __all__ = [
-    "canonical_nan_",
     "class_codes",
     "all_finite",
-    "dequantize_values",
+    "clamp_finite",
     "extremes_ranges",
     "finish_ranges_",
     "fix_poisoned_codes_",
+    "fix_poisoned_values_",
+    "grid_values",
+    "group_grid",
     "group_ranges",
     "group_scale",
     "poisoned_values",
@@ -167,18 +169,47 @@ def fix_poisoned_codes_(
         codes[poisoned] = class_codes(groups_of(poisoned), wide)
 
 
-def dequantize_values(q, lo, hi, levels: Tensor, zero_exact: bool) -> Tensor:
-    """float32 grid values of uint8 codes ``q`` for per-group lo/hi (meta dtype)."""
+def group_grid(lo: Tensor, hi: Tensor, levels: Tensor):
+    """Per-group ``(lok, step, 1/k)`` of the reference's ``_scale``.
+
+    ``k`` is 1 or 0.5, so multiplying by ``1/k`` (1 or 2) is exact and gives
+    the reference's division by ``k`` bit for bit, without a division per
+    element.  Returned from the compiled decoders so that they are stored
+    once (see :func:`group_scale`).
+    """
+    k, lok, step = _scale(lo.float(), hi.float(), levels)
+    return lok, step, 1.0 / k
+
+
+def grid_values(q, lok, step, inv_k, zero_exact: bool) -> Tensor:
+    """float32 grid values of uint8 codes ``q`` (NaN in a poisoned group)."""
     qf = q.float()
     if zero_exact:
-        qf = (qf - 1).clamp_min(0)
-    k, lok, step = _scale(lo.float(), hi.float(), levels)
-    # Divide by k last: lo*k + q*step stays finite even when hi - lo overflows.
-    return (lok + qf * step) / k
+        qf = torch.where(qf > 1, qf - 1, 0.0)
+    # Scale by 1/k last: lo*k + q*step stays finite even when hi - lo overflows.
+    return (lok + qf * step) * inv_k
+
+
+def clamp_finite(v: Tensor, big: float) -> Tensor:
+    """``v`` clamped to [-big, big] with comparisons (NaN passes through):
+    ``torch.clamp`` adds NaN propagation, four instructions per vector."""
+    return torch.where(v > big, big, torch.where(v < -big, -big, v))
+
+
+def fix_poisoned_values_(out: Tensor, q: Tensor, lo: Tensor, wide: bool) -> None:
+    """Write the decoded classes of poisoned groups (NaN ``lo``) into ``out``.
+
+    ``out`` and ``q``: (groups, group_size); ``lo``: (groups,).  Eager, after
+    the compiled body, on the poisoned groups alone.
+    """
+    poisoned = torch.isnan(lo)
+    if bool(poisoned.any()):
+        out[poisoned] = poisoned_values(q[poisoned], wide, out.dtype)
 
 
 def poisoned_values(q: Tensor, wide: bool, dtype: torch.dtype) -> Tensor:
-    """Decoded values of a poisoned group's classes, in ``dtype``."""
+    """Decoded values of a poisoned group's classes, in ``dtype`` (eager: the
+    canonical NaN of ``dtype``, as the reference writes it)."""
     nan = torch.full((), math.nan, dtype=dtype, device=q.device)
     if not wide:
         return nan
@@ -190,21 +221,8 @@ def finish_ranges_(lo: Tensor, hi: Tensor, poisoned: Tensor) -> None:
     """Mark poisoned groups in place, as stored: NaN lo, zero hi.
 
     Eager, on the small range tensors: ``masked_fill_`` writes the dtype's
-    canonical NaN (see :func:`canonical_nan_`).
+    canonical quiet NaN (bfloat16 0x7FC0, float16 0x7E00), what the reference
+    stores; a vectorised float32 -> bfloat16 cast on the CPU writes 0xFFFF.
     """
     lo.masked_fill_(poisoned, math.nan)
     hi.masked_fill_(poisoned, 0.0)
-
-
-def canonical_nan_(t: Tensor, may_hold_nan: Tensor) -> Tensor:
-    """Write every NaN of ``t`` as its dtype's canonical quiet NaN, in place.
-
-    What ``torch.full(..., nan)`` writes (bfloat16 0x7FC0, float16 0x7E00) and
-    so what the reference stores; a vectorised float32 -> bfloat16 cast on the
-    CPU gives 0xFFFF instead.  Eager, after the compiled body: bit patterns
-    need int16 arithmetic.  ``may_hold_nan`` (the group ranges: NaN only arises
-    in poisoned groups) skips the pass when nothing is poisoned.
-    """
-    if t.dtype in (torch.bfloat16, torch.float16) and bool(torch.isnan(may_hold_nan).any()):
-        t.masked_fill_(torch.isnan(t), math.nan)
-    return t

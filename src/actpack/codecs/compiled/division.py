@@ -35,13 +35,14 @@ from actpack.codecs import division as ref
 from actpack.codecs.compiled import build
 from actpack.codecs.compiled.arith import (
     all_finite,
-    canonical_nan_,
-    dequantize_values,
+    clamp_finite,
     extremes_ranges,
     finish_ranges_,
     fix_poisoned_codes_,
+    fix_poisoned_values_,
+    grid_values,
+    group_grid,
     group_scale,
-    poisoned_values,
     value_codes,
 )
 from actpack.codecs.compiled.bits import pack_codes, unpack_codes
@@ -135,12 +136,13 @@ def _decoder(wide: bool, block: tuple[int, ...] | None, dtype: torch.dtype):
     def decode_division(spread_lfc: Tensor, q: Tensor, lo: Tensor, hi: Tensor, levels):
         n, c, spatial = q.shape[0], q.shape[1], q.shape[2:]
         lo, hi = lo.view(n, c, *([1] * len(spatial))), hi.view(n, c, *([1] * len(spatial)))
-        hq = dequantize_values(q, lo, hi, levels, False).clamp(-big32, big32)
-        poisoned = torch.isnan(lo)
-        hq = torch.where(poisoned, poisoned_values(q, wide, torch.float32), hq)
-        out = _upsampled(spread_lfc, block, spatial) + hq
-        # A poisoned row decodes from its classes alone: its LFC must not leak in.
-        return torch.where(poisoned, hq, out.clamp(-big, big)).to(dtype)
+        lok, step, inv_k = group_grid(lo, hi, levels)
+        hq = clamp_finite(grid_values(q, lok, step, inv_k, False), big32)
+        out = clamp_finite(_upsampled(spread_lfc, block, spatial) + hq, big).to(dtype)
+        # Poisoned rows (NaN lo) decode to NaN here; their classes are written
+        # afterwards, from the classes alone: their LFC must not leak in.
+        # lok, step and inv_k: returned so that they are stored once.
+        return out, lok, step, inv_k
 
     return decode_division
 
@@ -243,4 +245,8 @@ def division_decode(code: DivisionCode, dtype: torch.dtype = torch.float32) -> T
         out = build.run(_decoder, (hfc.bits >= 2, rest, dtype), args)
         if out is None:
             return ref.division_decode(code, dtype)
-    return canonical_nan_(out, hfc.lo).view(shape)
+        out = out[0]
+        rows = shape[0] * shape[1]
+        wide = hfc.bits >= 2
+        fix_poisoned_values_(out.view(rows, -1), q.reshape(rows, -1), hfc.lo.view(-1), wide)
+    return out.view(shape)

@@ -29,13 +29,14 @@ from torch import Tensor
 from actpack.codecs import groupquant as ref
 from actpack.codecs.compiled import build
 from actpack.codecs.compiled.arith import (
-    canonical_nan_,
-    dequantize_values,
+    clamp_finite,
     finish_ranges_,
     fix_poisoned_codes_,
+    fix_poisoned_values_,
+    grid_values,
+    group_grid,
     group_ranges,
     group_scale,
-    poisoned_values,
     value_codes,
 )
 from actpack.codecs.compiled.bits import pack_codes, unpack_codes
@@ -94,13 +95,16 @@ def _decoder(wide: bool, zero_exact: bool, meta: torch.dtype, dtype: torch.dtype
 
     def decode_groups(q: Tensor, lo: Tensor, hi: Tensor, levels: Tensor):
         # q (groups, group_size) in and out: the caller's reshape to (rows, cols) is a view.
-        lo, hi = lo.reshape(-1, 1), hi.reshape(-1, 1)
-        v = dequantize_values(q, lo, hi, levels, zero_exact)
-        v = v.clamp(-fin.max, fin.max).to(dtype)  # a finite value must not round to Inf
+        lok, step, inv_k = group_grid(lo.reshape(-1, 1), hi.reshape(-1, 1), levels)
+        v = grid_values(q, lok, step, inv_k, zero_exact)
+        v = clamp_finite(v, fin.max).to(dtype)  # a finite value must not round to Inf
         if zero_exact:
             # Code >= 1 means positive: keep it so even if the grid value underflows in dtype.
             v = torch.where(q.float() > 0, v.clamp_min(fin.tiny), 0.0)
-        return torch.where(torch.isnan(lo), poisoned_values(q, wide, dtype), v)
+        # Poisoned groups (NaN lo) decode to NaN here; their classes are
+        # written afterwards (fix_poisoned_values_).  lok, step and inv_k are
+        # returned only so that they are stored once (see group_scale).
+        return v, lok, step, inv_k
 
     return decode_groups
 
@@ -192,6 +196,7 @@ def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Te
         out = build.run(_decoder, key, args)
         if out is None:
             return ref.dequantize_groups(code, dtype)
-        canonical_nan_(out, code.lo)
+        out = out[0]
+        fix_poisoned_values_(out, q, code.lo.view(-1), code.bits >= 2)
     out = out.view(code.rows, code.ngroups * code.group_size)
     return out if out.shape[1] == code.cols else out[:, : code.cols].contiguous()
