@@ -34,11 +34,13 @@ from fused_checks import (
     check_division,
     check_groups,
     same,
+    same_bound,
     same_code,
 )
 
 import actpack
 from actpack.codecs import backend
+from actpack.codecs import division as rdiv
 from actpack.codecs import groupquant as rgq
 from actpack.codecs import pack as rpack
 from actpack.codecs.compiled import bits as cbits
@@ -332,9 +334,12 @@ def test_division_stochastic_codes_independent_of_layout(shape):
 
 
 def test_division_stochastic_nonfinite_rows():
-    """Stochastic DIVISION keeps poisoned rows' classes (written after the body)."""
+    """Stochastic DIVISION keeps poisoned rows' classes, and codes a row whose
+    residual overflows from x itself (both recomputed after the compiled
+    body): LFC 0, every value within one step of its grid."""
     x = torch.randn(2, 3, 8, 8)
     x[0, 1, 2, 3], x[1, 2, 0, 0] = float("nan"), -float("inf")
+    x[1, 0, :4], x[1, 0, 4:] = 3.3e38, -3.3e38  # block means finite, residual not
     got = cdiv.division_encode(x, 4, 2, generator=torch.Generator().manual_seed(1))
     y = cdiv.division_decode(got)
     assert torch.isnan(y[0, 1]).all() and y[1, 2, 0, 0] == -float("inf")
@@ -342,6 +347,13 @@ def test_division_stochastic_nonfinite_rows():
     keep = torch.ones(2, 3, dtype=torch.bool)
     keep[0, 1] = keep[1, 2] = False
     assert torch.isfinite(y[keep]).all()
+    assert (got.lfc[1, 0] == 0).all() and (got.lfc[0, 0] != 0).any()
+    lo, hi = got.hfc.lo.double().view(2, 3), got.hfc.hi.double().view(2, 3)
+    step = (hi[1, 0] - lo[1, 0]) / 3  # float64: the range exceeds float32's
+    assert ((y[1, 0].double() - x[1, 0].double()).abs() <= step * (1 + 1e-6)).all()
+    want = rdiv.division_encode(x, 4, 2, stochastic=False)
+    same_bound(got.hfc.lo, want.hfc.lo)
+    same_bound(got.hfc.hi, want.hfc.hi)
 
 
 # --------------------------------------------------------------------------------------

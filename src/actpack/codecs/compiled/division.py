@@ -95,36 +95,57 @@ def _upsampled(spread_lfc: Tensor, block: tuple[int, ...] | None, spatial) -> Te
     return _upsample(spread_lfc.float(), block, spatial)
 
 
+def _flat_index(x: Tensor, lane: Tensor, inner: int, index: torch.dtype) -> Tensor:
+    """The row-major flat index of every element of ``x`` (the noise counter),
+    from ``lane`` (the offsets along dimension ``inner``, given as a tensor)
+    and an ``arange`` along every other dimension (a loop constant there)."""
+    flat = lane.view([-1 if d == inner else 1 for d in range(x.dim())])
+    for d in range(x.dim()):
+        if d != inner:
+            stride = math.prod(x.shape[d + 1 :])  # row-major stride of dimension d
+            along = torch.arange(x.shape[d], device=x.device, dtype=index) * stride
+            flat = flat + along.view([-1 if e == d else 1 for e in range(x.dim())])
+    return flat
+
+
+def _requantize_rows_(view: Tensor, out: tuple, nok: Tensor, u_of, levels: Tensor) -> None:
+    """Rows whose residual is not finite store LFC = 0 and quantize x itself
+    (the reference's rule): recomputed in place, eagerly, with the compiled
+    body's arithmetic and noise counter, on those rows alone (a non-finite x,
+    or |x - block mean| beyond float32).  ``out``: (lfc, codes, lo, hi,
+    poisoned) to update; ``nok``: (N, C) bool; ``u_of(mask)``: the rounding
+    offsets of the selected rows' elements."""
+    lfc, codes, lo, hi, poisoned = out
+    g = view[nok].float()
+    dims = tuple(range(1, g.dim()))
+    row_lo, row_hi, row_poisoned = extremes_ranges(
+        g.amin(dim=dims, keepdim=True), g.amax(dim=dims, keepdim=True), torch.bfloat16
+    )
+    k, lok, step = group_scale(row_lo, row_hi, row_poisoned, levels)
+    codes[nok] = value_codes(g, k, lok, step, u_of(nok), levels, False)
+    lo[nok], hi[nok] = row_lo.view(-1), row_hi.view(-1)
+    poisoned[nok] = row_poisoned.view(-1)
+    lfc[nok] = 0
+
+
 def _encoder(wide: bool, stochastic: bool, block, dtype: torch.dtype, index, inner: int):
     def encode_division(x: Tensor, lfc: Tensor, spread_lfc: Tensor, seed: Tensor, levels, lane):
         # ``lane``: the flat (row-major) index offsets along ``inner``, x's
         # innermost dimension in memory, as a tensor: Inductor would build an
         # ``arange`` along the vectorised dimension lane by lane.
         dims = tuple(range(2, x.dim()))
-        xf = x.float()
-        resid = xf - _upsampled(spread_lfc, block, x.shape[2:])
-        # One pass for the extremes of the residual and of x: a row whose
-        # residual is not finite stores LFC = 0 and quantizes x itself.
-        ok = all_finite(resid.amin(dim=dims, keepdim=True), resid.amax(dim=dims, keepdim=True))
+        resid = x.float() - _upsampled(spread_lfc, block, x.shape[2:])
         rmin, rmax = resid.amin(dim=dims, keepdim=True), resid.amax(dim=dims, keepdim=True)
-        xmin, xmax = xf.amin(dim=dims, keepdim=True), xf.amax(dim=dims, keepdim=True)
-        lo, hi, poisoned = extremes_ranges(
-            torch.where(ok, rmin, xmin), torch.where(ok, rmax, xmax), torch.bfloat16
-        )
-        rows = torch.where(ok, resid, xf)
+        # A row whose residual is not finite (rare) comes out poisoned here and
+        # is recomputed from x afterwards (_requantize_rows_).
+        lo, hi, poisoned = extremes_ranges(rmin, rmax, torch.bfloat16)
         k, lok, step = group_scale(lo, hi, poisoned, levels)
         u = 0.5
         if stochastic:
-            flat = lane.view([-1 if d == inner else 1 for d in range(x.dim())])
-            for d in range(x.dim()):
-                if d != inner:
-                    step_d = math.prod(x.shape[d + 1 :])  # row-major stride of dim d
-                    along = torch.arange(x.shape[d], device=x.device, dtype=index) * step_d
-                    flat = flat + along.view([-1 if e == d else 1 for e in range(x.dim())])
-            u = uniform(flat, seed, below_2_32=True)  # numel < MAX_NUMEL
-        codes = value_codes(rows, k, lok, step, u, levels, False)
+            u = uniform(_flat_index(x, lane, inner, index), seed, below_2_32=True)
+        codes = value_codes(resid, k, lok, step, u, levels, False)
         # k, lok, step: returned so that they are stored once (see group_scale).
-        return torch.where(ok, lfc, 0.0), codes, lo, hi, poisoned, k, lok, step
+        return codes, lo, hi, poisoned, all_finite(rmin, rmax), k, lok, step
 
     return encode_division
 
@@ -203,11 +224,23 @@ def division_encode(
         key = (bits >= 2, bool(stochastic), rest, x.dtype, index, inner)
         if index == torch.int32:
             seed = int32_key(seed)
-        args = (view, lfc, spread_lfc, seed, levels_tensor(bits, False), lane)
+        levels = levels_tensor(bits, False)
+        args = (view, lfc, spread_lfc, seed, levels, lane)
         out = build.run(_encoder, key, args)
         if out is None:
             return reference()
-        lfc, codes, lo, hi, poisoned = out[:5]
+        codes, lo, hi, poisoned, ok = out[:5]
+        nok = ~ok.view(shape[0], shape[1])
+        if bool(nok.any()):
+
+            def u_of(mask: Tensor) -> Tensor | float:
+                if not stochastic:
+                    return 0.5
+                flat = _flat_index(view, lane, inner, index)[mask]
+                return uniform(flat, seed, below_2_32=True)
+
+            sub = (lo.view(nok.shape), hi.view(nok.shape), poisoned.view(nok.shape))
+            _requantize_rows_(view, (lfc, codes, *sub), nok, u_of, levels)
         # A poisoned row's residual is not finite, so its codes classify x itself.
         mask = poisoned.view(shape[0], shape[1])
         fix_poisoned_codes_(codes, lambda m: view[m].float(), mask, bits >= 2)
