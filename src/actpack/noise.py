@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -83,6 +84,38 @@ class _Null:
         return None
 
 
+def _eager_model(model: nn.Module) -> nn.Module:
+    """The module whose draws differ: the eager module behind a compiled one.
+
+    Every pass runs under one torch random state (the same dropout masks),
+    and codes inside compiled graphs draw their rounding noise from that
+    same default generator (:mod:`actpack.codecs.counter_noise`), so their
+    draws would all be equal: a variance of 0, the whole error reported as
+    bias.  A compiled model is measured through its eager module (its
+    strategies keep their own generators); compiled blocks inside a model
+    cannot be told apart from it, so they are refused.
+    """
+    compiled = [m for m in model.modules() if type(m).__name__ == "OptimizedModule"]
+    if not compiled:
+        return model
+    inner = getattr(model, "_orig_mod", None)
+    if compiled[0] is model and isinstance(inner, nn.Module):
+        warnings.warn(
+            "gradient_noise: the model is compiled; measuring its eager module "
+            "(model._orig_mod), whose codes draw fresh rounding noise in every draw "
+            "(compiled codes take theirs from torch's default generator, which every "
+            "draw re-seeds to keep dropout masks equal)",
+            stacklevel=3,
+        )
+        return _eager_model(inner)
+    raise ValueError(
+        f"gradient_noise: {len(compiled)} submodule(s) of the model are compiled; their "
+        "codes take rounding noise from torch's default generator, which every draw "
+        "re-seeds (to keep dropout masks equal), so their draws would repeat and the "
+        "variance read 0. Measure the model before compiling its blocks."
+    )
+
+
 def gradient_noise(
     model: nn.Module,
     *inputs: Any,
@@ -122,7 +155,14 @@ def gradient_noise(
     ``track_modules`` must match how a stateful strategy was trained (its
     statistics are keyed by module names only when modules were tracked); a
     model wrapped with :func:`actpack.wrap` is measured through its own
-    engine.
+    engine.  A compiled model (``torch.compile(model)``, wrapped or not) is
+    measured through its eager module, with a warning: compiled codes draw
+    their noise from the generator every pass re-seeds.
+
+    Raises:
+        ValueError: ``draws`` is not a positive integer; the model has no
+            parameter that requires grad; or some of its submodules (not the
+            model itself) are compiled.
 
     Example::
 
@@ -132,6 +172,7 @@ def gradient_noise(
     """
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a positive integer, got {draws!r}")
+    model = _eager_model(model)
     base = resolve(strategy)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
