@@ -135,3 +135,33 @@ def test_huggingface_output_reduces_to_its_loss():
         model, ids, labels, strategy="actnn", draws=1, loss_fn=lambda o: o.loss + o.logits.sum()
     )
     assert summed.exact_norm_sq != default.exact_norm_sq
+
+
+class _MatmulFirst(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(64, 256) / 8)
+        self.head = torch.nn.Linear(256, 1)
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.gelu(torch.matmul(x, self.w)))
+
+
+@pytest.mark.parametrize("shape", [(8, 128, 64), (2, 4, 128, 64)])
+@pytest.mark.parametrize("first", ["linear", "matmul"])
+def test_input_batch_seen_through_a_view_is_a_leaf(shape, first):
+    """F.linear and matmul save a 2-D view of an N-D input batch: still the
+    batch's memory (a leaf: held, not counted as saved), as for a 2-D batch."""
+    torch.manual_seed(0)
+    if first == "linear":
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 1)
+        )
+    else:
+        model = _MatmulFirst()
+    x = torch.randn(shape)
+    flat = actpack.measure(model, x.reshape(-1, 64), strategy="actnn")
+    got = actpack.measure(model, x, strategy="actnn")
+    assert got.leaf_bytes == x.numel() * 4 == flat.leaf_bytes
+    assert got.baseline_bytes == flat.baseline_bytes
+    assert got.compressed_bytes == flat.compressed_bytes

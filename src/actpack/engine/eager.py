@@ -246,8 +246,21 @@ def _attention_mask_input(t: Tensor, op: str, args: tuple, kwargs: dict) -> str 
 
 
 def _role(t: Tensor, args: tuple, kwargs: dict) -> str:
+    """``"input"`` if ``t`` (a save without history) is one of the op's tensor
+    arguments or a view of one, else ``"internal"``.
+
+    Views count: ``F.linear`` saves a 2-D view of a 3-D input batch, which
+    is that batch's memory (a leaf input, kept and not counted as saved),
+    not a tensor the op made.  A history-free tensor an op makes itself
+    (dropout's mask, noise) has storage of its own.
+    """
     if any(same_tensor(a, t) for a in args) or any(same_tensor(a, t) for a in kwargs.values()):
         return "input"
+    storage = t.untyped_storage().data_ptr()
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor) and a.device == t.device:
+            if a.untyped_storage().data_ptr() == storage:
+                return "input"
     return "internal"
 
 
