@@ -104,6 +104,41 @@ def test_private_torch_api_is_there():
     assert seeds.shape == (1,) and seeds.dtype == torch.int64
 
 
+def test_forward_inputs_record_requires_grad():
+    # What graphfacts.history_free reads: each forward input's requires_grad
+    # in its tensor_meta (the example values are detached: all False), and
+    # intermediates traced below autograd (False whatever their inputs).
+    seen = {}
+
+    def pack(x):
+        state = compiled._trace_state()
+        if state is not None:
+            for node in state["_fw_graph"].find_nodes(op="placeholder"):
+                seen[node.name] = node.meta["tensor_meta"].requires_grad
+        return x
+
+    graph = torch.fx.Graph()
+    graph.output(graph.call_function(pack, (graph.placeholder("x"),)))
+    pack_gm = torch.fx.GraphModule(nn.Module(), graph)
+    graph = torch.fx.Graph()
+    graph.output(graph.placeholder("p"))
+    unpack_gm = torch.fx.GraphModule(nn.Module(), graph)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(32, 32)
+            self.register_buffer("buf", torch.rand(32))
+
+        def forward(self, x):
+            return self.lin(x * self.buf).relu()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack_gm, unpack_gm):
+        torch.compile(Net(), backend="aot_eager")(torch.randn(2, 8, 32))
+    # weight and bias require grad; the batch and the buffer do not.
+    assert sorted(seen.values()) == [False, False, True, True], seen
+
+
 def test_hook_context_hands_over_node_and_both_graphs():
     # What graphfacts reads: the saved node, and the backward placeholder of
     # the same name whose users are the ops that read the save.

@@ -1305,6 +1305,7 @@ class TestAttentionMasks:
     @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
     def test_gpt2_sharp_attention_compiled(self, backend):
         from actpack.engine.compiled import compiled_hooks
+        from actpack.policy.decide import Kind
 
         model, ids = _gpt2_sharp()
 
@@ -1328,8 +1329,11 @@ class TestAttentionMasks:
         # mask eager mode never saves): the same order of noise.
         single = (got - exact).pow(2).sum(1).mean().item()
         assert 0 < single < 3 * (eager - exact).pow(2).sum(1).mean().item()
-        reasons = {d.reason for d in compiled_hooks(engine).decisions.values()}
-        assert any(r.startswith("attention mask") for r in reasons), reasons
+        # The mask (where(causal, 0, -inf), from integer positions alone) has
+        # no autograd history: a leaf input, kept as eager keeps one.
+        decisions = compiled_hooks(engine).decisions.values()
+        masks = [d for d in decisions if d.producer == "where"]
+        assert masks and {(d.kind, d.reason) for d in masks} == {(Kind.KEEP, "leaf input")}
 
 
 _FILLS = {"-inf": float("-inf"), "inf": float("inf"), "nan": float("nan"), "min": -3.4e38}
@@ -1902,3 +1906,245 @@ def test_compress_and_wrap_take_smooth():
     actpack.unwrap(model)
     with pytest.raises(ValueError, match="smooth"):
         actpack.compress("actnn", smooth="maybe")
+
+
+# --------------------------------------------------------------------------- #
+# 18. Compiled graphs: saves without autograd history stay as eager keeps them
+# --------------------------------------------------------------------------- #
+
+
+class _NoHistory(nn.Module):
+    """A trainable Linear whose weight gradient reads ``feat`` (its one save),
+    ``feat`` made one way per ``kind``: without autograd history ("frozen
+    linear": a frozen layer's output; "buffer embedding": rows of a buffer;
+    "integer mask": a float cumsum of a mask built from integer ids;
+    "frozen cast": a frozen weight cast to bf16 and back, as autocast
+    would; "input": the input batch; "buffer": a buffer) or with it
+    ("parameter": a trainable parameter itself; "parameter derived": the
+    batch scaled by one)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.lin = nn.Linear(64, 64)
+        self.frozen = nn.Linear(64, 64).requires_grad_(False)
+        self.scale = nn.Parameter(torch.rand(64) + 0.5)
+        self.weight = nn.Parameter(torch.randn(32, 64))
+        self.register_buffer("table", torch.randn(97, 64))
+
+    def forward(self, x, ids):
+        if self.kind == "frozen linear":
+            feat = self.frozen(x)
+        elif self.kind == "buffer embedding":
+            feat = F.embedding(ids, self.table)
+        elif self.kind == "integer mask":
+            cols = torch.arange(64, device=ids.device)
+            feat = torch.cumsum(((ids[..., None] + cols) % 3 != 0).float(), dim=1)
+        elif self.kind == "frozen cast":
+            feat = self.frozen.weight.to(torch.bfloat16).float().expand(x.shape[0], 64, 64)
+        elif self.kind == "input":
+            feat = x
+        elif self.kind == "buffer":
+            feat = self.table
+        elif self.kind == "parameter":
+            feat = self.weight
+        else:
+            feat = x * self.scale
+        return self.lin(feat)
+
+
+# kind -> whether eager (and so compiled) codes ``feat`` under "actnn"
+_NO_HISTORY_KINDS = {
+    "frozen linear": False,
+    "buffer embedding": False,
+    "integer mask": False,
+    "frozen cast": False,
+    "input": False,
+    "buffer": False,
+    "parameter": False,
+    "parameter derived": True,
+}
+
+
+class TestCompiledHistory:
+    """Eager keeps a save without autograd history (``grad_fn is None``: the
+    input batch, buffers, frozen weights, whatever is computed from those
+    alone) as it is, "leaf input"; compiled graphs took every computed node
+    for an activation and coded them (a frozen backbone's features, a fixed
+    ALiBi bias, a frozen tied head).  AOTAutograd's graphs record which inputs
+    require grad; history is propagated from them, and the two paths agree
+    save by save: kept ones leave the gradients equal to plain autograd's,
+    coded ones move them."""
+
+    @staticmethod
+    def _run(model, x, ids, ctx, backend=None):
+        run = model if backend is None else torch.compile(model, backend=backend)
+        model.zero_grad(set_to_none=True)
+        with ctx:
+            out = run(x, ids)
+        proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(123))
+        (out * proj).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    @pytest.mark.parametrize("kind", sorted(_NO_HISTORY_KINDS))
+    @pytest.mark.parametrize("backend", [None, "aot_eager", "inductor"])
+    def test_kept_as_eager_keeps_it(self, kind, backend):
+        from actpack.engine.compiled import compiled_hooks
+        from actpack.policy.decide import Kind
+
+        if backend == "inductor" and kind in ("frozen cast", "input", "buffer", "parameter"):
+            pytest.skip("one Inductor compile per computed kind keeps the run short")
+        coded = _NO_HISTORY_KINDS[kind]
+        torch.manual_seed(0)
+        model = _NoHistory(kind)
+        x, ids = torch.randn(4, 64, 64), torch.randint(0, 97, (4, 64))
+        torch._dynamo.reset()
+        engine = actpack.compress("actnn")
+        # Graph inputs reach the hooks only under filtering "all" (by default
+        # AOTAutograd hands them intermediates alone); no cache hit, so that
+        # the hooks trace and record their decisions.
+        with (
+            warnings.catch_warnings(),
+            torch._functorch.config.patch(
+                enable_autograd_cache=False, saved_tensors_hooks_filtering_mode="all"
+            ),
+        ):
+            warnings.simplefilter("ignore")
+            exact = self._run(model, x, ids, _Null(), backend)
+            torch._dynamo.reset()
+            got = self._run(model, x, ids, engine, backend)
+        torch._dynamo.reset()
+        # lin's weight gradient is the one that reads feat.
+        weight = 1 if kind in ("parameter", "parameter derived") else 0
+        if coded:
+            assert not torch.equal(got[weight], exact[weight])
+        else:
+            # Nothing coded: the same ops on the same values (compiled: the
+            # same graph with hooks that return the save itself).
+            for a, b in zip(got, exact):
+                assert torch.equal(a, b), kind
+        if backend is None:
+            stats = engine.stats
+            assert (stats.compressed_bytes < stats.baseline_bytes) == coded, stats
+            if kind in ("frozen linear", "buffer embedding", "integer mask", "input"):
+                # Kept as a leaf input, or exact as an op's statistic where
+                # eager sees a view of it (Linear's 3-d input): either way
+                # held as it is and counted outside the coded bytes.
+                kept = stats.leaf_bytes + sum(stats.passthrough.values())
+                assert kept == 4 * 64 * 64 * 4, stats
+            return
+        decisions = list(compiled_hooks(engine).decisions.values())
+        # feat (or a view of it): what lin's weight gradient, a mm, reads.
+        saves = [d for d in decisions if "mm" in d.readers]
+        assert saves, decisions
+        kinds = {d.kind for d in saves}
+        if coded:
+            assert kinds == {Kind.LOSSY}, saves
+        else:
+            assert kinds == {Kind.KEEP}, saves
+            reason = "graph input" if kind == "parameter" else "leaf input"
+            assert {d.reason for d in saves} == {reason}, saves
+
+    def test_history_propagates_from_inputs_that_require_grad(self):
+        """history_free on a hand-built forward graph: what eager's grad_fn
+        would be for each node (inputs' requires_grad as AOTAutograd
+        records it; without the record, an input counts as requiring grad)."""
+        from types import SimpleNamespace
+
+        from actpack.engine.graphfacts import history_free
+
+        aten = torch.ops.aten
+        g = torch.fx.Graph()
+
+        def add(node, val, requires_grad=None):
+            node.meta["val"] = val
+            if requires_grad is not None:
+                node.meta["tensor_meta"] = SimpleNamespace(requires_grad=requires_grad)
+            return node
+
+        t = torch.zeros(4, 4)
+        w = add(g.placeholder("w"), t, True)  # a parameter
+        x = add(g.placeholder("x"), t, False)  # the batch, a buffer
+        u = add(g.placeholder("u"), t)  # no record
+        n = add(g.placeholder("n"), 4)  # a symbolic size (here an int)
+        pos = add(g.call_function(aten.arange.default, (n,)), torch.arange(4.0))
+        nodes = {
+            "bias": add(g.call_function(aten.mul.Tensor, (x, pos)), t),
+            "mask": add(g.call_function(aten.gt.Scalar, (w, 0)), t > 0),
+            "zeros": add(g.call_function(aten.zeros_like.default, (w,)), t),
+            "act": add(g.call_function(aten.mul.Tensor, (x, w)), t),
+            "act2": add(g.call_function(aten.cat.default, ([x, w],)), torch.zeros(8, 4)),
+            "unknown": add(g.call_function(aten.mul.Tensor, (x, u)), t),
+            "no val": g.call_function(aten.mul.Tensor, (x, w)),
+        }
+        nodes["tuple"] = add(g.call_function(aten.var_mean.correction, (w,)), (t, t))
+        nodes["from act"] = add(g.call_function(aten.relu.default, (nodes["act"],)), t)
+        nodes["from mask"] = add(g.call_function(aten.where.self, (nodes["mask"], x, x)), t)
+        g.output(tuple(nodes.values()))
+        free = history_free(g)
+        has = {k: v.name not in free for k, v in nodes.items()}
+        assert has == {
+            "bias": False, "mask": False, "zeros": False, "act": True, "act2": True,
+            "unknown": True, "no val": True, "tuple": True, "from act": True, "from mask": False,
+        }  # fmt: skip
+        assert {"x", "n", pos.name} <= free and not {"w", "u"} & free
+
+    @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+    def test_frozen_tied_head_compiled(self, backend):
+        """TestLeafStorage's frozen tied head, compiled with AOTAutograd's
+        default filtering: the embedding output and the transposed head
+        weight are computed nodes without history (they were coded), kept
+        as eager keeps them: the gradients are plain autograd's."""
+        from actpack.engine.compiled import compiled_hooks
+        from actpack.policy.decide import Kind
+
+        torch.manual_seed(0)
+        model = _TiedLM()
+        ids = torch.randint(0, 512, (8, 64))
+        torch._dynamo.reset()
+        run = torch.compile(model, backend=backend)
+        engine = actpack.compress("actnn")
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            exact = _grads(run, ids, _Null())
+            torch._dynamo.reset()
+            got = _grads(run, ids, engine)
+        torch._dynamo.reset()
+        # (Eager mode keeps them too, TestLeafStorage; Inductor's kernels
+        # round differently from eager's, so each compares with its own.)
+        for a, b in zip(got, exact):
+            assert torch.equal(a, b)
+        decisions = list(compiled_hooks(engine).decisions.values())
+        assert decisions and all(d.kind is not Kind.LOSSY for d in decisions), decisions
+        assert {"leaf input"} <= {d.reason for d in decisions}, decisions
+
+    @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+    def test_fixed_alibi_bias_is_a_leaf_input(self, backend):
+        """A fixed ALiBi bias (buffer slopes times arange distances, plus a
+        zero padding mask) fed to SDPA is saved by its backward: eager keeps
+        it as a leaf input, and so does the compiled graph (it was "attention
+        mask": kept by the mask rule alone, not as a tensor without history)."""
+        from actpack.engine.compiled import compiled_hooks
+        from actpack.policy.decide import Kind
+
+        torch.manual_seed(0)
+        x = torch.randn(4, 64, 64)
+        model = _MaskedAttention("alibi")
+        eager = actpack.compress("actnn")
+        _grads(model, x, eager)
+        # The bias, (batch, heads, tokens, tokens) fp32, and the input batch
+        # (read by the qkv projection).
+        bias_bytes = 4 * 4 * 64 * 64 * 4
+        assert eager.stats.leaf_bytes == bias_bytes + x.nbytes, eager.stats
+        torch._dynamo.reset()
+        engine = actpack.compress("actnn")
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            _grads(torch.compile(model, backend=backend), x, engine)
+        torch._dynamo.reset()
+        decisions = list(compiled_hooks(engine).decisions.values())
+        # SDPA's saves: q, k, v (selects of the qkv projection), its output
+        # and statistics (getitems, detached), and the bias.
+        masks = [d for d in decisions if d.op == "_scaled_dot_product_flash_attention_for_cpu"
+                 and d.producer not in ("select", "getitem", "detach")]  # fmt: skip
+        assert len(masks) == 1, decisions
+        assert masks[0].before == bias_bytes, masks
+        assert (masks[0].kind, masks[0].reason) == (Kind.KEEP, "leaf input"), masks

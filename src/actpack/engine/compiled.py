@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, fx
 
 from actpack.engine import graphcodes
-from actpack.engine.graphfacts import graph_facts
+from actpack.engine.graphfacts import graph_facts, history_free
 from actpack.engine.saved import Held, unpack
 from actpack.policy.decide import Kind, decide
 
@@ -264,6 +264,12 @@ class GraphHooks:
         # engine is alive while its hooks are installed.
         self._engine = weakref.ref(engine)
         self.decisions: dict[tuple[int, str], Decision] = {}
+        # Per forward graph being compiled, the names of its nodes without
+        # autograd history (one pass over the graph, not one per save); weak:
+        # a compiled graph's FX graph is freed after compilation.
+        self._history_free: weakref.WeakKeyDictionary[fx.Graph, frozenset[str]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.pack_gm, self.unpack_gm = _hook_pair(_cache_hash(engine))
 
     @property
@@ -278,7 +284,11 @@ class GraphHooks:
         """The pack hook while AOTAutograd traces it for saved node ``state["_node"]``."""
         node = state["_node"]
         strategy = self.engine.strategy
-        gf = graph_facts(node, state["_bw_graph"], x)
+        fw_graph = state["_fw_graph"]
+        free = self._history_free.get(fw_graph)
+        if free is None:
+            free = self._history_free[fw_graph] = history_free(fw_graph)
+        gf = graph_facts(node, state["_bw_graph"], x, free)
         if x.is_floating_point() and gf.facts.history and not gf.facts.logits:
             # (Attention's query and key take the policy's fp16 form whatever
             # the strategy would skip, as in eager mode.)

@@ -465,11 +465,104 @@ def _unsafe_user(node: fx.Node) -> str | None:
     return None
 
 
-def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFacts:
-    """Facts about the save of forward node ``node`` (value ``val``) read by ``bw_graph``."""
+# Ops whose result has no autograd history whatever their tensor arguments
+# (eager gives them no grad_fn): values made to the shape or dtype of a
+# tensor.  Not ``detach``: AOTAutograd saves an op's output for backward as
+# ``detach(output)``, an activation with history (SDPA's output), and the
+# graph does not tell that from a user's ``detach()``.
+_NO_HISTORY = frozenset(
+    {"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+     "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_empty_strided"}
+)  # fmt: skip
+
+
+def _differentiable(val: object) -> bool:
+    """Whether ``val`` (a node's example value) could carry autograd history:
+    a floating or complex tensor, or a tuple holding one (multi-output ops;
+    their ``getitem`` s decide for themselves)."""
+    if isinstance(val, torch.Tensor):
+        return val.dtype.is_floating_point or val.dtype.is_complex
+    if isinstance(val, (tuple, list)):
+        return any(_differentiable(v) for v in val)
+    if val is None:
+        return True  # no example value recorded: nothing is known
+    return False  # SymInts, numbers: sizes and flags carry no gradient
+
+
+def _input_requires_grad(node: fx.Node) -> bool:
+    """Whether graph input (or constant) ``node`` requires grad.
+
+    AOTAutograd records each forward input's ``requires_grad`` in its
+    ``tensor_meta`` (parameters and inputs that require grad: True; buffers,
+    the input batch, RNG seeds: False); the example values in ``val`` are
+    detached and say False for all.  Without that record the input is taken
+    to require grad: its dependants are decided as they were before
+    inputs' history was read (coded where the rest allows)."""
+    val = node.meta.get("val")
+    if val is not None and not isinstance(val, torch.Tensor):
+        return False  # a symbolic size
+    meta = node.meta.get("tensor_meta")
+    requires_grad = getattr(meta, "requires_grad", None)
+    return True if requires_grad is None else bool(requires_grad)
+
+
+def history_free(fw_graph: fx.Graph) -> frozenset[str]:
+    """Names of the nodes of ``fw_graph`` without autograd history, eager's
+    ``grad_fn is None``: graph inputs that do not require grad (buffers, the
+    input batch, constants), integer and bool values, and whatever is
+    computed from those alone (a fixed ALiBi bias from ``arange`` and a
+    buffer, a mask from integers).
+
+    AOTAutograd's graphs are traced below autograd (every intermediate's
+    ``tensor_meta.requires_grad`` is False), so history is propagated here
+    from the inputs, in graph order: a node has history when one of its
+    tensor arguments has and it is not one of the ops eager gives no
+    ``grad_fn``.  This over-approximates eager only where eager's history
+    ends inside the graph in a way the graph does not show (``torch.no_grad``
+    blocks): those nodes keep being decided as activations."""
+    free = set()
+    for node in fw_graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            history = _input_requires_grad(node)
+        elif node.op == "output":
+            continue
+        else:
+            history = (
+                _differentiable(node.meta.get("val"))
+                and op_name(node) not in _NO_HISTORY
+                and any(a.name not in free for a in node.all_input_nodes)
+            )
+        if not history:
+            free.add(node.name)
+    return frozenset(free)
+
+
+def _input_leaf(node: fx.Node, history: bool) -> str | None:
+    """The ``leaf`` fact of a graph input: its storage is the caller's, so it
+    is handed back as it is (``Kind.KEEP``).  One that does not require grad
+    is what eager calls a "leaf input" (the input batch, a buffer; the graph
+    does not tell them apart); one that does is a parameter, or an activation
+    of an earlier graph."""
+    if node.op != "placeholder":
+        return None
+    return "graph input" if history else "leaf input"
+
+
+def graph_facts(
+    node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor, free: frozenset[str] | None = None
+) -> GraphFacts:
+    """Facts about the save of forward node ``node`` (value ``val``) read by
+    ``bw_graph``; ``free`` is :func:`history_free` of ``node``'s graph
+    (computed here when not given: callers deciding many saves of one graph
+    pass it once)."""
     readers = _backward_readers(node, bw_graph)
     producer = op_name(node)
     statistic = node.op == "call_function" and _is_statistic(node)
+    if free is None:
+        free = history_free(node.graph)
+    # Eager's ``grad_fn is not None``: a save computed only from inputs that
+    # do not require grad is no activation (see decide: never coded).
+    history = node.name not in free
     # Backward that only compares the save with 0 (ReLU's mask) reads its
     # region alone; compared with another constant, the save stays exact
     # (restoring a value on the right side of an arbitrary bound in the
@@ -516,8 +609,8 @@ def graph_facts(node: fx.Node, bw_graph: fx.Graph, val: torch.Tensor) -> GraphFa
         origin="op" if op is not None else "unknown",
         op=op,
         role="internal" if statistic else "input",
-        history=not statistic,
-        leaf="graph input" if node.op == "placeholder" else None,
+        history=history and not statistic,
+        leaf=_input_leaf(node, history),
         plain=type(val).__name__ in ("FakeTensor", "FunctionalTensor", "Tensor"),
         overlapping=overlapping,
         rule=rule,

@@ -113,7 +113,9 @@ class Facts(NamedTuple):
             by differentiable ops in this graph.
         leaf: ``"parameter"``, ``"buffer"``, ``"parameter view"`` or
             ``"parameter cast"`` when its storage belongs to the model's
-            weights, else None.
+            weights; in a compiled graph, ``"graph input"`` or ``"leaf
+            input"`` (one that does not require grad) for the graph's own
+            inputs, whose storage the caller holds; else None.
         plain: a plain strided, non-meta ``torch.Tensor`` (not a subclass).
         overlapping: a broadcast view (stride 0 over a dimension > 1).
         rule: the region rule ReLU-family backward needs (see
