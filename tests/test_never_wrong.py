@@ -1703,9 +1703,11 @@ class TestAttentionQueryKeyHalf:
         stats = engine.stats
         assert stats.forms[LOGITS_HALF][1] == 2 * 2 * (2 * 2 * 64 * 32) + 8
         # Nothing attention saves passes through but its logsumexp (2 x 2 x
-        # 64 fp32, tiny); the input batch x (a leaf, seen by the Linears
-        # through a view) is not attention's.
-        assert stats.passthrough == {"tiny": 2 * 2 * 64 * 4, "op statistics": x.nbytes}
+        # 64 fp32, tiny); the input batch x, seen by the Linears through a
+        # view, and the loss's fixed projection (_grads) are leaves (held,
+        # not counted), each of x's size here.
+        assert stats.passthrough == {"tiny": 2 * 2 * 64 * 4}
+        assert stats.leaf_bytes == 2 * x.nbytes
         # v and the output: 2 x 2 x 64 x 32 fp32 each, coded in ~2.1 bits.
         before, after = stats.by_op["scaled_dot_product_attention"]
         coded = after - stats.forms[LOGITS_HALF][1] - 2 * 2 * 64 * 4
@@ -2131,10 +2133,11 @@ class TestCompiledHistory:
         model = _MaskedAttention("alibi")
         eager = actpack.compress("actnn")
         _grads(model, x, eager)
-        # The bias, (batch, heads, tokens, tokens) fp32, and the input batch
-        # (read by the qkv projection).
+        # The bias, (batch, heads, tokens, tokens) fp32, the input batch (read
+        # by the qkv projection through a 2-D view) and the loss's fixed
+        # projection (saved by _grads' mul, the output's shape: x's here).
         bias_bytes = 4 * 4 * 64 * 64 * 4
-        assert eager.stats.leaf_bytes == bias_bytes + x.nbytes, eager.stats
+        assert eager.stats.leaf_bytes == bias_bytes + 2 * x.nbytes, eager.stats
         torch._dynamo.reset()
         engine = actpack.compress("actnn")
         with torch._functorch.config.patch(enable_autograd_cache=False):
