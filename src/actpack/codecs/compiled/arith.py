@@ -165,8 +165,10 @@ def fix_poisoned_codes_(
     dimensions of ``codes``, ``groups_of(mask)`` returns the float32 values of
     the groups it selects, shaped like ``codes[mask]``.
     """
-    if bool(poisoned.any()):
-        codes[poisoned] = class_codes(groups_of(poisoned), wide)
+    # No branch on the data: nothing reads a tensor's value on the host
+    # (tests/test_engine.py pins it for every codec path); with no poisoned
+    # group the assignment is empty.
+    codes[poisoned] = class_codes(groups_of(poisoned), wide)
 
 
 def group_grid(lo: Tensor, hi: Tensor, levels: Tensor):
@@ -203,8 +205,7 @@ def fix_poisoned_values_(out: Tensor, q: Tensor, lo: Tensor, wide: bool) -> None
     the compiled body, on the poisoned groups alone.
     """
     poisoned = torch.isnan(lo)
-    if bool(poisoned.any()):
-        out[poisoned] = poisoned_values(q[poisoned], wide, out.dtype)
+    out[poisoned] = poisoned_values(q[poisoned], wide, out.dtype)  # no branch on the data
 
 
 def poisoned_values(q: Tensor, wide: bool, dtype: torch.dtype) -> Tensor:

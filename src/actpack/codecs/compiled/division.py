@@ -231,16 +231,20 @@ def division_encode(
             return reference()
         codes, lo, hi, poisoned, ok = out[:5]
         nok = ~ok.view(shape[0], shape[1])
-        if bool(nok.any()):
+        size = math.prod(shape[2:])
 
-            def u_of(mask: Tensor) -> Tensor | float:
-                if not stochastic:
-                    return 0.5
-                flat = _flat_index(view, lane, inner, index)[mask]
-                return uniform(flat, seed, below_2_32=True)
+        def u_of(mask: Tensor) -> Tensor | float:
+            if not stochastic:
+                return 0.5
+            # The row-major flat indices of the selected rows' elements alone.
+            first = mask.view(-1).nonzero().view(-1, 1).to(index) * size
+            flat = first + torch.arange(size, device=x.device, dtype=index)
+            return uniform(flat.view(-1, *view.shape[2:]), seed, below_2_32=True)
 
-            sub = (lo.view(nok.shape), hi.view(nok.shape), poisoned.view(nok.shape))
-            _requantize_rows_(view, (lfc, codes, *sub), nok, u_of, levels)
+        # No branch on the data (see fix_poisoned_codes_): empty when every
+        # residual is finite.
+        sub = (lo.view(nok.shape), hi.view(nok.shape), poisoned.view(nok.shape))
+        _requantize_rows_(view, (lfc, codes, *sub), nok, u_of, levels)
         # A poisoned row's residual is not finite, so its codes classify x itself.
         mask = poisoned.view(shape[0], shape[1])
         fix_poisoned_codes_(codes, lambda m: view[m].float(), mask, bits >= 2)
