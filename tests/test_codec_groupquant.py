@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 
+import actpack
 from actpack.codecs import GroupCode, dequantize_groups, packed_numel, quantize_groups
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -260,3 +261,20 @@ def test_invalid_arguments() -> None:
         quantize_groups(x.long(), 2, 4)
     with pytest.raises(ValueError, match="zero_exact"):
         quantize_groups(x.abs(), 1, 4, zero_exact=True)
+
+
+@pytest.mark.parametrize("strategy", ["actnn", "int8", "actnn-rows", "division", "actnn-l3"])
+def test_float64_beyond_float32_range_is_refused(strategy):
+    """Codes compute in float32: a finite float64 value above 3.4e38 would
+    decode infinite (and its group NaN).  Refused with a clear error; float64
+    within range codes as before (the engine keeps float64 saves exact)."""
+    from actpack.strategies import SaveInfo
+
+    info = SaveInfo(op="linear", module=None, rule=None, key="k")
+    x = torch.randn(4, 8, 16, 16, dtype=torch.float64)
+    s = actpack.resolve(strategy)
+    y = s.encode(x, info).decode()
+    assert torch.isfinite(y).all() and y.dtype == torch.float64
+    x[0, 0, 0, 0] = 1e300
+    with pytest.raises(ValueError, match="beyond float32's range"):
+        s.encode(x, info)

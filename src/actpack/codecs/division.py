@@ -16,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from actpack.codecs.groupquant import GroupCode, dequantize_groups, quantize_groups
+from actpack.codecs.groupquant import (
+    GroupCode,
+    check_float32_range,
+    dequantize_groups,
+    quantize_groups,
+)
 from actpack.codecs.pack import _check_bits
 
 _POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
@@ -70,6 +75,7 @@ def division_encode(
     bits = _check_bits(bits)
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    check_float32_range(x)
     shape = tuple(x.shape)
     n, c, spatial = shape[0], shape[1], shape[2:]
     if min(spatial) < 1:

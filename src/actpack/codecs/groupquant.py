@@ -101,6 +101,21 @@ def _scale(lo: Tensor, hi: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]
     return k, lok, step
 
 
+def check_float32_range(x: Tensor) -> None:
+    """Raise ValueError if float64 ``x`` holds finite values beyond float32's
+    range: the codes compute in float32, where such a value would become
+    infinite, and its group NaN (never silently finite, but not the input).
+    Reads ``x`` on the host (float64 only: the engine keeps float64 exact)."""
+    if x.dtype == torch.float64:
+        big = (x.abs() > torch.finfo(torch.float32).max) & torch.isfinite(x)
+        if bool(big.any()):
+            raise ValueError(
+                "x holds finite float64 values beyond float32's range (3.4e38), which "
+                "the codes, computed in float32, would turn infinite; keep such a tensor "
+                "exact (the engine keeps float64 saves exact) or scale it first"
+            )
+
+
 def quantize_groups(
     x: Tensor,
     bits: int,
@@ -139,6 +154,7 @@ def quantize_groups(
         raise ValueError("zero_exact needs bits >= 2 (code 0 is reserved for exact zero)")
     if not meta_dtype.is_floating_point:
         raise ValueError(f"meta_dtype must be a floating-point dtype, got {meta_dtype}")
+    check_float32_range(x)
 
     with torch.no_grad():
         rows, cols = x.shape

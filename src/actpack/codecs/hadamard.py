@@ -45,7 +45,7 @@ from actpack.codecs.backend import (
     quantize_groups,
     unpack_mask,
 )
-from actpack.codecs.groupquant import GroupCode
+from actpack.codecs.groupquant import GroupCode, check_float32_range
 
 __all__ = [
     "RotatedCode",
@@ -199,13 +199,15 @@ def hadamard_encode(
         meta_dtype: dtype of the per-group ranges.
 
     Raises ValueError for a non-2-D or non-float ``x``, a ``block`` that is
-    not a power of two, or invalid ``bits``/``group_size``.
+    not a power of two, invalid ``bits``/``group_size``, or float64 values
+    beyond float32's range.
     """
     _check_block(block)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (rows, cols), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    check_float32_range(x)
     rows, cols = x.shape
     if group_size is None:
         group_size = max(cols, 1)

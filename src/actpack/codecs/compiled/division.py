@@ -18,7 +18,8 @@ dimension (:func:`spread`).  Poisoned rows get their classes afterwards, as
 in :mod:`~actpack.codecs.compiled.groupquant`.
 
 Falls back to the reference for invalid arguments, empty tensors, input
-dtypes other than float32/float16/bfloat16/float64, decode dtypes other than
+dtypes other than float32/float16/bfloat16 (float64 goes to the reference, which
+checks its range), decode dtypes other than
 float32/float16/bfloat16, codes whose LFC is not bfloat16, and tensors of
 2**32 elements or more.
 """
@@ -177,7 +178,7 @@ def _valid(x: Tensor, block: int, bits: int) -> bool:
         and isinstance(bits, int)
         and not isinstance(bits, bool)
         and 1 <= bits <= 8
-        and x.dtype in (*_FLOATS, torch.float64)
+        and x.dtype in _FLOATS  # float64: the reference, which checks its range
         and 0 < x.numel() < MAX_NUMEL
     )
 

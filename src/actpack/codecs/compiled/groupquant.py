@@ -16,7 +16,8 @@ temporary.  Compiled once per (bits >= 2, zero_exact, stochastic, dtypes, index 
 the bit width itself is a runtime value.
 
 Falls back to the reference for invalid arguments (so that it raises its
-errors), empty tensors, meta dtypes other than bfloat16/float16/float32,
+errors), empty tensors, float64 input (the reference checks its range), meta
+dtypes other than bfloat16/float16/float32,
 decode dtypes other than float32/float16/bfloat16, and tensors of 2**32
 elements or more.
 """
@@ -118,7 +119,7 @@ def _valid(x: Tensor, bits: int, group_size: int, zero_exact: bool, meta: torch.
         and not isinstance(group_size, bool)
         and group_size >= 1
         and x.dim() == 2
-        and x.dtype in (*_FLOATS, torch.float64)
+        and x.dtype in _FLOATS  # float64: the reference, which checks its range
         and not (zero_exact and bits < 2)
         and meta in _FLOATS
         and 0 < x.numel() < MAX_NUMEL
