@@ -522,17 +522,17 @@ class Engine:
             and t.device.type != "meta"
         )
         history = t.grad_fn is not None
-        caller = op_caller(sys._getframe(2))
-        origin = _origin(caller)
         numel = t.numel()
         dtype = t.dtype
         if numel < st.settings.min_numel and dtype != torch.bool:
             # Below min_numel the plan depends on dtype, size, plainness and
-            # weights alone (decide returns before reading anything else):
-            # the common small save pays for nothing more.
+            # weights alone (decide returns before reading anything else,
+            # the origin included): the common small save pays for nothing more.
             leaf = self._leaf(t, args, st) if plain else None
-            facts = Facts(dtype, numel, origin, op, "unknown", history, leaf, plain)
+            facts = Facts(dtype, numel, "op", op, "unknown", history, leaf, plain)
             return facts, op, args, kwargs
+        caller = op_caller(sys._getframe(2))
+        origin = _origin(caller)
         floating = t.is_floating_point()
         rule = None
         region_only = declined = logits = False
