@@ -289,9 +289,10 @@ class GraphHooks:
         if free is None:
             free = self._history_free[fw_graph] = history_free(fw_graph)
         gf = graph_facts(node, state["_bw_graph"], x, free)
-        if x.is_floating_point() and gf.facts.history and not gf.facts.logits:
-            # (Attention's query and key take the policy's fp16 form whatever
-            # the strategy would skip, as in eager mode.)
+        attention = gf.facts.logits or gf.facts.values
+        if x.is_floating_point() and gf.facts.history and not attention:
+            # (Attention's query, key, value and output take the policy's
+            # fp16 form whatever the strategy would skip, as in eager mode.)
             declined = gf.facts.declined or strategy.skip_reason(x)
             gf = replace(gf, facts=gf.facts._replace(declined=declined))
         plan = decide(gf.facts, self.engine._settings())

@@ -37,13 +37,23 @@ from actpack.engine.accounting import Stats, StorageSet, anchor
 from actpack.engine.compiled import compiled_hooks, op_caller
 from actpack.engine.saved import Held, Reshaped, Saved, unpack
 from actpack.engine.tracking import ModuleTracker, OpTracker
-from actpack.policy.decide import LOGITS_16BIT, Facts, Kind, Plan, Settings, decide
+from actpack.policy.decide import (
+    LOGITS_16BIT,
+    VALUES_16BIT,
+    Facts,
+    Kind,
+    Plan,
+    Settings,
+    decide,
+)
 from actpack.policy.ops import (
     ATTENTION_LOGIT_OPS,
+    ATTENTION_NODES,
     LINEAR_BACKWARD_OPS,
     SMOOTH_BACKWARD_OPS,
     SMOOTH_COMPOSITES,
     attention_logit_args,
+    attention_value_args,
 )
 from actpack.policy.rules import ReluOutput, reads_region_only, rule_for, same_tensor
 from actpack.strategies import Cast16, Int8, SaveInfo, Strategy, resolve
@@ -84,7 +94,7 @@ def _squares(op: str | None, args: tuple, kwargs: dict) -> bool:
 
 
 _COPYABLE = frozenset(
-    {"tiny", "integer", "float64 (kept exact)", "op statistics", LOGITS_16BIT,
+    {"tiny", "integer", "float64 (kept exact)", "op statistics", LOGITS_16BIT, VALUES_16BIT,
      "attention mask (softmax recomputed with it)"}
 )  # fmt: skip
 
@@ -159,7 +169,7 @@ _MHA = "multi_head_attention_forward"
 
 
 def _mha_locals(frame: Any) -> dict[str, Any] | None:
-    """``need_weights``, ``q`` and ``k`` of the innermost running
+    """``need_weights``, ``q``, ``k`` and ``v`` of the innermost running
     ``torch.nn.functional.multi_head_attention_forward`` at or above ``frame``,
     or None if there is none or they are not tensors (before the function
     assigns them, after it deletes them, or under another torch).
@@ -167,20 +177,20 @@ def _mha_locals(frame: Any) -> dict[str, Any] | None:
     The op tracker sees that Python function as one call (its ops run inside
     the tracker's own dispatch), so which of its saves are the heads' query
     and key is read from its frame: at the moment of a save its locals ``q``
-    and ``k`` are the tensors it is handing to attention.
+    ``k`` and ``v`` are the tensors it is handing to attention.
     """
     while frame is not None:
         code = frame.f_code
         if code.co_name == _MHA and frame.f_globals.get("__name__") == "torch.nn.functional":
             snapshot = frame.f_locals
-            found = {name: snapshot.get(name) for name in ("need_weights", "q", "k")}
+            found = {name: snapshot.get(name) for name in ("need_weights", "q", "k", "v")}
             if type(snapshot) is dict:
                 # Python < 3.13 caches this copy on the running frame: it would
                 # keep q, k, v alive past the function's own ``del q, k, v``.
                 # (From 3.13 f_locals is a view that holds nothing.)
                 snapshot.clear()
             if not isinstance(found["need_weights"], bool) or not all(
-                isinstance(found[name], Tensor) for name in ("q", "k")
+                isinstance(found[name], Tensor) for name in ("q", "k", "v")
             ):
                 # Not yet assigned (the in-projection's save), deleted (the
                 # out-projection's), or renamed by another torch: not known.
@@ -190,8 +200,28 @@ def _mha_locals(frame: Any) -> dict[str, Any] | None:
     return None
 
 
-def _attention_logit_input(t: Tensor, op: str, args: tuple, kwargs: dict, frame: Any) -> bool:
-    """Whether ``t`` is the query or key of fused attention (``Facts.logits``).
+def _attention_output(t: Tensor, args: tuple, kwargs: dict) -> bool:
+    """Whether ``t`` is the output a fused attention kernel saves for its
+    backward: its ``grad_fn`` is that kernel's node, and its shape is the
+    query's with the value's last dimension.  The kernel's logsumexp has no
+    ``grad_fn`` (not differentiable), and the matmul + softmax path's saves
+    belong to other nodes."""
+    node = t.grad_fn
+    if node is None or type(node).__name__ not in ATTENTION_NODES:
+        return False
+    if not args or not isinstance(args[0], Tensor):
+        return True  # MHA's own arguments are not attention's: the node decides
+    query = args[0]
+    value = args[2] if len(args) > 2 and isinstance(args[2], Tensor) else kwargs.get("value")
+    if not isinstance(value, Tensor):
+        return True
+    return t.shape == query.shape[:-1] + value.shape[-1:]
+
+
+def _attention_input(t: Tensor, op: str, args: tuple, kwargs: dict, frame: Any) -> str | None:
+    """``"logits"`` if ``t`` is the query or key of fused attention
+    (``Facts.logits``), ``"values"`` if its value or output (``Facts.values``),
+    else None.
 
     Fused attention's backward (flash, memory-efficient, cuDNN) recomputes
     the probabilities as ``exp(q k^T * scale - logsumexp)`` with the
@@ -199,35 +229,55 @@ def _attention_logit_input(t: Tensor, op: str, args: tuple, kwargs: dict, frame:
     exponent, and rows no longer sum to 1 (relative error of the mean of 64
     draws 0.39 at logit std 1.3 and 5.2 at std 3 under 2-bit codes;
     non-finite under ActNN with sharper attention), far from a smooth op's
-    second-order bias.  The policy stores them in fp16, whose error in each
-    logit has a worst-case bound (``Kind.HALF``).  Values, outputs and
-    everything else attention saves get the strategy's code.
+    second-order bias.  It then forms dS = P o (dO v^T - rowsum(dO o out)),
+    whose two terms cancel where a row of P is nearly one-hot: codes of v
+    and out drawn apart leave their noise there (dq 25x off in one draw).
+    The policy stores all four in fp16, whose error has a worst-case bound
+    (``Kind.HALF``); the logsumexp stays exact (op statistics).
+
+    The value is matched as the op's argument and the output by its
+    ``grad_fn`` (the fused kernel's node).  Where the op runs matmul +
+    softmax instead (dropout on the CPU, head dims it has no kernel for),
+    it saves reshaped views of q, k and v, which match no argument, and
+    the probabilities: nothing is recomputed, and they keep the strategy's
+    code.
 
     ``nn.MultiheadAttention`` runs attention inside one Python function
     (``frame``: the frame that called the op, or one below it): with
-    ``need_weights=False`` it hands its locals ``q`` and ``k`` to
+    ``need_weights=False`` it hands its locals ``q``, ``k`` and ``v`` to
     ``scaled_dot_product_attention``, and they are what is matched; its other
-    saves are the projections' inputs, v and the output (read linearly), or,
-    where the CPU runs attention as matmul + softmax (dropout), products and
-    probabilities read linearly and smoothly.  With ``need_weights=True`` it
-    runs bmm + softmax + bmm, which save the probabilities and recompute
-    nothing: q and k are coded like any matmul input.  Where its frame
-    holds no tensors ``q`` and ``k`` (before they exist, after it deletes
-    them, or under another torch), every 4-D save inside it, the heads'
-    q, k, v and output, is treated as q and k are: fp16, never a few-bit
-    code (its other saves, the projections' inputs, are 2-D or 3-D).
+    saves are the projections' inputs and the output (found by its node),
+    or, where the CPU runs attention as matmul + softmax (dropout), products
+    and probabilities read linearly and smoothly.  With ``need_weights=True``
+    it runs bmm + softmax + bmm, which save the probabilities and recompute
+    nothing: q, k and v are coded like any matmul input.  Where its frame
+    holds no tensors ``q``, ``k`` and ``v`` (before they exist, after it
+    deletes them, or under another torch), every 4-D save inside it, the
+    heads' q, k, v and output (or probabilities), takes the fp16 form,
+    never a few-bit code (its other saves, the projections' inputs, are 2-D
+    or 3-D).
     """
     if op in ATTENTION_LOGIT_OPS:
         qk, _ = attention_logit_args(op, args, kwargs)
-        return any(same_tensor(a, t) for a in qk)
+        if any(same_tensor(a, t) for a in qk):
+            return "logits"
+        if any(same_tensor(a, t) for a in attention_value_args(op, args, kwargs)):
+            return "values"
+        return "values" if _attention_output(t, args, kwargs) else None
     if op != _MHA:
-        return False
+        return None
     found = _mha_locals(frame)
     if found is None:
-        return t.dim() == 4
+        if _attention_output(t, (), {}):
+            return "values"
+        return "logits" if t.dim() == 4 else None
     if found["need_weights"]:
-        return False
-    return same_tensor(found["q"], t) or same_tensor(found["k"], t)
+        return None
+    if same_tensor(found["q"], t) or same_tensor(found["k"], t):
+        return "logits"
+    if same_tensor(found["v"], t) or _attention_output(t, (), {}):
+        return "values"
+    return None
 
 
 def _attention_mask_input(t: Tensor, op: str, args: tuple, kwargs: dict) -> str | None:
@@ -535,7 +585,7 @@ class Engine:
         origin = _origin(caller)
         floating = t.is_floating_point()
         rule = None
-        region_only = declined = logits = False
+        region_only = declined = logits = values = False
         role = "unknown"
         if floating and op is not None and origin == "op":
             if history:
@@ -544,13 +594,17 @@ class Engine:
                 if plain:
                     rule = rule_for(t, op, args, kwargs)
                     region_only = rule is not None and reads_region_only(op)
-                logits = _attention_logit_input(t, op, args, kwargs, caller)
-                # A strategy's own reason to leave x (Cast16: already 16-bit)
-                # does not apply to the fp16 form of q and k.
-                declined = None
-                if not logits:
-                    declined = _attention_mask_input(t, op, args, kwargs)
-                    declined = declined or self.strategy.skip_reason(t)
+                # The mask first: a tensor passed as the mask and as q, k or v
+                # matches both in each of its saves; the exact form is safe
+                # for all of them.
+                declined = _attention_mask_input(t, op, args, kwargs)
+                if declined is None:
+                    attention = _attention_input(t, op, args, kwargs, caller)
+                    logits, values = attention == "logits", attention == "values"
+                    # A strategy's own reason to leave x (Cast16: already
+                    # 16-bit) does not apply to the fp16 form of q, k, v, out.
+                    if attention is None:
+                        declined = self.strategy.skip_reason(t)
             else:
                 role = _role(t, args, kwargs)
         facts = Facts(
@@ -569,6 +623,7 @@ class Engine:
             declined or None,
             t.device.type == "cpu",
             logits,
+            values,
         )
         return facts, op, args, kwargs
 

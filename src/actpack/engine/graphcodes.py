@@ -134,7 +134,8 @@ def encode(strategy: Strategy, plan: Plan, gf: GraphFacts, x: Tensor) -> Coded:
         if window and all(type(n) is int for part in window for n in part):
             return "pool", (code.bits, window), (_carrier(x), code.packed)
     if kind == Kind.HALF and x.dtype == torch.float32:
-        # Fused attention's query or key: any strategy, traceable or not.
+        # Fused attention's query, key, value or output: any strategy,
+        # traceable or not.
         data, scale = traceable.half_scaled(x)
         return "half", (x.dtype,), (data, scale)
     if kind == Kind.REGION and isinstance(plan.rule, ReluOutput):

@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 from actpack.policy.decide import Facts
-from actpack.policy.ops import SMOOTH_COMPOSITES, attention_logit_args
+from actpack.policy.ops import SMOOTH_COMPOSITES, attention_logit_args, attention_value_args
 from actpack.policy.rules import ReluOutput
 
 aten = torch.ops.aten
@@ -161,11 +161,17 @@ def _same_numel(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(statically_known_true(a.numel() == b.numel()))
 
 
-def _backward_readers(node: fx.Node, bw_graph: fx.Graph) -> list[fx.Node]:
+def _backward_placeholder(node: fx.Node, bw_graph: fx.Graph) -> fx.Node | None:
+    """The backward graph's input carrying the save of ``node`` (same name)."""
     for placeholder in bw_graph.find_nodes(op="placeholder"):
         if placeholder.name == node.name:
-            return list(placeholder.users)
-    return []
+            return placeholder
+    return None
+
+
+def _backward_readers(node: fx.Node, bw_graph: fx.Graph) -> list[fx.Node]:
+    placeholder = _backward_placeholder(node, bw_graph)
+    return list(placeholder.users) if placeholder is not None else []
 
 
 def _compared_with(readers: list[fx.Node]) -> float | None:
@@ -307,20 +313,37 @@ def _is_view_of(arg: object, node: fx.Node, depth: int = 4) -> bool:
     return False
 
 
-def _attention_input(node: fx.Node, readers: list[fx.Node]) -> tuple[str, str] | None:
+def _attention_input(node: fx.Node, saved: fx.Node | None) -> tuple[str, str] | None:
     """``(role, op)`` if a fused attention op takes ``node`` as its query or key
-    (role ``"qk"``: stored in fp16, ``Kind.HALF``) or as its additive mask
-    (role ``"mask"``: kept exact); its backward recomputes the probabilities
-    from them (see the eager engine's rules of the same names).  None if
-    none does."""
-    for user in (*_forward_users(node), *readers):
+    (role ``"qk"``: stored in fp16, ``Kind.HALF``), as its value or, in
+    backward, as the forward's output (role ``"values"``: fp16 too), or as
+    its additive mask (role ``"mask"``: kept exact); its backward recomputes
+    the probabilities from q, k and the mask, and cancels dO.v against
+    dO.out (see the eager engine's rule of the same name).  None if none
+    does.  The output is found through the backward op reading it (``saved``:
+    the backward graph's input carrying the save, followed through views):
+    in the forward graph it is an output of the attention op, not an
+    argument."""
+    users = [(user, node) for user in _forward_users(node)]
+    if saved is not None:
+        users += [(user, saved) for user in _forward_users(saved)]
+    found: dict[str, str] = {}
+    for user, source in users:
         name = op_name(user)
         qk, mask = attention_logit_args(name, user.args, user.kwargs)
         base = name.removesuffix("_backward")
-        if any(_is_view_of(a, node) for a in qk):
-            return "qk", base
-        if any(_is_view_of(a, node) for a in mask):
-            return "mask", base
+        if any(_is_view_of(a, source) for a in mask):
+            found.setdefault("mask", base)
+        if any(_is_view_of(a, source) for a in qk):
+            found.setdefault("qk", base)
+        values = attention_value_args(name, user.args, user.kwargs)
+        if any(_is_view_of(a, source) for a in values):
+            found.setdefault("values", base)
+    # One code serves every reader: the strictest role decides (a mask in
+    # fp16 would err by 2^-11 of its size inside the exponent).
+    for role in ("mask", "qk", "values"):
+        if role in found:
+            return role, found[role]
     return None
 
 
@@ -575,11 +598,13 @@ def graph_facts(
         reader = _region_reader(node, readers)
         if reader is not None:
             declined = f"region read by {reader} (no compiled region form)"
-    logits = False
+    logits = values = False
     if declined is None and val.is_floating_point() and not statistic:
-        attention = _attention_input(node, readers)
+        attention = _attention_input(node, _backward_placeholder(node, bw_graph))
         if attention is not None and attention[0] == "qk":
             logits = True
+        elif attention is not None and attention[0] == "values":
+            values = True
         elif attention is not None:
             declined = f"attention mask ({attention[1]} recomputes softmax with it)"
     if declined is None and val.is_floating_point() and node.op == "call_function":
@@ -618,6 +643,7 @@ def graph_facts(
         compactable=offset_bits is not None or integer_op is not None,
         declined=declined,
         logits=logits,
+        values=values,
     )
     readers_names = tuple(op_name(r) for r in readers)
     return GraphFacts(facts, op, producer, readers_names, offset_bits, integer_op)

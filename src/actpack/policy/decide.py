@@ -28,8 +28,10 @@ pattern that ReLU-family backward reads.
 One lossy form is not the strategy's: the query and key of fused attention,
 whose backward recomputes the softmax from them, are stored in fp16 (with a
 power-of-two scale), where the error of every recomputed logit has a
-worst-case bound (:attr:`Kind.HALF`); under lossless strategies and
-``smooth="exact"`` they stay exact, and 16-bit ones stay as they are.
+worst-case bound (:attr:`Kind.HALF`); so are its value and output, whose
+products with the incoming gradient that backward subtracts cancel where
+attention is sharp.  Under lossless strategies and ``smooth="exact"`` they
+stay exact, and 16-bit ones stay as they are.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ from actpack.policy.ops import DROPOUT_OPS, LINEAR_BACKWARD_OPS, SMOOTH_BACKWARD
 from actpack.policy.rules import ReluOutput
 
 __all__ = [
-    "LOGITS_16BIT", "LOGITS_HALF", "ORIGINS", "ROLES", "Facts", "Kind", "Plan", "Settings",
-    "decide",
+    "LOGITS_16BIT", "LOGITS_HALF", "ORIGINS", "ROLES", "VALUES_16BIT", "VALUES_HALF", "Facts",
+    "Kind", "Plan", "Settings", "decide",
 ]  # fmt: skip
 
 #: Where a save comes from: a torch function actpack can name ("op"), a
@@ -95,6 +97,17 @@ class Kind(enum.Enum):
     #: <= ~ s 2^-10 |q_i| |k_t|``: a worst-case bound, and what fp16 autocast
     #: itself runs attention with.  The scale keeps values above 65504 from
     #: overflowing without reading them on the host.
+    #:
+    #: Fused attention's value v and output O take this form too.  Its
+    #: backward forms dS_it = P_it (dO_i . v_t - dO_i . O_i): where row i of P
+    #: is nearly one-hot at t (sharp heads, a query matching itself, an
+    #: attention sink), O_i ~ v_t and the two products cancel, but codes of v
+    #: and O drawn apart do not (one 2-bit draw put dq 25x off where
+    #: matmul + softmax, whose saved one-hot P decodes exactly, erred 1.7x).
+    #: In fp16 each product errs by at most sum_j |dO_ij| (2^-11 |v_tj| +
+    #: 2^-25 scale), <= ~2^-11 |dO_i||v_t| (likewise for O_i), so dS_it errs
+    #: by at most ~2^-11 P_it |dO_i| (|v_t| + |O_i|) (plus the logits' share):
+    #: the cancellation leaves fp16 rounding, whatever the sharpness.
     HALF = "half"
 
 
@@ -128,6 +141,9 @@ class Facts(NamedTuple):
             at no synchronisation cost (CPU tensors).
         logits: the query or key of a fused attention op, whose backward
             recomputes the softmax from it (see :attr:`Kind.HALF`).
+        values: the value or output of a fused attention op, whose
+            backward subtracts their products with the incoming gradient
+            (see :attr:`Kind.HALF`).
     """
 
     dtype: torch.dtype
@@ -145,6 +161,7 @@ class Facts(NamedTuple):
     declined: str | None = None
     checkable: bool = False
     logits: bool = False
+    values: bool = False
 
 
 class Plan(NamedTuple):
@@ -186,6 +203,9 @@ _FLOAT_EXACT = {torch.float64: "float64 (kept exact)"}
 #: Reasons given for fused attention's query and key (``Facts.logits``).
 LOGITS_HALF = "attention query/key: fp16 (softmax recomputed from them)"
 LOGITS_16BIT = "attention query/key: 16-bit, kept (softmax recomputed from them)"
+#: Reasons given for fused attention's value and output (``Facts.values``).
+VALUES_HALF = "attention value/output: fp16 (backward cancels dO.v against dO.out)"
+VALUES_16BIT = "attention value/output: 16-bit, kept (backward cancels dO.v against dO.out)"
 
 
 @functools.lru_cache(maxsize=1024)
@@ -251,13 +271,15 @@ def decide(f: Facts, s: Settings) -> Plan:
         return _exact("broadcast view")
     if f.declined is not None:
         return _exact(f.declined)
-    if f.logits:
-        # Never the strategy's code: its noise would enter an exponent.
+    if f.logits or f.values:
+        # Never the strategy's code: its noise would enter an exponent (q, k)
+        # or survive a cancellation (v, out).
         if f.dtype != torch.float32:
-            return _exact(LOGITS_16BIT)  # bf16/fp16 already; nothing narrower is bounded
+            # bf16/fp16 already; nothing narrower is bounded
+            return _exact(LOGITS_16BIT if f.logits else VALUES_16BIT)
         if s.smooth == "exact":
             return _exact(f"smooth backward ({f.op}, kept exact)")
-        return Plan(Kind.HALF, LOGITS_HALF)
+        return Plan(Kind.HALF, LOGITS_HALF if f.logits else VALUES_HALF)
     base = f.op.strip("_") if f.op not in LINEAR_BACKWARD_OPS else f.op
     if f.op not in LINEAR_BACKWARD_OPS and base not in LINEAR_BACKWARD_OPS:
         if base not in SMOOTH_BACKWARD_OPS and f.op not in SMOOTH_BACKWARD_OPS:

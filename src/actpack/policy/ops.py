@@ -111,6 +111,53 @@ ATTENTION_LOGIT_ARGS: dict[str, tuple[tuple[int, ...], int | None, str]] = {
 }
 
 
+#: Where each fused attention op takes its value and, for a ``_backward``,
+#: its forward's output ``out``: positions from the same schemas.  The
+#: backward forms dS = P o (dO v^T - rowsum(dO o out)); where a row of P is
+#: nearly one-hot the two terms cancel, and codes of v and out drawn apart
+#: leave their noise in the difference (see ``Kind.HALF``).  A forward op
+#: names its value only: its output is not an argument (the eager engine
+#: tells it by the autograd node it belongs to, :data:`ATTENTION_NODES`).
+ATTENTION_VALUE_ARGS: dict[str, tuple[int, ...]] = {
+    "scaled_dot_product_attention": (2,),
+    "_scaled_dot_product_flash_attention_for_cpu": (2,),
+    "_scaled_dot_product_flash_attention": (2,),
+    "_scaled_dot_product_efficient_attention": (2,),
+    "_scaled_dot_product_cudnn_attention": (2,),
+    "_scaled_dot_product_fused_attention_overrideable": (2,),
+    # Backward ops: (grad_out, query, key, value, ..., out, ...).
+    "_scaled_dot_product_flash_attention_for_cpu_backward": (3, 4),
+    "_scaled_dot_product_flash_attention_backward": (3, 4),
+    "_scaled_dot_product_efficient_attention_backward": (3, 5),
+    "_scaled_dot_product_cudnn_attention_backward": (3, 4),
+    "_scaled_dot_product_fused_attention_overrideable_backward": (3, 6),
+}
+
+#: The autograd nodes of the fused attention kernels (the ``grad_fn`` of
+#: their outputs, named after the aten ops of :data:`ATTENTION_LOGIT_OPS`):
+#: a tensor saved with one of them as its ``grad_fn`` is that kernel's
+#: output.  ``scaled_dot_product_attention`` itself is composite: it runs
+#: one of these kernels, or matmul + softmax, whose saves belong to other
+#: nodes (and whose backward recomputes nothing).
+ATTENTION_NODES = frozenset(
+    {"ScaledDotProductFlashAttentionForCpuBackward0", "ScaledDotProductFlashAttentionBackward0",
+     "ScaledDotProductEfficientAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0",
+     "ScaledDotProductFusedAttentionOverrideableBackward0"}
+)  # fmt: skip
+
+
+def attention_value_args(op: str, args: tuple, kwargs: dict) -> tuple:
+    """The value (and, for a backward op, the forward's output) among an
+    attention op's arguments, positional or named as in the schema: empty
+    for an op not in :data:`ATTENTION_VALUE_ARGS`."""
+    where = ATTENTION_VALUE_ARGS.get(op)
+    if where is None:
+        return ()
+    found = [args[i] for i in where if i < len(args)]
+    found += [kwargs[name] for name in ("value", "out") if kwargs.get(name) is not None]
+    return tuple(found)
+
+
 def attention_logit_args(op: str, args: tuple, kwargs: dict) -> tuple[tuple, tuple]:
     """(query and key, mask) among an attention op's arguments: empty tuples
     for an op not in :data:`ATTENTION_LOGIT_ARGS`."""
@@ -119,6 +166,10 @@ def attention_logit_args(op: str, args: tuple, kwargs: dict) -> tuple[tuple, tup
         return (), ()
     qk_at, mask_at, mask_kw = where
     qk = tuple(args[i] for i in qk_at if i < len(args))
+    if kwargs:
+        # F.scaled_dot_product_attention(query=q, key=k, value=v) reaches the
+        # op tracker with its tensors named, not placed.
+        qk += tuple(kwargs[name] for name in ("query", "key") if kwargs.get(name) is not None)
     mask = []
     if mask_at is not None and mask_at < len(args):
         mask.append(args[mask_at])
