@@ -165,3 +165,21 @@ def test_input_batch_seen_through_a_view_is_a_leaf(shape, first):
     assert got.leaf_bytes == x.numel() * 4 == flat.leaf_bytes
     assert got.baseline_bytes == flat.baseline_bytes
     assert got.compressed_bytes == flat.compressed_bytes
+
+
+@pytest.mark.parametrize("where", ["model", "blocks"])
+def test_modules_compiled_in_place_are_measured_eagerly(where):
+    """Saves inside compiled graphs escape the counters (the report read 0 B):
+    modules compiled in place run eagerly for the step, with a warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 1))
+    x = torch.randn(512, 64)
+    want = actpack.measure(model, x, strategy="actnn")
+    compiled = [model] if where == "model" else [model[0], model[2]]
+    for m in compiled:
+        m.compile(backend="aot_eager")
+    with pytest.warns(UserWarning, match="compiled in place"):
+        got = actpack.measure(model, x, strategy="actnn")
+    assert got.baseline_bytes == want.baseline_bytes > 0
+    assert got.compressed_bytes == want.compressed_bytes
+    assert all(m._compiled_call_impl is not None for m in compiled)

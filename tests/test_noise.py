@@ -104,3 +104,21 @@ def test_compiled_submodules_are_refused():
     model[2] = torch.compile(model[2], backend="aot_eager")
     with pytest.raises(ValueError, match="before compiling its blocks"):
         actpack.gradient_noise(model, torch.randn(8, 64), strategy="actnn", draws=2)
+
+
+@pytest.mark.parametrize("where", ["model", "blocks"])
+def test_modules_compiled_in_place_run_eagerly(where):
+    """nn.Module.compile keeps the class (no OptimizedModule to unwrap): those
+    modules run eagerly for the measurement (the draws repeated: variance 0),
+    with a warning, and are compiled again after."""
+    x = torch.randn(512, 64)
+    want = actpack.gradient_noise(_mlp(), x, strategy=actpack.ActNN(seed=5), draws=3)
+    model = _mlp()
+    compiled = [model] if where == "model" else [m for m in model if isinstance(m, nn.Linear)]
+    for m in compiled:
+        m.compile(backend="aot_eager")
+    with pytest.warns(UserWarning, match="compiled in place"):
+        got = actpack.gradient_noise(model, x, strategy=actpack.ActNN(seed=5), draws=3)
+    assert got.variance > 0
+    assert got.variance == pytest.approx(want.variance, rel=1e-12)
+    assert all(m._compiled_call_impl is not None for m in compiled)

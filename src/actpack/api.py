@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from actpack.engine import DEFAULT_MIN_NUMEL, Engine
-from actpack.probe import default_loss, preserved_rng
+from actpack.probe import default_loss, eager_calls, preserved_rng
 from actpack.report import Report
 from actpack.strategies import DEFAULT_STRATEGY, Strategy
 
@@ -267,6 +267,11 @@ def measure(
     scalar loss; by default :func:`actpack.probe.default_loss` (the
     ``.loss`` of a HuggingFace output, else the sum of the outputs).
 
+    A compiled model is measured through its eager module
+    (``model._orig_mod``) and modules compiled in place
+    (``nn.Module.compile``) run eagerly for the step, with a warning: saves
+    inside compiled graphs are packed where the counters do not reach.
+
     ``strategy``: what to measure; by default the strategy of a model
     wrapped by :func:`wrap` (measured through a copy of its settings, with
     its own engine set aside for the step), else :data:`actpack.DEFAULT_STRATEGY`
@@ -299,7 +304,7 @@ def measure(
     strategy = DEFAULT_STRATEGY if strategy is None else strategy
     min_numel = DEFAULT_MIN_NUMEL if min_numel is None else min_numel
     model = _eager_module(model)
-    with wrapped.suspended() if wrapped is not None else _null():
+    with wrapped.suspended() if wrapped is not None else _null(), eager_calls(model, "measure"):
         return _measure(model, inputs, strategy, loss_fn, min_numel)
 
 

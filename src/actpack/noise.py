@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from actpack.engine import DEFAULT_MIN_NUMEL, Engine
-from actpack.probe import default_loss, preserved_rng
+from actpack.probe import default_loss, eager_calls, preserved_rng
 from actpack.strategies import DEFAULT_STRATEGY, Exact, Strategy, resolve
 
 __all__ = ["NoiseReport", "gradient_noise"]
@@ -92,8 +92,9 @@ def _eager_model(model: nn.Module) -> nn.Module:
     same default generator (:mod:`actpack.codecs.counter_noise`), so their
     draws would all be equal: a variance of 0, the whole error reported as
     bias.  A compiled model is measured through its eager module (its
-    strategies keep their own generators); compiled blocks inside a model
-    cannot be told apart from it, so they are refused.
+    strategies keep their own generators); ``torch.compile`` wrappers inside
+    a model cannot be set aside, so they are refused (modules compiled in
+    place are run eagerly: :func:`actpack.probe.eager_calls`).
     """
     compiled = [m for m in model.modules() if type(m).__name__ == "OptimizedModule"]
     if not compiled:
@@ -156,13 +157,16 @@ def gradient_noise(
     statistics are keyed by module names only when modules were tracked); a
     model wrapped with :func:`actpack.wrap` is measured through its own
     engine.  A compiled model (``torch.compile(model)``, wrapped or not) is
-    measured through its eager module, with a warning: compiled codes draw
-    their noise from the generator every pass re-seeds.
+    measured through its eager module, and modules compiled in place
+    (``nn.Module.compile``, the whole model or its blocks) are run eagerly
+    for the measurement, with a warning: compiled codes draw their noise
+    from the generator every pass re-seeds.
 
     Raises:
         ValueError: ``draws`` is not a positive integer; the model has no
             parameter that requires grad; or some of its submodules (not the
-            model itself) are compiled.
+            model itself) are ``torch.compile`` wrappers (compile them in
+            place with ``module.compile()`` instead, or measure first).
 
     Example::
 
@@ -214,20 +218,21 @@ def gradient_noise(
         ]
 
     original = wrapped_engine.strategy if wrapped_engine is not None else None
-    try:
-        exact = run(None)
-        mean = [torch.zeros_like(g) for g in exact]
-        m2 = [torch.zeros_like(g) for g in exact]
-        for d in range(draws):
-            grads = run(_fork(base, base.seed + 1 + d))
-            for mu, s2, g in zip(mean, m2, grads):
-                delta = g - mu
-                mu.add_(delta / (d + 1))
-                s2.add_(delta * (g - mu))
-    finally:
-        if wrapped_engine is not None:
-            wrapped_engine.strategy = original
-        restore()
+    with eager_calls(model, "gradient_noise"):
+        try:
+            exact = run(None)
+            mean = [torch.zeros_like(g) for g in exact]
+            m2 = [torch.zeros_like(g) for g in exact]
+            for d in range(draws):
+                grads = run(_fork(base, base.seed + 1 + d))
+                for mu, s2, g in zip(mean, m2, grads):
+                    delta = g - mu
+                    mu.add_(delta / (d + 1))
+                    s2.add_(delta * (g - mu))
+        finally:
+            if wrapped_engine is not None:
+                wrapped_engine.strategy = original
+            restore()
 
     params_out: dict[str, tuple[float, float]] = {}
     per_layer: dict[str, list[float]] = {}

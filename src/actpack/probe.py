@@ -7,14 +7,16 @@ those passes from changing what the user's training run does next.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["default_loss", "preserved_rng"]
+__all__ = ["default_loss", "eager_calls", "preserved_rng"]
 
 
 def default_loss(output: Any) -> Tensor:
@@ -62,3 +64,35 @@ def preserved_rng(tensors: Iterable[Any]) -> AbstractContextManager:
         }
     )
     return torch.random.fork_rng(devices=devices)
+
+
+@contextlib.contextmanager
+def eager_calls(model: nn.Module, caller: str) -> Iterator[None]:
+    """Run the modules of ``model`` compiled in place (``nn.Module.compile``)
+    eagerly for the duration, with a warning; they are compiled again after.
+
+    ``nn.Module.compile`` keeps the module's class and routes its calls
+    through ``_compiled_call_impl``: saves inside its graphs are packed in the
+    graphs, where :func:`actpack.measure`'s counters do not reach (it read 0
+    bytes), and their codes draw rounding noise from torch's default
+    generator, which :func:`actpack.gradient_noise` re-seeds for every draw
+    (every draw repeated: variance 0).  The eager forward is what both can
+    measure.  Not thread-safe: another thread calling the model meanwhile
+    runs it eagerly too.
+    """
+    compiled = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    if compiled:
+        warnings.warn(
+            f"{caller}: {len(compiled)} module(s) of the model are compiled in place "
+            "(nn.Module.compile); measuring them eagerly (saves inside compiled graphs "
+            "cannot be counted, and their rounding noise repeats across draws)",
+            stacklevel=4,
+        )
+    saved = [(m, m._compiled_call_impl) for m in compiled]
+    try:
+        for m, _ in saved:
+            m._compiled_call_impl = None
+        yield
+    finally:
+        for m, impl in saved:
+            m._compiled_call_impl = impl
