@@ -183,3 +183,38 @@ def test_modules_compiled_in_place_are_measured_eagerly(where):
     assert got.baseline_bytes == want.baseline_bytes > 0
     assert got.compressed_bytes == want.compressed_bytes
     assert all(m._compiled_call_impl is not None for m in compiled)
+
+
+class _Probed(nn.Module):
+    """A head on an activation ``f`` and a linear probe on ``f.detach()``
+    (stop-gradient), in either order."""
+
+    def __init__(self, probe_first: bool) -> None:
+        super().__init__()
+        self.probe_first = probe_first
+        self.backbone = nn.Sequential(nn.Linear(64, 512), nn.GELU())
+        self.head, self.probe = nn.Linear(512, 4), nn.Linear(512, 4)
+
+    def forward(self, x):
+        f = self.backbone(x)
+        if self.probe_first:
+            return self.probe(f.detach()).sum() + self.head(f).sum()
+        return self.head(f).sum() + self.probe(f.detach()).sum()
+
+
+@pytest.mark.parametrize("probe_first", [False, True])
+def test_detached_activation_kept_as_a_leaf_is_counted(probe_first):
+    """The probe's save of f.detach() is a leaf (kept as it is), so it keeps
+    f's whole storage alive although the head's save of f is coded: its bytes
+    show in leaf_bytes, in either order, and f counts once in the baseline."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    f_bytes = 256 * 512 * 4
+    plain = actpack.measure(_Probed(probe_first), x, strategy="actnn")
+    without = _Probed(probe_first)
+    without.forward = lambda x: without.head(without.backbone(x)).sum()
+    want = actpack.measure(without, x, strategy="actnn")
+    assert plain.leaf_bytes == x.nbytes + f_bytes
+    assert want.leaf_bytes == x.nbytes
+    assert plain.baseline_bytes == want.baseline_bytes
+    assert plain.compressed_bytes == want.compressed_bytes

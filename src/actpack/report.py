@@ -57,8 +57,10 @@ class Report:
     parameters autograd holds (autocast's bf16 weight copies), never
     compressed and not counted in the totals.  ``leaf_bytes``: tensors
     without autograd history autograd holds (the input batch, a frozen
-    model's activations), whose storage exists anyway: never compressed and
-    not counted in the totals.  ``peak_bytes`` and
+    model's activations, a ``detach()``-ed activation), never compressed and
+    not counted in the totals: each storage once, unless a tensor held as
+    it is already holds it (an activation coded elsewhere is counted here
+    too: the leaf save keeps its memory alive).  ``peak_bytes`` and
     ``baseline_peak_bytes``: CUDA peak memory of the step with and without
     compression (``None`` elsewhere).
 
@@ -110,8 +112,8 @@ class Report:
             )
         if self.leaf_bytes:
             lines.append(
-                f"leaf tensors held for backward (input batch; never compressed, not counted "
-                f"above): {_size(self.leaf_bytes)}"
+                f"leaf tensors held for backward (input batch, detached or frozen "
+                f"activations; never compressed, not counted above): {_size(self.leaf_bytes)}"
             )
         for title, table in (("module", self.modules), ("op", self.ops)):
             rows = [(name, b, c) for name, (b, c) in table.items()]

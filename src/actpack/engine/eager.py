@@ -688,7 +688,11 @@ class Engine:
         module = self._modules.current if self._modules is not None else None
         kind = plan.kind
         if kind is Kind.KEEP:
-            nbytes = t.untyped_storage().nbytes() if st.held.add(t) else 0
+            # Counted once per storage held as it is (held_compressed), not per
+            # storage seen (held): an activation coded for one op and kept as
+            # a leaf for another (``probe(f.detach())``) stays alive because
+            # of the leaf save, and its bytes must show.
+            nbytes = t.untyped_storage().nbytes() if st.held_compressed.add(t) else 0
             if plan.reason in ("parameter cast", "parameter view"):
                 stats.weight_bytes += nbytes  # identical with or without actpack
             elif plan.reason == "leaf input":
