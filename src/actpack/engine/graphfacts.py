@@ -271,6 +271,7 @@ def _derived_nonlinear_read(node: fx.Node, bw_graph: fx.Graph, limit: int = 4000
             break
     if start is None:
         return None
+    relu_save = op_name(node) == "relu"
     derived = {start}
     queue = [start]
     seen = 0
@@ -283,9 +284,13 @@ def _derived_nonlinear_read(node: fx.Node, bw_graph: fx.Graph, limit: int = 4000
             name = op_name(user)
             if name == "threshold_backward":
                 # (grad, self, threshold): a derived grad is read linearly;
-                # comparing a *recomputed* self reads a region.
-                if len(user.args) > 1 and user.args[1] in derived and user.args[1] is not start:
-                    return name
+                # comparing a *recomputed* self reads a region.  A ReLU output
+                # read through views or ``detach`` (AOTAutograd without
+                # Inductor) is the save's own region: its ReLU form keeps it.
+                self_arg = user.args[1] if len(user.args) > 1 else None
+                if self_arg in derived and self_arg is not start:
+                    if not (relu_save and _holds_the_save(self_arg, start)):
+                        return name
                 continue
             if name in _DERIVED_END:
                 continue
@@ -300,6 +305,25 @@ def _derived_nonlinear_read(node: fx.Node, bw_graph: fx.Graph, limit: int = 4000
                 continue  # the save's own region: decided by the ReLU forms
             return name
     return None
+
+
+# Ops whose output holds its input's values unchanged (no cast, no arithmetic).
+_SAME_VALUES = frozenset(
+    {"view", "reshape", "_unsafe_view", "permute", "transpose", "t", "expand", "clone",
+     "squeeze", "unsqueeze", "alias", "contiguous", "detach"}
+)  # fmt: skip
+
+
+def _holds_the_save(arg: object, start: fx.Node, depth: int = 8) -> bool:
+    """Whether ``arg`` holds the values of ``start`` (the save's placeholder)
+    unchanged: ``start`` itself or reached from it through views and detach."""
+    while isinstance(arg, fx.Node) and depth >= 0:
+        if arg is start:
+            return True
+        if op_name(arg) not in _SAME_VALUES or not arg.args:
+            return False
+        arg, depth = arg.args[0], depth - 1
+    return False
 
 
 def _is_view_of(arg: object, node: fx.Node, depth: int = 4) -> bool:
