@@ -1062,41 +1062,6 @@ class TestCompiledRecomputation:
         assert any(d.form == "groups" for d in compiled_hooks(engine).decisions.values())
 
 
-class TestOperandCopies:
-    """A matmul or convolution that copies an operand without autograd history
-    (autocast's cast of the input batch, a contiguous copy of a transposed
-    one) saves the copy: a tensor it made, read linearly by its backward.
-    It was kept exact as "op statistics" (with a two-valued check pass every
-    step: 12.2x -> 5.4x on an MLP); it is coded, unbiased."""
-
-    @pytest.mark.parametrize("case", ["transposed", "autocast", "conv-autocast"])
-    def test_operand_copy_is_coded(self, case):
-        torch.manual_seed(0)
-        if case == "conv-autocast":
-            model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GELU(), nn.Flatten(),
-                                  nn.Linear(16 * 14 * 14, 4))  # fmt: skip
-            x = torch.randn(32, 3, 16, 16)
-        else:
-            model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 8))
-            x = torch.randn(64, 16, 64)
-            x = x.transpose(0, 1) if case == "transposed" else x
-        engine = actpack.compress("actnn")
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "transposed")
-        with warnings.catch_warnings(), autocast:
-            warnings.simplefilter("ignore")
-            _grads(model, x, engine)
-        assert "op statistics" not in engine.stats.passthrough, engine.stats.passthrough
-        first = engine.stats.by_op["linear" if case != "conv-autocast" else "conv2d"]
-        assert first[1] * 4 < first[0], first  # the copy is coded, not held
-
-    def test_transposed_batch_copy_is_unbiased(self):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 8))
-        x = torch.randn(64, 16, 64).transpose(0, 1)
-        ratio = _mean_error_ratio(model, x, model, lambda: actpack.compress("actnn"), 16)
-        assert ratio < 3, ratio
-
-
 class TestCompiledReluThroughDetach:
     """Without Inductor (``aot_eager``) the backward reads a saved ReLU output
     as ``threshold_backward(grad, detach(relu), 0)``: the save's own region,

@@ -43,12 +43,7 @@ from typing import NamedTuple
 
 import torch
 
-from actpack.policy.ops import (
-    DROPOUT_OPS,
-    LINEAR_BACKWARD_OPS,
-    OPERAND_COPY_OPS,
-    SMOOTH_BACKWARD_OPS,
-)
+from actpack.policy.ops import DROPOUT_OPS, LINEAR_BACKWARD_OPS, SMOOTH_BACKWARD_OPS
 from actpack.policy.rules import ReluOutput
 
 __all__ = [
@@ -260,9 +255,7 @@ def decide(f: Facts, s: Settings) -> Plan:
         return _exact("custom autograd.Function")
     if f.origin != "op" or f.op is None:
         return _exact("unknown op")
-    if not f.history and not (f.role == "internal" and f.op in OPERAND_COPY_OPS):
-        # (An operand copy a matmul or convolution made, read linearly by its
-        # backward, is coded like any of its inputs, below.)
+    if not f.history:
         if f.role == "internal":
             if f.op.strip("_") in DROPOUT_OPS:
                 return Plan(Kind.TWO_VALUED, "dropout noise")

@@ -85,17 +85,6 @@ SMOOTH_COMPOSITES: dict[tuple[str, str], str] = {
 #: saved query, key and additive mask (bias) and an exact logsumexp: those
 #: stay exact (a code's noise would enter an exponent; a group code of a
 #: ``-inf`` mask turns the rest of its group NaN); eager and aten names.
-#: Ops whose backward reads nothing but their operands, linearly (matmuls
-#: and convolutions): a float tensor without autograd history that one of
-#: them saves and that is not one of its arguments is a copy of an operand it
-#: made itself (autocast's cast of the input batch, a contiguous copy of a
-#: transposed one), not user storage and not a statistic.
-OPERAND_COPY_OPS = frozenset(
-    {"linear", "bilinear", "matmul", "mm", "bmm", "addmm", "addbmm", "baddbmm", "addmv",
-     "mv", "einsum", "tensordot", "__matmul__", "conv1d", "conv2d", "conv3d",
-     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
-)  # fmt: skip
-
 ATTENTION_LOGIT_OPS = frozenset(
     {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
      "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
