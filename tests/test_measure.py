@@ -218,3 +218,27 @@ def test_detached_activation_kept_as_a_leaf_is_counted(probe_first):
     assert want.leaf_bytes == x.nbytes
     assert plain.baseline_bytes == want.baseline_bytes
     assert plain.compressed_bytes == want.compressed_bytes
+
+
+@pytest.mark.parametrize("leaf_first", [False, True])
+def test_leaf_save_and_exact_save_of_one_storage(leaf_first):
+    """f held exact for abs and kept as a leaf through f.detach(): the totals
+    are abs's (f in baseline and compressed: ratio 1, not inf), the leaf bytes
+    show f too, whichever save comes first."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 256)
+    lin, w2 = nn.Linear(256, 256), nn.Parameter(torch.randn(256, 64))
+    engine = actpack.compress("actnn")
+    with engine:
+        f = lin(x)
+        if leaf_first:
+            a = f.detach() @ w2
+            b = f.abs()
+        else:
+            b = f.abs()
+            a = f.detach() @ w2
+        loss = a.sum() + b.sum()
+    loss.backward()
+    stats = engine.stats
+    assert stats.baseline_bytes == stats.compressed_bytes == f.nbytes
+    assert stats.leaf_bytes == x.nbytes + f.nbytes

@@ -58,9 +58,9 @@ class Report:
     compressed and not counted in the totals.  ``leaf_bytes``: tensors
     without autograd history autograd holds (the input batch, a frozen
     model's activations, a ``detach()``-ed activation), never compressed and
-    not counted in the totals: each storage once, unless a tensor held as
-    it is already holds it (an activation coded elsewhere is counted here
-    too: the leaf save keeps its memory alive).  ``peak_bytes`` and
+    not counted in the totals: each storage once among them (an activation
+    coded or held for another op is counted here too: the leaf save keeps
+    its memory alive).  ``peak_bytes`` and
     ``baseline_peak_bytes``: CUDA peak memory of the step with and without
     compression (``None`` elsewhere).
 

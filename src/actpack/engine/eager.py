@@ -337,8 +337,8 @@ class _Forward:
     """One thread's state during one forward under the engine."""
 
     __slots__ = (
-        "depth", "hooks", "ops", "table", "held", "held_compressed", "ordinals", "stats",
-        "weights", "settings",
+        "depth", "hooks", "ops", "table", "held", "held_compressed", "kept", "ordinals",
+        "stats", "weights", "settings",
     )  # fmt: skip
 
     def __init__(self, tracked: bool) -> None:
@@ -348,6 +348,8 @@ class _Forward:
         self.table: dict[tuple, list[tuple[weakref.ref, object, Any]]] = {}
         self.held = StorageSet()
         self.held_compressed = StorageSet()
+        #: Storages of the saves kept as they are (leaves, weights): their own bytes.
+        self.kept = StorageSet()
         self.ordinals: dict[tuple, int] = {}
         self.stats = Stats()
         #: Storage addresses of the model's plain parameters and buffers.
@@ -688,11 +690,13 @@ class Engine:
         module = self._modules.current if self._modules is not None else None
         kind = plan.kind
         if kind is Kind.KEEP:
-            # Counted once per storage held as it is (held_compressed), not per
-            # storage seen (held): an activation coded for one op and kept as
-            # a leaf for another (``probe(f.detach())``) stays alive because
-            # of the leaf save, and its bytes must show.
-            nbytes = t.untyped_storage().nbytes() if st.held_compressed.add(t) else 0
+            # Counted once per storage among the kept leaves (``kept``), apart
+            # from the baseline and compressed sets: an activation coded for
+            # one op and kept as a leaf for another (``probe(f.detach())``)
+            # stays alive because of the leaf save, and its bytes must show,
+            # whichever save comes first; the totals (and ratio) stay those
+            # of the other saves.
+            nbytes = t.untyped_storage().nbytes() if st.kept.add(t) else 0
             if plan.reason in ("parameter cast", "parameter view"):
                 stats.weight_bytes += nbytes  # identical with or without actpack
             elif plan.reason == "leaf input":
