@@ -326,6 +326,28 @@ def _holds_the_save(arg: object, start: fx.Node, depth: int = 8) -> bool:
     return False
 
 
+def _relu_region_read(node: fx.Node, bw_graph: fx.Graph) -> bool:
+    """Whether backward reads the save ``node`` for ReLU's region: a
+    ``threshold_backward`` (or a comparison with 0) of the save itself or of
+    its values through views and ``detach``."""
+    start = next((p for p in bw_graph.find_nodes(op="placeholder") if p.name == node.name), None)
+    if start is None:
+        return False
+    queue, seen = [start], {start}
+    while queue:
+        current = queue.pop()
+        for user in current.users:
+            name = op_name(user)
+            if name == "threshold_backward" and len(user.args) > 1 and user.args[1] is current:
+                return True
+            if name in _ALL_COMPARISONS and user.args and user.args[0] is current:
+                return True
+            if name in _SAME_VALUES and user not in seen:
+                seen.add(user)
+                queue.append(user)
+    return False
+
+
 def _is_view_of(arg: object, node: fx.Node, depth: int = 4) -> bool:
     """Whether ``arg`` is ``node`` or reached from it through view-like ops."""
     while isinstance(arg, fx.Node) and depth >= 0:
@@ -668,6 +690,9 @@ def graph_facts(
         declined=declined,
         logits=logits,
         values=values,
+        region_read=(
+            isinstance(rule, ReluOutput) and not region_only and _relu_region_read(node, bw_graph)
+        ),
     )
     readers_names = tuple(op_name(r) for r in readers)
     return GraphFacts(facts, op, producer, readers_names, offset_bits, integer_op)

@@ -144,6 +144,9 @@ class Facts(NamedTuple):
         values: the value or output of a fused attention op, whose
             backward subtracts their products with the incoming gradient
             (see :attr:`Kind.HALF`).
+        region_read: (compiled graphs) one save serves a ReLU region read
+            (``threshold_backward`` of the save) and other readers: its code
+            must keep the region (zeros) exact as well as the values.
     """
 
     dtype: torch.dtype
@@ -162,6 +165,7 @@ class Facts(NamedTuple):
     checkable: bool = False
     logits: bool = False
     values: bool = False
+    region_read: bool = False
 
 
 class Plan(NamedTuple):
@@ -300,6 +304,10 @@ def decide(f: Facts, s: Settings) -> Plan:
     if f.region_only:
         # The activation's own save: its backward reads the region alone.
         return Plan(Kind.REGION, "region", f.rule)
+    if f.region_read:
+        # One compiled save serves ReLU's region read and a value read: a
+        # code that may move zeros (fp16 underflow, 1 bit) flips the region.
+        return _exact("ReLU output read for its region and values (this code does not keep zeros)")
     # Another op saving the same values needs them unbiased; clamping a code
     # into the region would bias it.
     return Plan(Kind.LOSSY, "lossy")
