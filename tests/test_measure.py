@@ -242,3 +242,23 @@ def test_leaf_save_and_exact_save_of_one_storage(leaf_first):
     stats = engine.stats
     assert stats.baseline_bytes == stats.compressed_bytes == f.nbytes
     assert stats.leaf_bytes == x.nbytes + f.nbytes
+
+
+class _EinsumFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 256) / 8)
+        self.head = nn.Linear(256, 1)
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.gelu(torch.einsum("bi,ij->bj", [x, self.w])))
+
+
+def test_input_batch_inside_a_list_argument_is_a_leaf():
+    """torch.einsum(eq, [x, w]) passes its operands in a list: the input batch
+    it saves is still a leaf (held, not counted), as with einsum(eq, x, w)."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 64)
+    got = actpack.measure(_EinsumFirst(), x, strategy="actnn")
+    assert got.leaf_bytes == x.nbytes
+    assert "op statistics" not in got.passthrough

@@ -301,16 +301,22 @@ def _role(t: Tensor, args: tuple, kwargs: dict) -> str:
 
     Views count: ``F.linear`` saves a 2-D view of a 3-D input batch, which
     is that batch's memory (a leaf input, kept and not counted as saved),
-    not a tensor the op made.  A history-free tensor an op makes itself
+    not a tensor the op made.  So do tensors inside list or tuple arguments
+    (``torch.einsum(eq, [x, w])``).  A history-free tensor an op makes itself
     (dropout's mask, noise) has storage of its own.
     """
-    if any(same_tensor(a, t) for a in args) or any(same_tensor(a, t) for a in kwargs.values()):
+    operands = [
+        a
+        for arg in (*args, *kwargs.values())
+        for a in (arg if isinstance(arg, (list, tuple)) else (arg,))
+        if isinstance(a, Tensor)
+    ]
+    if any(same_tensor(a, t) for a in operands):
         return "input"
     storage = t.untyped_storage().data_ptr()
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, Tensor) and a.device == t.device:
-            if a.untyped_storage().data_ptr() == storage:
-                return "input"
+    for a in operands:
+        if a.device == t.device and a.untyped_storage().data_ptr() == storage:
+            return "input"
     return "internal"
 
 
