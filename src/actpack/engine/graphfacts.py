@@ -169,11 +169,6 @@ def _backward_placeholder(node: fx.Node, bw_graph: fx.Graph) -> fx.Node | None:
     return None
 
 
-def _backward_readers(node: fx.Node, bw_graph: fx.Graph) -> list[fx.Node]:
-    placeholder = _backward_placeholder(node, bw_graph)
-    return list(placeholder.users) if placeholder is not None else []
-
-
 def _compared_with(readers: list[fx.Node]) -> float | None:
     """The constant backward compares the save with, if comparing is all it does."""
     thresholds = set()
@@ -248,7 +243,7 @@ _DERIVED_END = frozenset(
 )  # fmt: skip
 
 
-def _derived_nonlinear_read(node: fx.Node, bw_graph: fx.Graph, limit: int = 4000) -> str | None:
+def _derived_nonlinear_read(node: fx.Node, start: fx.Node, limit: int = 4000) -> str | None:
     """An op of the backward graph reading a value derived from the save
     (the save itself or recomputed from it) other than linearly or smoothly;
     None if there is none.
@@ -263,14 +258,8 @@ def _derived_nonlinear_read(node: fx.Node, bw_graph: fx.Graph, limit: int = 4000
     (ReLU, a comparison, ``where``'s condition, ``threshold_backward`` of a
     recomputed value) or any op outside the known sets is reported.  Where
     ``threshold_backward``/comparisons read the save itself, the ReLU forms
-    above decide.  The walk stops after ``limit`` nodes (reported too)."""
-    start = None
-    for placeholder in bw_graph.find_nodes(op="placeholder"):
-        if placeholder.name == node.name:
-            start = placeholder
-            break
-    if start is None:
-        return None
+    above decide.  ``start``: the backward graph's placeholder of the save.
+    The walk stops after ``limit`` nodes (reported too)."""
     relu_save = op_name(node) == "relu"
     derived = {start}
     queue = [start]
@@ -314,25 +303,16 @@ _SAME_VALUES = frozenset(
 )  # fmt: skip
 
 
-def _holds_the_save(arg: object, start: fx.Node, depth: int = 8) -> bool:
+def _holds_the_save(arg: object, start: fx.Node) -> bool:
     """Whether ``arg`` holds the values of ``start`` (the save's placeholder)
     unchanged: ``start`` itself or reached from it through views and detach."""
-    while isinstance(arg, fx.Node) and depth >= 0:
-        if arg is start:
-            return True
-        if op_name(arg) not in _SAME_VALUES or not arg.args:
-            return False
-        arg, depth = arg.args[0], depth - 1
-    return False
+    return _is_view_of(arg, start, depth=8, through=_SAME_VALUES)
 
 
-def _relu_region_read(node: fx.Node, bw_graph: fx.Graph) -> bool:
-    """Whether backward reads the save ``node`` for ReLU's region: a
-    ``threshold_backward`` (or a comparison with 0) of the save itself or of
-    its values through views and ``detach``."""
-    start = next((p for p in bw_graph.find_nodes(op="placeholder") if p.name == node.name), None)
-    if start is None:
-        return False
+def _relu_region_read(start: fx.Node) -> bool:
+    """Whether backward reads the save whose placeholder is ``start`` for
+    ReLU's region: a ``threshold_backward`` (or a comparison with 0) of the
+    save itself or of its values through views and ``detach``."""
     queue, seen = [start], {start}
     while queue:
         current = queue.pop()
@@ -348,12 +328,15 @@ def _relu_region_read(node: fx.Node, bw_graph: fx.Graph) -> bool:
     return False
 
 
-def _is_view_of(arg: object, node: fx.Node, depth: int = 4) -> bool:
-    """Whether ``arg`` is ``node`` or reached from it through view-like ops."""
+def _is_view_of(
+    arg: object, node: fx.Node, depth: int = 4, through: frozenset[str] = _THROUGH
+) -> bool:
+    """Whether ``arg`` is ``node`` or reached from it through the ops in
+    ``through`` (view-like ops by default) in at most ``depth`` steps."""
     while isinstance(arg, fx.Node) and depth >= 0:
         if arg is node:
             return True
-        if op_name(arg) not in _THROUGH or not arg.args:
+        if op_name(arg) not in through or not arg.args:
             return False
         arg, depth = arg.args[0], depth - 1
     return False
@@ -624,7 +607,9 @@ def graph_facts(
     ``bw_graph``; ``free`` is :func:`history_free` of ``node``'s graph
     (computed here when not given: callers deciding many saves of one graph
     pass it once)."""
-    readers = _backward_readers(node, bw_graph)
+    # The backward graph's input carrying the save, looked up once.
+    saved = _backward_placeholder(node, bw_graph)
+    readers = list(saved.users) if saved is not None else []
     producer = op_name(node)
     statistic = node.op == "call_function" and _is_statistic(node)
     if free is None:
@@ -646,7 +631,7 @@ def graph_facts(
             declined = f"region read by {reader} (no compiled region form)"
     logits = values = False
     if declined is None and val.is_floating_point() and not statistic:
-        attention = _attention_input(node, _backward_placeholder(node, bw_graph))
+        attention = _attention_input(node, saved)
         if attention is not None and attention[0] == "qk":
             logits = True
         elif attention is not None and attention[0] == "values":
@@ -657,8 +642,8 @@ def graph_facts(
         fill = _extreme_fill(node)
         if fill is not None:
             declined = f"holds a {fill:g} fill (a group code would ruin the rest of its group)"
-    if declined is None and val.is_floating_point() and not statistic:
-        reader = _derived_nonlinear_read(node, bw_graph)
+    if declined is None and val.is_floating_point() and not statistic and saved is not None:
+        reader = _derived_nonlinear_read(node, saved)
         if reader is not None:
             declined = f"recomputed in backward and read nonlinearly ({reader})"
     offset_bits = integer_op = None
@@ -691,7 +676,10 @@ def graph_facts(
         logits=logits,
         values=values,
         region_read=(
-            isinstance(rule, ReluOutput) and not region_only and _relu_region_read(node, bw_graph)
+            isinstance(rule, ReluOutput)
+            and not region_only
+            and saved is not None
+            and _relu_region_read(saved)
         ),
     )
     readers_names = tuple(op_name(r) for r in readers)
