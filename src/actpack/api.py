@@ -10,7 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from actpack.engine import DEFAULT_MIN_NUMEL, Engine
-from actpack.probe import default_loss, eager_calls, preserved_rng
+from actpack.probe import (
+    compile_wrappers,
+    default_loss,
+    eager_behind,
+    eager_calls,
+    preserved_rng,
+)
 from actpack.report import Report
 from actpack.strategies import DEFAULT_STRATEGY, Strategy
 
@@ -316,11 +322,11 @@ def _eager_module(model: nn.Module) -> nn.Module:
     saves are what it can count, with the same policy (compiled graphs may
     keep a few more tensors exact, e.g. values backward recomputes from).
     """
-    compiled_parts = [m for m in model.modules() if type(m).__name__ == "OptimizedModule"]
+    compiled_parts = compile_wrappers(model)
     if not compiled_parts:
         return model
-    inner = getattr(model, "_orig_mod", None)
-    if compiled_parts[0] is model and isinstance(inner, nn.Module):
+    inner = eager_behind(model)
+    if inner is not None:
         warnings.warn(
             "measure: the model is compiled; measuring its eager module (model._orig_mod): "
             "saves inside compiled graphs are not counted by the engine",

@@ -12,7 +12,13 @@ import torch
 from torch import Tensor, nn
 
 from actpack.engine import DEFAULT_MIN_NUMEL, Engine
-from actpack.probe import default_loss, eager_calls, preserved_rng
+from actpack.probe import (
+    compile_wrappers,
+    default_loss,
+    eager_behind,
+    eager_calls,
+    preserved_rng,
+)
 from actpack.strategies import DEFAULT_STRATEGY, Exact, Strategy, resolve
 
 __all__ = ["NoiseReport", "gradient_noise"]
@@ -96,11 +102,8 @@ def _eager_model(model: nn.Module) -> nn.Module:
     a model cannot be set aside, so they are refused (modules compiled in
     place are run eagerly: :func:`actpack.probe.eager_calls`).
     """
-    compiled = [m for m in model.modules() if type(m).__name__ == "OptimizedModule"]
-    if not compiled:
-        return model
-    inner = getattr(model, "_orig_mod", None)
-    if compiled[0] is model and isinstance(inner, nn.Module):
+    inner = eager_behind(model)
+    if inner is not None:
         warnings.warn(
             "gradient_noise: the model is compiled; measuring its eager module "
             "(model._orig_mod), whose codes draw fresh rounding noise in every draw "
@@ -109,6 +112,9 @@ def _eager_model(model: nn.Module) -> nn.Module:
             stacklevel=3,
         )
         return _eager_model(inner)
+    compiled = compile_wrappers(model)
+    if not compiled:
+        return model
     raise ValueError(
         f"gradient_noise: {len(compiled)} submodule(s) of the model are compiled; their "
         "codes take rounding noise from torch's default generator, which every draw "

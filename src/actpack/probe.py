@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["default_loss", "eager_calls", "preserved_rng"]
+__all__ = ["compile_wrappers", "default_loss", "eager_behind", "eager_calls", "preserved_rng"]
 
 
 def default_loss(output: Any) -> Tensor:
@@ -64,6 +64,21 @@ def preserved_rng(tensors: Iterable[Any]) -> AbstractContextManager:
         }
     )
     return torch.random.fork_rng(devices=devices)
+
+
+def compile_wrappers(model: nn.Module) -> list[nn.Module]:
+    """The ``torch.compile`` wrappers (``OptimizedModule``) among ``model``'s
+    modules, ``model`` first if it is one."""
+    return [m for m in model.modules() if type(m).__name__ == "OptimizedModule"]
+
+
+def eager_behind(model: nn.Module) -> nn.Module | None:
+    """The eager module a ``torch.compile`` wrapper runs (``model._orig_mod``),
+    or None if ``model`` is not such a wrapper."""
+    inner = getattr(model, "_orig_mod", None)
+    if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+        return inner
+    return None
 
 
 @contextlib.contextmanager
