@@ -1,5 +1,6 @@
 """Small models shared by the gradient tests (conv, BatchNorm, ReLU, max-pool, linear)."""
 
+import pytest
 import torch.nn.functional as F
 from torch import nn
 
@@ -15,3 +16,14 @@ class SmallCNN(nn.Module):
         x = F.max_pool2d(F.relu(self.b1(self.c1(x))), 2)
         x = F.relu(self.b2(self.c2(x)))
         return self.fc(x.mean((2, 3)))
+
+
+def tiny_gpt2_config():
+    """An HF GPT-2 config built locally (nothing downloaded): 2 layers of
+    width 64, 4 heads, a 128-token vocabulary, 64 positions, no dropout;
+    skips the test where transformers is not installed."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, attn_pdrop=0.0,
+        resid_pdrop=0.0, embd_pdrop=0.0,
+    )  # fmt: skip

@@ -19,6 +19,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from small_models import tiny_gpt2_config
 from torch import nn
 
 import actpack
@@ -104,6 +105,17 @@ def test_private_torch_api_is_there():
     assert seeds.shape == (1,) and seeds.dtype == torch.int64
 
 
+def _spy_pair(pack):
+    """A GraphModule saved-tensor hook pair calling ``pack`` (unpack: the
+    identity): GraphModules are what AOTAutograd inlines and traces."""
+    graph = torch.fx.Graph()
+    graph.output(graph.call_function(pack, (graph.placeholder("x"),)))
+    pack_gm = torch.fx.GraphModule(nn.Module(), graph)
+    graph = torch.fx.Graph()
+    graph.output(graph.placeholder("p"))
+    return pack_gm, torch.fx.GraphModule(nn.Module(), graph)
+
+
 def test_forward_inputs_record_requires_grad():
     # What graphfacts.history_free reads: each forward input's requires_grad
     # in its tensor_meta (the example values are detached: all False), and
@@ -117,12 +129,7 @@ def test_forward_inputs_record_requires_grad():
                 seen[node.name] = node.meta["tensor_meta"].requires_grad
         return x
 
-    graph = torch.fx.Graph()
-    graph.output(graph.call_function(pack, (graph.placeholder("x"),)))
-    pack_gm = torch.fx.GraphModule(nn.Module(), graph)
-    graph = torch.fx.Graph()
-    graph.output(graph.placeholder("p"))
-    unpack_gm = torch.fx.GraphModule(nn.Module(), graph)
+    pack_gm, unpack_gm = _spy_pair(pack)
 
     class Net(nn.Module):
         def __init__(self):
@@ -152,12 +159,7 @@ def test_hook_context_hands_over_node_and_both_graphs():
             seen[node.name] = (node.name in names, isinstance(state["_fw_graph"], torch.fx.Graph))
         return x
 
-    graph = torch.fx.Graph()
-    graph.output(graph.call_function(pack, (graph.placeholder("x"),)))
-    pack_gm = torch.fx.GraphModule(nn.Module(), graph)
-    graph = torch.fx.Graph()
-    graph.output(graph.placeholder("p"))
-    unpack_gm = torch.fx.GraphModule(nn.Module(), graph)
+    pack_gm, unpack_gm = _spy_pair(pack)
     model = _mlp(depth=1)
     with torch.autograd.graph.saved_tensors_hooks(pack_gm, unpack_gm):
         torch.compile(model, backend="aot_eager")(torch.randn(2, 8, 32))
@@ -630,10 +632,7 @@ def test_builtin_models_compiled(name):
 def test_transformers_gpt2_compiled():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, attn_pdrop=0.0,
-        resid_pdrop=0.0, embd_pdrop=0.0,
-    )  # fmt: skip
+    config = tiny_gpt2_config()
     model = transformers.GPT2LMHeadModel(config)
     ids = torch.randint(0, 128, (4, 32))
     engine = actpack.compress("actnn", min_numel=1024)

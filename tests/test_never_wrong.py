@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch._functorch.config
 import torch.nn.functional as F
+from small_models import tiny_gpt2_config
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -1343,10 +1344,7 @@ def _gpt2_sharp():
     sharp enough that the causal mask matters in every row."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, attn_pdrop=0.0,
-        resid_pdrop=0.0, embd_pdrop=0.0,
-    )  # fmt: skip
+    config = tiny_gpt2_config()
     model = transformers.GPT2Model(config)
     with torch.no_grad():
         for block in model.h:
