@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_key", "int32_key", "random_key", "uniform"]
+__all__ = ["check_key", "counter", "int32_key", "random_key", "uniform"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -41,7 +41,7 @@ _MASK32 = 0xFFFFFFFF
 def _mul32(h: Tensor, c: int) -> Tensor:
     """``h * c mod 2**32`` for ``h`` in [0, 2**32), with ``c`` applied as the signed
     32-bit constant of the same residue, so that the product's magnitude stays below 2**63."""
-    return (h * (c - (1 << 32) if c >= 1 << 31 else c)) & _MASK32
+    return (h * _signed32(c)) & _MASK32
 
 
 def random_key(
@@ -89,6 +89,16 @@ def uniform(index: Tensor, key: Tensor, *, below_2_32: bool = False) -> Tensor:
     h = _mul32(h, 0x846CA68B)
     h = h ^ (h >> 16)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def counter(numel: int, key: Tensor) -> tuple[torch.dtype, Tensor]:
+    """The index dtype and key :func:`uniform` should get for ``numel``
+    counters: int32, with ``key`` as int32 words (converted once, outside a
+    compiled loop, rather than in every iteration), where every index is
+    below 2**31; else int64 and ``key`` as it is."""
+    if numel < 1 << 31:
+        return torch.int32, int32_key(key)
+    return torch.int64, key
 
 
 def int32_key(key: Tensor) -> Tensor:

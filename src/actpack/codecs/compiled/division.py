@@ -49,7 +49,7 @@ from actpack.codecs.compiled.arith import (
 from actpack.codecs.compiled.bits import pack_codes, unpack_codes
 from actpack.codecs.compiled.build import MAX_NUMEL
 from actpack.codecs.compiled.groupquant import _FLOATS, levels_tensor
-from actpack.codecs.counter_noise import int32_key, random_key, uniform
+from actpack.codecs.counter_noise import counter, random_key, uniform
 from actpack.codecs.division import DivisionCode, _upsample
 from actpack.codecs.groupquant import GroupCode
 
@@ -218,13 +218,11 @@ def division_encode(
             view = x
             spread_lfc, rest = spread(lfc, eff, shape, _innermost(x))
         # 32-bit noise lanes where every flat index fits (see counter_noise.uniform).
-        index = torch.int32 if x.numel() < 2**31 else torch.int64
+        index, seed = counter(x.numel(), seed)
         inner = _innermost(view)
         lane = torch.arange(view.shape[inner], device=x.device, dtype=index)
         lane = lane * math.prod(view.shape[inner + 1 :])  # row-major stride of ``inner``
         key = (bits >= 2, bool(stochastic), rest, x.dtype, index, inner)
-        if index == torch.int32:
-            seed = int32_key(seed)
         levels = levels_tensor(bits, False)
         args = (view, lfc, spread_lfc, seed, levels, lane)
         out = build.run(_encoder, key, args)

@@ -42,7 +42,7 @@ from actpack.codecs.compiled.arith import (
 )
 from actpack.codecs.compiled.bits import pack_codes, unpack_codes
 from actpack.codecs.compiled.build import MAX_NUMEL
-from actpack.codecs.counter_noise import int32_key, random_key, uniform
+from actpack.codecs.counter_noise import counter, random_key, uniform
 from actpack.codecs.groupquant import GroupCode
 
 __all__ = ["dequantize_groups", "quantize_groups"]
@@ -156,15 +156,13 @@ def quantize_groups(
     seed = random_key(generator, x.device) if stochastic else torch.zeros(2, dtype=torch.int64)
     rows, cols = x.shape
     # 32-bit noise lanes where every flat index fits (see counter_noise.uniform).
-    index = torch.int32 if rows * -(-cols // group_size) * group_size < 2**31 else torch.int64
+    index, seed = counter(rows * -(-cols // group_size) * group_size, seed)
     # Whole groups in contiguous rows: the body reads the (groups, group_size)
     # view, whose flat index needs no division by a symbolic row width.
     grouped = cols % group_size == 0 and x.stride(1) == 1 and (rows == 1 or x.stride(0) == cols)
     view = x.view(-1, group_size) if grouped else x
     key = (bits >= 2, zero_exact, stochastic, meta_dtype, x.dtype, index, grouped)
     lane = torch.arange(group_size, device=x.device, dtype=index)
-    if index == torch.int32:
-        seed = int32_key(seed)
     args = (view, seed, levels_tensor(bits, zero_exact), lane)
     with torch.no_grad():
         out = build.run(_encoder, key, args)
