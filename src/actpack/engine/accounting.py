@@ -105,31 +105,37 @@ class StorageSet:
     def __init__(self) -> None:
         self._refs: dict[torch.device, dict[int, Any]] = {}
 
-    def add(self, t: Tensor) -> bool:
-        """Record ``t``'s storage; True if it was not already held."""
+    def new_bytes(self, t: Tensor) -> int:
+        """Record ``t``'s storage: its size in bytes if it was not already
+        held, else 0.  Raises RuntimeError for tensors without a storage
+        (sparse, vmap's batched tensors)."""
+        storage = t.untyped_storage()
         device = t.device
         table = self._refs.get(device)
         if table is None:
             table = self._refs[device] = {}
-        # The storage's address without building a storage object (hot path).
-        key = t.data_ptr() - t.storage_offset() * t.element_size()
+        key = storage.data_ptr()
         entry = table.get(key)
-        ref = weakref.ref(anchor(t))
+        base = t._base  # anchor(t), inlined: this runs for every save
+        ref = weakref.ref(t if base is None else base)
         if entry is None:
             table[key] = ref
-            return True
-        refs = entry if type(entry) is list else (entry,)
-        for r in refs:
-            if r() is not None:
-                break
-        else:
+            return storage.nbytes()
+        if type(entry) is not list:
+            if entry() is None:  # a freed storage's address, reused
+                table[key] = ref
+                return storage.nbytes()
+            if entry is not ref:
+                table[key] = [entry, ref]
+            return 0
+        if all(r() is None for r in entry):
             table[key] = ref
-            return True
+            return storage.nbytes()
         # weakref.ref(x) is one shared object per x: a tensor saved again
         # does not grow the entry.
-        if all(r is not ref for r in refs):
-            table[key] = [*refs, ref]
-        return False
+        if all(r is not ref for r in entry):
+            entry.append(ref)
+        return 0
 
     def clear(self) -> None:
         self._refs.clear()

@@ -35,7 +35,7 @@ import sys
 import warnings
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, fx
@@ -66,11 +66,11 @@ _KEY_MODULES = (
     "actpack.strategies.actnn",
 )
 
-# The GraphHooks whose pair is innermost, as torch's own hook stack is: the
+# The installation whose pair is innermost, as torch's own hook stack is: the
 # hook functions must be module-level (AOTAutograd's cache pickles them by
 # name), so this is how they find their engine.  Set and reset only by the
-# context manager of GraphHooks.installed(), per thread and per context.
-_ACTIVE: contextvars.ContextVar[GraphHooks | None] = contextvars.ContextVar(
+# context manager GraphHooks.installed() returns, per thread and per context.
+_ACTIVE: contextvars.ContextVar[_Installed | None] = contextvars.ContextVar(
     "actpack_graph_hooks", default=None
 )
 
@@ -134,9 +134,16 @@ def _source_digest(strategy_module: str) -> bytes:
 def _cache_hash(engine: Any) -> str:
     """What the inlined code depends on: torch, the strategy's knobs, actpack's code."""
     strategy = engine.strategy
+    kind = type(strategy)
+    return _hash_of(repr(strategy), kind.__module__, kind.__qualname__, engine._settings())
+
+
+@functools.lru_cache(maxsize=256)
+def _hash_of(knobs: str, module: str, qualname: str, settings: Any) -> str:
+    # Memoised: every ``compress()`` of a training loop makes an engine.
     h = hashlib.sha256(torch.__version__.encode())
-    h.update(repr((strategy, type(strategy).__qualname__, engine._settings())).encode())
-    h.update(_source_digest(type(strategy).__module__))
+    h.update(repr((knobs, qualname, settings)).encode())
+    h.update(_source_digest(module))
     return h.hexdigest()
 
 
@@ -170,30 +177,34 @@ def _is_hook_file(filename: str) -> bool:
 
 
 def _pack_hook(x: Tensor) -> Any:
-    hooks = _ACTIVE.get()
+    active = _ACTIVE.get()
+    if type(x) is Tensor and active is not None:
+        # An eager save (the hot path): AOTAutograd traces the hook on fake
+        # tensors, never on plain ones.
+        return active.eager_pack(x)
     state = _trace_state()
-    if hooks is None:
+    if active is None:
         # Hooks propagated to a thread that never entered (autograd's worker
         # threads): keep the tensor, as autograd would.
         return Held(x) if state is None else x
     if state is None:
-        return hooks.engine.pack(x)
-    return hooks.pack_graph(x, state)
+        return active.eager_pack(x)
+    return active.hooks.pack_graph(x, state)
 
 
 def _unpack_hook(packed: Any) -> Tensor:
-    if isinstance(packed, tuple) and len(packed) == 4 and packed[0] == _TAG:
+    if type(packed) is Held:  # the common eager case first (hot path)
+        return packed.restore()
+    if type(packed) is tuple and len(packed) == 4 and packed[0] == _TAG:
         return graphcodes.decode(*packed[1:])
     return unpack(packed)  # an eager save, or a graph save kept as it is
 
 
 class _HookModule(fx.GraphModule):
-    """A GraphModule whose call skips ``nn.Module.__call__``: autograd calls
-    the pack hook for every eager save, and Module dispatch would cost more
-    than the save itself.  AOTAutograd calls and traces it like any other."""
-
-    def __call__(self, arg: Any) -> Any:
-        return self._hook(arg)
+    """A GraphModule whose call is its hook function itself, skipping
+    ``nn.Module.__call__``: autograd calls the pack hook for every eager save,
+    and Module dispatch (even one more Python frame) costs a noticeable part
+    of a small save.  AOTAutograd calls and traces it like any other."""
 
 
 def _module(fn: Any, arg: str, cache_hash: str) -> fx.GraphModule:
@@ -206,10 +217,9 @@ def _module(fn: Any, arg: str, cache_hash: str) -> fx.GraphModule:
     node.meta["user_cache_hash"] = cache_hash
     graph.output(node)
     module = _HookModule(torch.nn.Module(), graph)
-    module._hook = fn
     # GraphModule.recompile() installs fx's call wrapper on the instance's own
-    # class; put the direct call back.
-    type(module).__call__ = _HookModule.__call__
+    # class (one class per instance): calling the module calls ``fn``.
+    type(module).__call__ = staticmethod(fn)
     return module
 
 
@@ -227,14 +237,19 @@ def _hook_pair(cache_hash: str) -> tuple[fx.GraphModule, fx.GraphModule]:
 
 
 class _Installed:
-    def __init__(self, hooks: GraphHooks) -> None:
+    """One entry of the pair: the graph hooks and this forward's eager pack hook."""
+
+    __slots__ = ("hooks", "eager_pack", "token", "torch_hooks")
+
+    def __init__(self, hooks: GraphHooks, eager_pack: Callable[[Tensor], Any]) -> None:
         self.hooks = hooks
+        self.eager_pack = eager_pack
         self.token: contextvars.Token | None = None
         self.torch_hooks = torch.autograd.graph.saved_tensors_hooks(hooks.pack_gm, hooks.unpack_gm)
 
     def __enter__(self) -> GraphHooks:
         self.torch_hooks.__enter__()
-        self.token = _ACTIVE.set(self.hooks)
+        self.token = _ACTIVE.set(self)
         return self.hooks
 
     def __exit__(self, *exc: object) -> None:
@@ -267,24 +282,29 @@ class GraphHooks:
         # Per forward graph being compiled, the names of its nodes without
         # autograd history (one pass over the graph, not one per save); weak:
         # a compiled graph's FX graph is freed after compilation.
-        self._history_free: weakref.WeakKeyDictionary[fx.Graph, frozenset[str]] = (
-            weakref.WeakKeyDictionary()
-        )
+        # (Made on the first traced save: most engines never see a graph.)
+        self._history_free: weakref.WeakKeyDictionary[fx.Graph, frozenset[str]] | None = None
         self.pack_gm, self.unpack_gm = _hook_pair(_cache_hash(engine))
 
     @property
     def engine(self) -> Any:
         return self._engine()
 
-    def installed(self) -> _Installed:
-        """A context manager installing the pair (one per entry: threads may nest)."""
-        return _Installed(self)
+    def installed(self, eager_pack: Callable[[Tensor], Any]) -> _Installed:
+        """A context manager installing the pair (one per entry: threads may nest).
+
+        ``eager_pack`` receives the saves of eager code while it is installed
+        (the engine's pack hook for this forward; it may hold the forward's
+        state, which ends when the context exits)."""
+        return _Installed(self, eager_pack)
 
     def pack_graph(self, x: Tensor, state: dict) -> Any:
         """The pack hook while AOTAutograd traces it for saved node ``state["_node"]``."""
         node = state["_node"]
         strategy = self.engine.strategy
         fw_graph = state["_fw_graph"]
+        if self._history_free is None:
+            self._history_free = weakref.WeakKeyDictionary()
         free = self._history_free.get(fw_graph)
         if free is None:
             free = self._history_free[fw_graph] = history_free(fw_graph)

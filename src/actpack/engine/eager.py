@@ -13,6 +13,7 @@ one wrapped model never see each other's saves.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import warnings
@@ -97,6 +98,8 @@ _COPYABLE = frozenset(
     {"tiny", "integer", "float64 (kept exact)", "op statistics", LOGITS_16BIT, VALUES_16BIT,
      "attention mask (softmax recomputed with it)"}
 )  # fmt: skip
+
+_EXACT_STRATEGY = "exact strategy"  # the reason of every save a lossless strategy keeps
 
 _FUNCTION_FILE = ("autograd", "function.py")
 _CHECKPOINT_FILE = ("utils", "checkpoint.py")
@@ -462,13 +465,19 @@ class Engine:
             self._modules = ModuleTracker(self._model)
         st.weights = self._weight_storages()
         st.settings = self._settings()
+        # This forward's pack hook, bound to its state (no per-save lookup
+        # of the thread's state); a lossless strategy without op names keeps
+        # every non-bool tensor, so its hook only counts bytes.
+        pack = functools.partial(
+            Engine._pack_untracked if st.ops is None else Engine._pack_in, self, st
+        )
         # Compile-native where torch can inline GraphModule hooks into
-        # compiled graphs; eager saves still come to self.pack and unpack.
+        # compiled graphs; eager saves still come to ``pack`` and ``unpack``.
         graph_hooks = compiled_hooks(self)
         if graph_hooks is not None:
-            st.hooks = graph_hooks.installed()
+            st.hooks = graph_hooks.installed(pack)
         else:
-            st.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, unpack)
+            st.hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
         st.hooks.__enter__()
         if st.ops is not None:
             st.ops.__enter__()
@@ -487,6 +496,9 @@ class Engine:
             if st.ops is not None:
                 st.ops.__exit__(*exc)
             st.hooks.__exit__(*exc)
+            # The installed hooks hold this forward's pack hook, bound to st:
+            # dropping them ends the cycle, so the state dies by reference count.
+            st.hooks = None
             st.table.clear()
             self.strategy.end_forward()
             with self._lock:
@@ -637,23 +649,30 @@ class Engine:
 
     # -- hooks ----------------------------------------------------------------
     def pack(self, t: Tensor) -> object:
-        """The pack hook: what autograd keeps instead of ``t``."""
-        if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
-            return t  # parameters exist anyway, and hold no graph: no cycle
+        """The pack hook: what autograd keeps instead of ``t``.
+
+        Saves reach the hook bound to their forward (``_pack_in`` or
+        ``_pack_untracked``); this entry point finds the calling thread's
+        forward first."""
         st = self._state()
         if st is None or st.hooks is None:
             # Hooks propagated to a thread that never entered (autograd's
             # worker threads): keep the tensor, as autograd would.
+            if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
+                return t
             return Held(t)
+        if st.ops is None:
+            return self._pack_untracked(st, t)
+        return self._pack_in(st, t)
+
+    def _pack_in(self, st: _Forward, t: Tensor) -> object:
+        """The pack hook of forward ``st``."""
+        if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
+            return t  # parameters exist anyway, and hold no graph: no cycle
         try:
-            if st.ops is None and t.dtype != torch.bool:
-                return self._keep_untracked(t, st)
             facts, op, args, kwargs = self._facts(t, st)
         except RuntimeError:
-            # No storage to inspect (torch.vmap's batched tensors, sparse
-            # operands): nothing can be proven, so nothing is coded.
-            st.stats.passthrough["uninspectable"] = st.stats.passthrough.get("uninspectable", 0)
-            return Held(t)
+            return self._uninspectable(t, st)
         compact = None
         if not facts.dtype.is_floating_point and facts.dtype != torch.bool:
             compact = compact_integer(t, op, args, kwargs) if not self.strategy.lossless else None
@@ -673,21 +692,42 @@ class Engine:
             )
         return self._carry_out(t, plan, st, op, compact)
 
-    def _keep_untracked(self, t: Tensor, st: _Forward) -> Held:
-        """A lossless strategy without op names keeps every non-bool tensor:
-        the whole decision reduces to accounting (the fast path of ``"none"``)."""
-        held = Held(t)
-        nbytes = t.untyped_storage().nbytes() if st.held.add(t) else 0
+    @staticmethod
+    def _uninspectable(t: Tensor, st: _Forward) -> Held:
+        # No storage to inspect (torch.vmap's batched tensors, sparse
+        # operands): nothing can be proven, so nothing is coded.
+        st.stats.passthrough["uninspectable"] = st.stats.passthrough.get("uninspectable", 0)
+        return Held(t)
+
+    def _pack_untracked(self, st: _Forward, t: Tensor) -> object:
+        """The pack hook of forward ``st`` for a lossless strategy without op
+        names (``"none"``): every non-bool tensor is kept as it is, and the
+        decision reduces to accounting.  Written flat: it runs for every
+        saved tensor, and each Python call here is a measurable share of a
+        small layer's step (``benchmarks/bench_host.py``)."""
+        if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
+            return t
+        if t.dtype is torch.bool:
+            return self._pack_in(st, t)  # bit-packed: lossless, a quarter of the bytes
+        try:
+            nbytes = st.held.new_bytes(t)
+        except RuntimeError:
+            return self._uninspectable(t, st)
         stats = st.stats
-        if t.grad_fn is not None and _parameter_source(t) is not None:
+        node = t.grad_fn
+        if (
+            node is not None
+            and type(node).__name__ in _CAST_NODES
+            and _parameter_source(t) is not None
+        ):
             stats.weight_bytes += nbytes
-            return held
-        reason = "exact strategy"
-        stats.passthrough[reason] = stats.passthrough.get(reason, 0) + nbytes
+            return Held(t)
+        passthrough = stats.passthrough
+        passthrough[_EXACT_STRATEGY] = passthrough.get(_EXACT_STRATEGY, 0) + nbytes
         stats.tensors += 1
         module = self._modules.current if self._modules is not None else None
         stats.add(module, None, nbytes, nbytes, nbytes // t.element_size())
-        return held
+        return Held(t)
 
     def _carry_out(
         self, t: Tensor, plan: Plan, st: _Forward, op: str | None, compact: Encoded | None
@@ -702,13 +742,13 @@ class Engine:
             # stays alive because of the leaf save, and its bytes must show,
             # whichever save comes first; the totals (and ratio) stay those
             # of the other saves.
-            nbytes = t.untyped_storage().nbytes() if st.kept.add(t) else 0
+            nbytes = st.kept.new_bytes(t)
             if plan.reason in ("parameter cast", "parameter view"):
                 stats.weight_bytes += nbytes  # identical with or without actpack
             elif plan.reason == "leaf input":
                 stats.leaf_bytes += nbytes
             return Held(t)
-        before = t.untyped_storage().nbytes() if st.held.add(t) else 0
+        before = st.held.new_bytes(t)
         elements = before // t.element_size() if t.element_size() else 0
         if kind is Kind.EXACT:
             if self._worth_copying(t, plan.reason):
@@ -717,7 +757,7 @@ class Engine:
                 after = saved.encoded.nbytes
             else:
                 saved = Held(t)
-                after = t.untyped_storage().nbytes() if st.held_compressed.add(t) else 0
+                after = st.held_compressed.new_bytes(t)
             stats.passthrough[plan.reason] = stats.passthrough.get(plan.reason, 0) + after
             stats.tensors += 1
             stats.add(module, op, before, after, elements)
