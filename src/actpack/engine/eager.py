@@ -46,6 +46,7 @@ from actpack.policy.decide import (
     Plan,
     Settings,
     decide,
+    small_plan,
 )
 from actpack.policy.ops import (
     ATTENTION_LOGIT_OPS,
@@ -669,6 +670,19 @@ class Engine:
         """The pack hook of forward ``st``."""
         if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
             return t  # parameters exist anyway, and hold no graph: no cycle
+        if type(t) is Tensor:
+            # The common small save (below min_numel, not the model's weight)
+            # is decided from its dtype alone: most saves of small layers.
+            numel = t.numel()
+            if 0 < numel < st.settings.min_numel and t.layout is torch.strided and not t.is_meta:
+                ops = st.ops
+                op, args = (ops.name, ops.args) if ops is not None else (None, ())
+                if self._leaf(t, args, st) is None:
+                    plan = small_plan(t.dtype)
+                    if plan.kind is Kind.EXACT:
+                        if op in _POW_OPS and _squares(op, args, ops.kwargs):
+                            op = "square"
+                        return self._keep_exact(t, plan.reason, st, op)
         try:
             facts, op, args, kwargs = self._facts(t, st)
         except RuntimeError:
@@ -748,20 +762,10 @@ class Engine:
             elif plan.reason == "leaf input":
                 stats.leaf_bytes += nbytes
             return Held(t)
+        if kind is Kind.EXACT:
+            return self._keep_exact(t, plan.reason, st, op)
         before = st.held.new_bytes(t)
         elements = before // t.element_size() if t.element_size() else 0
-        if kind is Kind.EXACT:
-            if self._worth_copying(t, plan.reason):
-                # A small view keeps its whole storage alive; an exact copy frees it.
-                saved: Any = Saved(Copy(t.detach().clone()), t, t.requires_grad)
-                after = saved.encoded.nbytes
-            else:
-                saved = Held(t)
-                after = st.held_compressed.new_bytes(t)
-            stats.passthrough[plan.reason] = stats.passthrough.get(plan.reason, 0) + after
-            stats.tensors += 1
-            stats.add(module, op, before, after, elements)
-            return saved
         tag = (kind, plan.rule)
         # Contiguous tensors are keyed by their memory alone, so that a view
         # of a saved tensor with another shape (Flatten before a Linear)
@@ -792,6 +796,29 @@ class Engine:
             row[1] += saved.encoded.nbytes
         return saved
 
+    def _keep_exact(self, t: Tensor, reason: str, st: _Forward, op: str | None) -> object:
+        """Carry out an EXACT plan: the tensor as it is, or an exact copy of a
+        small view (which would keep its whole storage alive)."""
+        stats = st.stats
+        before = st.held.new_bytes(t)
+        size = t.element_size()
+        if (
+            reason in _COPYABLE
+            and not self.strategy.lossless
+            and 2 * t.numel() * size < (before or t.untyped_storage().nbytes())
+        ):
+            saved: Any = Saved(Copy(t.detach().clone()), t, t.requires_grad)
+            after = saved.encoded.nbytes
+        else:
+            saved = Held(t)
+            after = st.held_compressed.new_bytes(t)
+        passthrough = stats.passthrough
+        passthrough[reason] = passthrough.get(reason, 0) + after
+        stats.tensors += 1
+        module = self._modules.current if self._modules is not None else None
+        stats.add(module, op, before, after, before // size if size else 0)
+        return saved
+
     def _serves(self, have: tuple, want: tuple) -> bool:
         """Whether a code made for ``have`` (kind, rule) also serves ``want``."""
         if have == want:
@@ -803,11 +830,6 @@ class Engine:
             and isinstance(have[1], ReluOutput)
             and self.strategy.keeps_relu_exact
         )
-
-    def _worth_copying(self, t: Tensor, reason: str) -> bool:
-        if reason not in _COPYABLE or self.strategy.lossless:
-            return False
-        return 2 * t.numel() * t.element_size() < t.untyped_storage().nbytes()
 
     def _encode(
         self,

@@ -48,7 +48,7 @@ from actpack.policy.rules import ReluOutput
 
 __all__ = [
     "LOGITS_16BIT", "LOGITS_HALF", "ORIGINS", "ROLES", "VALUES_16BIT", "VALUES_HALF", "Facts",
-    "Kind", "Plan", "Settings", "decide",
+    "Kind", "Plan", "Settings", "decide", "small_plan",
 ]  # fmt: skip
 
 #: Where a save comes from: a torch function actpack can name ("op"), a
@@ -216,6 +216,16 @@ VALUES_16BIT = "attention value/output: 16-bit, kept (backward cancels dO.v agai
 def _exact(reason: str) -> Plan:
     # Plans are immutable: one per reason, not one per save.
     return Plan(Kind.EXACT, reason)
+
+
+@functools.lru_cache(maxsize=64)
+def small_plan(dtype: torch.dtype) -> Plan:
+    """:func:`decide`'s plan for a plain, non-empty tensor of ``dtype`` with
+    autograd history, fewer than ``min_numel`` elements and no weight storage
+    (``leaf`` None), under any settings: the common small save, decided
+    without building :class:`Facts` (the eager engine's hot path; equal to
+    ``decide`` by ``tests/test_policy.py``)."""
+    return decide(Facts(dtype, 1, history=True), Settings(min_numel=2))
 
 
 def decide(f: Facts, s: Settings) -> Plan:
