@@ -12,10 +12,12 @@ LOSSY = ["fp16", "bf16", "int8", "actnn", "division"]
 ALL = ["none", *LOSSY]
 
 
-def test_parameters_and_buffers_are_never_compressed():
+# "none" runs the untracked pack hook (no op names), "actnn" the tracked one.
+@pytest.mark.parametrize("strategy", ["actnn", "none"])
+def test_parameters_and_buffers_are_never_compressed(strategy):
     lin = nn.Linear(64, 64)
     x = torch.randn(64, 64, requires_grad=True)
-    with actpack.compress("actnn", min_numel=0) as ctx:
+    with actpack.compress(strategy, min_numel=0) as ctx:
         y = lin(x * 1)
     assert ctx.stats.baseline_bytes == x.numel() * 4  # only the input, never the weight
     before = lin.weight.detach().clone()
@@ -23,20 +25,45 @@ def test_parameters_and_buffers_are_never_compressed():
     assert torch.equal(lin.weight, before)
 
 
-def test_autocast_weight_casts_pass_through():
+@pytest.mark.parametrize("strategy", ["actnn", "none"])
+@pytest.mark.parametrize("min_numel", [0, 10**6])  # coded-size and small saves
+def test_autocast_weight_casts_pass_through(strategy, min_numel):
+    lin = nn.Linear(64, 48)
+    x = torch.randn(32, 64, requires_grad=True)
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        actpack.compress(strategy, min_numel=min_numel) as ctx,
+    ):
+        lin(x * 1).float().sum().backward()
+    # The bf16 weight copy is a weight; the bf16 copy of the input is saved.
+    assert ctx.stats.weight_bytes == 48 * 64 * 2
+    assert ctx.stats.baseline_bytes == 32 * 64 * 2
+
+
+@pytest.mark.parametrize("strategy", ["actnn", "none"])
+@pytest.mark.parametrize("shape", [(64, 64), (8, 64, 64)])
+def test_input_cast_shaped_like_the_weight_is_not_a_weight(strategy, shape):
+    # A square weight and an input batch of the same shape: the bf16 copy of
+    # the batch (no history: the batch needs no grad) was taken for a cast
+    # of the weight by its shape.
     lin = nn.Linear(64, 64)
-    x = torch.randn(64, 64)
-    with torch.autocast("cpu", dtype=torch.bfloat16), actpack.compress("actnn", min_numel=0) as ctx:
+    x = torch.randn(*shape)
+    with (
+        torch.autocast("cpu", dtype=torch.bfloat16),
+        actpack.compress(strategy, min_numel=0) as ctx,
+    ):
         lin(x).float().sum().backward()
-    assert ctx.stats.weight_bytes == 64 * 64 * 2
+    assert ctx.stats.weight_bytes == 0
+    assert ctx.stats.baseline_bytes == x.numel() * 2
 
 
-def test_frozen_weight_cast_under_autocast_passes_through():
-    lin = nn.Linear(64, 64).requires_grad_(False)
-    x = torch.randn(64, 64, requires_grad=True)
+@pytest.mark.parametrize("rows,out", [(64, 64), (32, 48)])  # square: told apart by value
+def test_frozen_weight_cast_under_autocast_passes_through(rows, out):
+    lin = nn.Linear(64, out).requires_grad_(False)
+    x = torch.randn(rows, 64, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16), actpack.compress("actnn", min_numel=0) as ctx:
         lin(x * 2).float().sum().backward()
-    assert ctx.stats.weight_bytes == 64 * 64 * 2
+    assert ctx.stats.weight_bytes == out * 64 * 2
 
 
 def test_same_tensor_saved_twice_is_stored_once():

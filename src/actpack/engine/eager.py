@@ -325,17 +325,34 @@ def _role(t: Tensor, args: tuple, kwargs: dict) -> str:
 
 
 def _frozen_weight(t: Tensor, args: tuple) -> bool:
-    # A cast of a frozen weight (autocast, no grad) has no autograd link to
-    # the parameter; recognise it by shape among the op's parameter args.
+    """Whether ``t`` (no history) is a cast of one of the op's parameter args.
+
+    A cast of a frozen weight (autocast, no grad) has no autograd link to
+    the parameter; it is recognised by shape (or transposed shape) among the
+    op's parameter args.  Where another tensor argument has that shape too
+    (a square weight and a square input batch, whose cast is saved as well)
+    the shape cannot tell them apart, and the values decide.
+    """
     for a in args:
         # Parameter's isinstance goes through a Python metaclass: test it last.
-        if (
+        if not (
             isinstance(a, Tensor)
             and a.dtype != t.dtype
             and isinstance(a, nn.Parameter)
             and a.dim() == t.dim()
         ):
-            if a.shape == t.shape or (a.dim() == 2 and a.shape[::-1] == t.shape):
+            continue
+        # The weight as saved: itself, or (2-D) its transpose, as matmuls save it.
+        forms = [w for w in (a, a.t() if a.dim() == 2 else a) if w.shape == t.shape]
+        if not forms:
+            continue
+        shared = any(
+            b is not a and isinstance(b, Tensor) and b.shape in (a.shape, t.shape) for b in args
+        )
+        if not shared:
+            return True
+        with torch.no_grad():
+            if any(torch.equal(w.to(t.dtype), t) for w in forms):
                 return True
     return False
 
@@ -723,19 +740,20 @@ class Engine:
             return t
         if t.dtype is torch.bool:
             return self._pack_in(st, t)  # bit-packed: lossless, a quarter of the bytes
+        stats = st.stats
+        node = t.grad_fn
         try:
+            if (
+                node is not None
+                and type(node).__name__ in _CAST_NODES
+                and _parameter_source(t) is not None
+            ):
+                # Among the kept storages, as the tracked path counts weights.
+                stats.weight_bytes += st.kept.new_bytes(t)
+                return Held(t)
             nbytes = st.held.new_bytes(t)
         except RuntimeError:
             return self._uninspectable(t, st)
-        stats = st.stats
-        node = t.grad_fn
-        if (
-            node is not None
-            and type(node).__name__ in _CAST_NODES
-            and _parameter_source(t) is not None
-        ):
-            stats.weight_bytes += nbytes
-            return Held(t)
         passthrough = stats.passthrough
         passthrough[_EXACT_STRATEGY] = passthrough.get(_EXACT_STRATEGY, 0) + nbytes
         stats.tensors += 1
