@@ -360,6 +360,26 @@ def _frozen_weight(t: Tensor, args: tuple) -> bool:
 _DEFAULT_SETTINGS = Settings()
 
 
+@functools.lru_cache(maxsize=256)
+def _settings_of(
+    lossless: bool,
+    min_numel: int,
+    keeps_relu_exact: bool,
+    checkpoint_inputs: str,
+    smooth: str,
+    bounded_codes: bool,
+) -> Settings:
+    # One Settings per combination: every entry of every engine asks.
+    return Settings(
+        lossless=lossless,
+        min_numel=min_numel,
+        keeps_relu_exact=keeps_relu_exact,
+        checkpoint_inputs=checkpoint_inputs,
+        smooth=smooth,
+        bounded_codes=bounded_codes,
+    )
+
+
 class _Forward:
     """One thread's state during one forward under the engine."""
 
@@ -563,13 +583,13 @@ class Engine:
     # -- facts ----------------------------------------------------------------
     def _settings(self) -> Settings:
         s = self.strategy
-        return Settings(
-            lossless=s.lossless,
-            min_numel=self.min_numel,
-            keeps_relu_exact=s.keeps_relu_exact,
-            checkpoint_inputs=self.checkpoint_inputs,
-            smooth=self.smooth,
-            bounded_codes=s.bounded_codes,
+        return _settings_of(
+            s.lossless,
+            self.min_numel,
+            s.keeps_relu_exact,
+            self.checkpoint_inputs,
+            self.smooth,
+            s.bounded_codes,
         )
 
     def _weight_storages(self) -> dict[int, str]:
