@@ -468,6 +468,33 @@ def test_engines_share_graphs_by_configuration():
     assert counters["stats"]["unique_graphs"] == 2
 
 
+def test_lossless_engine_keeps_compiled_saves_and_counts_them():
+    """``"none"`` installs plain hooks (it codes nothing, so the GraphModule
+    pair would only cost time): a compiled model's saves come to it after the
+    forward, kept exact and counted; new engines per step recompile nothing."""
+    model, x = _mlp(depth=2), torch.randn(2, 8, 32)
+    exact = _grads(model, x)
+    run = torch.compile(model, backend="aot_eager")
+    eager_stats = None
+    for _ in range(4):
+        with actpack.compress("none", min_numel=0) as ctx:
+            out = run(x)
+        model.zero_grad(set_to_none=True)
+        out.float().pow(2).mean().backward()
+        got = torch.cat([p.grad.flatten() for p in model.parameters()])
+        torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-6)
+        assert ctx.stats.tensors > 0 and ctx.stats.ratio == 1.0
+        if eager_stats is None:
+            with actpack.compress("none", min_numel=0) as eager_ctx:
+                model(x)
+            eager_stats = eager_ctx.stats
+        # Compiled or eager, the same activations are held (the graph
+        # may save fewer, recomputing cheap ones): never more bytes.
+        assert 0 < ctx.stats.baseline_bytes <= eager_stats.baseline_bytes
+    assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["recompiles"]
+
+
 def test_fused_cpu_codecs_compile_once_across_engines():
     """The eager engine's fused CPU codecs run inside its pack hook, under its
     hook pair: a new engine per step must not recompile them (it did, per

@@ -511,7 +511,10 @@ class Engine:
         )
         # Compile-native where torch can inline GraphModule hooks into
         # compiled graphs; eager saves still come to ``pack`` and ``unpack``.
-        graph_hooks = compiled_hooks(self)
+        # A lossless strategy codes nothing, compiled or not: its plain hooks
+        # (called for compiled graphs' saves after their forward, which it
+        # keeps) save the GraphModule pair's dispatch on every save.
+        graph_hooks = None if st.ops is None and self.strategy.lossless else compiled_hooks(self)
         if graph_hooks is not None:
             st.hooks = graph_hooks.installed(pack)
         else:
