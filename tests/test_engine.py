@@ -454,3 +454,38 @@ def test_an_engine_dies_by_reference_count(strategy):
     finally:
         if enabled:
             gc.enable()
+
+
+class _ScaledByBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(64, 64)
+        self.register_buffer("scale", torch.rand(64, 64))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale  # the product saves the buffer
+
+
+@pytest.mark.parametrize("change", ["nothing", "data", "to", "load_state_dict(assign)"])
+def test_weight_table_follows_the_model(change):
+    # The engine keeps its table of weight storages between forwards; a
+    # weight that moves to another storage must not turn into "leaf input".
+    model = _ScaledByBuffer()
+    x = torch.randn(64, 64, requires_grad=True)
+    with actpack.compress("actnn") as unknown:  # no model: the buffer is an input
+        model(x)
+    assert unknown.stats.leaf_bytes == 64 * 64 * 4
+    model = actpack.wrap(model, "actnn")
+    model(x).sum().backward()
+    engine = actpack.engine_of(model)
+    assert engine.stats.leaf_bytes == 0
+    if change == "data":
+        model.scale.data = torch.rand(64, 64)
+    elif change == "to":
+        model.to(torch.float64)
+        x = x.detach().double().requires_grad_()
+    elif change == "load_state_dict(assign)":
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(state, assign=True)
+    model(x).sum().backward()
+    assert engine.stats.leaf_bytes == 0
