@@ -866,7 +866,12 @@ class Engine:
         """Carry out an EXACT plan: the tensor as it is, or an exact copy of a
         small view (which would keep its whole storage alive)."""
         stats = st.stats
-        before = st.held.new_bytes(t)
+        try:
+            before = st.held.new_bytes(t)
+        except RuntimeError:
+            # No storage to count (a sparse save with history, kept exact as
+            # "tensor subclass or layout"): as it is, as the untracked path keeps it.
+            return self._uninspectable(t, st)
         size = t.element_size()
         if (
             reason in _COPYABLE

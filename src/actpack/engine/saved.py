@@ -89,9 +89,12 @@ class Saved:
         self.requires_grad = requires_grad
         # The values were captured at save time, so a later in-place change
         # cannot corrupt the gradient; it is still refused, as autograd
-        # refuses it, while the changed tensor is alive to tell.
+        # refuses it, while the changed tensor is alive to tell.  A view
+        # shares its base's version counter, and the base is what is alive to
+        # tell: views ops make of their inputs (mm's transpose, a slice) die
+        # with the forward, while their base is edited in place after it.
         self.version = t._version
-        self.source = weakref.ref(t)
+        self.source = weakref.ref(t if t._base is None else t._base)
 
     def restore(self) -> Tensor:
         _check_grad_mode(self.requires_grad)
