@@ -466,11 +466,21 @@ class _ScaledByBuffer(nn.Module):
         return self.lin(x) * self.scale  # the product saves the buffer
 
 
-@pytest.mark.parametrize("change", ["nothing", "data", "to", "load_state_dict(assign)"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "nothing", "data", "to", "load_state_dict(assign)",
+        "load_state_dict(assign), old weights held", "submodule replaced, old one held",
+        "buffer replaced, old one held",
+    ],
+)  # fmt: skip
 def test_weight_table_follows_the_model(change):
     # The engine keeps its table of weight storages between forwards; a
     # weight that moves to another storage must not turn into "leaf input".
+    # Nor must a weight replaced while the old one lives on elsewhere (an
+    # optimizer's or EMA's reference): no weight the table lists died or moved.
     model = _ScaledByBuffer()
+    held = [*model.parameters(), *model.buffers(), model.lin]
     x = torch.randn(64, 64, requires_grad=True)
     with actpack.compress("actnn") as unknown:  # no model: the buffer is an input
         model(x)
@@ -484,8 +494,40 @@ def test_weight_table_follows_the_model(change):
     elif change == "to":
         model.to(torch.float64)
         x = x.detach().double().requires_grad_()
-    elif change == "load_state_dict(assign)":
+    elif change.startswith("load_state_dict(assign)"):
         state = {k: v.clone() for k, v in model.state_dict().items()}
         model.load_state_dict(state, assign=True)
+    elif change.startswith("submodule replaced"):
+        model.lin = nn.Linear(64, 64).requires_grad_(False)  # its weight's view is saved
+    elif change.startswith("buffer replaced"):
+        model.scale = torch.rand(64, 64)
+    if "held" not in change:
+        del held
     model(x).sum().backward()
     assert engine.stats.leaf_bytes == 0
+    if "held" in change:
+        model.to(torch.float64)  # and the table still follows what it missed
+        model(x.detach().double().requires_grad_()).sum().backward()
+        assert engine.stats.leaf_bytes == 0
+
+
+@pytest.mark.parametrize("strategy", ["none", "actnn"])
+@pytest.mark.parametrize("how", ["wrap", "compress(model=)"])
+def test_buffers_are_left_out_of_the_baseline(strategy, how):
+    # Stats: "parameters, buffers and their casts are excluded" from the
+    # baseline.  The untracked path ("none") counted a buffer an op saves as
+    # an activation (the tracked path finds it in the table of weight storages).
+    model = _ScaledByBuffer()
+    x = torch.randn(64, 64, requires_grad=True)
+    if how == "wrap":
+        actpack.wrap(model, strategy, min_numel=0)
+        model(x).sum().backward()
+        stats = actpack.engine_of(model).stats
+    else:
+        with actpack.compress(strategy, model=model, min_numel=0) as ctx:
+            model(x).sum().backward()
+        stats = ctx.stats
+    # Saved: x (a leaf that needs grad), the weight's transpose (a weight
+    # view), the buffer: no activation.
+    assert stats.baseline_bytes == stats.compressed_bytes == stats.leaf_bytes == 0
+    assert stats.weight_bytes == 64 * 64 * 4

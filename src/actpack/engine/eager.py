@@ -359,6 +359,32 @@ def _frozen_weight(t: Tensor, args: tuple) -> bool:
 
 _DEFAULT_SETTINGS = Settings()
 
+# Bumped whenever any module registers or assigns a parameter, buffer or
+# submodule (torch's global registration hooks, installed with the first
+# table of weight storages built): a model's weights can change while every
+# weight an engine's table lists stays alive where it was
+# (``load_state_dict(assign=True)`` or a replaced submodule while an
+# optimizer still holds the old weights), so liveness and address alone
+# cannot tell the table is stale.
+_module_edits = [0]
+_watching_module_edits = False
+
+
+def _count_module_edit(*_: object) -> None:
+    # Returns None: a registration hook's value would replace the tensor.
+    _module_edits[0] += 1
+
+
+def _watch_module_edits() -> None:
+    global _watching_module_edits
+    if not _watching_module_edits:
+        from torch.nn.modules import module
+
+        module.register_module_parameter_registration_hook(_count_module_edit)
+        module.register_module_buffer_registration_hook(_count_module_edit)
+        module.register_module_module_registration_hook(_count_module_edit)
+        _watching_module_edits = True
+
 
 @functools.lru_cache(maxsize=256)
 def _settings_of(
@@ -441,8 +467,9 @@ class Engine:
         self.checkpoint_inputs = checkpoint_inputs
         self.stats = Stats()
         self._model = model
-        # The model's weight storages, checked and reused between forwards.
-        self._weights: tuple[list[tuple[weakref.ref, int]], dict[int, str]] | None = None
+        # The model's weight storages, checked and reused between forwards
+        # (with the count of module edits they were listed at).
+        self._weights: tuple[list[tuple[weakref.ref, int]], dict[int, str], int] | None = None
         self._track_modules = track_modules and model is not None
         self._modules: ModuleTracker | None = None
         self._local = threading.local()
@@ -604,22 +631,28 @@ class Engine:
         transformer layer, more than its step's saves), so the table is kept
         between forwards and checked instead: it is rebuilt when a weight it
         lists died or moved to another storage (``.to()``, a loaded state
-        dict, FSDP2's resharding).  A weight added later without either is
-        missed until then; the table only names what is kept exact anyway
-        (saves without history are never coded), so a miss changes a row of
-        the accounting, never a gradient.
+        dict, FSDP2's resharding), and when any module registered or
+        assigned a parameter, buffer or submodule since (a weight replaced
+        while the old one lives on).  A weight put in place without either
+        (``module._parameters[name] = p``) is missed until then; the table
+        only names what is kept exact anyway (saves without history are
+        never coded), so a miss changes a row of the accounting, never a
+        gradient.
         """
         if self._model is None:
             return {}
         cached = self._weights
+        edits = _module_edits[0]
         if cached is not None:
-            listed, table = cached
-            for ref, address in listed:
-                w = ref()
-                if w is None or w.untyped_storage().data_ptr() != address:
-                    break
-            else:
-                return table
+            listed, table, seen = cached
+            if seen == edits:
+                for ref, address in listed:
+                    w = ref()
+                    if w is None or w.untyped_storage().data_ptr() != address:
+                        break
+                else:
+                    return table
+        _watch_module_edits()
         # Plain tensors only: sharded parameters (FSDP2's DTensors) have no
         # storage of their own; what FSDP2 gathers for the forward are leaf
         # parameters, recognised without this table.
@@ -633,7 +666,7 @@ class Engine:
                     address = p.untyped_storage().data_ptr()
                     table[address] = kind
                     listed.append((weakref.ref(p), address))
-        self._weights = (listed, table)
+        self._weights = (listed, table, edits)
         return table
 
     def _leaf(self, t: Tensor, args: tuple, st: _Forward) -> str | None:
@@ -791,13 +824,15 @@ class Engine:
         stats = st.stats
         node = t.grad_fn
         try:
-            if (
-                node is not None
-                and type(node).__name__ in _CAST_NODES
-                and _parameter_source(t) is not None
-            ):
-                # Among the kept storages, as the tracked path counts weights.
-                stats.weight_bytes += st.kept.new_bytes(t)
+            if node is not None:
+                if type(node).__name__ in _CAST_NODES and _parameter_source(t) is not None:
+                    # Among the kept storages, as the tracked path counts weights.
+                    stats.weight_bytes += st.kept.new_bytes(t)
+                    return Held(t)
+            elif st.weights and t.untyped_storage().data_ptr() in st.weights:
+                # The model's buffer or frozen weight (or a view of one): kept,
+                # out of the baseline, as the tracked path keeps it.
+                st.kept.new_bytes(t)
                 return Held(t)
             nbytes = st.held.new_bytes(t)
         except RuntimeError:
