@@ -963,7 +963,7 @@ class TestUninspectable:
         indices = torch.randint(0, 64, (2, 300))
 
         def run():
-            s = torch.sparse_coo_tensor(indices, values * 2, (64, 64))
+            s = torch.sparse_coo_tensor(indices, values * 2, (64, 64), check_invariants=True)
             torch.sparse.mm(s, dense).tanh().sum().backward()
             return values.grad.clone(), dense.grad.clone()
 

@@ -359,32 +359,6 @@ def _frozen_weight(t: Tensor, args: tuple) -> bool:
 
 _DEFAULT_SETTINGS = Settings()
 
-# Bumped whenever any module registers or assigns a parameter, buffer or
-# submodule (torch's global registration hooks, installed with the first
-# table of weight storages built): a model's weights can change while every
-# weight an engine's table lists stays alive where it was
-# (``load_state_dict(assign=True)`` or a replaced submodule while an
-# optimizer still holds the old weights), so liveness and address alone
-# cannot tell the table is stale.
-_module_edits = [0]
-_watching_module_edits = False
-
-
-def _count_module_edit(*_: object) -> None:
-    # Returns None: a registration hook's value would replace the tensor.
-    _module_edits[0] += 1
-
-
-def _watch_module_edits() -> None:
-    global _watching_module_edits
-    if not _watching_module_edits:
-        from torch.nn.modules import module
-
-        module.register_module_parameter_registration_hook(_count_module_edit)
-        module.register_module_buffer_registration_hook(_count_module_edit)
-        module.register_module_module_registration_hook(_count_module_edit)
-        _watching_module_edits = True
-
 
 @functools.lru_cache(maxsize=256)
 def _settings_of(
@@ -467,9 +441,10 @@ class Engine:
         self.checkpoint_inputs = checkpoint_inputs
         self.stats = Stats()
         self._model = model
-        # The model's weight storages, checked and reused between forwards
-        # (with the count of module edits they were listed at).
-        self._weights: tuple[list[tuple[weakref.ref, int]], dict[int, str], int] | None = None
+        # The model's weight storages, checked and reused between forwards.
+        self._weights: (
+            tuple[list[tuple[dict, str, weakref.ref, int | None]], dict[int, str]] | None
+        ) = None
         self._track_modules = track_modules and model is not None
         self._modules: ModuleTracker | None = None
         self._local = threading.local()
@@ -629,44 +604,48 @@ class Engine:
 
         Walking the model costs ~1 us per weight (20 us for a small
         transformer layer, more than its step's saves), so the table is kept
-        between forwards and checked instead: it is rebuilt when a weight it
-        lists died or moved to another storage (``.to()``, a loaded state
-        dict, FSDP2's resharding), and when any module registered or
-        assigned a parameter, buffer or submodule since (a weight replaced
-        while the old one lives on).  A weight put in place without either
-        (``module._parameters[name] = p``) is missed until then; the table
-        only names what is kept exact anyway (saves without history are
-        never coded), so a miss changes a row of the accounting, never a
-        gradient.
+        between forwards and checked instead, one lookup per weight and per
+        submodule: it is rebuilt when a weight or submodule it lists is no
+        longer where it was listed (``load_state_dict(assign=True)``, a
+        replaced buffer or submodule, even while the old one lives on in an
+        optimizer) or moved to another storage (``.to()``, FSDP2's
+        resharding).  A weight or submodule registered under a new name is
+        missed until then; the table only names what is kept exact anyway
+        (saves without history are never coded), so a miss changes a row of
+        the accounting, never a gradient.
         """
         if self._model is None:
             return {}
         cached = self._weights
-        edits = _module_edits[0]
         if cached is not None:
-            listed, table, seen = cached
-            if seen == edits:
-                for ref, address in listed:
-                    w = ref()
-                    if w is None or w.untyped_storage().data_ptr() != address:
-                        break
-                else:
-                    return table
-        _watch_module_edits()
+            listed, table = cached
+            for holder, name, ref, address in listed:
+                item = ref()
+                if (
+                    item is None
+                    or holder.get(name) is not item
+                    or (address is not None and item.untyped_storage().data_ptr() != address)
+                ):
+                    break
+            else:
+                return table
         # Plain tensors only: sharded parameters (FSDP2's DTensors) have no
         # storage of their own; what FSDP2 gathers for the forward are leaf
-        # parameters, recognised without this table.
+        # parameters, recognised without this table.  Entries hold the
+        # owning dict (a module's _parameters, _buffers or _modules) and a
+        # weak reference to what it held.
         listed, table = [], {}
-        for kind, tensors in (
-            ("parameter", self._model.parameters()),
-            ("buffer", self._model.buffers()),
-        ):
-            for p in tensors:
-                if type(p) in (Tensor, nn.Parameter) and p.device.type != "meta":
-                    address = p.untyped_storage().data_ptr()
-                    table[address] = kind
-                    listed.append((weakref.ref(p), address))
-        self._weights = (listed, table, edits)
+        for module in self._model.modules():
+            for kind, holder in (("parameter", module._parameters), ("buffer", module._buffers)):
+                for name, p in holder.items():
+                    if type(p) in (Tensor, nn.Parameter) and p.device.type != "meta":
+                        address = p.untyped_storage().data_ptr()
+                        table[address] = kind
+                        listed.append((holder, name, weakref.ref(p), address))
+            for name, child in module._modules.items():
+                if child is not None:
+                    listed.append((module._modules, name, weakref.ref(child), None))
+        self._weights = (listed, table)
         return table
 
     def _leaf(self, t: Tensor, args: tuple, st: _Forward) -> str | None:
