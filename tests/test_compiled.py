@@ -468,6 +468,42 @@ def test_engines_share_graphs_by_configuration():
     assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.parametrize("how", ["inside", "around", "compile(wrap)", "wrap(compile)"])
+def test_engine_entered_inside_compiled_code_warns(how):
+    """Entered inside a compiled function, the engine is traced by Dynamo and
+    whether the model is compressed depends on its graph breaks (a
+    Linear-GELU-Linear model was not, without a word): that case warns; the
+    supported patterns do not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 32))
+    x = torch.randn(4, 16, 32)
+    if how == "inside":
+        engine = actpack.compress("actnn", min_numel=64)
+
+        @torch.compile(backend="aot_eager")
+        def run(x):
+            with engine:
+                return model(x)
+
+    elif how == "around":
+        engine = actpack.compress("actnn", min_numel=64)
+        compiled_model = torch.compile(model, backend="aot_eager")
+
+        def run(x):
+            with engine:
+                return compiled_model(x)
+
+    elif how == "compile(wrap)":
+        run = torch.compile(actpack.wrap(model, "actnn", min_numel=64), backend="aot_eager")
+    else:
+        run = actpack.wrap(torch.compile(model, backend="aot_eager"), "actnn", min_numel=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(x).sum().backward()
+    inside = [w for w in caught if "entered inside a torch.compile'd function" in str(w.message)]
+    assert bool(inside) == (how == "inside")
+
+
 def test_lossless_engine_keeps_compiled_saves_and_counts_them():
     """``"none"`` installs plain hooks (it codes nothing, so the GraphModule
     pair would only cost time): a compiled model's saves come to it after the

@@ -487,6 +487,18 @@ class Engine:
         return getattr(self._local, "state", None)
 
     def __enter__(self) -> Engine:
+        if torch.compiler.is_compiling():
+            # Dynamo traces this call: the hooks are entered as a side effect
+            # between graphs, and whether the graph holding the model sees
+            # them depends on where Dynamo breaks (a Linear-GELU-Linear
+            # model compiled together with this call was not compressed).
+            self._warn_once(
+                "inside compile",
+                "actpack: the engine is entered inside a torch.compile'd function; Dynamo "
+                "traces it, and the model called there may run uncompressed. Enter it "
+                "outside the compiled code (`with actpack.compress(): compiled_model(x)`) or "
+                "use actpack.wrap(torch.compile(model)).",
+            )
         st = self._state()
         if st is not None:
             st.depth += 1
