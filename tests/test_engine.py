@@ -531,3 +531,25 @@ def test_buffers_are_left_out_of_the_baseline(strategy, how):
     # view), the buffer: no activation.
     assert stats.baseline_bytes == stats.compressed_bytes == stats.leaf_bytes == 0
     assert stats.weight_bytes == 64 * 64 * 4
+
+
+@pytest.mark.parametrize("strategy", ["actnn", "none"])
+def test_suspended_inside_an_active_forward(strategy):
+    # suspended() inside a running `with engine:` left its hooks in place.
+    x = torch.randn(16, 4096, requires_grad=True)
+    w = torch.randn(4096, requires_grad=True)
+    engine = actpack.compress(strategy)
+    with engine:
+        a = (x * 2).tanh()  # saved by the engine
+        counted = engine.stats.baseline_bytes
+        with engine.suspended():
+            b = (x * 3).tanh() * w  # kept as autograd keeps it
+        assert engine.stats.baseline_bytes == counted > 0
+        c = (x * 4).sigmoid()
+    (a.sum() + b.sum() + c.sum()).backward()
+    got = x.grad.clone()
+    x.grad = w.grad = None
+    ((x * 2).tanh().sum() + ((x * 3).tanh() * w).sum() + (x * 4).sigmoid().sum()).backward()
+    if strategy == "none":
+        assert torch.equal(got, x.grad)
+    assert engine.stats.baseline_bytes > counted  # c's save counted after it

@@ -590,7 +590,8 @@ class Engine:
             warnings.warn(message, stacklevel=4)
 
     def suspended(self) -> _Suspend:
-        """Context manager: forwards inside it are not compressed by this engine."""
+        """Context manager: what autograd saves inside it is not compressed by
+        this engine (also inside a forward already running under it)."""
         return _Suspend(self)
 
     def close(self) -> None:
@@ -976,13 +977,32 @@ class Engine:
         return self._checkpoint_strategy
 
 
+def _keep(t: Tensor) -> object:
+    """A pack hook keeping every tensor as autograd would (with its version check)."""
+    if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
+        return t
+    return Held(t)
+
+
 class _Suspend:
+    """``Engine.suspended()``: forwards entering the engine inside it install
+    nothing; a forward of this thread already inside the engine has its
+    hooks covered by a pair that keeps every tensor as it is."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.hooks: Any = None
 
     def __enter__(self) -> Engine:
         self.engine._suspended += 1
+        st = self.engine._state()
+        if st is not None and st.hooks is not None:
+            self.hooks = torch.autograd.graph.saved_tensors_hooks(_keep, unpack)
+            self.hooks.__enter__()
         return self.engine
 
     def __exit__(self, *exc: object) -> None:
+        if self.hooks is not None:
+            self.hooks.__exit__(*exc)
+            self.hooks = None
         self.engine._suspended -= 1
