@@ -2006,10 +2006,10 @@ class TestMultiheadAttentionQueryKey:
         """Where MHA's frame cannot be read (another torch), each of its 4-D
         saves (q, k, v, output) takes the fp16 form: none gets a few-bit code
         (the output, known by its autograd node, under its own reason)."""
-        from actpack.engine import eager
+        from actpack.engine import savefacts
         from actpack.policy.decide import LOGITS_HALF, VALUES_HALF
 
-        monkeypatch.setattr(eager, "_mha_locals", lambda frame: None)
+        monkeypatch.setattr(savefacts, "_mha_locals", lambda frame: None)
         torch.manual_seed(0)
         model = _MHA(False, True, False, False)
         x = torch.randn(2, 64, 64)
