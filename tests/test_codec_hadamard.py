@@ -53,6 +53,16 @@ def test_hadamard_matrix_is_orthonormal_and_symmetric(n: int) -> None:
     assert torch.all(hadamard_matrix(n).abs() == torch.tensor(1 / math.sqrt(n)))
 
 
+def test_hadamard_matrix_is_the_callers_own() -> None:
+    # Built once and shared by the codecs; what the public function returns
+    # may be written to without changing the codecs' copy.
+    x, signs = torch.randn(4, 64), torch.ones(64)
+    before = rotate(x, signs, 64)
+    hadamard_matrix(64).zero_()
+    assert torch.equal(rotate(x, signs, 64), before)
+    torch.testing.assert_close(unrotate(before, signs, 64), x)
+
+
 @pytest.mark.parametrize("cols", [0, 1, 5, 64, 100, 130, 255])
 def test_chunk_sizes_cover_cols_with_powers_of_two(cols: int) -> None:
     sizes = chunk_sizes(cols, 64)

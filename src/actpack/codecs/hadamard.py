@@ -33,6 +33,7 @@ they do without rotation instead of being smeared over a block.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -89,6 +90,14 @@ def hadamard_matrix(n: int, device: torch.device | str | None = None) -> Tensor:
     power of two (ValueError otherwise).
     """
     _check_block(n)
+    return _matrix(n, torch.device(device) if device is not None else torch.device("cpu")).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _matrix(n: int, device: torch.device) -> Tensor:
+    # Built once per order and device (3 log2(n) concatenations per call
+    # were a visible share of a small model's step); read only: callers
+    # multiply by it and never write to it.
     h = torch.ones(1, 1, dtype=torch.float32, device=device)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
@@ -101,13 +110,13 @@ def _apply_blocks(y: Tensor, block: int) -> Tensor:
     out = torch.empty_like(y)
     full = (cols // block) * block
     if full:
-        h = hadamard_matrix(block, y.device)
+        h = _matrix(block, y.device)
         torch.matmul(
             y[:, :full].reshape(rows, -1, block), h, out=out[:, :full].view(rows, -1, block)
         )
     start = full
     for width in chunk_sizes(cols - full, block):
-        h = hadamard_matrix(width, y.device)
+        h = _matrix(width, y.device)
         out[:, start : start + width] = y[:, start : start + width] @ h
         start += width
     return out
