@@ -78,7 +78,35 @@ def round_out(v: Tensor, meta: torch.dtype, down: bool) -> Tensor:
     return out.clamp(-big, big).to(torch.bfloat16)
 
 
-def group_ranges(g: Tensor, meta: torch.dtype, zero_exact: bool, dims=(-1,)):
+def split_extremes(g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(amin, amax)`` of float32 ``g`` (groups, n) over its last dimension
+    (kept), ``n`` a multiple of :data:`LANES`; NaN and infinities come out as
+    non-finite extremes, as from ``amin``/``amax`` (a zero's sign may differ).
+
+    Inductor's float ``amin``/``amax`` propagate NaN at four instructions
+    per vector each and reduce each group across the vector's lanes (~0.55 ms
+    for 16 MiB).  Here the float patterns become int32 keys ordered as the
+    floats are (a negative float's magnitude bits flipped; a NaN's key lies
+    beyond an infinity of its sign), reduced with one instruction each into
+    (groups, LANES) lane-wise extremes, and only those LANES values per
+    group are turned back into floats and reduced as floats (~0.38 ms).
+    """
+    keys = _ordered(g.view(torch.int32).view(g.shape[0], -1, LANES))
+    kmin, kmax = keys.amin(1), keys.amax(1)
+    lmin = _ordered(kmin).view(torch.float32)  # the map is its own inverse
+    lmax = _ordered(kmax).view(torch.float32)
+    return lmin.amin(1, keepdim=True), lmax.amax(1, keepdim=True)
+
+
+LANES = 16  # an AVX-512 vector of float32 (two AVX2 vectors)
+
+
+def _ordered(bits: Tensor) -> Tensor:
+    """int32 float patterns <-> keys whose signed order is the floats' order."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def group_ranges(g: Tensor, meta: torch.dtype, zero_exact: bool, dims=(-1,), split=False):
     """(lo, hi, poisoned) of float32 ``g`` reduced over ``dims`` (kept, size 1).
 
     The reference's statistics for every group whose values are all finite:
@@ -89,8 +117,11 @@ def group_ranges(g: Tensor, meta: torch.dtype, zero_exact: bool, dims=(-1,)):
     non-finite values out first, as the reference does, cost 10% of a 2-bit
     encode.)
     """
-    gmax = g.amax(dim=dims, keepdim=True)
-    gmin = g.amin(dim=dims, keepdim=True)
+    if split:  # (groups, n) with n a multiple of LANES
+        gmin, gmax = split_extremes(g)
+    else:
+        gmax = g.amax(dim=dims, keepdim=True)
+        gmin = g.amin(dim=dims, keepdim=True)
     if zero_exact:
         poisoned = ~all_finite(gmin, gmax)
         gmin = torch.where(g > 0, g, math.inf).amin(dim=dims, keepdim=True)
