@@ -176,6 +176,8 @@ def quantize_groups(
         width = codes.numel() // rows
 
         def groups_of(mask: Tensor) -> Tensor:
+            if grouped:  # two eager ops rather than eight (~40 us an encode)
+                return view[mask].float()
             by_row = mask.view(rows, -1)
             hit = by_row.any(1)  # only the rows holding a poisoned group
             return _padded(x[hit], width).float().view(-1, group_size)[by_row[hit].view(-1)]
