@@ -47,6 +47,7 @@ from actpack.codecs.compiled import bits as cbits
 from actpack.codecs.compiled import build
 from actpack.codecs.compiled import division as cdiv
 from actpack.codecs.compiled import groupquant as cgq
+from actpack.codecs.counter_noise import random_key, uniform
 from actpack.strategies import ActNN, Division, SaveInfo
 
 if not build.available():
@@ -202,6 +203,31 @@ def test_groups_stochastic_unbiased(bits, zero_exact, dtype):
 @pytest.mark.parametrize(("bits", "dtype"), [(2, torch.float32), (4, torch.bfloat16)])
 def test_groups_stochastic_matches_reference(bits, dtype):
     assert_groups_match_reference(cgq, bits, dtype, "cpu")
+
+
+@pytest.mark.parametrize(("bits", "zero_exact"), [(1, False), (2, False), (2, True), (8, False)])
+@pytest.mark.parametrize("meta", [torch.bfloat16, torch.float16])
+def test_groups_stochastic_codes_are_the_references_for_the_same_noise(bits, zero_exact, meta):
+    """Given the hashed noise it draws, the compiled encoder's stochastic codes
+    are the reference's bit for bit: constant groups, ranges saturated at the
+    meta dtype's maximum (float16: t far beyond 2**31), overflowing ranges,
+    subnormals and a tail group included."""
+    x = torch.randn(6, 300) * 3
+    x[0] = 1.5  # constant groups: step 0 in the reference
+    x[1, :256] *= 1e30  # float16 bounds saturate at 65504
+    x[2, 0], x[2, 1] = -3.3e38, 3.3e38  # hi - lo overflows: k = 0.5
+    x[3] *= 1e-40  # subnormal
+    x[4, 7] = 3.4e38  # beyond bfloat16's finite range
+    if zero_exact:
+        x = x.abs() * (torch.rand(x.shape) > 0.3)
+    got = cgq.quantize_groups(
+        x, bits, 256, generator=torch.Generator().manual_seed(5), zero_exact=zero_exact,
+        meta_dtype=meta,
+    )  # fmt: skip
+    key = random_key(torch.Generator().manual_seed(5))  # the compiled encoder's first draw
+    noise = uniform(torch.arange(6 * 2 * 256), key)
+    want = rgq.quantize_groups(x, bits, 256, zero_exact=zero_exact, meta_dtype=meta, noise=noise)
+    same_code(got, want)
 
 
 def test_groups_stochastic_generator_semantics():

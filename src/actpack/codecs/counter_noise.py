@@ -104,8 +104,9 @@ def counter(numel: int, key: Tensor) -> tuple[torch.dtype, Tensor]:
 def int32_key(key: Tensor) -> Tensor:
     """``key`` as int32 words with the same low 32 bits (for an int32 index:
     converted once, outside a compiled loop, rather than in every iteration)."""
-    k = key.to(torch.int64) & _MASK32
-    return torch.where(k >= 1 << 31, k - (1 << 32), k).to(torch.int32)
+    # One cast (a few microseconds per encode): int64 -> int32 keeps the low
+    # 32 bits, in ATen's scalar (static_cast, modular) and vector conversions.
+    return key if key.dtype == torch.int32 else key.to(torch.int64).to(torch.int32)
 
 
 def _signed32(c: int) -> int:
