@@ -289,8 +289,10 @@ def test_groups_stochastic_nonfinite_classes(bits, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", [7, 14, 28])
-def test_division_rtn_identical(size, dtype):
-    x = (torch.randn(2, 3, size, size) * 2 + 0.5).to(dtype)
+@pytest.mark.parametrize("spatial", [1, 2, 3])  # ATen's CPU avg_pool3d has no bf16 kernel
+def test_division_rtn_identical(size, dtype, spatial):
+    shape = (2, 3) + (4,) * (spatial - 1) + (size,) if spatial != 2 else (2, 3, size, size)
+    x = (torch.randn(shape) * 2 + 0.5).to(dtype)
     check_division(cdiv, x, out_dtypes=[dtype, torch.float32])
 
 

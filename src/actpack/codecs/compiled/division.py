@@ -208,7 +208,10 @@ def division_encode(
     eff = tuple(min(block, s) for s in shape[2:])
     seed = random_key(generator, x.device) if stochastic else torch.zeros(2, dtype=torch.int64)
     with torch.no_grad():
-        pooled = x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+        # ATen pools bfloat16 in float32 and rounds once, as the reference's
+        # float pool then cast does; its CPU avg_pool3d has no bfloat16 kernel.
+        native = x.dtype is torch.float32 or (x.dtype is torch.bfloat16 and len(eff) < 3)
+        pooled = x if native else x.float()
         lfc = _POOL[len(eff)](pooled, eff, eff, 0, True, False).to(torch.bfloat16)
         rows = flat_rows(x, eff)
         if rows is not None:
