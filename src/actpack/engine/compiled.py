@@ -13,8 +13,8 @@ as in eager mode, and the codes are plain tensor ops
 (:mod:`actpack.engine.graphcodes`).
 
 One pair of GraphModules serves both worlds: called by autograd for an eager
-save (no hook context) they hand the tensor to the eager engine's ``pack``
-and, in backward, the result to its ``unpack``; traced by AOTAutograd they
+save (no hook context) they hand the tensor to the eager engine's pack hook
+for the running forward and, in backward, the result to its ``unpack``; traced by AOTAutograd they
 return tensors and constants only.
 
 Private torch API used here (pinned by ``tests/test_compiled.py``):
@@ -260,9 +260,9 @@ class _Installed:
 class GraphHooks:
     """An engine's hooks as a compile-native GraphModule pair.
 
-    ``installed()`` is a context manager to enter where the engine would enter
-    ``torch.autograd.graph.saved_tensors_hooks(engine.pack, unpack)``; eager
-    saves still go to ``engine.pack`` and :func:`actpack.engine.saved.unpack`
+    ``installed(pack)`` is a context manager to enter where the engine would
+    enter ``torch.autograd.graph.saved_tensors_hooks(pack, unpack)``; eager
+    saves still go to ``pack`` and :func:`actpack.engine.saved.unpack`
     (:func:`op_caller` skips the frames in between).  Dynamo guards compiled
     code on the identity of ``pack_gm``/``unpack_gm``: engines with the same
     strategy and settings share one pair (:func:`_hook_pair`), so a new
@@ -338,8 +338,8 @@ class GraphHooks:
 def compiled_hooks(engine: Any) -> GraphHooks | None:
     """``engine``'s :class:`GraphHooks` (made once), or None if torch cannot inline hooks.
 
-    ``engine`` needs ``strategy``, ``_settings()`` (the decision's
-    :class:`~actpack.policy.decide.Settings`) and ``pack(t)``.  On
+    ``engine`` needs ``strategy`` and ``_settings()`` (the decision's
+    :class:`~actpack.policy.decide.Settings`).  On
     None, install the engine's plain hooks: compiled graphs then save after
     their forward, where the engine keeps what they save exact.  Strategies
     without a traceable code (mixed precision, DIVISION) keep compiled saves
