@@ -14,8 +14,8 @@ as in eager mode, and the codes are plain tensor ops
 
 One pair of GraphModules serves both worlds: called by autograd for an eager
 save (no hook context) they hand the tensor to the eager engine's pack hook
-for the running forward and, in backward, the result to its ``unpack``; traced by AOTAutograd they
-return tensors and constants only.
+for the running forward and, in backward, the result to its ``unpack``;
+traced by AOTAutograd they return tensors and constants only.
 
 Private torch API used here (pinned by ``tests/test_compiled.py``):
 ``_get_saved_tensor_hook_context`` and its keys ``_node``/``_fw_graph``/``_bw_graph``,
