@@ -531,27 +531,43 @@ def test_lossless_engine_keeps_compiled_saves_and_counts_them():
     assert not counters["recompiles"]
 
 
-def test_fused_cpu_codecs_compile_once_across_engines():
+def test_fused_cpu_codecs_compile_once_across_engines(monkeypatch):
     """The eager engine's fused CPU codecs run inside its pack hook, under its
     hook pair: a new engine per step must not recompile them (it did, per
-    engine, until Dynamo's limit, then ran them uncompiled)."""
+    engine, until Dynamo's limit, then ran them uncompiled), neither as
+    Dynamo graphs nor as standalone artifacts."""
     from actpack.codecs import backend
+    from actpack.codecs.compiled import build, standalone
 
     model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256))
     x = torch.randn(64, 256)
     if backend.resolve_backend(x.new_empty(1 << 16), "auto") != "compiled":
         pytest.skip("the compiled CPU codecs are not picked here")
+    build._compiled.cache_clear()  # configurations compiled by earlier tests: compile afresh
+    artifacts = []
+    compile_one = standalone.Standalone._compile
+
+    def counted(self, facts, args):
+        out = compile_one(self, facts, args)
+        artifacts.append(out)
+        return out
+
+    monkeypatch.setattr(standalone.Standalone, "_compile", counted)
+
+    def compiled() -> tuple[int, int]:
+        return counters["stats"]["unique_graphs"], len(artifacts)
+
     for _ in range(4):
         with actpack.compress("actnn"):
             y = model(x)
         y.sum().backward()
-    graphs = counters["stats"]["unique_graphs"]
-    assert graphs > 0
+    before = compiled()
+    assert sum(before) > 0
     for _ in range(4):
         with actpack.compress("actnn"):
             y = model(x)
         y.sum().backward()
-    assert counters["stats"]["unique_graphs"] == graphs
+    assert compiled() == before
 
 
 # --------------------------------------------------------------------------- #

@@ -24,6 +24,10 @@ Three details keep compilations few and results exact:
   intermediate as eager PyTorch does; without it the outward rounding of the
   group ranges is skipped and lo/hi differ from the reference.
 
+Calls whose arguments the guards of a standalone artifact accept skip
+Dynamo altogether (:mod:`actpack.codecs.compiled.standalone`: ~15 us a
+call); the ``torch.compile`` path serves every other call.
+
 When a body cannot be compiled (no C++ compiler, an Inductor error) the
 wrapper warns once with :class:`CompileFallbackWarning` and every later call
 with that configuration runs the reference instead: never an error.
@@ -39,6 +43,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+from actpack.codecs.compiled.standalone import MISS, Standalone
 
 __all__ = ["MAX_NUMEL", "CompileFallbackWarning", "available", "run"]
 
@@ -62,6 +68,7 @@ class _Compiled:
         body = factory(*key)
         code = body.__code__.replace()  # a distinct code object: graphs of its own
         fresh = types.FunctionType(code, body.__globals__, body.__name__, None, body.__closure__)
+        self.standalone = Standalone(body, self.name, _OPTIONS)
         try:
             with _quiet_torch():  # torch.compile imports Inductor on first use
                 self.fn: Callable[..., Any] | None = torch.compile(
@@ -132,6 +139,9 @@ def run(factory: Callable[..., Callable[..., Any]], key: tuple, args: tuple) -> 
     compiled = _compiled(factory, key)
     if compiled.fn is None:
         return None
+    out = compiled.standalone(args, _quiet_torch)
+    if out is not MISS:
+        return out
     try:
         with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             if compiled.warm:

@@ -1,0 +1,190 @@
+"""A codec body's Inductor code called without Dynamo, behind explicit guards.
+
+Entering a ``torch.compile``\\ d function costs ~15-20 us per call on a small
+CPU (Dynamo's frame entry, its guards, marking sizes dynamic, the hooks
+context of :func:`~actpack.codecs.compiled.build.run`); a small model makes
+~70 codec calls per step.  An artifact of
+:func:`torch._inductor.standalone_compile` is called directly, but it has no
+guards: it is only the same computation for arguments that satisfy every
+assumption the trace made.  So each artifact carries, and each call checks:
+
+* the shape guards of the trace's ``ShapeEnv`` (sizes 0/1, equal sizes,
+  divisibility, the branch a size comparison took, every stride and storage
+  offset, static ones included), produced *after* compiling, since Inductor
+  adds guards of its own while it lowers the graph;
+* what the shape guards do not cover: each argument's dtype, device, rank,
+  dispatch keys (layout, subclass, conj/neg views, functorch wrappers) and
+  ``requires_grad``; the default dtype and deterministic mode.
+
+Tracing and compiling hold Dynamo's own compile lock: ``make_fx`` sets
+process-global state (FX's tracing flag, its patcher) that a second trace in
+another thread, Dynamo's included, would clobber; Dynamo serialises its
+compiles (and the ``make_fx`` inside them) under that lock.
+
+Only plain calls take this path: every argument a plain tensor, grad and
+inference mode off, no autocast, no torch function or dispatch mode, no
+functorch transform (see :func:`_plain`).  Everything else, a guard that does
+not hold once :data:`MAX_ARTIFACTS` are compiled, and any failure to trace or
+compile answer :data:`MISS`: the caller then runs the ``torch.compile`` path,
+which guards itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.fx.experimental import _config as fx_config
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+__all__ = ["MAX_ARTIFACTS", "MISS", "Standalone"]
+
+log = logging.getLogger(__name__)
+
+#: Returned when no artifact may serve a call.
+MISS: Any = object()
+
+#: Artifacts per configuration (one per distinct guard outcome: a size of 1,
+#: a padded tail, ...); beyond them the torch.compile path serves the call.
+MAX_ARTIFACTS = 4
+
+# ``L['t0'].size()`` and its kin in ShapeEnv's guard expressions.
+_ACCESS = re.compile(r"L\['t(\d+)'\]\.(size|stride|storage_offset)\(\)")
+_LOCAL = {"size": "s", "stride": "d", "storage_offset": "o"}
+
+
+def _plain() -> bool:
+    """Whether the global state is the one artifacts are traced and called
+    under: every one of these changes what the body computes or what its
+    arguments are, and Dynamo guards each of them."""
+    return not (
+        torch.is_grad_enabled()
+        or torch.is_inference_mode_enabled()
+        or torch._C._is_any_autocast_enabled()
+        or torch._C._len_torch_function_stack()
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    )
+
+
+def _facts(args: tuple) -> tuple | None:
+    """What shape guards do not say about the call; None unless every
+    argument is a plain tensor."""
+    facts: list[Any] = [torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled()]
+    for a in args:
+        if type(a) is not torch.Tensor:
+            return None
+        facts += (a.dtype, a.device, a.dim(), torch._C._dispatch_keys(a), a.requires_grad)
+    return tuple(facts)
+
+
+def _guard_function(expr: str | None, n: int) -> Callable[..., bool]:
+    """ShapeEnv's guard expression as a compiled function of the ``n``
+    arguments.  Each ``L['ti'].size()`` (``stride()``, ``storage_offset()``)
+    is read once into a local: the expression repeats them dozens of times,
+    and evaluated as printed it costs ~8 us a call."""
+    names = [f"t{i}" for i in range(n)]
+    if expr is None:
+        return lambda *args: True
+    used = sorted(set(_ACCESS.findall(expr)))
+    body = _ACCESS.sub(lambda m: f"{_LOCAL[m.group(2)]}{m.group(1)}", expr)
+    lines = [f"def guard({', '.join(names)}):"]
+    lines += [f"    {_LOCAL[what]}{i} = t{i}.{what}()" for i, what in used]
+    if "L[" in body:  # an access not rewritten above: keep the name it reads
+        lines.append(f"    L = {{{', '.join(f'{k!r}: {k}' for k in names)}}}")
+    lines.append(f"    return bool({body})")
+    namespace = dict(SYMPY_INTERP)
+    exec(compile("\n".join(lines), "<actpack shape guards>", "exec"), namespace)
+    return namespace["guard"]
+
+
+class _Artifact:
+    def __init__(self, fn: Callable[..., Any], facts: tuple, guard: Callable[..., bool]) -> None:
+        self.fn, self.facts, self.guard = fn, facts, guard
+
+
+class Standalone:
+    """One configuration's standalone artifacts (at most :data:`MAX_ARTIFACTS`)."""
+
+    def __init__(self, body: Callable[..., Any], name: str, options: dict[str, Any]) -> None:
+        self.body, self.name, self.options = body, name, options
+        self.artifacts: tuple[_Artifact, ...] = ()  # replaced whole: readers need no lock
+        self.broken = False  # tracing or compiling failed once: the torch.compile path only
+
+    def __call__(self, args: tuple, quiet: Callable[[], Any]) -> Any:
+        """The body's result from an artifact whose guards hold for ``args``
+        (compiling one if there is room), or :data:`MISS`."""
+        if self.broken or not _plain():
+            return MISS
+        facts = _facts(args)
+        if facts is None:
+            return MISS
+        artifact = self._find(facts, args)
+        if artifact is None:
+            lock = getattr(getattr(torch._dynamo, "convert_frame", None), "compile_lock", None)
+            if lock is None:  # a torch without it: tracing could race, so never trace
+                return MISS
+            with lock:
+                artifact = self._find(facts, args)  # another thread may have compiled it
+                if artifact is None and len(self.artifacts) < MAX_ARTIFACTS and not self.broken:
+                    with quiet():
+                        artifact = self._compile(facts, args)
+        if artifact is None:
+            return MISS
+        try:
+            return artifact.fn(*args)
+        except Exception as exc:  # pragma: no cover - the torch.compile path decides
+            log.debug("actpack: standalone %s failed (%r); using torch.compile", self.name, exc)
+            self.broken = True
+            return MISS
+
+    def _find(self, facts: tuple, args: tuple) -> _Artifact | None:
+        for artifact in self.artifacts:
+            if artifact.facts == facts:
+                try:
+                    if artifact.guard(*args):
+                        return artifact
+                except Exception:  # an expression this call cannot evaluate: no match
+                    continue
+        return None
+
+    def _compile(self, facts: tuple, args: tuple) -> _Artifact | None:
+        try:
+            # Sizes that happen to be equal stay distinct symbols, as the
+            # dimensions build.run marks dynamic do under Dynamo: duck sizing
+            # would guard on the equality, and a batch of 4 rows with 4
+            # blocks per row would then serve no other batch size.
+            with fx_config.patch(use_duck_shape=False):
+                gm = make_fx(self.body, tracing_mode="symbolic")(*args)
+            fakes = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+            # standalone_compile's "from_graph" takes the fake mode (and so the
+            # ShapeEnv holding the trace's guards) from the outputs' example
+            # values, as Dynamo's graphs carry them; make_fx writes "val".
+            output = next(iter(reversed(gm.graph.nodes)))
+            outs = output.args[0]
+            for node in [outs] if isinstance(outs, torch.fx.Node) else outs:
+                node.meta["example_value"] = node.meta["val"]
+            shape_env = fakes[0].fake_mode.shape_env
+            fn = torch._inductor.standalone_compile(
+                gm,
+                fakes,
+                dynamic_shapes="from_graph",
+                options={"config_patches": self.options},
+                donate_graph_module=True,
+            )
+            # After compiling: Inductor's own guards are in the ShapeEnv now.
+            expr = shape_env.produce_guards_expression(fakes, ignore_static=False)
+            guard = _guard_function(expr, len(args))
+            if not guard(*args):  # the trace's own arguments must pass
+                raise RuntimeError(f"shape guards reject the traced arguments: {expr}")
+        except Exception as exc:  # any failure: the torch.compile path serves this configuration
+            log.debug("actpack: no standalone %s (%r); using torch.compile", self.name, exc)
+            self.broken = True
+            return None
+        artifact = _Artifact(fn, facts, guard)
+        self.artifacts = (*self.artifacts, artifact)
+        return artifact

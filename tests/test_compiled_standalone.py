@@ -1,0 +1,218 @@
+"""The standalone artifacts behind the compiled CPU codecs (no Dynamo per call).
+
+An artifact has no guards of its own: :mod:`actpack.codecs.compiled.standalone`
+checks the trace's shape guards and the argument facts they do not cover on
+every call.  These tests check that what an artifact returns is bit for bit
+what the ``torch.compile`` path returns and (round to nearest) what the
+reference returns, over shapes that make the trace branch (sizes 1, tails,
+odd sizes), strides, dtypes and both roundings; that a call its guards reject
+is served by ``torch.compile`` with the same result; and that calls outside
+the plain state never reach an artifact.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from fused_checks import same, same_code, same_division
+
+from actpack.codecs import division as rdiv
+from actpack.codecs import groupquant as rgq
+from actpack.codecs.compiled import build, standalone
+from actpack.codecs.compiled import division as cdiv
+from actpack.codecs.compiled import groupquant as cgq
+
+if not build.available():
+    pytest.skip(
+        "TorchInductor cannot compile CPU code here (no C++ compiler?)", allow_module_level=True
+    )
+
+pytestmark = pytest.mark.filterwarnings(
+    "error::actpack.codecs.compiled.build.CompileFallbackWarning"
+)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Fresh configurations (no artifacts yet); counts the calls an artifact
+    served (``hits``) and those it left to torch.compile (``misses``)."""
+    build._compiled.cache_clear()
+    counts = {"hits": 0, "misses": 0}
+    call = standalone.Standalone.__call__
+
+    def counted(self, args, quiet):
+        out = call(self, args, quiet)
+        counts["misses" if out is standalone.MISS else "hits"] += 1
+        return out
+
+    monkeypatch.setattr(standalone.Standalone, "__call__", counted)
+    yield counts
+    build._compiled.cache_clear()
+
+
+def _torch_compile_only(fn):
+    """``fn()`` with every artifact declined: the torch.compile path alone."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(standalone.Standalone, "__call__", lambda self, args, quiet: standalone.MISS)
+    try:
+        return fn()
+    finally:
+        mp.undo()
+
+
+def _groups_inputs(dtype):
+    gen = torch.Generator().manual_seed(1)
+    yield torch.randn(3, 255, generator=gen).to(dtype)  # a padded tail
+    yield torch.randn(1, 1, generator=gen).to(dtype)  # sizes 1
+    yield torch.randn(4, 512, generator=gen).to(dtype)  # whole groups
+    yield torch.randn(7, 1001, generator=gen).to(dtype)  # odd
+    yield torch.randn(300, 5, generator=gen).to(dtype).t()  # not contiguous
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_groups_standalone_is_torch_compile_and_reference(served, dtype, stochastic):
+    for x in _groups_inputs(dtype):
+
+        def encode(x=x):
+            gen = torch.Generator().manual_seed(7)
+            return cgq.quantize_groups(x, 2, 256, stochastic=stochastic, generator=gen)
+
+        got = encode()
+        same_code(got, _torch_compile_only(encode))
+        if not stochastic:
+            same_code(got, rgq.quantize_groups(x, 2, 256, stochastic=False))
+        for out in DTYPES:
+            want = _torch_compile_only(lambda got=got, out=out: cgq.dequantize_groups(got, out))
+            same(cgq.dequantize_groups(got, out), want)
+            same(want, rgq.dequantize_groups(got, out))
+    assert served["hits"] > 0
+
+
+def _division_inputs(dtype):
+    gen = torch.Generator().manual_seed(2)
+    yield torch.randn(2, 3, 16, 16, generator=gen).to(dtype)  # whole blocks
+    yield torch.randn(1, 1, 7, 7, generator=gen).to(dtype)  # sizes 1, one partial block
+    yield (
+        torch.randn(2, 3, 9, 6, generator=gen)
+        .to(dtype)
+        .contiguous(memory_format=torch.channels_last)
+    )
+    yield torch.randn(2, 12, 5, generator=gen).to(dtype).permute(0, 2, 1)  # tokens view
+    yield torch.randn(3, 5, 41, generator=gen).to(dtype)  # odd, 1-D
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_division_standalone_is_torch_compile_and_reference(served, dtype, stochastic):
+    for x in _division_inputs(dtype):
+
+        def encode(x=x):
+            gen = torch.Generator().manual_seed(7)
+            return cdiv.division_encode(x, 8, 2, stochastic=stochastic, generator=gen)
+
+        got = encode()
+        same_division(got, _torch_compile_only(encode))
+        if not stochastic:
+            same_division(got, rdiv.division_encode(x, 8, 2, stochastic=False))
+        want = _torch_compile_only(lambda got=got: cdiv.division_decode(got, dtype))
+        same(cdiv.division_decode(got, dtype), want)
+        same(want, rdiv.division_decode(got, dtype))
+    assert served["hits"] > 0
+
+
+def test_guard_mismatch_falls_back_to_torch_compile(served, monkeypatch):
+    """One artifact allowed: calls its guards reject (a size 1 where the
+    trace saw more, a tail where it saw whole groups, another stride) are
+    served by torch.compile, with the reference's result."""
+    monkeypatch.setattr(standalone, "MAX_ARTIFACTS", 1)
+    first = torch.randn(4, 512)
+    same_code(cgq.quantize_groups(first, 2, 256, stochastic=False),
+              rgq.quantize_groups(first, 2, 256, stochastic=False))  # fmt: skip
+    hits = served["hits"]
+    assert hits > 0
+    misses = served["misses"]
+    for x in (torch.randn(1, 256), torch.randn(3, 300), torch.randn(512, 6).t()):
+        same_code(cgq.quantize_groups(x, 2, 256, stochastic=False),
+                  rgq.quantize_groups(x, 2, 256, stochastic=False))  # fmt: skip
+    assert served["misses"] > misses
+    # The artifact still serves the calls it was traced for.
+    hits = served["hits"]
+    cgq.quantize_groups(torch.randn(8, 1024), 2, 256, stochastic=False)
+    assert served["hits"] > hits
+
+
+def _scale():
+    def body(x, y):
+        return x * 2 + y[: x.shape[0]].sum()
+
+    return body
+
+
+def test_guards_cover_sizes_strides_and_facts():
+    """What the shape guards and the facts reject, directly on an artifact."""
+    from contextlib import nullcontext
+
+    sa = standalone.Standalone(_scale(), "scale", build._OPTIONS)
+    x, y = torch.randn(4, 6), torch.randn(9, 6)
+    with torch.no_grad():
+        same(sa((x, y), nullcontext), _scale()(x, y))
+        (artifact,) = sa.artifacts
+        for ok in [(torch.randn(5, 7), torch.randn(6, 7)), (x, torch.randn(4, 6))]:
+            assert artifact.facts == standalone._facts(ok) and artifact.guard(*ok)
+        rejected = [
+            (torch.randn(1, 6), y),  # a size 1
+            (torch.randn(6, 4).t(), y),  # another stride
+            (x, torch.randn(3, 6)),  # y[:4] of 3 rows: a branch the trace did not take
+            (torch.randn(10, 6)[1:5], y),  # a storage offset
+        ]
+        for args in rejected:
+            assert not artifact.guard(*args)
+        for args in [(x.double(), y), (x[None], y), (x.to_sparse(), y)]:
+            assert standalone._facts(args) != artifact.facts
+        assert standalone._facts((x, 2)) is None
+    # Outside the plain state no artifact is called.
+    assert sa((x, y), nullcontext) is standalone.MISS  # grad enabled
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sa((x, y), nullcontext) is standalone.MISS
+
+
+def test_empty_trace_serves_empty_calls_only():
+    from contextlib import nullcontext
+
+    sa = standalone.Standalone(_scale(), "scale", build._OPTIONS)
+    with torch.no_grad():
+        empty = (torch.randn(0, 3), torch.randn(2, 3))
+        same(sa(empty, nullcontext), _scale()(*empty))
+        assert not sa.artifacts[0].guard(torch.randn(2, 3), torch.randn(2, 3))
+
+
+def test_threads_share_a_configuration(served):
+    """Two threads calling one configuration at once: one compiles, both
+    get the reference's result."""
+    xs = [torch.randn(5, 700), torch.randn(9, 700)]
+    want = [rgq.quantize_groups(x, 2, 256, stochastic=False) for x in xs]
+    got: list = [None, None]
+    errors: list = []
+    start = threading.Barrier(2)
+
+    def work(i):
+        try:
+            start.wait()
+            got[i] = cgq.quantize_groups(xs[i], 2, 256, stochastic=False)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, [str(e)[:3000] for e in errors]
+    for g, w in zip(got, want):
+        same_code(g, w)
+    assert served["hits"] > 0
