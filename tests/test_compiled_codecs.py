@@ -634,3 +634,59 @@ def test_called_while_dynamo_traces_runs_the_reference_and_stays_enabled():
     ref = rgq.quantize_groups(x, 2, 256, stochastic=False)
     assert torch.equal(traced, ref.lo)
     assert torch.equal(eager.packed, ref.packed)
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and global state the fused code must not misread
+# --------------------------------------------------------------------------------------
+
+
+def _neg_views():
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(5, 700, dtype=torch.cfloat, generator=gen)
+    yield z.conj().imag  # the neg bit: memory holds -x
+    yield torch._neg_view(torch.randn(3, 512, generator=gen))
+    yield torch._neg_view(torch.randn(2, 3, 9, 9, generator=gen))
+
+
+@pytest.mark.parametrize("backend", ["compiled", "triton"])
+def test_pending_negation_is_read_as_its_values(backend):
+    # TorchInductor (and Triton) read a tensor's memory: with the neg bit set
+    # it holds -x, and the fused codes came out for -x (every sign flipped).
+    from actpack.codecs import backend as dispatch
+
+    if backend == "triton" and not dispatch.triton_available():
+        pytest.skip("Triton is not importable here")
+    for x in _neg_views():
+        assert x.is_neg()
+        if x.dim() == 2:
+            want = dispatch.quantize_groups(x, 3, 256, stochastic=False, backend="reference")
+            got = dispatch.quantize_groups(x, 3, 256, stochastic=False, backend=backend)
+            same_code(got, want)
+        else:
+            want = dispatch.division_encode(x, 4, 2, stochastic=False, backend="reference")
+            got = dispatch.division_encode(x, 4, 2, stochastic=False, backend=backend)
+            torch.testing.assert_close(
+                dispatch.division_decode(got, backend="reference"),
+                dispatch.division_decode(want, backend="reference"),
+                rtol=0,
+                atol=0,
+            )
+
+
+def test_float64_default_dtype_takes_the_reference():
+    # The bodies' constants follow the default dtype: under float64 they failed
+    # to trace, warned, and left the configuration on the reference for good.
+    from actpack.codecs import backend as dispatch
+
+    x = torch.randn(5, 700)
+    want = dispatch.quantize_groups(x, 3, 256, stochastic=False, backend="reference")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = dispatch.quantize_groups(x, 3, 256, stochastic=False, backend="compiled")
+    finally:
+        torch.set_default_dtype(previous)
+    same_code(got, want)
+    again = dispatch.quantize_groups(x, 3, 256, stochastic=False, backend="compiled")
+    same_code(again, want)

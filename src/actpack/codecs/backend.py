@@ -150,6 +150,9 @@ def quantize_groups(
     backend: str | None = None,
 ) -> GroupCode:
     """:func:`actpack.codecs.quantize_groups` on the chosen backend."""
+    # A tensor with a pending negation (the neg bit: ``z.conj().imag``) holds
+    # -x in memory; TorchInductor and Triton read the memory as x.
+    x = x.resolve_neg()
     impl = _impl(resolve_backend(x, backend), "groupquant", _ref_groupquant)
     return impl.quantize_groups(
         x,
@@ -180,6 +183,7 @@ def division_encode(
     backend: str | None = None,
 ) -> DivisionCode:
     """:func:`actpack.codecs.division_encode` on the chosen backend."""
+    x = x.resolve_neg()  # a pending negation: fused code reads the stored values
     impl = _impl(resolve_backend(x, backend), "division", _ref_division)
     return impl.division_encode(x, block, bits, stochastic=stochastic, generator=generator)
 

@@ -54,7 +54,9 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 def levels_tensor(bits: int, zero_exact: bool) -> Tensor:
     """The grid's step count as the 0-d float32 the compiled bodies take."""
-    return torch.tensor(float((1 << bits) - 1 - int(zero_exact)))
+    # float32 whatever the default dtype (a float64 default made the bodies
+    # fail to trace, and the configuration fall back to the reference for good).
+    return torch.tensor(float((1 << bits) - 1 - int(zero_exact)), dtype=torch.float32)
 
 
 def _encoder(wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, split: bool):
