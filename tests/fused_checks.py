@@ -20,10 +20,29 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from actpack.codecs import division as rdiv
 from actpack.codecs import groupquant as rgq
+
+#: The input and output dtypes every fused codec takes.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def compiled_codecs_only() -> pytest.MarkDecorator:
+    """For a test module of the compiled CPU codecs (``pytestmark = ...``):
+    skips the module where TorchInductor cannot compile CPU code, and
+    returns the mark that turns a fall back to the reference into a failure."""
+    from actpack.codecs.compiled import build
+
+    if not build.available():
+        pytest.skip(
+            "TorchInductor cannot compile CPU code here (no C++ compiler?)",
+            allow_module_level=True,
+        )
+    return pytest.mark.filterwarnings("error::actpack.codecs.compiled.build.CompileFallbackWarning")
+
 
 _INT_OF = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 

@@ -26,6 +26,7 @@ import warnings
 import pytest
 import torch
 from fused_checks import (
+    DTYPES,
     assert_division_matches_reference,
     assert_division_unbiased,
     assert_generator_semantics,
@@ -33,6 +34,7 @@ from fused_checks import (
     assert_groups_unbiased,
     check_division,
     check_groups,
+    compiled_codecs_only,
     same,
     same_bound,
     same_code,
@@ -50,16 +52,7 @@ from actpack.codecs.compiled import groupquant as cgq
 from actpack.codecs.counter_noise import random_key, uniform
 from actpack.strategies import ActNN, Division, SaveInfo
 
-if not build.available():
-    pytest.skip(
-        "TorchInductor cannot compile CPU code here (no C++ compiler?)", allow_module_level=True
-    )
-
-pytestmark = pytest.mark.filterwarnings(
-    "error::actpack.codecs.compiled.build.CompileFallbackWarning"
-)
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = compiled_codecs_only()
 
 
 # --------------------------------------------------------------------------------------

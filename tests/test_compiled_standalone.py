@@ -16,7 +16,7 @@ import threading
 
 import pytest
 import torch
-from fused_checks import same, same_code, same_division
+from fused_checks import DTYPES, compiled_codecs_only, same, same_code, same_division
 
 from actpack.codecs import division as rdiv
 from actpack.codecs import groupquant as rgq
@@ -24,16 +24,7 @@ from actpack.codecs.compiled import build, standalone
 from actpack.codecs.compiled import division as cdiv
 from actpack.codecs.compiled import groupquant as cgq
 
-if not build.available():
-    pytest.skip(
-        "TorchInductor cannot compile CPU code here (no C++ compiler?)", allow_module_level=True
-    )
-
-pytestmark = pytest.mark.filterwarnings(
-    "error::actpack.codecs.compiled.build.CompileFallbackWarning"
-)
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+pytestmark = compiled_codecs_only()
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ except Exception as exc:  # missing, or a broken install raising anything else
     )
 
 from fused_checks import (  # noqa: E402
+    DTYPES,
     assert_division_matches_reference,
     assert_division_unbiased,
     assert_generator_semantics,
@@ -54,7 +55,6 @@ from actpack.codecs.kernels import groupquant as kgq  # noqa: E402
 from actpack.strategies import ActNN, Division, SaveInfo  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 if not CUDA and not kgq.interpreted(kgq._quantize_kernel):
     pytest.skip(
