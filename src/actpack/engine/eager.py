@@ -38,7 +38,6 @@ from actpack.engine.accounting import Stats, StorageSet, anchor
 from actpack.engine.compiled import compiled_hooks, op_caller
 from actpack.engine.saved import Held, Reshaped, Saved, unpack
 from actpack.engine.savefacts import (
-    CAST_NODES,
     POW_OPS,
     argument_role,
     attention_input,
@@ -491,12 +490,16 @@ class Engine:
             if 0 < numel < st.settings.min_numel and t.layout is torch.strided and not t.is_meta:
                 ops = st.ops
                 op, args = (ops.name, ops.args) if ops is not None else (None, ())
-                if self._leaf(t, args, st) is None:
-                    plan = small_plan(t.dtype)
-                    if plan.kind is Kind.EXACT:
-                        if op in POW_OPS and squares(op, args, ops.kwargs):
-                            op = "square"
-                        return self._keep_exact(t, plan.reason, st, op)
+                leaf = self._leaf(t, args, st)
+                if leaf is not None:  # the model's weight: decided by that alone
+                    return self._carry_out(
+                        t, decide(Facts(t.dtype, numel, leaf=leaf), st.settings), st, op, None
+                    )
+                plan = small_plan(t.dtype)
+                if plan.kind is Kind.EXACT:
+                    if op in POW_OPS and squares(op, args, ops.kwargs):
+                        op = "square"
+                    return self._keep_exact(t, plan.reason, st, op)
         try:
             facts, op, args, kwargs = self._facts(t, st)
         except RuntimeError:
@@ -537,22 +540,16 @@ class Engine:
             return t
         if t.dtype is torch.bool:
             return self._pack_in(st, t)  # bit-packed: lossless, a quarter of the bytes
-        stats = st.stats
-        node = t.grad_fn
         try:
-            if node is not None:
-                if type(node).__name__ in CAST_NODES and parameter_source(t) is not None:
-                    # Among the kept storages, as the tracked path counts weights.
-                    stats.weight_bytes += st.kept.new_bytes(t)
-                    return Held(t)
-            elif st.weights and t.untyped_storage().data_ptr() in st.weights:
-                # The model's buffer or frozen weight (or a view of one): kept,
-                # out of the baseline, as the tracked path keeps it.
-                st.kept.new_bytes(t)
-                return Held(t)
+            # The model's weights (views, casts, buffers) are kept out of the
+            # baseline, as the tracked path keeps them (no op arguments here).
+            leaf = self._leaf(t, (), st)
+            if leaf is not None:
+                return self._keep_leaf(t, leaf, st)
             nbytes = st.held.new_bytes(t)
         except RuntimeError:
             return self._uninspectable(t, st)
+        stats = st.stats
         passthrough = stats.passthrough
         passthrough[_EXACT_STRATEGY] = passthrough.get(_EXACT_STRATEGY, 0) + nbytes
         stats.tensors += 1
@@ -567,18 +564,7 @@ class Engine:
         module = self._modules.current if self._modules is not None else None
         kind = plan.kind
         if kind is Kind.KEEP:
-            # Counted once per storage among the kept leaves (``kept``), apart
-            # from the baseline and compressed sets: an activation coded for
-            # one op and kept as a leaf for another (``probe(f.detach())``)
-            # stays alive because of the leaf save, and its bytes must show,
-            # whichever save comes first; the totals (and ratio) stay those
-            # of the other saves.
-            nbytes = st.kept.new_bytes(t)
-            if plan.reason in ("parameter cast", "parameter view"):
-                stats.weight_bytes += nbytes  # identical with or without actpack
-            elif plan.reason == "leaf input":
-                stats.leaf_bytes += nbytes
-            return Held(t)
+            return self._keep_leaf(t, plan.reason, st)
         if kind is Kind.EXACT:
             return self._keep_exact(t, plan.reason, st, op)
         before = st.held.new_bytes(t)
@@ -612,6 +598,23 @@ class Engine:
             row[0] += before
             row[1] += saved.encoded.nbytes
         return saved
+
+    @staticmethod
+    def _keep_leaf(t: Tensor, reason: str, st: _Forward) -> Held:
+        """Carry out a KEEP plan (a weight, a buffer, the input batch).
+
+        Counted once per storage among the kept leaves (``kept``), apart from
+        the baseline and compressed sets: an activation coded for one op and
+        kept as a leaf for another (``probe(f.detach())``) stays alive
+        because of the leaf save, and its bytes must show, whichever save
+        comes first; the totals (and ratio) stay those of the other saves.
+        """
+        nbytes = st.kept.new_bytes(t)
+        if reason in ("parameter cast", "parameter view"):
+            st.stats.weight_bytes += nbytes  # identical with or without actpack
+        elif reason == "leaf input":
+            st.stats.leaf_bytes += nbytes
+        return Held(t)
 
     def _keep_exact(self, t: Tensor, reason: str, st: _Forward, op: str | None) -> object:
         """Carry out an EXACT plan: the tensor as it is, or an exact copy of a
