@@ -472,9 +472,7 @@ class Engine:
         if st is None or st.hooks is None:
             # Hooks propagated to a thread that never entered (autograd's
             # worker threads): keep the tensor, as autograd would.
-            if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
-                return t
-            return Held(t)
+            return _keep(t)
         if st.ops is None:
             return self._pack_untracked(st, t)
         return self._pack_in(st, t)
