@@ -36,8 +36,9 @@ from actpack.codecs.encoded import (
 )
 from actpack.engine.accounting import Stats, StorageSet, anchor
 from actpack.engine.compiled import compiled_hooks, op_caller
-from actpack.engine.saved import Held, Reshaped, Saved, unpack
+from actpack.engine.saved import Held, Reshaped, Saved, _modified, unpack
 from actpack.engine.savefacts import (
+    CAST_NODES,
     POW_OPS,
     argument_role,
     attention_input,
@@ -82,6 +83,19 @@ _EXACT_STRATEGY = "exact strategy"  # the reason of every save a lossless strate
 
 _DEFAULT_SETTINGS = Settings()
 
+# Saves of a lossless forward waiting to be counted: bounds how long a save
+# freed during the forward (a branch whose result is dropped) outlives it.
+_UNACCOUNTED_MAX = 64
+_PARAMETER = nn.Parameter
+_get_ident = threading.get_ident
+_top_saved_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+_push_saved_hooks = torch._C._autograd._push_saved_tensors_default_hooks
+_pop_saved_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
+#: ``_Forward.hooks`` of a forward whose hooks were pushed directly.
+_PLAIN_HOOKS = object()
+_new_object = object.__new__
+_BOOL = torch.bool
+
 
 @functools.lru_cache(maxsize=256)
 def _settings_of(
@@ -108,7 +122,7 @@ class _Forward:
 
     __slots__ = (
         "depth", "hooks", "ops", "table", "held", "held_compressed", "kept", "ordinals",
-        "stats", "weights", "settings",
+        "stats", "weights", "settings", "unaccounted", "engine",
     )  # fmt: skip
 
     def __init__(self, tracked: bool) -> None:
@@ -117,14 +131,19 @@ class _Forward:
         self.ops = OpTracker() if tracked else None
         self.table: dict[tuple, list[tuple[weakref.ref, object, Any]]] = {}
         self.held = StorageSet()
-        self.held_compressed = StorageSet()
+        # Made on first use (most forwards of a lossless strategy need neither).
+        self.held_compressed: StorageSet | None = None
         #: Storages of the saves kept as they are (leaves, weights): their own bytes.
-        self.kept = StorageSet()
+        self.kept: StorageSet | None = None
         self.ordinals: dict[tuple, int] = {}
         self.stats = Stats()
         #: Storage addresses of the model's plain parameters and buffers.
         self.weights: dict[int, str] = {}
         self.settings: Settings = _DEFAULT_SETTINGS
+        #: Saves kept as they are whose bytes are not yet counted (see
+        #: :class:`_Uncounted`), and the engine that counts them.
+        self.unaccounted: list[Tensor] = []
+        self.engine: Engine | None = None
 
 
 class Engine:
@@ -162,7 +181,7 @@ class Engine:
         self.strategy = resolve(strategy)
         self.min_numel = min_numel
         self.checkpoint_inputs = checkpoint_inputs
-        self.stats = Stats()
+        self._stats: Stats | None = None
         self._model = model
         # The model's weight storages, checked and reused between forwards.
         self._weights: (
@@ -170,12 +189,13 @@ class Engine:
         ) = None
         self._track_modules = track_modules and model is not None
         self._modules: ModuleTracker | None = None
-        self._local = threading.local()
+        # Each thread's forward under this engine, by thread id (a dict, not
+        # a threading.local: creating and freeing one of those costs more
+        # than a small layer's saves, and compress() makes an engine per step).
+        self._states: dict[int, _Forward] = {}
         self._warned: set[str] = set()
         self._suspended = 0
         self._checkpoint_strategy: Strategy | None = None
-        # Threads inside a forward, for strategies that keep per-forward state.
-        self._inside: set[int] = set()
         self._lock = threading.Lock()
         # Naming the op of every torch call costs a few microseconds each; a
         # lossless strategy needs no name unless the accounting must tell the
@@ -206,10 +226,24 @@ class Engine:
         )
 
     # -- context management -------------------------------------------------
+    @property
+    def stats(self) -> Stats:
+        """Bytes saved for backward by the forward most recently started
+        (empty before the first)."""
+        st = self._states.get(_get_ident())
+        if st is not None and st.unaccounted:
+            self._account(st)  # read inside a forward: count what waits
+        stats = self._stats
+        if stats is None:
+            stats = self._stats = Stats()
+        return stats
+
     def _state(self) -> _Forward | None:
-        return getattr(self._local, "state", None)
+        return self._states.get(_get_ident())
 
     def __enter__(self) -> Engine:
+        # (Called through the module: Dynamo recognises torch.compiler.is_compiling
+        # there, not through a module-level alias of it.)
         if torch.compiler.is_compiling():
             # Dynamo traces this call: the hooks are entered as a side effect
             # between graphs, and whether the graph holding the model sees
@@ -222,32 +256,42 @@ class Engine:
                 "outside the compiled code (`with actpack.compress(): compiled_model(x)`) or "
                 "use actpack.wrap(torch.compile(model)).",
             )
-        st = self._state()
+        ident = _get_ident()
+        st = self._states.get(ident)
         if st is not None:
             st.depth += 1
             return self
         if self._suspended:
-            self._local.state = st = _Forward(tracked=False)
+            self._states[ident] = st = _Forward(tracked=False)
             st.depth = 1
             return self
-        self._warn_if_nested()
-        self._admit()
-        tracked = self._track_ops if self._track_ops is not None else not self.strategy.lossless
+        if _top_saved_hooks(False) is not None:
+            self._warn_nested()
+        strategy = self.strategy
+        tracked = self._track_ops if self._track_ops is not None else not strategy.lossless
         st = _Forward(tracked=tracked)
         st.depth = 1
-        self._local.state = st
-        self.stats = st.stats
-        self.strategy.begin_forward()
-        if self._track_modules and self._modules is None:
-            self._modules = ModuleTracker(self._model)
-        st.weights = self._weight_storages()
+        st.engine = self  # (a forward entered while suspended has none)
+        if strategy.thread_safe:
+            self._states[ident] = st
+        else:
+            self._admit(st, ident)
+        self._stats = st.stats
+        strategy.begin_forward()
+        if self._model is not None:
+            if self._track_modules and self._modules is None:
+                self._modules = ModuleTracker(self._model)
+            st.weights = self._weight_storages()
         st.settings = self._settings()
         # This forward's pack hook, bound to its state (no per-save lookup
         # of the thread's state); a lossless strategy without op names keeps
         # every non-bool tensor, so its hook only counts bytes.
-        pack = functools.partial(
-            Engine._pack_untracked if st.ops is None else Engine._pack_in, self, st
-        )
+        if st.ops is not None:
+            pack: Any = functools.partial(Engine._pack_in, self, st)
+        elif self._modules is None:
+            pack = functools.partial(_Uncounted, st)
+        else:
+            pack = functools.partial(Engine._pack_untracked, self, st)
         # Compile-native where torch can inline GraphModule hooks into
         # compiled graphs; eager saves still come to ``pack`` and ``unpack``.
         # A lossless strategy codes nothing, compiled or not: its plain hooks
@@ -256,9 +300,12 @@ class Engine:
         graph_hooks = None if st.ops is None and self.strategy.lossless else compiled_hooks(self)
         if graph_hooks is not None:
             st.hooks = graph_hooks.installed(pack)
+            st.hooks.__enter__()
         else:
-            st.hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-        st.hooks.__enter__()
+            # What saved_tensors_hooks(pack, unpack).__enter__ does, without
+            # its object (``__exit__`` pops them).
+            _push_saved_hooks(pack, unpack)
+            st.hooks = _PLAIN_HOOKS
         if st.ops is not None:
             st.ops.__enter__()
         return self
@@ -270,33 +317,39 @@ class Engine:
         st.depth -= 1
         if st.depth > 0:
             return
-        self._local.state = None
+        self._states.pop(_get_ident(), None)
         exc = exc or (None, None, None)
+        if st.unaccounted:
+            self._account(st, final=True)
         if st.hooks is not None:
             if st.ops is not None:
                 st.ops.__exit__(*exc)
-            st.hooks.__exit__(*exc)
+            if st.hooks is _PLAIN_HOOKS:
+                _pop_saved_hooks()
+            else:
+                st.hooks.__exit__(*exc)
             # The installed hooks hold this forward's pack hook, bound to st:
             # dropping them ends the cycle, so the state dies by reference count.
             st.hooks = None
-            st.table.clear()
+            if st.table:
+                st.table.clear()
             self.strategy.end_forward()
-            with self._lock:
-                self._inside.discard(threading.get_ident())
 
-    def _admit(self) -> None:
+    def _admit(self, st: _Forward, ident: int) -> None:
+        """Make ``st`` this thread's forward (a strategy that keeps per-forward
+        state) unless another thread is inside a forward of this engine."""
         with self._lock:
-            if self._inside and not self.strategy.thread_safe:
+            if any(other.engine is not None for other in self._states.values()):
                 raise RuntimeError(
                     f"actpack: {self.strategy!r} keeps per-forward statistics and cannot run "
                     "forwards of one engine in two threads at once; give each thread its own "
                     "model copy (copy.deepcopy(model)) or use a stateless strategy such as "
                     "'actnn'."
                 )
-            self._inside.add(threading.get_ident())
+            self._states[ident] = st
 
-    def _warn_if_nested(self) -> None:
-        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    def _warn_nested(self) -> None:
+        top = _top_saved_hooks(False)
         if top is not None:
             self._warn_once(
                 "nested",
@@ -530,30 +583,80 @@ class Engine:
 
     def _pack_untracked(self, st: _Forward, t: Tensor) -> object:
         """The pack hook of forward ``st`` for a lossless strategy without op
-        names (``"none"``): every non-bool tensor is kept as it is, and the
-        decision reduces to accounting.  Written flat: it runs for every
-        saved tensor, and each Python call here is a measurable share of a
-        small layer's step (``benchmarks/bench_host.py``)."""
-        if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
-            return t
-        if t.dtype is torch.bool:
-            return self._pack_in(st, t)  # bit-packed: lossless, a quarter of the bytes
-        try:
-            # The model's weights (views, casts, buffers) are kept out of the
-            # baseline, as the tracked path keeps them (no op arguments here).
-            leaf = self._leaf(t, (), st)
-            if leaf is not None:
-                return self._keep_leaf(t, leaf, st)
-            nbytes = st.held.new_bytes(t)
-        except RuntimeError:
-            return self._uninspectable(t, st)
+        names (``"none"``) when modules are tracked: the save is counted at
+        once, while its module is the current one.  Without module rows the
+        hook is :class:`_Uncounted` itself."""
+        saved = _Uncounted(st, t)
+        if st.unaccounted:
+            self._account(st)
+        return saved
+
+    def _account(self, st: _Forward, final: bool = False) -> None:
+        """Count the bytes of the saves :class:`_Uncounted` kept.
+
+        Written flat (it runs once per save, and each attribute read or call
+        on a tensor costs ~0.2 us between a forward's ops): activations are
+        told from the model's weights by their autograd node's type; the
+        slower tests run for views, casts and the model's listed weights
+        only (a save without history has no op arguments here, so
+        ``frozen_weight`` cannot match it).  Every save of one batch is
+        alive (the list holds it), so the storage sets need no weak
+        reference of a storage this batch counts unless a later batch of
+        this forward must tell it from a new one at the same address
+        (``final``: no later batch)."""
+        saves, st.unaccounted = st.unaccounted, []
         stats = st.stats
+        activations = []
+        others = []  # the model's weights, and saves to look at one by one
+        for t in saves:
+            node = t.grad_fn  # (the hook returns leaves that need grad)
+            if node is None:
+                if st.weights:  # no history: a weight if the model lists its storage
+                    others.append(t)
+                    continue
+            elif type(node).__name__ in CAST_NODES:
+                # A view's base, or a cast: a weight's, or an activation's.
+                base = t._base
+                if base is None or base.is_leaf or type(base.grad_fn).__name__ in CAST_NODES:
+                    others.append(t)
+                    continue
+            activations.append(t)
+        for t in others:
+            try:
+                kind = self._leaf(t, (), st)
+                if kind is None:
+                    activations.append(t)
+                    continue
+                if st.kept is None:
+                    st.kept = StorageSet()
+                nbytes = st.kept.new_bytes(t, final)
+            except RuntimeError:
+                self._uninspectable(t, st)
+                continue
+            if kind in ("parameter cast", "parameter view"):
+                stats.weight_bytes += nbytes  # identical with or without actpack
+        if not activations:
+            return
+        try:
+            total, elements = st.held.add_all(activations, final)
+        except RuntimeError:  # one without a storage: count them one by one
+            total = elements = 0
+            counted = []
+            for t in activations:
+                try:
+                    nbytes = st.held.new_bytes(t, final)
+                except RuntimeError:
+                    self._uninspectable(t, st)
+                    continue
+                counted.append(t)
+                total += nbytes
+                elements += nbytes // t.itemsize
+            activations = counted
         passthrough = stats.passthrough
-        passthrough[_EXACT_STRATEGY] = passthrough.get(_EXACT_STRATEGY, 0) + nbytes
-        stats.tensors += 1
+        passthrough[_EXACT_STRATEGY] = passthrough.get(_EXACT_STRATEGY, 0) + total
+        stats.tensors += len(activations)
         module = self._modules.current if self._modules is not None else None
-        stats.add(module, None, nbytes, nbytes, nbytes // t.element_size())
-        return Held(t)
+        stats.add(module, None, total, total, elements)
 
     def _carry_out(
         self, t: Tensor, plan: Plan, st: _Forward, op: str | None, compact: Encoded | None
@@ -607,7 +710,10 @@ class Engine:
         because of the leaf save, and its bytes must show, whichever save
         comes first; the totals (and ratio) stay those of the other saves.
         """
-        nbytes = st.kept.new_bytes(t)
+        kept = st.kept
+        if kept is None:
+            kept = st.kept = StorageSet()
+        nbytes = kept.new_bytes(t)
         if reason in ("parameter cast", "parameter view"):
             st.stats.weight_bytes += nbytes  # identical with or without actpack
         elif reason == "leaf input":
@@ -634,6 +740,8 @@ class Engine:
             after = saved.encoded.nbytes
         else:
             saved = Held(t)
+            if st.held_compressed is None:
+                st.held_compressed = StorageSet()
             after = st.held_compressed.new_bytes(t)
         passthrough = stats.passthrough
         passthrough[reason] = passthrough.get(reason, 0) + after
@@ -700,6 +808,51 @@ class Engine:
                 else Cast16(torch.bfloat16 if form == "bf16" else torch.float16)
             )
         return self._checkpoint_strategy
+
+
+class _Uncounted:
+    """The pack hook of a lossless forward without op names (``"none"``),
+    bound to the forward's state (``functools.partial(_Uncounted, st)``),
+    and what it returns for a save kept as it is (as :class:`Held`).
+
+    Every non-bool tensor is kept, so the decision reduces to accounting,
+    which waits (:meth:`Engine._account`) until the forward exits, its
+    backward starts (the first restore), ``stats`` is read, or
+    ``_UNACCOUNTED_MAX`` saves wait: counted in one loop, a save costs less
+    than between a forward's ops.  Until then the list holds the saves,
+    which autograd holds anyway, so no counted address can be reused.  The
+    class is the hook (its ``__new__`` returns parameters, and bool masks'
+    codes, instead of an instance): one Python call per save, not two
+    (``benchmarks/bench_host.py``).
+    """
+
+    __slots__ = ("data", "version", "forward", "__weakref__")
+
+    def __new__(cls, st: _Forward, t: Tensor) -> Any:
+        if t.requires_grad:
+            if t.is_leaf:
+                return t  # parameters exist anyway, and hold no graph: no cycle
+        elif t.dtype is _BOOL:
+            return st.engine._pack_in(st, t)  # bit-packed: lossless, a quarter of the bytes
+        elif type(t) is _PARAMETER:
+            return t
+        self = _new_object(cls)
+        self.data = t.detach()
+        self.version = t._version
+        self.forward = st
+        waiting = st.unaccounted
+        waiting.append(t)
+        if len(waiting) >= _UNACCOUNTED_MAX:
+            st.engine._account(st)
+        return self
+
+    def restore(self) -> Tensor:
+        st = self.forward
+        if st.unaccounted:
+            st.engine._account(st)
+        if self.data._version != self.version:
+            raise _modified(self.data, self.version)
+        return self.data
 
 
 def _keep(t: Tensor) -> object:

@@ -60,7 +60,21 @@ _CHECKPOINT_FILE = ("utils", "checkpoint.py")
 
 def parameter_source(t: Tensor) -> str | None:
     """``"parameter view"`` or ``"parameter cast"`` if ``t`` is a weight seen
-    through views and casts that require grad, else None."""
+    through views and casts that require grad, else None.
+
+    A view's ``_base`` is the tensor at the root of its chain of views, so a
+    view is a parameter's view when its base is a leaf requiring grad, and
+    otherwise whatever its base is (only a cast, ``ToCopyBackward0``, starts
+    a new base); the autograd nodes are walked from there, which costs a
+    tuple per node (``next_functions``) and runs for every saved view.  A
+    view edited in place since is neither: the base's node is then
+    ``CopySlices``.
+    """
+    base = t._base
+    if base is not None:
+        if base.grad_fn is None:
+            return "parameter view" if base.requires_grad else None
+        t = base
     node, depth, cast = t.grad_fn, 0, False
     while node is not None and depth < 6:
         name = type(node).__name__
