@@ -5,6 +5,7 @@ independent count of autograd's saves gives, and keeping the saves for the
 count must never keep memory alive longer than autograd would."""
 
 import gc
+import threading
 import weakref
 
 import pytest
@@ -204,8 +205,6 @@ def test_a_save_without_storage_is_passed_through_and_the_others_counted():
 
 
 def test_two_threads_count_their_own_forwards():
-    import threading
-
     x = torch.randn(64, 64, requires_grad=True)
     engine = actpack.compress("none")
     states = {}
@@ -229,3 +228,171 @@ def test_two_threads_count_their_own_forwards():
     assert states[3].stats.baseline_bytes == 3 * 64 * 64 * 4
     assert states[5].stats.baseline_bytes == 5 * 64 * 64 * 4
     assert not states[3].unaccounted and not states[5].unaccounted
+
+
+# -- faults found by a break-it pass of the batched count (one test per kind) --
+
+
+@pytest.mark.parametrize("strategy", ["none", "actnn"])
+def test_a_forward_whose_thread_dies_inside_it_ends_cleanly(strategy):
+    # A generator running its forward under the engine is started in one
+    # thread and closed in another (thread pools driving generators): the
+    # forward's state was left behind, its saves kept alive, and a later
+    # thread given the same thread id ran without hooks, uncompressed.
+    engine = actpack.compress(strategy)
+    x = torch.randn(128, 128, requires_grad=True)
+    refs = []
+
+    def forward(steps):
+        with engine:
+            h = x * 1
+            for _ in range(steps):
+                h = torch.sigmoid(h)
+                refs.append(weakref.ref(h))
+            yield h.sum()
+
+    box = {}
+
+    def start():
+        box["it"] = forward(6)
+        box["loss"] = next(box["it"])
+
+    for _ in range(2):  # the second round may reuse the dead thread's id
+        thread = threading.Thread(target=start)
+        thread.start()
+        thread.join()
+        del box["loss"]
+        box.pop("it").close()  # exits the engine in this thread
+        gc.collect()
+        assert all(r() is None for r in refs)
+        assert engine._states == {}
+    seen = {}
+
+    def again():
+        with engine:
+            seen["hooks"] = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            h = x * 1
+            for _ in range(3):
+                h = torch.exp(h)
+        h.sum().backward()
+
+    thread = threading.Thread(target=again)
+    thread.start()
+    thread.join()
+    assert seen["hooks"] is not None
+    assert engine.stats.tensors == 3
+    assert engine.stats.baseline_bytes == 3 * 128 * 128 * 4
+
+
+def test_a_state_left_by_a_dead_thread_with_the_same_id_is_ended():
+    # CPython reuses thread ids; a state found under this thread's id but
+    # made by another (dead) thread must not be taken for a nested entry.
+    engine = actpack.compress("none")
+    x = torch.randn(64, 64, requires_grad=True)
+    dead = threading.Thread(target=lambda: None)
+    dead.start()
+    dead.join()
+    stale = eager._Forward(tracked=False)
+    stale.depth, stale.engine, stale.thread = 1, engine, dead
+    stale.ref = weakref.ref(stale)
+    kept = (x * 2).exp()
+    stale.unaccounted.append((kept, eager._Uncounted(stale, kept)))
+    engine._states[threading.get_ident()] = stale
+    with engine:
+        assert torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        y = torch.tanh(x * 1)
+    y.sum().backward()
+    assert engine._states == {}
+    assert not stale.unaccounted  # counted and released
+    assert engine.stats.tensors == 1 and engine.stats.baseline_bytes == 64 * 64 * 4
+
+
+class _Wrapper(torch.Tensor):
+    """A wrapper subclass (as DTensor, NJT, float8 tensors): its storage is
+    a placeholder, the memory lives in the tensor it wraps."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, inner.shape, dtype=inner.dtype, requires_grad=inner.requires_grad
+        )
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda a: a.inner if isinstance(a, _Wrapper) else a  # noqa: E731
+        out = func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+        return _Wrapper(out) if isinstance(out, torch.Tensor) else out
+
+
+@pytest.mark.parametrize("strategy", ["none", "actnn", "division"])
+@pytest.mark.parametrize("shape", [(64, 64), (4, 1024)])
+def test_wrapper_subclasses_are_not_counted_at_their_nominal_size(strategy, shape):
+    x = _Wrapper(torch.randn(shape)).requires_grad_()
+    with actpack.compress(strategy, min_numel=0) as ctx:
+        y = torch.sigmoid(x * 2)  # saves its output: a wrapper
+    y.sum().backward()
+    assert ctx.stats.baseline_bytes == 0
+    assert "uninspectable" in ctx.stats.passthrough
+
+
+def test_stats_read_from_another_thread_count_what_a_running_forward_saved():
+    engine = actpack.compress("none")
+    x = torch.randn(64, 64, requires_grad=True)
+    inside, read = threading.Event(), threading.Event()
+    seen = {}
+
+    def forward():
+        with engine:
+            h = x * 1
+            for _ in range(10):
+                h = torch.sigmoid(h)
+            inside.set()
+            read.wait()
+        h.sum().backward()
+
+    thread = threading.Thread(target=forward)
+    thread.start()
+    inside.wait()
+    seen["inside"] = (engine.stats.tensors, engine.stats.baseline_bytes)
+    read.set()
+    thread.join()
+    assert seen["inside"] == (10, 10 * 64 * 64 * 4)
+    assert (engine.stats.tensors, engine.stats.baseline_bytes) == seen["inside"]
+
+
+@pytest.mark.parametrize("read_before", [False, True])
+@pytest.mark.parametrize("swap", ["data", "set_"])
+def test_a_save_whose_tensor_is_repointed_counts_the_memory_autograd_holds(read_before, swap):
+    # Megatron's deallocate_output_tensor replaces a saved output's .data
+    # after use; autograd still holds the old storage through the save.
+    x = torch.randn(64, 64, requires_grad=True)
+    with actpack.compress("none") as ctx:
+        h = (x * 1).exp()  # exp saves its output
+        if read_before:
+            assert ctx.stats.baseline_bytes == 64 * 64 * 4
+        with torch.no_grad():
+            if swap == "data":
+                h.data = torch.empty(1)
+            else:
+                h.set_(torch.empty(1))
+    assert ctx.stats.baseline_bytes == 64 * 64 * 4
+
+
+@pytest.mark.parametrize("share", ["from_numpy", "frombuffer"])
+def test_two_storages_over_one_buffer_are_one_memory(share):
+    np = pytest.importorskip("numpy") if share == "from_numpy" else None
+    w = torch.randn(64, 32, requires_grad=True)
+    if share == "from_numpy":
+        buffer = np.random.rand(16, 64).astype("float32")
+        a, b = torch.from_numpy(buffer), torch.from_numpy(buffer)
+    else:
+        buffer = bytearray(torch.randn(16, 64).numpy().tobytes())
+        a = torch.frombuffer(buffer, dtype=torch.float32).view(16, 64)
+        b = torch.frombuffer(buffer, dtype=torch.float32).view(16, 64)
+    with actpack.compress("none", min_numel=0) as ctx:
+        y = (a @ w).sum() + (b @ w).sum()  # each matmul saves its input batch
+    y.backward()
+    assert ctx.stats.baseline_bytes == 16 * 64 * 4

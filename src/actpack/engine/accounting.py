@@ -88,46 +88,67 @@ def anchor(t: Tensor) -> Tensor:
     return t._base if t._base is not None else t
 
 
-def _storage_address(t: Tensor) -> int:
-    # Fallback where torch._C lacks _storage_address: the same address, read
-    # through the storage's Python object (created on first use: slower).
-    return t.untyped_storage()._cdata
-
-
-#: The address of ``t``'s ``StorageImpl``: unique among live storages of every
-#: device, and read without creating the storage's Python object (which costs
-#: more than the rest of a save's accounting).  RuntimeError (NotImplementedError)
-#: for tensors without a storage, as ``untyped_storage()``.
-storage_key = getattr(torch._C, "_storage_address", _storage_address)
-
-
 class StorageSet:
     """Storages seen so far, valid only while a tensor that uses them is alive.
 
     A freed storage's address can be reused by a new tensor; tying each entry
     to live weak references keeps a new tensor from being taken for an old one.
 
-    Entries are keyed by the address of the storage's ``StorageImpl``
-    (:data:`storage_key`, an int the garbage collector does not track); an
-    entry is one weak reference, or a list of them in the rare case of
-    several anchors sharing a storage, or ``None`` for a storage the caller
-    keeps alive for as long as the set is used (``new_bytes(alive=True)``).
-    A save adds one tracked object at most (a weak reference of its anchor,
-    shared with any other plain reference to it): fewer tracked objects per
-    save mean fewer collections during a forward.
+    Entries are kept per device and keyed by the storage's address (an int,
+    which the garbage collector does not track): two storages over one
+    buffer (``torch.from_numpy`` twice) are one memory.  An entry is one weak
+    reference, or a list of them in the rare case of several anchors sharing
+    a storage, or ``None`` for a storage the caller keeps alive for as long
+    as the set is used (``alive=True``).  A save adds one tracked object at
+    most (a weak reference of its anchor, shared with any other plain
+    reference to it): fewer tracked objects per save mean fewer collections
+    during a forward.
     """
 
     def __init__(self) -> None:
-        self._refs: dict[int, Any] = {}
+        self._refs: dict[torch.device, dict[int, Any]] = {}
 
     def new_bytes(self, t: Tensor, alive: bool = False) -> int:
         """Record ``t``'s storage: its size in bytes if it was not already
         held, else 0.  ``alive``: the caller keeps ``t`` alive for as long
         as it uses this set, so no weak reference is needed.  Raises
-        RuntimeError for tensors without a storage (sparse, vmap's batched
-        tensors)."""
-        key = storage_key(t)
-        table = self._refs
+        RuntimeError for tensors without a storage of their own (sparse,
+        vmap's batched tensors, wrapper subclasses such as DTensor)."""
+        storage = t.untyped_storage()
+        return self._record(t, storage, storage.data_ptr(), alive)
+
+    def add_all(self, tensors: list[Tensor], alive: bool = False) -> tuple[int, int]:
+        """``new_bytes`` of each of ``tensors`` in turn: (bytes, elements)
+        of the storages not already held, in one loop (the saves a forward
+        counts together).  Raises RuntimeError for a tensor without a
+        storage of its own, before recording any."""
+        storages = [t.untyped_storage() for t in tensors]
+        addresses = [s.data_ptr() for s in storages]  # raises for wrapper subclasses
+        refs = self._refs
+        total = elements = 0
+        for t, storage, key in zip(tensors, storages, addresses):
+            device = t.device
+            table = refs.get(device)
+            if table is None:
+                table = refs[device] = {}
+            entry = table.get(key, _MISSING)
+            if entry is None:  # kept alive by the caller: counted
+                continue
+            if entry is _MISSING and alive:  # the common case, inlined
+                table[key] = None
+                nbytes = storage.nbytes()
+            else:
+                nbytes = self._record(t, storage, key, alive)
+            if nbytes:
+                total += nbytes
+                elements += nbytes // t.itemsize
+        return total, elements
+
+    def _record(self, t: Tensor, storage: Any, key: int, alive: bool) -> int:
+        device = t.device
+        table = self._refs.get(device)
+        if table is None:
+            table = self._refs[device] = {}
         entry = table.get(key, _MISSING)
         if entry is _MISSING:
             if alive:
@@ -135,7 +156,7 @@ class StorageSet:
             else:
                 base = t._base  # anchor(t), inlined: this runs for every save
                 table[key] = weakref.ref(t if base is None else base)
-            return t.untyped_storage().nbytes()
+            return storage.nbytes()
         if entry is None:  # kept alive by the caller
             return 0
         base = t._base
@@ -143,40 +164,18 @@ class StorageSet:
         if type(entry) is not list:
             if entry() is None:  # a freed storage's address, reused
                 table[key] = ref
-                return t.untyped_storage().nbytes()
+                return storage.nbytes()
             if entry is not ref:
                 table[key] = [entry, ref]
             return 0
         if all(r() is None for r in entry):
             table[key] = ref
-            return t.untyped_storage().nbytes()
+            return storage.nbytes()
         # weakref.ref(x) is one shared object per x: a tensor saved again
         # does not grow the entry.
         if all(r is not ref for r in entry):
             entry.append(ref)
         return 0
-
-    def add_all(self, tensors: list[Tensor], alive: bool = False) -> tuple[int, int]:
-        """``new_bytes`` of each of ``tensors`` in turn: (bytes, elements)
-        of the storages not already held.  One loop, for the saves a
-        forward counts together.  Raises RuntimeError for a tensor without
-        a storage (and then records nothing of the others)."""
-        keys = [storage_key(t) for t in tensors]  # raises before anything is recorded
-        table = self._refs
-        total = elements = 0
-        for t, key in zip(tensors, keys):
-            entry = table.get(key, _MISSING)
-            if entry is None:  # kept alive by the caller: counted
-                continue
-            if entry is _MISSING and alive:
-                table[key] = None
-                nbytes = t.untyped_storage().nbytes()
-            else:
-                nbytes = self.new_bytes(t, alive)
-            if nbytes:
-                total += nbytes
-                elements += nbytes // t.itemsize
-        return total, elements
 
 
 _MISSING = object()

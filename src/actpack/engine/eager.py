@@ -122,7 +122,7 @@ class _Forward:
 
     __slots__ = (
         "depth", "hooks", "ops", "table", "held", "held_compressed", "kept", "ordinals",
-        "stats", "weights", "settings", "unaccounted", "engine",
+        "stats", "weights", "settings", "unaccounted", "engine", "thread", "ref", "__weakref__",
     )  # fmt: skip
 
     def __init__(self, tracked: bool) -> None:
@@ -140,10 +140,15 @@ class _Forward:
         #: Storage addresses of the model's plain parameters and buffers.
         self.weights: dict[int, str] = {}
         self.settings: Settings = _DEFAULT_SETTINGS
-        #: Saves kept as they are whose bytes are not yet counted (see
-        #: :class:`_Uncounted`), and the engine that counts them.
-        self.unaccounted: list[Tensor] = []
+        #: Saves kept as they are whose bytes are not yet counted, as
+        #: (tensor, what the hook returned) (see :class:`_Uncounted`), and
+        #: the engine that counts them.
+        self.unaccounted: list[tuple[Tensor, Any]] = []
         self.engine: Engine | None = None
+        #: The thread running this forward (thread ids are reused).
+        self.thread: threading.Thread | None = None
+        #: A weak reference to this state, shared by the saves it keeps.
+        self.ref: Any = None
 
 
 class Engine:
@@ -230,9 +235,9 @@ class Engine:
     def stats(self) -> Stats:
         """Bytes saved for backward by the forward most recently started
         (empty before the first)."""
-        st = self._states.get(_get_ident())
-        if st is not None and st.unaccounted:
-            self._account(st)  # read inside a forward: count what waits
+        for st in tuple(self._states.values()):
+            if st.unaccounted:
+                self._account(st)  # read while forwards run: count what waits
         stats = self._stats
         if stats is None:
             stats = self._stats = Stats()
@@ -258,12 +263,16 @@ class Engine:
             )
         ident = _get_ident()
         st = self._states.get(ident)
+        thread = threading.current_thread()
         if st is not None:
-            st.depth += 1
-            return self
+            if st.thread is thread:
+                st.depth += 1
+                return self
+            self._end_stale(ident, st)  # left by a dead thread whose id this one reuses
         if self._suspended:
             self._states[ident] = st = _Forward(tracked=False)
             st.depth = 1
+            st.thread = thread
             return self
         if _top_saved_hooks(False) is not None:
             self._warn_nested()
@@ -272,6 +281,8 @@ class Engine:
         st = _Forward(tracked=tracked)
         st.depth = 1
         st.engine = self  # (a forward entered while suspended has none)
+        st.thread = thread
+        st.ref = weakref.ref(st)
         if strategy.thread_safe:
             self._states[ident] = st
         else:
@@ -313,14 +324,34 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         st = self._state()
         if st is None:
+            # Exited from another thread (a generator closed there): a
+            # forward whose thread has died ends here.
+            for ident, other in tuple(self._states.items()):
+                if other.thread is not None and not other.thread.is_alive():
+                    self._end_stale(ident, other)
             return
         st.depth -= 1
         if st.depth > 0:
             return
         self._states.pop(_get_ident(), None)
         exc = exc or (None, None, None)
+        try:
+            if st.unaccounted:
+                self._account(st, final=True)
+        finally:
+            self._end(st, exc)
+
+    def _end_stale(self, ident: int, st: _Forward) -> None:
+        """End the forward of a thread that died inside it: its hooks died
+        with the thread; its waiting saves are counted and released."""
+        self._states.pop(ident, None)
         if st.unaccounted:
-            self._account(st, final=True)
+            self._account(st)
+        st.hooks = None
+        if st.engine is not None:
+            self.strategy.end_forward()
+
+    def _end(self, st: _Forward, exc: tuple) -> None:
         if st.hooks is not None:
             if st.ops is not None:
                 st.ops.__exit__(*exc)
@@ -339,7 +370,7 @@ class Engine:
         """Make ``st`` this thread's forward (a strategy that keeps per-forward
         state) unless another thread is inside a forward of this engine."""
         with self._lock:
-            if any(other.engine is not None for other in self._states.values()):
+            if any(other.engine is not None for other in tuple(self._states.values())):
                 raise RuntimeError(
                     f"actpack: {self.strategy!r} keeps per-forward statistics and cannot run "
                     "forwards of one engine in two threads at once; give each thread its own "
@@ -594,42 +625,55 @@ class Engine:
     def _account(self, st: _Forward, final: bool = False) -> None:
         """Count the bytes of the saves :class:`_Uncounted` kept.
 
+        The forward's thread appends while another may count (a ``stats``
+        read, a backward in another thread): the batch is taken, under the
+        engine's lock, as a slice of the list that appends never replace.
         Written flat (it runs once per save, and each attribute read or call
         on a tensor costs ~0.2 us between a forward's ops): activations are
         told from the model's weights by their autograd node's type; the
         slower tests run for views, casts and the model's listed weights
         only (a save without history has no op arguments here, so
-        ``frozen_weight`` cannot match it).  Every save of one batch is
-        alive (the list holds it), so the storage sets need no weak
-        reference of a storage this batch counts unless a later batch of
-        this forward must tell it from a new one at the same address
-        (``final``: no later batch)."""
-        saves, st.unaccounted = st.unaccounted, []
+        ``frozen_weight`` cannot match it).  Storages are read from the
+        hook's alias, which holds what autograd holds even if the tensor's
+        ``.data`` was swapped since; a storage resized in place before the
+        count (FSDP's reshard frees gathered weights after the forward)
+        counts at its size then.  Every save of a batch is alive (the
+        list holds it), so the storage sets need no weak reference of a
+        storage the batch counts unless a later batch of this forward must
+        tell it from a new one at the same address (``final``: none)."""
+        with self._lock:
+            pending = st.unaccounted
+            n = len(pending)
+            saves = pending[:n]
+            del pending[:n]
+            self._count(st, saves, final)
+
+    def _count(self, st: _Forward, saves: list[tuple[Tensor, Any]], final: bool) -> None:
         stats = st.stats
         activations = []
         others = []  # the model's weights, and saves to look at one by one
-        for t in saves:
+        for t, saved in saves:
             node = t.grad_fn  # (the hook returns leaves that need grad)
             if node is None:
                 if st.weights:  # no history: a weight if the model lists its storage
-                    others.append(t)
+                    others.append((t, saved))
                     continue
             elif type(node).__name__ in CAST_NODES:
                 # A view's base, or a cast: a weight's, or an activation's.
                 base = t._base
                 if base is None or base.is_leaf or type(base.grad_fn).__name__ in CAST_NODES:
-                    others.append(t)
+                    others.append((t, saved))
                     continue
-            activations.append(t)
-        for t in others:
+            activations.append(saved.data)
+        for t, saved in others:
             try:
                 kind = self._leaf(t, (), st)
                 if kind is None:
-                    activations.append(t)
+                    activations.append(saved.data)
                     continue
                 if st.kept is None:
                     st.kept = StorageSet()
-                nbytes = st.kept.new_bytes(t, final)
+                nbytes = st.kept.new_bytes(saved.data, final)
             except RuntimeError:
                 self._uninspectable(t, st)
                 continue
@@ -639,18 +683,18 @@ class Engine:
             return
         try:
             total, elements = st.held.add_all(activations, final)
-        except RuntimeError:  # one without a storage: count them one by one
+        except RuntimeError:  # one without a storage of its own: one by one
             total = elements = 0
             counted = []
-            for t in activations:
+            for data in activations:
                 try:
-                    nbytes = st.held.new_bytes(t, final)
+                    nbytes = st.held.new_bytes(data, final)
                 except RuntimeError:
-                    self._uninspectable(t, st)
+                    self._uninspectable(data, st)
                     continue
-                counted.append(t)
+                counted.append(data)
                 total += nbytes
-                elements += nbytes // t.itemsize
+                elements += nbytes // data.itemsize
             activations = counted
         passthrough = stats.passthrough
         passthrough[_EXACT_STRATEGY] = passthrough.get(_EXACT_STRATEGY, 0) + total
@@ -839,16 +883,16 @@ class _Uncounted:
         self = _new_object(cls)
         self.data = t.detach()
         self.version = t._version
-        self.forward = st
+        self.forward = st.ref  # weak: a state never kept alive by autograd's graph
         waiting = st.unaccounted
-        waiting.append(t)
+        waiting.append((t, self))
         if len(waiting) >= _UNACCOUNTED_MAX:
             st.engine._account(st)
         return self
 
     def restore(self) -> Tensor:
-        st = self.forward
-        if st.unaccounted:
+        st = self.forward()
+        if st is not None and st.unaccounted:
             st.engine._account(st)
         if self.data._version != self.version:
             raise _modified(self.data, self.version)
