@@ -117,16 +117,21 @@ class StorageSet:
         storage = t.untyped_storage()
         return self._record(t, storage, storage.data_ptr(), alive)
 
-    def add_all(self, tensors: list[Tensor], alive: bool = False) -> tuple[int, int]:
-        """``new_bytes`` of each of ``tensors`` in turn: (bytes, elements)
-        of the storages not already held, in one loop (the saves a forward
-        counts together).  Raises RuntimeError for a tensor without a
-        storage of its own, before recording any."""
-        storages = [t.untyped_storage() for t in tensors]
-        addresses = [s.data_ptr() for s in storages]  # raises for wrapper subclasses
+    def add_all(self, tensors: list[Tensor], alive: bool = False) -> tuple[int, int, list[Tensor]]:
+        """``new_bytes`` of each of ``tensors`` in turn, in one loop (the
+        saves a forward counts together): (bytes, elements) of the storages
+        not already held, and the tensors without a storage of their own
+        (sparse, vmap's batched tensors, wrapper subclasses), not recorded."""
         refs = self._refs
         total = elements = 0
-        for t, storage, key in zip(tensors, storages, addresses):
+        failed = []
+        for t in tensors:
+            try:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()  # raises for wrapper subclasses
+            except RuntimeError:
+                failed.append(t)
+                continue
             device = t.device
             table = refs.get(device)
             if table is None:
@@ -142,7 +147,7 @@ class StorageSet:
             if nbytes:
                 total += nbytes
                 elements += nbytes // t.itemsize
-        return total, elements
+        return total, elements, failed
 
     def _record(self, t: Tensor, storage: Any, key: int, alive: bool) -> int:
         device = t.device

@@ -88,6 +88,7 @@ _DEFAULT_SETTINGS = Settings()
 _UNACCOUNTED_MAX = 64
 _PARAMETER = nn.Parameter
 _get_ident = threading.get_ident
+_current_thread = threading.current_thread
 _top_saved_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 _push_saved_hooks = torch._C._autograd._push_saved_tensors_default_hooks
 _pop_saved_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
@@ -263,7 +264,7 @@ class Engine:
             )
         ident = _get_ident()
         st = self._states.get(ident)
-        thread = threading.current_thread()
+        thread = _current_thread()
         if st is not None:
             if st.thread is thread:
                 st.depth += 1
@@ -646,61 +647,46 @@ class Engine:
             n = len(pending)
             saves = pending[:n]
             del pending[:n]
-            self._count(st, saves, final)
-
-    def _count(self, st: _Forward, saves: list[tuple[Tensor, Any]], final: bool) -> None:
-        stats = st.stats
-        activations = []
-        others = []  # the model's weights, and saves to look at one by one
-        for t, saved in saves:
-            node = t.grad_fn  # (the hook returns leaves that need grad)
-            if node is None:
-                if st.weights:  # no history: a weight if the model lists its storage
-                    others.append((t, saved))
-                    continue
-            elif type(node).__name__ in CAST_NODES:
-                # A view's base, or a cast: a weight's, or an activation's.
-                base = t._base
-                if base is None or base.is_leaf or type(base.grad_fn).__name__ in CAST_NODES:
-                    others.append((t, saved))
-                    continue
-            activations.append(saved.data)
-        for t, saved in others:
-            try:
-                kind = self._leaf(t, (), st)
-                if kind is None:
-                    activations.append(saved.data)
-                    continue
-                if st.kept is None:
-                    st.kept = StorageSet()
-                nbytes = st.kept.new_bytes(saved.data, final)
-            except RuntimeError:
-                self._uninspectable(t, st)
-                continue
-            if kind in ("parameter cast", "parameter view"):
-                stats.weight_bytes += nbytes  # identical with or without actpack
-        if not activations:
-            return
-        try:
-            total, elements = st.held.add_all(activations, final)
-        except RuntimeError:  # one without a storage of its own: one by one
-            total = elements = 0
-            counted = []
-            for data in activations:
+            stats = st.stats
+            activations = []
+            others = []  # the model's weights, and saves to look at one by one
+            for t, saved in saves:
+                node = t.grad_fn  # (the hook returns leaves that need grad)
+                if node is None:
+                    if st.weights:  # no history: a weight if the model lists its storage
+                        others.append((t, saved))
+                        continue
+                elif type(node).__name__ in CAST_NODES:
+                    # A view's base, or a cast: a weight's, or an activation's.
+                    base = t._base
+                    if base is None or base.is_leaf or type(base.grad_fn).__name__ in CAST_NODES:
+                        others.append((t, saved))
+                        continue
+                activations.append(saved.data)
+            for t, saved in others:
                 try:
-                    nbytes = st.held.new_bytes(data, final)
+                    kind = self._leaf(t, (), st)
+                    if kind is None:
+                        activations.append(saved.data)
+                        continue
+                    if st.kept is None:
+                        st.kept = StorageSet()
+                    nbytes = st.kept.new_bytes(saved.data, final)
                 except RuntimeError:
-                    self._uninspectable(data, st)
+                    self._uninspectable(t, st)
                     continue
-                counted.append(data)
-                total += nbytes
-                elements += nbytes // data.itemsize
-            activations = counted
-        passthrough = stats.passthrough
-        passthrough[_EXACT_STRATEGY] = passthrough.get(_EXACT_STRATEGY, 0) + total
-        stats.tensors += len(activations)
-        module = self._modules.current if self._modules is not None else None
-        stats.add(module, None, total, total, elements)
+                if kind in ("parameter cast", "parameter view"):
+                    stats.weight_bytes += nbytes  # identical with or without actpack
+            if not activations:
+                return
+            total, elements, failed = st.held.add_all(activations, final)
+            for data in failed:
+                self._uninspectable(data, st)
+            passthrough = stats.passthrough
+            passthrough[_EXACT_STRATEGY] = passthrough.get(_EXACT_STRATEGY, 0) + total
+            stats.tensors += len(activations) - len(failed)
+            module = self._modules.current if self._modules is not None else None
+            stats.add(module, None, total, total, elements)
 
     def _carry_out(
         self, t: Tensor, plan: Plan, st: _Forward, op: str | None, compact: Encoded | None
