@@ -1,6 +1,6 @@
 """Byte accounting of a lossless forward ("none"): counted in batches after
 the saves (at the forward's exit, at backward's first restore, when ``stats``
-is read, or every ``_UNACCOUNTED_MAX`` saves), it must equal what an
+is read, or every ``UNACCOUNTED_MAX`` saves), it must equal what an
 independent count of autograd's saves gives, and keeping the saves for the
 count must never keep memory alive longer than autograd would."""
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actpack
-from actpack.engine import eager
+from actpack.engine import eager, lossless
 from actpack.engine.savefacts import parameter_source
 
 # Autograd nodes of views (and casts): the chain from a weight to its save.
@@ -172,11 +172,11 @@ def test_saves_are_freed_when_backward_inside_the_context_frees_them():
 def test_saves_of_a_dropped_branch_are_freed_within_a_bounded_number_of_saves():
     # Each iteration saves one 64 KiB tensor and drops it: without actpack it
     # dies at once; a batch waiting to be counted holds at most
-    # _UNACCOUNTED_MAX of them.  Every one was held while alive, so every one
+    # UNACCOUNTED_MAX of them.  Every one was held while alive, so every one
     # counts (freed addresses reused by the next ones included).
     x = torch.randn(128, 128, requires_grad=True)
     n = 200
-    assert eager._UNACCOUNTED_MAX < n // 2
+    assert lossless.UNACCOUNTED_MAX < n // 2
     refs = []
     with actpack.compress("none") as ctx:
         for _ in range(n):
@@ -185,7 +185,7 @@ def test_saves_of_a_dropped_branch_are_freed_within_a_bounded_number_of_saves():
             del y
         gc.collect()
         alive = sum(r() is not None for r in refs)
-        assert alive <= eager._UNACCOUNTED_MAX
+        assert alive <= lossless.UNACCOUNTED_MAX
         assert ctx.stats.baseline_bytes == n * 128 * 128 * 4  # read inside: counted first
 
 
@@ -296,7 +296,7 @@ def test_a_state_left_by_a_dead_thread_with_the_same_id_is_ended():
     stale.depth, stale.engine, stale.thread = 1, engine, dead
     stale.ref = weakref.ref(stale)
     kept = (x * 2).exp()
-    stale.unaccounted.append((kept, eager._Uncounted(stale, kept)))
+    stale.unaccounted.append((kept, lossless.Uncounted(stale, kept)))
     engine._states[threading.get_ident()] = stale
     with engine:
         assert torch._C._autograd._top_saved_tensors_default_hooks(False) is not None

@@ -36,9 +36,9 @@ from actpack.codecs.encoded import (
 )
 from actpack.engine.accounting import Stats, StorageSet, anchor
 from actpack.engine.compiled import compiled_hooks, op_caller
-from actpack.engine.saved import Held, Reshaped, Saved, _modified, unpack
+from actpack.engine.lossless import Uncounted, count_waiting
+from actpack.engine.saved import Held, Reshaped, Saved, unpack
 from actpack.engine.savefacts import (
-    CAST_NODES,
     POW_OPS,
     argument_role,
     attention_input,
@@ -79,14 +79,9 @@ _COPYABLE = frozenset(
      "attention mask (softmax recomputed with it)"}
 )  # fmt: skip
 
-_EXACT_STRATEGY = "exact strategy"  # the reason of every save a lossless strategy keeps
 
 _DEFAULT_SETTINGS = Settings()
 
-# Saves of a lossless forward waiting to be counted: bounds how long a save
-# freed during the forward (a branch whose result is dropped) outlives it.
-_UNACCOUNTED_MAX = 64
-_PARAMETER = nn.Parameter
 _get_ident = threading.get_ident
 _current_thread = threading.current_thread
 _top_saved_hooks = torch._C._autograd._top_saved_tensors_default_hooks
@@ -94,8 +89,6 @@ _push_saved_hooks = torch._C._autograd._push_saved_tensors_default_hooks
 _pop_saved_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
 #: ``_Forward.hooks`` of a forward whose hooks were pushed directly.
 _PLAIN_HOOKS = object()
-_new_object = object.__new__
-_BOOL = torch.bool
 
 
 @functools.lru_cache(maxsize=256)
@@ -142,7 +135,7 @@ class _Forward:
         self.weights: dict[int, str] = {}
         self.settings: Settings = _DEFAULT_SETTINGS
         #: Saves kept as they are whose bytes are not yet counted, as
-        #: (tensor, what the hook returned) (see :class:`_Uncounted`), and
+        #: (tensor, what the hook returned) (see :class:`~actpack.engine.lossless.Uncounted`), and
         #: the engine that counts them.
         self.unaccounted: list[tuple[Tensor, Any]] = []
         self.engine: Engine | None = None
@@ -301,7 +294,7 @@ class Engine:
         if st.ops is not None:
             pack: Any = functools.partial(Engine._pack_in, self, st)
         elif self._modules is None:
-            pack = functools.partial(_Uncounted, st)
+            pack = functools.partial(Uncounted, st)
         else:
             pack = functools.partial(Engine._pack_untracked, self, st)
         # Compile-native where torch can inline GraphModule hooks into
@@ -617,76 +610,15 @@ class Engine:
         """The pack hook of forward ``st`` for a lossless strategy without op
         names (``"none"``) when modules are tracked: the save is counted at
         once, while its module is the current one.  Without module rows the
-        hook is :class:`_Uncounted` itself."""
-        saved = _Uncounted(st, t)
+        hook is :class:`~actpack.engine.lossless.Uncounted` itself."""
+        saved = Uncounted(st, t)
         if st.unaccounted:
             self._account(st)
         return saved
 
     def _account(self, st: _Forward, final: bool = False) -> None:
-        """Count the bytes of the saves :class:`_Uncounted` kept.
-
-        The forward's thread appends while another may count (a ``stats``
-        read, a backward in another thread): the batch is taken, under the
-        engine's lock, as a slice of the list that appends never replace.
-        Written flat (it runs once per save, and each attribute read or call
-        on a tensor costs ~0.2 us between a forward's ops): activations are
-        told from the model's weights by their autograd node's type; the
-        slower tests run for views, casts and the model's listed weights
-        only (a save without history has no op arguments here, so
-        ``frozen_weight`` cannot match it).  Storages are read from the
-        hook's alias, which holds what autograd holds even if the tensor's
-        ``.data`` was swapped since; a storage resized in place before the
-        count (FSDP's reshard frees gathered weights after the forward)
-        counts at its size then.  Every save of a batch is alive (the
-        list holds it), so the storage sets need no weak reference of a
-        storage the batch counts unless a later batch of this forward must
-        tell it from a new one at the same address (``final``: none)."""
-        with self._lock:
-            pending = st.unaccounted
-            n = len(pending)
-            saves = pending[:n]
-            del pending[:n]
-            stats = st.stats
-            activations = []
-            others = []  # the model's weights, and saves to look at one by one
-            for t, saved in saves:
-                node = t.grad_fn  # (the hook returns leaves that need grad)
-                if node is None:
-                    if st.weights:  # no history: a weight if the model lists its storage
-                        others.append((t, saved))
-                        continue
-                elif type(node).__name__ in CAST_NODES:
-                    # A view's base, or a cast: a weight's, or an activation's.
-                    base = t._base
-                    if base is None or base.is_leaf or type(base.grad_fn).__name__ in CAST_NODES:
-                        others.append((t, saved))
-                        continue
-                activations.append(saved.data)
-            for t, saved in others:
-                try:
-                    kind = self._leaf(t, (), st)
-                    if kind is None:
-                        activations.append(saved.data)
-                        continue
-                    if st.kept is None:
-                        st.kept = StorageSet()
-                    nbytes = st.kept.new_bytes(saved.data, final)
-                except RuntimeError:
-                    self._uninspectable(t, st)
-                    continue
-                if kind in ("parameter cast", "parameter view"):
-                    stats.weight_bytes += nbytes  # identical with or without actpack
-            if not activations:
-                return
-            total, elements, failed = st.held.add_all(activations, final)
-            for data in failed:
-                self._uninspectable(data, st)
-            passthrough = stats.passthrough
-            passthrough[_EXACT_STRATEGY] = passthrough.get(_EXACT_STRATEGY, 0) + total
-            stats.tensors += len(activations) - len(failed)
-            module = self._modules.current if self._modules is not None else None
-            stats.add(module, None, total, total, elements)
+        """Count the saves waiting in ``st`` (:func:`~actpack.engine.lossless.count_waiting`)."""
+        count_waiting(self, st, final)
 
     def _carry_out(
         self, t: Tensor, plan: Plan, st: _Forward, op: str | None, compact: Encoded | None
@@ -838,51 +770,6 @@ class Engine:
                 else Cast16(torch.bfloat16 if form == "bf16" else torch.float16)
             )
         return self._checkpoint_strategy
-
-
-class _Uncounted:
-    """The pack hook of a lossless forward without op names (``"none"``),
-    bound to the forward's state (``functools.partial(_Uncounted, st)``),
-    and what it returns for a save kept as it is (as :class:`Held`).
-
-    Every non-bool tensor is kept, so the decision reduces to accounting,
-    which waits (:meth:`Engine._account`) until the forward exits, its
-    backward starts (the first restore), ``stats`` is read, or
-    ``_UNACCOUNTED_MAX`` saves wait: counted in one loop, a save costs less
-    than between a forward's ops.  Until then the list holds the saves,
-    which autograd holds anyway, so no counted address can be reused.  The
-    class is the hook (its ``__new__`` returns parameters, and bool masks'
-    codes, instead of an instance): one Python call per save, not two
-    (``benchmarks/bench_host.py``).
-    """
-
-    __slots__ = ("data", "version", "forward", "__weakref__")
-
-    def __new__(cls, st: _Forward, t: Tensor) -> Any:
-        if t.requires_grad:
-            if t.is_leaf:
-                return t  # parameters exist anyway, and hold no graph: no cycle
-        elif t.dtype is _BOOL:
-            return st.engine._pack_in(st, t)  # bit-packed: lossless, a quarter of the bytes
-        elif type(t) is _PARAMETER:
-            return t
-        self = _new_object(cls)
-        self.data = t.detach()
-        self.version = t._version
-        self.forward = st.ref  # weak: a state never kept alive by autograd's graph
-        waiting = st.unaccounted
-        waiting.append((t, self))
-        if len(waiting) >= _UNACCOUNTED_MAX:
-            st.engine._account(st)
-        return self
-
-    def restore(self) -> Tensor:
-        st = self.forward()
-        if st is not None and st.unaccounted:
-            st.engine._account(st)
-        if self.data._version != self.version:
-            raise _modified(self.data, self.version)
-        return self.data
 
 
 def _keep(t: Tensor) -> object:
