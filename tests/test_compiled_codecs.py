@@ -111,6 +111,12 @@ def test_groups_packed_in_the_body(bits, shape, gs, dtype):
     check_groups(cgq, x, bits, gs, out_dtypes=[dtype, torch.float32])
     if bits >= 2:
         check_groups(cgq, x.abs(), bits, gs, zero_exact=True, out_dtypes=[torch.float32])
+    # A strided input of whole groups (its codes keep its strides in the body),
+    # on both paths: grad mode on makes the standalone artifacts step aside.
+    x = torch.randn(2 * gs, 3).to(dtype).t()
+    check_groups(cgq, x, bits, gs)
+    with torch.enable_grad():
+        check_groups(cgq, x, bits, gs)
 
 
 def test_pack_rows_is_the_stream():

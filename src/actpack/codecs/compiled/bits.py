@@ -73,7 +73,9 @@ def pack_rows(codes: Tensor, bits: int) -> Tensor:
     Viewed as words along the last dimension only, the codes keep their 2-D
     index: no flat loop, no division per index (see the module docstring)."""
     rows = codes.shape[0]
-    return _fold(codes.view(_word(bits)[1]), bits).reshape(rows, -1)
+    # contiguous: codes of a strided input keep its strides, which the word
+    # view cannot take; in the body it only fixes the layout Inductor writes.
+    return _fold(codes.contiguous().view(_word(bits)[1]), bits).reshape(rows, -1)
 
 
 def _packer(bits: int):
