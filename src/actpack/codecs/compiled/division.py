@@ -200,7 +200,7 @@ def division_encode(
     def reference() -> DivisionCode:
         return ref.division_encode(x, block, bits, stochastic=stochastic, generator=generator)
 
-    if not _valid(x, block, bits):
+    if torch.compiler.is_compiling() or not _valid(x, block, bits):  # see groupquant's
         return reference()
     x = x.detach()
     shape = tuple(x.shape)
@@ -247,7 +247,7 @@ def division_decode(code: DivisionCode, dtype: torch.dtype = torch.float32) -> T
     """Compiled :func:`actpack.codecs.division_decode` (same signature and result)."""
     hfc = code.hfc
     n = hfc.rows * hfc.cols
-    if not (
+    if torch.compiler.is_compiling() or not (  # see groupquant.quantize_groups
         dtype in _FLOATS
         and code.lfc.dtype == torch.bfloat16
         and hfc.lo.dtype in _FLOATS

@@ -194,7 +194,9 @@ def quantize_groups(
             meta_dtype=meta_dtype,
         )
 
-    if not _valid(x, bits, group_size, zero_exact, meta_dtype):
+    # Traced by Dynamo (a user's compiled region): the reference, before the
+    # cached constants, whose lru_cache Dynamo warns that it ignores.
+    if torch.compiler.is_compiling() or not _valid(x, bits, group_size, zero_exact, meta_dtype):
         return reference()
     x = x.detach()
     zero_exact, stochastic = bool(zero_exact), bool(stochastic)
@@ -238,7 +240,8 @@ def quantize_groups(
 def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Tensor:
     """Compiled :func:`actpack.codecs.dequantize_groups` (same signature and result)."""
     n = code.rows * code.ngroups * code.group_size
-    if not (dtype in _FLOATS and code.lo.dtype in _FLOATS and 0 < n < MAX_NUMEL):
+    ok = dtype in _FLOATS and code.lo.dtype in _FLOATS and 0 < n < MAX_NUMEL
+    if torch.compiler.is_compiling() or not ok:  # see quantize_groups
         return ref.dequantize_groups(code, dtype)
     key = (code.bits >= 2, code.zero_exact, code.lo.dtype, dtype)
     with torch.no_grad():
