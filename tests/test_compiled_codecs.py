@@ -94,6 +94,40 @@ def test_groups_awkward_group_sizes(shape, gs, bits):
     check_groups(cgq, torch.randn(shape), bits, gs, out_dtypes=[torch.float32, torch.bfloat16])
 
 
+@pytest.mark.parametrize("bits", range(1, 8))
+@pytest.mark.parametrize(("shape", "gs", "dtype"), [((3, 65), 8, torch.float32),
+                                                    ((5, 72), 24, torch.float16),
+                                                    ((2, 80), 40, torch.bfloat16)])  # fmt: skip
+def test_groups_packed_in_the_body(bits, shape, gs, dtype):
+    """Group sizes of whole words (``bits.packs_rows``) pack inside the encoder
+    body, and poisoned groups get their classes written into the packed bytes:
+    both, with or without a tail group, against the reference; groups of 4
+    codes (odd bits need 8) fall back to the separate packer."""
+    x = (torch.randn(shape) * 2).to(dtype)
+    x[0, 1], x[-1, -1] = float("nan"), -float("inf")  # the last: a tail group when ragged
+    x[1, gs] = float("inf")
+    for width in (gs, 4):
+        assert cbits.packs_rows(bits, width) == (width % (4 if bits % 2 == 0 else 8) == 0)
+    check_groups(cgq, x, bits, gs, out_dtypes=[dtype, torch.float32])
+    if bits >= 2:
+        check_groups(cgq, x.abs(), bits, gs, zero_exact=True, out_dtypes=[torch.float32])
+    # A strided input of whole groups (its codes keep its strides in the body),
+    # on both paths: grad mode on makes the standalone artifacts step aside.
+    x = torch.randn(2 * gs, 3).to(dtype).t()
+    check_groups(cgq, x, bits, gs)
+    with torch.enable_grad():
+        check_groups(cgq, x, bits, gs)
+
+
+def test_pack_rows_is_the_stream():
+    """pack_rows of a (rows, width) block is the stream of its codes."""
+    for bits in range(1, 8):
+        width = 8 * 5
+        codes = torch.randint(0, 1 << bits, (3, width), dtype=torch.uint8)
+        want = rpack.pack_bits(codes, bits)
+        assert torch.equal(cbits.pack_rows(codes, bits).reshape(-1), want)
+
+
 @pytest.mark.parametrize("meta", [torch.float16, torch.float32])
 def test_groups_meta_dtypes(meta):
     x = torch.randn(3, 257) * 100

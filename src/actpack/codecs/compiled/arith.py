@@ -25,6 +25,7 @@ loop they cost a quarter of a 2-bit encode.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from actpack.codecs.groupquant import _round_out, _scale
+from actpack.codecs.pack import pack_bits
 
 __all__ = [
     "class_codes",
@@ -40,6 +42,7 @@ __all__ = [
     "extremes_ranges",
     "finish_ranges_",
     "fix_poisoned_codes_",
+    "fix_poisoned_packed_",
     "fix_poisoned_values_",
     "grid_values",
     "group_grid",
@@ -189,13 +192,14 @@ def value_codes(g, k, lok, step, u, levels: Tensor, zero_exact: bool) -> Tensor:
 
 def class_codes(g: Tensor, wide: bool) -> Tensor:
     """uint8 classes of a poisoned group's float32 values ``g``: 0 finite, then
-    (``wide``, bits >= 2) 1 NaN, 2 +Inf, 3 -Inf, or 1 for any non-finite."""
-    finite = torch.isfinite(g)
-    if wide:
-        cls = torch.where(torch.isnan(g), 1, torch.where(g > 0, 2, 3))
-    else:
-        cls = torch.ones_like(g, dtype=torch.int64)
-    return torch.where(finite, 0, cls).to(torch.uint8)
+    (``wide``, bits >= 2) 1 NaN, 2 +Inf, 3 -Inf, or 1 for any non-finite.
+
+    Four eager ops (a finite value minus itself is 0), where tests of
+    ``isfinite``/``isnan`` and nested ``where`` made twelve: they run on
+    every encode, on an empty selection when nothing is poisoned."""
+    nan, pos, neg = (1.0, 2.0, 3.0) if wide else (1.0, 1.0, 1.0)
+    cls = torch.nan_to_num(g, nan=nan, posinf=pos, neginf=neg)
+    return (cls - torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)).to(torch.uint8)
 
 
 def fix_poisoned_codes_(
@@ -212,6 +216,25 @@ def fix_poisoned_codes_(
     # (tests/test_engine.py pins it for every codec path); with no poisoned
     # group the assignment is empty.
     codes[poisoned] = class_codes(groups_of(poisoned), wide)
+
+
+def fix_poisoned_packed_(
+    packed: Tensor, groups_of: Callable[[Tensor], Tensor], poisoned: Tensor, bits: int
+) -> None:
+    """:func:`fix_poisoned_codes_` for codes already packed in the compiled
+    body: ``packed`` holds one row of bytes per group (whole bytes)."""
+    cls = class_codes(groups_of(poisoned), bits >= 2)
+    if 8 % bits:
+        out = pack_bits(cls, bits)
+    else:  # the reference's packing of whole bytes, with its shifts cached: 2 ops, not 5
+        out = (cls.view(-1, 8 // bits) << _byte_shifts(bits, cls.device)).sum(1, dtype=torch.uint8)
+    packed[poisoned] = out.view(-1, packed.shape[1])
+
+
+@functools.lru_cache(maxsize=16)
+def _byte_shifts(bits: int, device: torch.device) -> Tensor:
+    with torch.inference_mode(False):
+        return torch.arange(0, 8, bits, dtype=torch.uint8, device=device)
 
 
 def group_grid(lo: Tensor, hi: Tensor, levels: Tensor):

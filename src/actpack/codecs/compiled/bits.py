@@ -10,11 +10,14 @@ bits, several for the others.  Unpacking spreads each word's bytes back into
 one word of uint8 codes the same way.  (int16 words would suit 4 bits, but
 Inductor does not vectorise int16.)
 
-Packing is compiled on its own, once per bit width, and the codecs call it
-on the uint8 codes their bodies write: viewing the codes as words needs a
-buffer, and a codec body that flattened its codes for the view would be
-compiled as one flat loop with a division per index.  The codes array (a
-quarter of a float32 input) is the only full-size temporary.
+The encoders pack inside their compiled bodies when a group holds whole
+words (:func:`pack_rows`, :func:`packs_rows`): the codes are viewed as words
+along each group only, which keeps the body's 2-D index (a body that
+flattened its codes for the view would be compiled as one flat loop with a
+division per index), and one compiled call replaces two.  Other group sizes
+pack the body's uint8 codes here, compiled once per bit width
+(:func:`pack_codes`).  The codes array (a quarter of a float32 input) is the
+only full-size temporary either way.
 """
 
 from __future__ import annotations
@@ -27,7 +30,16 @@ from actpack.codecs import pack as ref
 from actpack.codecs.compiled import build
 from actpack.codecs.pack import _check_bits, packed_numel
 
-__all__ = ["pack_bits", "pack_codes", "pack_mask", "unpack_bits", "unpack_codes", "unpack_mask"]
+__all__ = [
+    "pack_bits",
+    "pack_codes",
+    "pack_mask",
+    "pack_rows",
+    "packs_rows",
+    "unpack_bits",
+    "unpack_codes",
+    "unpack_mask",
+]
 
 
 def _word(bits: int) -> tuple[int, torch.dtype, int]:
@@ -36,23 +48,45 @@ def _word(bits: int) -> tuple[int, torch.dtype, int]:
     return per, (torch.int32 if per == 4 else torch.int64), per * bits // 8
 
 
-def _packer(bits: int):
-    per, dtype, nbytes = _word(bits)
+def _fold(word: Tensor, bits: int) -> Tensor:
+    """Words of ``per`` uint8 codes -> their packed bytes, shape (..., nbytes)."""
+    per, _, nbytes = _word(bits)
     mask = (1 << bits) - 1
+    folded = word & mask  # codes < 128: words are never negative
+    for i in range(1, per):
+        folded = folded | ((word >> (8 * i - bits * i)) & (mask << (bits * i)))
+    if nbytes == 1:
+        return folded.to(torch.uint8).unsqueeze(-1)
+    return torch.stack([(folded >> (8 * m)) & 0xFF for m in range(nbytes)], dim=-1).to(torch.uint8)
+
+
+def packs_rows(bits: int, width: int) -> bool:
+    """Whether :func:`pack_rows` packs rows of ``width`` codes (whole words)."""
+    return bits < 8 and width % _word(bits)[0] == 0
+
+
+def pack_rows(codes: Tensor, bits: int) -> Tensor:
+    """uint8 ``codes`` (rows, width) packed row by row, for use inside a codec
+    body (``packs_rows(bits, width)``): (rows, width * bits // 8) uint8, each row
+    the stream of its codes, so the rows together are the stream of all.
+
+    Viewed as words along the last dimension only, the codes keep their 2-D
+    index: no flat loop, no division per index (see the module docstring)."""
+    rows = codes.shape[0]
+    # contiguous: codes of a strided input keep its strides, which the word
+    # view cannot take; in the body it only fixes the layout Inductor writes.
+    return _fold(codes.contiguous().view(_word(bits)[1]), bits).reshape(rows, -1)
+
+
+def _packer(bits: int):
+    per, dtype, _ = _word(bits)
 
     def pack_words(codes: Tensor):
         n = codes.shape[0]
         pad = -n % per
         if pad:
             codes = F.pad(codes, (0, pad))
-        word = codes.view(dtype)  # codes < 128: words are never negative
-        folded = word & mask
-        for i in range(1, per):
-            folded = folded | ((word >> (8 * i - bits * i)) & (mask << (bits * i)))
-        if nbytes == 1:
-            return folded.to(torch.uint8)
-        out = torch.stack([(folded >> (8 * m)) & 0xFF for m in range(nbytes)], dim=1)
-        return out.to(torch.uint8).reshape(-1)[: (n * bits + 7) // 8]
+        return _fold(codes.view(dtype), bits).reshape(-1)[: (n * bits + 7) // 8]
 
     return pack_words
 

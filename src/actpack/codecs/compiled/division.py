@@ -10,12 +10,11 @@ summation order, so the same bfloat16 means), run on the input in its own
 dtype when that is float32 or bfloat16: ATen accumulates bfloat16 in float32
 and rounds the mean once, which is what the reference's float32 pool followed
 by a bfloat16 cast computes.  The compiled body keeps the (N, C, *S) layout
-and ``x``'s strides, reads ``x`` three times (the row extremes of the
-residual; those of ``x`` itself, for rows whose residual is not finite;
-then the codes: Inductor does not fuse the first two, whose loops differ)
-and never materialises the upsampled LFC except along the innermost
-dimension (:func:`spread`).  Poisoned rows get their classes afterwards, as
-in :mod:`~actpack.codecs.compiled.groupquant`.
+and ``x``'s strides, reads ``x`` twice (one loop for the row extremes of the
+residual and of ``x`` itself, which rows whose residual is not finite
+quantize; then the codes) and never materialises the upsampled LFC except
+along the innermost dimension (:func:`spread`).  Poisoned rows get their
+classes afterwards, as in :mod:`~actpack.codecs.compiled.groupquant`.
 
 Falls back to the reference for invalid arguments, empty tensors, input
 dtypes other than float32/float16/bfloat16 (float64 goes to the reference, which
@@ -26,6 +25,7 @@ float32/float16/bfloat16, codes whose LFC is not bfloat16, and tensors of
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -48,8 +48,8 @@ from actpack.codecs.compiled.arith import (
 )
 from actpack.codecs.compiled.bits import pack_codes, unpack_codes
 from actpack.codecs.compiled.build import MAX_NUMEL
-from actpack.codecs.compiled.groupquant import _FLOATS, levels_tensor
-from actpack.codecs.counter_noise import counter, random_key, uniform
+from actpack.codecs.compiled.groupquant import _FLOATS, index_dtype, levels_tensor, zero_key
+from actpack.codecs.counter_noise import random_key, uniform
 from actpack.codecs.division import DivisionCode, _upsample
 from actpack.codecs.groupquant import GroupCode
 
@@ -109,44 +109,36 @@ def _flat_index(x: Tensor, lane: Tensor, inner: int, index: torch.dtype) -> Tens
     return flat
 
 
-def _requantize_rows_(view: Tensor, out: tuple, nok: Tensor, u_of, levels: Tensor) -> None:
-    """Rows whose residual is not finite store LFC = 0 and quantize x itself
-    (the reference's rule): recomputed in place, eagerly, with the compiled
-    body's arithmetic and noise counter, on those rows alone (a non-finite x,
-    or |x - block mean| beyond float32).  ``out``: (lfc, codes, lo, hi,
-    poisoned) to update; ``nok``: (N, C) bool; ``u_of(mask)``: the rounding
-    offsets of the selected rows' elements."""
-    lfc, codes, lo, hi, poisoned = out
-    g = view[nok].float()
-    dims = tuple(range(1, g.dim()))
-    row_lo, row_hi, row_poisoned = extremes_ranges(
-        g.amin(dim=dims, keepdim=True), g.amax(dim=dims, keepdim=True), torch.bfloat16
-    )
-    k, lok, step = group_scale(row_lo, row_hi, row_poisoned, levels)
-    codes[nok] = value_codes(g, k, lok, step, u_of(nok), levels, False)
-    lo[nok], hi[nok] = row_lo.view(-1), row_hi.view(-1)
-    poisoned[nok] = row_poisoned.view(-1)
-    lfc[nok] = 0
-
-
 def _encoder(wide: bool, stochastic: bool, block, dtype: torch.dtype, index, inner: int):
     def encode_division(x: Tensor, lfc: Tensor, spread_lfc: Tensor, seed: Tensor, levels, lane):
         # ``lane``: the flat (row-major) index offsets along ``inner``, x's
         # innermost dimension in memory, as a tensor: Inductor would build an
         # ``arange`` along the vectorised dimension lane by lane.
         dims = tuple(range(2, x.dim()))
-        resid = x.float() - _upsampled(spread_lfc, block, x.shape[2:])
+        xf = x.float()
+        up = _upsampled(spread_lfc, block, x.shape[2:])
+        resid = xf - up
         rmin, rmax = resid.amin(dim=dims, keepdim=True), resid.amax(dim=dims, keepdim=True)
-        # A row whose residual is not finite (rare) comes out poisoned here and
-        # is recomputed from x afterwards (_requantize_rows_).
-        lo, hi, poisoned = extremes_ranges(rmin, rmax, torch.bfloat16)
+        # A row whose residual is not finite (a non-finite x, or |x - block
+        # mean| beyond float32) stores LFC = 0 and codes x itself, as the
+        # reference does.  x's own extremes come from the same loop as the
+        # residual's; selecting here rather than recomputing those rows
+        # eagerly afterwards saves ~50 eager ops an encode.
+        ok = all_finite(rmin, rmax)
+        # ``up < -inf`` never holds: it gives x's reductions the residual's
+        # indexing, so that Inductor computes all four in one loop over x.
+        xs = torch.where(up < -math.inf, up, xf)
+        xmin, xmax = xs.amin(dim=dims, keepdim=True), xs.amax(dim=dims, keepdim=True)
+        gmin, gmax = torch.where(ok, rmin, xmin), torch.where(ok, rmax, xmax)
+        lo, hi, poisoned = extremes_ranges(gmin, gmax, torch.bfloat16)
         k, lok, step = group_scale(lo, hi, poisoned, levels)
         u = 0.5
         if stochastic:
             u = uniform(_flat_index(x, lane, inner, index), seed, below_2_32=True)
-        codes = value_codes(resid, k, lok, step, u, levels, False)
+        codes = value_codes(torch.where(ok, resid, xf), k, lok, step, u, levels, False)
+        lfc = torch.where(ok.view(ok.shape[:2] + (1,) * (lfc.dim() - 2)), lfc, 0.0)
         # k, lok, step: returned so that they are stored once (see group_scale).
-        return codes, lo, hi, poisoned, all_finite(rmin, rmax), k, lok, step
+        return codes, lo, hi, poisoned, lfc, k, lok, step
 
     return encode_division
 
@@ -183,6 +175,13 @@ def _valid(x: Tensor, block: int, bits: int) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def _lane(size: int, stride: int, index: torch.dtype, device: torch.device) -> Tensor:
+    """``arange(size) * stride`` in the index dtype, cached (see levels_tensor)."""
+    with torch.inference_mode(False):
+        return torch.arange(size, device=device, dtype=index) * stride
+
+
 def _innermost(x: Tensor) -> int:
     """The dimension Inductor will vectorise along: x's smallest stride (not of size 1)."""
     return min(range(x.dim()), key=lambda d: (x.stride(d) if x.shape[d] > 1 else math.inf, -d))
@@ -201,12 +200,12 @@ def division_encode(
     def reference() -> DivisionCode:
         return ref.division_encode(x, block, bits, stochastic=stochastic, generator=generator)
 
-    if not _valid(x, block, bits):
+    if torch.compiler.is_compiling() or not _valid(x, block, bits):  # see groupquant's
         return reference()
     x = x.detach()
     shape = tuple(x.shape)
     eff = tuple(min(block, s) for s in shape[2:])
-    seed = random_key(generator, x.device) if stochastic else torch.zeros(2, dtype=torch.int64)
+    seed = random_key(generator, x.device) if stochastic else zero_key(x.device)
     with torch.no_grad():
         # ATen pools bfloat16 in float32 and rounds once, as the reference's
         # float pool then cast does; its CPU avg_pool3d has no bfloat16 kernel.
@@ -221,32 +220,17 @@ def division_encode(
             view = x
             spread_lfc, rest = spread(lfc, eff, shape, _innermost(x))
         # 32-bit noise lanes where every flat index fits (see counter_noise.uniform).
-        index, seed = counter(x.numel(), seed)
+        index = index_dtype(x.numel())
         inner = _innermost(view)
-        lane = torch.arange(view.shape[inner], device=x.device, dtype=index)
-        lane = lane * math.prod(view.shape[inner + 1 :])  # row-major stride of ``inner``
+        # The row-major stride of ``inner`` times arange: the noise counter's offsets.
+        lane = _lane(view.shape[inner], math.prod(view.shape[inner + 1 :]), index, x.device)
         key = (bits >= 2, bool(stochastic), rest, x.dtype, index, inner)
         levels = levels_tensor(bits, False)
         args = (view, lfc, spread_lfc, seed, levels, lane)
         out = build.run(_encoder, key, args)
         if out is None:
             return reference()
-        codes, lo, hi, poisoned, ok = out[:5]
-        nok = ~ok.view(shape[0], shape[1])
-        size = math.prod(shape[2:])
-
-        def u_of(mask: Tensor) -> Tensor | float:
-            if not stochastic:
-                return 0.5
-            # The row-major flat indices of the selected rows' elements alone.
-            first = mask.view(-1).nonzero().view(-1, 1).to(index) * size
-            flat = first + torch.arange(size, device=x.device, dtype=index)
-            return uniform(flat.view(-1, *view.shape[2:]), seed, below_2_32=True)
-
-        # No branch on the data (see fix_poisoned_codes_): empty when every
-        # residual is finite.
-        sub = (lo.view(nok.shape), hi.view(nok.shape), poisoned.view(nok.shape))
-        _requantize_rows_(view, (lfc, codes, *sub), nok, u_of, levels)
+        codes, lo, hi, poisoned, lfc = out[:5]
         # A poisoned row's residual is not finite, so its codes classify x itself.
         mask = poisoned.view(shape[0], shape[1])
         fix_poisoned_codes_(codes, lambda m: view[m].float(), mask, bits >= 2)
@@ -263,7 +247,7 @@ def division_decode(code: DivisionCode, dtype: torch.dtype = torch.float32) -> T
     """Compiled :func:`actpack.codecs.division_decode` (same signature and result)."""
     hfc = code.hfc
     n = hfc.rows * hfc.cols
-    if not (
+    if torch.compiler.is_compiling() or not (  # see groupquant.quantize_groups
         dtype in _FLOATS
         and code.lfc.dtype == torch.bfloat16
         and hfc.lo.dtype in _FLOATS

@@ -7,14 +7,21 @@ counter-based hash (:mod:`actpack.codecs.counter_noise`) seeded from the
 caller's generator, so it is the same distribution, not the same stream.
 
 Encoding is one compiled body (two loops over ``x``: the group ranges, then
-one uint8 code per element), the classes of poisoned groups written eagerly
-(:func:`~actpack.codecs.compiled.arith.fix_poisoned_codes_`) and the packing
-of :mod:`actpack.codecs.compiled.bits`; decoding unpacks the codes and writes
-the output in one loop.  No float32 array of the input's size is allocated
-(the reference allocates several); the uint8 codes are the one full-size
-temporary.  Compiled once per (bits >= 2, zero_exact, stochastic, dtypes, index width,
-layout, group size a multiple of 16 or not);
-the bit width itself is a runtime value.
+one uint8 code per element, packed in the body when a group holds whole words
+of codes: :func:`~actpack.codecs.compiled.bits.pack_rows`), then the classes of
+poisoned groups written eagerly
+(:func:`~actpack.codecs.compiled.arith.fix_poisoned_packed_`; other group
+sizes: :func:`~actpack.codecs.compiled.arith.fix_poisoned_codes_`, then the
+packing of :mod:`actpack.codecs.compiled.bits`); decoding unpacks the codes and
+writes the output in one loop.  No float32 array of the input's size is
+allocated (the reference allocates several); the uint8 codes are the one
+full-size temporary.  Compiled once per (bits >= 2, zero_exact, stochastic,
+dtypes, index width, layout, group size a multiple of 16 or not, bit width
+where the body packs); otherwise the bit width is a runtime value.
+
+Every eager op of an encode counts: when a model's work has evicted
+PyTorch's code from the caches, each costs 10-30 us (a few us in a tight
+loop), so the constant tensors are cached and the key is converted in the body.
 
 Falls back to the reference for invalid arguments (so that it raises its
 errors), empty tensors, float64 input (the reference checks its range), meta
@@ -24,6 +31,8 @@ elements or more.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -35,6 +44,7 @@ from actpack.codecs.compiled.arith import (
     clamp_finite,
     finish_ranges_,
     fix_poisoned_codes_,
+    fix_poisoned_packed_,
     fix_poisoned_values_,
     grid_values,
     group_grid,
@@ -42,9 +52,9 @@ from actpack.codecs.compiled.arith import (
     group_scale,
     value_codes,
 )
-from actpack.codecs.compiled.bits import pack_codes, unpack_codes
+from actpack.codecs.compiled.bits import pack_codes, pack_rows, packs_rows, unpack_codes
 from actpack.codecs.compiled.build import MAX_NUMEL
-from actpack.codecs.counter_noise import counter, random_key, uniform
+from actpack.codecs.counter_noise import random_key, uniform
 from actpack.codecs.groupquant import GroupCode
 
 __all__ = ["dequantize_groups", "quantize_groups"]
@@ -52,14 +62,42 @@ __all__ = ["dequantize_groups", "quantize_groups"]
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@functools.cache
 def levels_tensor(bits: int, zero_exact: bool) -> Tensor:
-    """The grid's step count as the 0-d float32 the compiled bodies take."""
+    """The grid's step count as the 0-d float32 the compiled bodies take.
+
+    One tensor per configuration, never written: every eager op an encode
+    makes costs 10-30 us when a model's work has evicted PyTorch's code from
+    the caches between two encodes (3x the op's cost in a tight loop)."""
     # float32 whatever the default dtype (a float64 default made the bodies
-    # fail to trace, and the configuration fall back to the reference for good).
-    return torch.tensor(float((1 << bits) - 1 - int(zero_exact)), dtype=torch.float32)
+    # fail to trace, and the configuration fall back to the reference for good);
+    # never an inference tensor, whatever mode the first call runs under.
+    with torch.inference_mode(False):
+        return torch.tensor(float((1 << bits) - 1 - int(zero_exact)), dtype=torch.float32)
 
 
-def _encoder(wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, split: bool):
+@functools.lru_cache(maxsize=64)
+def lanes(size: int, index: torch.dtype, device: torch.device) -> Tensor:
+    """``arange(size)`` in the index dtype, cached as :func:`levels_tensor` is."""
+    with torch.inference_mode(False):
+        return torch.arange(size, device=device, dtype=index)
+
+
+@functools.lru_cache(maxsize=8)
+def zero_key(device: torch.device) -> Tensor:
+    """The key of round to nearest, which draws no noise (cached, never written)."""
+    with torch.inference_mode(False):
+        return torch.zeros(2, dtype=torch.int64, device=device)
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """:func:`~actpack.codecs.counter_noise.counter`'s index dtype for ``numel``
+    counters.  The key stays int64: the body converts it (two scalar casts),
+    where ``counter`` would make two eager ops of it."""
+    return torch.int32 if numel < 1 << 31 else torch.int64
+
+
+def _encoder(wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, split: bool, pack):
     def encode_groups(x: Tensor, seed: Tensor, levels: Tensor, lane: Tensor):
         # ``lane``: arange(group_size) in the index dtype.  Its length makes the
         # group size dynamic; its values are the in-group offsets of the noise
@@ -81,6 +119,8 @@ def _encoder(wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, sp
             first = torch.arange(g.shape[0], device=x.device, dtype=index) * group_size
             u = uniform(first[:, None] + lane, seed, below_2_32=True)
         codes = value_codes(g, k, lok, step, u, levels, zero_exact)
+        if pack:  # the bit width: packed here, one compiled call instead of two
+            codes = pack_rows(codes, pack)
         # (groups, 1) outputs: a view of them would be recomputed; k, lok and
         # step are returned only so that they are stored once (see group_scale).
         return codes, lo, hi, poisoned, k, lok, step
@@ -154,28 +194,30 @@ def quantize_groups(
             meta_dtype=meta_dtype,
         )
 
-    if not _valid(x, bits, group_size, zero_exact, meta_dtype):
+    # Traced by Dynamo (a user's compiled region): the reference, before the
+    # cached constants, whose lru_cache Dynamo warns that it ignores.
+    if torch.compiler.is_compiling() or not _valid(x, bits, group_size, zero_exact, meta_dtype):
         return reference()
     x = x.detach()
     zero_exact, stochastic = bool(zero_exact), bool(stochastic)
-    seed = random_key(generator, x.device) if stochastic else torch.zeros(2, dtype=torch.int64)
+    seed = random_key(generator, x.device) if stochastic else zero_key(x.device)
     rows, cols = x.shape
     # 32-bit noise lanes where every flat index fits (see counter_noise.uniform).
-    index, seed = counter(rows * -(-cols // group_size) * group_size, seed)
+    index = index_dtype(rows * -(-cols // group_size) * group_size)
     # Whole groups in contiguous rows: the body reads the (groups, group_size)
     # view, whose flat index needs no division by a symbolic row width.
     grouped = cols % group_size == 0 and x.stride(1) == 1 and (rows == 1 or x.stride(0) == cols)
     view = x.view(-1, group_size) if grouped else x
     split = group_size % LANES == 0
-    key = (bits >= 2, zero_exact, stochastic, meta_dtype, x.dtype, index, grouped, split)
-    lane = torch.arange(group_size, device=x.device, dtype=index)
-    args = (view, seed, levels_tensor(bits, zero_exact), lane)
+    pack = bits if packs_rows(bits, group_size) else None
+    key = (bits >= 2, zero_exact, stochastic, meta_dtype, x.dtype, index, grouped, split, pack)
+    args = (view, seed, levels_tensor(bits, zero_exact), lanes(group_size, index, x.device))
     with torch.no_grad():
         out = build.run(_encoder, key, args)
         if out is None:
             return reference()
         codes, lo, hi, poisoned = out[:4]
-        width = codes.numel() // rows
+        width = -(-cols // group_size) * group_size
 
         def groups_of(mask: Tensor) -> Tensor:
             if grouped:  # two eager ops rather than eight (~40 us an encode)
@@ -184,8 +226,12 @@ def quantize_groups(
             hit = by_row.any(1)  # only the rows holding a poisoned group
             return _padded(x[hit], width).float().view(-1, group_size)[by_row[hit].view(-1)]
 
-        fix_poisoned_codes_(codes, groups_of, poisoned.view(-1), bits >= 2)
-        packed = pack_codes(codes, bits)
+        if pack:  # codes: the packed bytes of each group, one row per group
+            fix_poisoned_packed_(codes, groups_of, poisoned.view(-1), bits)
+            packed = codes.view(-1)
+        else:
+            fix_poisoned_codes_(codes, groups_of, poisoned.view(-1), bits >= 2)
+            packed = pack_codes(codes, bits)
         finish_ranges_(lo, hi, poisoned)
     lo, hi = lo.view(rows, -1), hi.view(rows, -1)
     return GroupCode(packed, lo, hi, rows, cols, group_size, bits, zero_exact)
@@ -194,7 +240,8 @@ def quantize_groups(
 def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Tensor:
     """Compiled :func:`actpack.codecs.dequantize_groups` (same signature and result)."""
     n = code.rows * code.ngroups * code.group_size
-    if not (dtype in _FLOATS and code.lo.dtype in _FLOATS and 0 < n < MAX_NUMEL):
+    ok = dtype in _FLOATS and code.lo.dtype in _FLOATS and 0 < n < MAX_NUMEL
+    if torch.compiler.is_compiling() or not ok:  # see quantize_groups
         return ref.dequantize_groups(code, dtype)
     key = (code.bits >= 2, code.zero_exact, code.lo.dtype, dtype)
     with torch.no_grad():
