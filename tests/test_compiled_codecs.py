@@ -11,8 +11,9 @@ fails.
 
 A fallback to the reference would make the equality checks pass vacuously,
 so :class:`CompileFallbackWarning` is an error in this module.  The first
-run compiles ~40 small graphs (minutes on a loaded 2-core machine);
-Inductor's on-disk cache makes later runs fast.
+run compiles several dozen small graphs (one per bit width where the
+encoder packs in its body; minutes on a loaded 2-core machine); Inductor's
+on-disk cache makes later runs fast.
 """
 
 from __future__ import annotations
