@@ -672,15 +672,22 @@ class Engine:
         because of the leaf save, and its bytes must show, whichever save
         comes first; the totals (and ratio) stay those of the other saves.
         """
+        Engine._count_leaf(t, reason, st)
+        return Held(t)
+
+    @staticmethod
+    def _count_leaf(t: Tensor, reason: str, st: _Forward, alive: bool = False) -> None:
+        """The bytes of a KEEP plan (see ``_keep_leaf``); ``alive`` as for
+        :meth:`StorageSet.new_bytes`.  Raises RuntimeError for a tensor
+        without a storage of its own."""
         kept = st.kept
         if kept is None:
             kept = st.kept = StorageSet()
-        nbytes = kept.new_bytes(t)
+        nbytes = kept.new_bytes(t, alive)
         if reason in ("parameter cast", "parameter view"):
             st.stats.weight_bytes += nbytes  # identical with or without actpack
         elif reason == "leaf input":
             st.stats.leaf_bytes += nbytes
-        return Held(t)
 
     def _keep_exact(self, t: Tensor, reason: str, st: _Forward, op: str | None) -> object:
         """Carry out an EXACT plan: the tensor as it is, or an exact copy of a

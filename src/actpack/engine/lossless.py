@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from actpack.engine.accounting import StorageSet
 from actpack.engine.saved import _modified
 from actpack.engine.savefacts import CAST_NODES
 
@@ -125,14 +124,9 @@ def count_waiting(engine: Any, st: Any, final: bool = False) -> None:
                 if kind is None:
                     activations.append(saved.data)
                     continue
-                if st.kept is None:
-                    st.kept = StorageSet()
-                nbytes = st.kept.new_bytes(saved.data, final)
+                engine._count_leaf(saved.data, kind, st, final)
             except RuntimeError:
                 engine._uninspectable(t, st)
-                continue
-            if kind in ("parameter cast", "parameter view"):
-                stats.weight_bytes += nbytes  # identical with or without actpack
         if not activations:
             return
         total, elements, failed = st.held.add_all(activations, final)
