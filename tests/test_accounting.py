@@ -396,3 +396,133 @@ def test_two_storages_over_one_buffer_are_one_memory(share):
         y = (a @ w).sum() + (b @ w).sum()  # each matmul saves its input batch
     y.backward()
     assert ctx.stats.baseline_bytes == 16 * 64 * 4
+
+
+# -- however the engine is held, a forward's saves are counted --
+
+
+def _held_by(pattern, fn):
+    """Run ``fn`` under a lossless engine held as ``pattern``; the engine."""
+    import contextlib
+
+    if pattern == "as name":
+        with actpack.compress("none", min_numel=0) as engine:
+            out = fn()
+    elif pattern == "variable":
+        engine = actpack.compress("none", min_numel=0)
+        with engine:
+            out = fn()
+    elif pattern == "attribute":
+
+        class Holder:
+            pass
+
+        holder = Holder()
+        holder.engine = actpack.compress("none", min_numel=0)
+        with holder.engine:
+            out = fn()
+        engine = holder.engine
+    elif pattern == "list":
+        engines = [actpack.compress("none", min_numel=0)]
+        with engines[0]:
+            out = fn()
+        engine = engines[0]
+    elif pattern == "exit stack, result kept":
+        with contextlib.ExitStack() as stack:
+            engine = stack.enter_context(actpack.compress("none", min_numel=0))
+            out = fn()
+    else:  # "entered by hand"
+        engine = actpack.compress("none", min_numel=0)
+        engine.__enter__()
+        try:
+            out = fn()
+        finally:
+            engine.__exit__(None, None, None)
+    out.backward()
+    return engine
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["as name", "variable", "attribute", "list", "exit stack, result kept", "entered by hand"],
+)
+@pytest.mark.parametrize("name", ["transformer layer", "conv-bn-relu", "casts"])
+def test_an_engine_that_outlives_its_forward_counts_its_saves(pattern, name):
+    out, activations, weights = _oracle(_models()[name])
+    engine = _held_by(pattern, _models()[name])
+    assert engine.stats.baseline_bytes == activations
+    assert engine.stats.weight_bytes == weights
+
+
+def test_a_wrapped_model_counts_its_saves():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    x = torch.randn(2, 8, 32)
+    _, activations, _ = _oracle(lambda: layer(x))  # the hooks cover the model's forward
+    model = actpack.wrap(layer, "none", min_numel=0)
+    model(x).square().mean().backward()
+    assert actpack.engine_of(model).stats.baseline_bytes == activations
+
+
+# -- a storage saved again after the save that first counted it was dropped --
+
+
+def _saved_again(kind, x, w):
+    """A storage saved by a branch whose result is dropped, then saved again."""
+    h = x * 2
+    if kind == "activation":
+        branch = h.sin()  # saves h (through an alias made for this save)
+    elif kind == "view of an activation":
+        branch = h[:, :8].sin()
+    else:  # a weight's view: mm saves w.t()
+        branch = h @ w.t()
+    yield
+    del branch
+    gc.collect()  # the first save's alias is gone; h and w live on
+    if kind == "weight view":
+        return (h @ w.t()).sum()
+    return h.cos().sum()
+
+
+@pytest.mark.parametrize("kind", ["activation", "view of an activation", "weight view"])
+@pytest.mark.parametrize("between", ["stats read", "64 saves", "modules tracked"])
+def test_a_storage_saved_again_after_a_dropped_save_counts_once(kind, between):
+    # Counts in between recorded each storage's liveness by the alias the
+    # pack hook made for that save: once the alias died with its dropped
+    # branch, the storage (alive all along) was taken for a new one at a
+    # reused address and counted again.
+    x = torch.randn(64, 64, requires_grad=True)
+    w = torch.randn(64, 64, requires_grad=True)
+
+    def run(engine, read):
+        with engine:
+            steps = _saved_again(kind, x, w)
+            next(steps)
+            read(engine)
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def fill(engine):
+        for i in range(lossless.UNACCOUNTED_MAX + 2):
+            (x * float(i)).tanh()  # saves that are dropped at once
+
+    exact = actpack.Engine("none", track_ops=True, min_numel=0)  # counts each save at once
+    run(exact, fill if between == "64 saves" else lambda e: None)
+    if between == "modules tracked":
+
+        class Model(nn.Module):
+            def forward(self, x):
+                return run(actpack.engine_of(self), lambda e: None)
+
+        model = actpack.wrap(Model(), "none", min_numel=0, track_modules=True)
+        model(x)
+        engine = actpack.engine_of(model)
+    else:
+        engine = actpack.compress("none", min_numel=0)
+        run(engine, (lambda e: e.stats) if between == "stats read" else fill)
+    assert engine.stats.baseline_bytes == exact.stats.baseline_bytes + exact.stats.leaf_bytes
+    assert engine.stats.weight_bytes == exact.stats.weight_bytes
+    if kind == "weight view":
+        assert engine.stats.weight_bytes == 64 * 64 * 4

@@ -8,6 +8,7 @@ of its expectation with probability >= 1 - 3e-8 per element.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -192,3 +193,48 @@ def test_invalid_arguments() -> None:
         division_encode(torch.randn(1, 1, 4, 4), 0, 2)
     with pytest.raises(ValueError, match="1..8"):
         division_encode(torch.randn(1, 1, 4, 4), 8, 9)
+
+
+def _decode(code, backend_name: str, dtype: torch.dtype) -> torch.Tensor:
+    from actpack.codecs import backend
+
+    if isinstance(code, DivisionCode):
+        return backend.division_decode(code, dtype, backend=backend_name)
+    return backend.dequantize_groups(code, dtype, backend=backend_name)
+
+
+_DECODERS = [
+    "division reference", "groups reference", "division compiled", "groups compiled",
+    "hadamard", "traceable",
+]  # fmt: skip
+
+
+def _decoders():
+    """{name: decode to a dtype} of one code per decoder, encoded from the
+    same values (round to nearest, so every backend codes them alike)."""
+    from actpack.codecs import backend, hadamard, traceable
+
+    x = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(3)) * 1e3
+    x[0, 0, 0, :4] = torch.tensor([3e38, -3e38, 1e-40, 0.0])  # huge and subnormal values
+    rows = x.reshape(64, 128)
+    out = []
+    for name in ("reference", "compiled"):
+        code = backend.division_encode(x, 8, 2, stochastic=False, backend=name)
+        out.append((f"division {name}", functools.partial(_decode, code, name)))
+        code = backend.quantize_groups(rows, 2, 64, stochastic=False, backend=name)
+        out.append((f"groups {name}", functools.partial(_decode, code, name)))
+    code = hadamard.hadamard_encode(rows, 2, 64, stochastic=False)
+    out.append(("hadamard", lambda d, c=code: hadamard.hadamard_decode(c, d)))
+    code = traceable.quantize_groups(rows, 2, 64, None)  # no key: round to nearest
+    out.append(("traceable", lambda d, c=code: traceable.dequantize_groups(c, d)))
+    return dict(out)
+
+
+@pytest.mark.parametrize("name", _DECODERS)
+def test_every_decoder_decodes_to_float64_as_to_float32(name: str) -> None:
+    # division_decode clamped its float32 result to float64's largest value
+    # ("value cannot be converted to type float without overflow").
+    decode = _decoders()[name]
+    wide, narrow = decode(torch.float64), decode(torch.float32)
+    assert wide.dtype == torch.float64
+    assert torch.equal(wide, narrow.double())

@@ -57,6 +57,65 @@ def test_input_cast_shaped_like_the_weight_is_not_a_weight(strategy, shape):
     assert ctx.stats.baseline_bytes == x.numel() * 2
 
 
+@pytest.mark.parametrize("strategy", ["actnn", "none"])
+@pytest.mark.parametrize("layer", ["attention", "encoder layer"])
+@pytest.mark.parametrize("frozen", [False, True])  # True: out_proj frozen, in_proj trained
+def test_reshaped_input_cast_shaped_like_a_weight_is_not_a_weight(strategy, layer, frozen):
+    # Under autocast, attention reshapes its (4, 16, 64) input to (64, 64)
+    # and saves its bf16 copy, whose shape is out_proj.weight's: the op's
+    # arguments hold no other (64, 64) tensor, so the shape alone called it
+    # a weight cast.  A weight that requires grad casts with history: a
+    # save without history is never one of its casts.
+    torch.manual_seed(0)
+    if layer == "attention":
+        model = nn.MultiheadAttention(64, 4, batch_first=True)
+        run = lambda x: model(x, x, x, need_weights=False)[0]  # noqa: E731
+    else:
+        model = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        run = model
+    if frozen:  # its weight's cast has no history: only shapes and values can tell
+        attention = model if layer == "attention" else model.self_attn
+        attention.out_proj.requires_grad_(False)
+    x = torch.randn(4, 16, 64)
+    params = list(model.parameters())
+    weights = {p.untyped_storage().data_ptr() for p in params}
+    casts = 0  # bytes of the weights' bf16 casts autograd saves (history, or values, say so)
+    saved = set()
+
+    def is_cast(t):
+        if t.grad_fn is None:  # a frozen weight's cast: the values tell
+            return any(
+                torch.equal(w.to(t.dtype), t)
+                for p in params
+                for w in (p, p.t() if p.dim() == 2 else p)
+                if w.shape == t.shape
+            )
+        node = (t._base if t._base is not None else t).grad_fn
+        if type(node).__name__ != "ToCopyBackward0":
+            return False
+        source = node.next_functions[0][0]
+        return type(source).__name__ == "AccumulateGrad" and (
+            source.variable.untyped_storage().data_ptr() in weights
+        )
+
+    def pack(t):
+        nonlocal casts
+        key = t.untyped_storage().data_ptr()
+        if t.dtype == torch.bfloat16 and key not in saved and is_cast(t):
+            casts += t.untyped_storage().nbytes()
+        saved.add(key)
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            run(x)
+        engine = actpack.Engine(strategy, min_numel=0, track_ops=True)
+        with engine:
+            run(x).float().sum().backward()
+    assert casts > 0
+    assert engine.stats.weight_bytes == casts
+
+
 @pytest.mark.parametrize("rows,out", [(64, 64), (32, 48)])  # square: told apart by value
 def test_frozen_weight_cast_under_autocast_passes_through(rows, out):
     lin = nn.Linear(64, out).requires_grad_(False)
@@ -350,6 +409,10 @@ def test_unknown_strategy_and_bad_knobs_raise_value_error():
 
 @pytest.mark.parametrize("strategy", LOSSY)
 def test_no_host_synchronisation_on_save_or_restore(strategy, monkeypatch):
+    # The code that also runs on GPUs: the engine and the reference codecs
+    # (the compiled codecs run on CPU tensors only, where reading a flag
+    # synchronises nothing: they skip their poisoned groups' fix-up so).
+    monkeypatch.setenv("ACTPACK_BACKEND", "reference")
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(8 * 16 * 16, 10), nn.Dropout(0.1),
@@ -553,3 +616,29 @@ def test_suspended_inside_an_active_forward(strategy):
     if strategy == "none":
         assert torch.equal(got, x.grad)
     assert engine.stats.baseline_bytes > counted  # c's save counted after it
+
+
+@pytest.mark.parametrize("strategy", ["none", "actnn"])
+@pytest.mark.parametrize("root_op", ["sin", "layer_norm"])
+def test_module_rows_are_the_same_in_every_forward(strategy, root_op):
+    # The tracker was made in the root's forward pre-hook, after PyTorch had
+    # collected this call's hooks: the first forward put the root's own
+    # saves under "<none>", the next ones under "<root>".
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 32))
+
+        def forward(self, x):
+            h = self.body(x)
+            return h.sin() if root_op == "sin" else F.layer_norm(h, (32,))
+
+    model = actpack.wrap(Root(), strategy, min_numel=0, track_modules=True)
+    x = torch.randn(16, 32)
+    rows = []
+    for _ in range(3):
+        model(x).sum().backward()
+        rows.append(dict(actpack.engine_of(model).stats.by_module))
+    assert rows[0] == rows[1] == rows[2]
+    assert "<root>" in rows[0] and "<none>" not in rows[0]
+    assert {"body.1", "body.2"} <= set(rows[0])  # (body.0 saves the input batch: a leaf)

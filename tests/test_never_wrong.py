@@ -500,6 +500,63 @@ class TestInPlace:
             h.add_(1)
             y.sum().backward()
 
+    @pytest.mark.parametrize("strategy", ["none", *LOSSY])
+    @pytest.mark.parametrize(
+        "leaf", ["parameter", "input needing grad", "frozen parameter", "parameter, wrap"]
+    )
+    @pytest.mark.parametrize("op", ["matmul", "mul", "layer_norm weight"])
+    def test_saved_leaf_changed_in_place(self, strategy, leaf, op):
+        # An optimizer step between forward and backward (GANs, a second
+        # loss): the saved leaf changes under no_grad.  Autograd refuses it;
+        # leaves were handed back as they are, unchecked, and backward used
+        # the new values without a word.
+        torch.manual_seed(0)
+        kind = leaf.split(",")[0]
+        if kind == "input needing grad":
+            a = torch.randn(64, 64, requires_grad=True)
+        else:
+            a = nn.Parameter(torch.randn(64, 64), requires_grad=kind == "parameter")
+        x = torch.randn(64, 64, requires_grad=True)
+
+        def forward(x):
+            if op == "matmul":
+                return x @ a
+            if op == "mul":
+                return x * a
+            return F.layer_norm(x, (64,), weight=a[0])
+
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            if leaf.endswith("wrap"):
+
+                class Model(nn.Module):
+                    def __init__(self):
+                        super().__init__()
+                        self.a = a
+
+                    def forward(self, x):
+                        return forward(x)
+
+                y = actpack.wrap(Model(), strategy, min_numel=0)(x)
+            else:
+                with actpack.compress(strategy, min_numel=0):
+                    y = forward(x)
+            with torch.no_grad():
+                a.add_(1)
+            y.sum().backward()
+
+    @pytest.mark.parametrize("strategy", ["none", "actnn"])
+    def test_saved_leaf_changed_in_place_inside_suspended(self, strategy):
+        engine = actpack.compress(strategy, min_numel=0)
+        w = nn.Parameter(torch.randn(64, 64))
+        x = torch.randn(64, 64, requires_grad=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            with engine:
+                with engine.suspended():
+                    y = x @ w
+            with torch.no_grad():
+                w.add_(1)
+            y.sum().backward()
+
 
 # --------------------------------------------------------------------------- #
 # 7. Edge inputs

@@ -93,7 +93,7 @@ _HOOK_IDS = "_actpack_hook_ids"
 
 
 def _enter(module: nn.Module) -> None:
-    getattr(module, _ATTR).__enter__()
+    getattr(module, _ATTR)._enter_forward()
 
 
 def _leave(module: nn.Module) -> None:

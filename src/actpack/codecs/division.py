@@ -115,8 +115,9 @@ def division_decode(code: DivisionCode, dtype: torch.dtype = torch.float32) -> T
         out = _upsample(code.lfc.float(), code.block, spatial) + hq
         # A poisoned row decodes from its classes alone: its LFC must not leak in.
         poisoned = torch.isnan(code.hfc.lo).view(shape[0], shape[1], *([1] * len(spatial)))
-        big = torch.finfo(dtype).max
-        out = torch.where(poisoned, hq, out.clamp(-big, big))  # finite stays finite in dtype
+        # Finite stays finite in dtype; float64 holds every float32 value.
+        big = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
+        out = torch.where(poisoned, hq, out.clamp(-big, big))
         out = out.to(dtype)
         if dtype != torch.float32:
             # NaN arises only in poisoned rows.  Its 16-bit pattern after a cast depends on

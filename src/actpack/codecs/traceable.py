@@ -86,7 +86,7 @@ def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Te
     lok = lo * k
     step = (hi * k - lok) / levels
     v = (lok + values * step) * (1 / k)
-    big = torch.finfo(dtype).max
+    big = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)  # (float64: a no-op)
     v = v.clamp(-big, big).to(dtype)
     if code.zero_exact:
         v = torch.where(qf > 0, v.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(v))

@@ -108,24 +108,31 @@ class StorageSet:
     def __init__(self) -> None:
         self._refs: dict[torch.device, dict[int, Any]] = {}
 
-    def new_bytes(self, t: Tensor, alive: bool = False) -> int:
+    def new_bytes(self, t: Tensor, alive: bool = False, owner: Tensor | None = None) -> int:
         """Record ``t``'s storage: its size in bytes if it was not already
         held, else 0.  ``alive``: the caller keeps ``t`` alive for as long
-        as it uses this set, so no weak reference is needed.  Raises
+        as it uses this set, so no weak reference is needed.  ``owner``:
+        the tensor whose lifetime (its :func:`anchor`'s) tells whether the
+        storage is still the one recorded, when ``t`` is an alias made for
+        one save (a pack hook's ``t.detach()``, which dies with that save
+        while the storage lives on); ``t`` itself by default.  Raises
         RuntimeError for tensors without a storage of their own (sparse,
         vmap's batched tensors, wrapper subclasses such as DTensor)."""
         storage = t.untyped_storage()
-        return self._record(t, storage, storage.data_ptr(), alive)
+        return self._record(t if owner is None else owner, storage, storage.data_ptr(), alive)
 
-    def add_all(self, tensors: list[Tensor], alive: bool = False) -> tuple[int, int, list[Tensor]]:
-        """``new_bytes`` of each of ``tensors`` in turn, in one loop (the
-        saves a forward counts together): (bytes, elements) of the storages
-        not already held, and the tensors without a storage of their own
-        (sparse, vmap's batched tensors, wrapper subclasses), not recorded."""
+    def add_all(
+        self, tensors: list[Tensor], alive: bool = False, owners: list[Tensor] | None = None
+    ) -> tuple[int, int, list[Tensor]]:
+        """``new_bytes`` of each of ``tensors`` in turn (with ``owners[i]``
+        as the owner of ``tensors[i]``), in one loop (the saves a forward
+        counts together): (bytes, elements) of the storages not already
+        held, and the tensors without a storage of their own (sparse, vmap's
+        batched tensors, wrapper subclasses), not recorded."""
         refs = self._refs
         total = elements = 0
         failed = []
-        for t in tensors:
+        for i, t in enumerate(tensors):
             try:
                 storage = t.untyped_storage()
                 key = storage.data_ptr()  # raises for wrapper subclasses
@@ -143,13 +150,15 @@ class StorageSet:
                 table[key] = None
                 nbytes = storage.nbytes()
             else:
-                nbytes = self._record(t, storage, key, alive)
+                nbytes = self._record(t if owners is None else owners[i], storage, key, alive)
             if nbytes:
                 total += nbytes
                 elements += nbytes // t.itemsize
         return total, elements, failed
 
     def _record(self, t: Tensor, storage: Any, key: int, alive: bool) -> int:
+        """Record ``storage`` at address ``key``, its liveness told by
+        ``t``'s :func:`anchor` (unless ``alive``)."""
         device = t.device
         table = self._refs.get(device)
         if table is None:

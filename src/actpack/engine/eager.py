@@ -37,7 +37,7 @@ from actpack.codecs.encoded import (
 from actpack.engine.accounting import Stats, StorageSet, anchor
 from actpack.engine.compiled import compiled_hooks, op_caller
 from actpack.engine.lossless import Uncounted, count_waiting
-from actpack.engine.saved import Held, Reshaped, Saved, unpack
+from actpack.engine.saved import Held, Leaf, Reshaped, Saved, unpack
 from actpack.engine.savefacts import (
     POW_OPS,
     argument_role,
@@ -315,6 +315,18 @@ class Engine:
             st.ops.__enter__()
         return self
 
+    def _enter_forward(self) -> None:
+        """Enter from the model's forward pre-hook (``wrap``): its forward
+        runs next.  A module tracker made by this entry registered the
+        root's hooks after PyTorch had collected those of this call, so
+        the root's name is pushed here (its forward hook, collected after
+        the forward, pops it); else the root's own saves of the first
+        forward would be counted under no module."""
+        fresh = self._track_modules and self._modules is None
+        self.__enter__()
+        if fresh and self._modules is not None:
+            self._modules.stack.append("<root>")
+
     def __exit__(self, *exc: object) -> None:
         st = self._state()
         if st is None:
@@ -558,7 +570,7 @@ class Engine:
     def _pack_in(self, st: _Forward, t: Tensor) -> object:
         """The pack hook of forward ``st``."""
         if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
-            return t  # parameters exist anyway, and hold no graph: no cycle
+            return Leaf(t)  # parameters exist anyway, and hold no graph: no cycle
         if type(t) is Tensor:
             # The common small save (below min_numel, not the model's weight)
             # is decided from its dtype alone: most saves of small layers.
@@ -676,14 +688,16 @@ class Engine:
         return Held(t)
 
     @staticmethod
-    def _count_leaf(t: Tensor, reason: str, st: _Forward, alive: bool = False) -> None:
-        """The bytes of a KEEP plan (see ``_keep_leaf``); ``alive`` as for
-        :meth:`StorageSet.new_bytes`.  Raises RuntimeError for a tensor
-        without a storage of its own."""
+    def _count_leaf(
+        t: Tensor, reason: str, st: _Forward, alive: bool = False, owner: Tensor | None = None
+    ) -> None:
+        """The bytes of a KEEP plan (see ``_keep_leaf``); ``alive`` and
+        ``owner`` as for :meth:`StorageSet.new_bytes`.  Raises RuntimeError
+        for a tensor without a storage of its own."""
         kept = st.kept
         if kept is None:
             kept = st.kept = StorageSet()
-        nbytes = kept.new_bytes(t, alive)
+        nbytes = kept.new_bytes(t, alive, owner)
         if reason in ("parameter cast", "parameter view"):
             st.stats.weight_bytes += nbytes  # identical with or without actpack
         elif reason == "leaf input":
@@ -782,7 +796,7 @@ class Engine:
 def _keep(t: Tensor) -> object:
     """A pack hook keeping every tensor as autograd would (with its version check)."""
     if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
-        return t
+        return Leaf(t)
     return Held(t)
 
 

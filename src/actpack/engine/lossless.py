@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from actpack.engine.saved import _modified
+from actpack.engine.saved import Leaf, _modified
 from actpack.engine.savefacts import CAST_NODES
 
 #: Saves of a lossless forward waiting to be counted: bounds how long a save
@@ -44,8 +44,9 @@ class Uncounted:
     ``UNACCOUNTED_MAX`` saves wait: counted in one loop, a save costs less
     than between a forward's ops.  Until then the list holds the saves,
     which autograd holds anyway, so no counted address can be reused.  The
-    class is the hook (its ``__new__`` returns parameters, and bool masks'
-    codes, instead of an instance): one Python call per save, not two
+    class is the hook (its ``__new__`` returns leaves as
+    :class:`~actpack.engine.saved.Leaf`, and bool masks' codes, instead of
+    an instance): one Python call per save, not two
     (``benchmarks/bench_host.py``).
     """
 
@@ -54,11 +55,11 @@ class Uncounted:
     def __new__(cls, st: Any, t: Tensor) -> Any:
         if t.requires_grad:
             if t.is_leaf:
-                return t  # parameters exist anyway, and hold no graph: no cycle
+                return Leaf(t)  # parameters exist anyway, and hold no graph: no cycle
         elif t.dtype is _BOOL:
             return st.engine._pack_in(st, t)  # bit-packed: lossless, a quarter of the bytes
         elif type(t) is _PARAMETER:
-            return t
+            return Leaf(t)
         self = _new_object(cls)
         self.data = t.detach()
         self.version = t._version
@@ -104,6 +105,7 @@ def count_waiting(engine: Any, st: Any, final: bool = False) -> None:
         del pending[:n]
         stats = st.stats
         activations = []
+        owners = []  # the saved tensors: their lifetimes, not the aliases', tell the storages'
         others = []  # the model's weights, and saves to look at one by one
         for t, saved in saves:
             node = t.grad_fn  # (the hook returns leaves that need grad)
@@ -118,18 +120,20 @@ def count_waiting(engine: Any, st: Any, final: bool = False) -> None:
                     others.append((t, saved))
                     continue
             activations.append(saved.data)
+            owners.append(t)
         for t, saved in others:
             try:
                 kind = engine._leaf(t, (), st)
                 if kind is None:
                     activations.append(saved.data)
+                    owners.append(t)
                     continue
-                engine._count_leaf(saved.data, kind, st, final)
+                engine._count_leaf(saved.data, kind, st, final, owner=t)
             except RuntimeError:
                 engine._uninspectable(t, st)
         if not activations:
             return
-        total, elements, failed = st.held.add_all(activations, final)
+        total, elements, failed = st.held.add_all(activations, final, owners)
         for data in failed:
             engine._uninspectable(data, st)
         passthrough = stats.passthrough

@@ -73,6 +73,22 @@ class Held:
         return self.data
 
 
+class Leaf(Held):
+    """A leaf kept as it is (a parameter, an input needing grad): the tensor
+    itself, which holds no graph to cycle through, and its version.
+
+    Autograd checks a saved leaf's version like any other saved tensor's (an
+    optimizer step between forward and backward is refused), but not when
+    the save went through hooks: returned bare, a leaf edited in place
+    would reach backward with its new values."""
+
+    __slots__ = ()
+
+    def __init__(self, t: Tensor) -> None:
+        self.data = t
+        self.version = t._version
+
+
 class Saved:
     """A saved tensor in an encoded form, restored with its original strides."""
 
@@ -120,7 +136,9 @@ class Reshaped:
 
 
 def unpack(obj: object) -> Tensor:
-    """The unpack hook: a tensor from what :func:`pack` returned."""
+    """The unpack hook: a tensor from what :func:`pack` returned (a tensor
+    only from code that must leave autograd's checks to autograd: compiled
+    graphs' exact saves)."""
     if isinstance(obj, Tensor):
         return obj
     return obj.restore()

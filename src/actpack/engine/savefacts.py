@@ -295,15 +295,18 @@ def frozen_weight(t: Tensor, args: tuple) -> bool:
 
     A cast of a frozen weight (autocast, no grad) has no autograd link to
     the parameter; it is recognised by shape (or transposed shape) among the
-    op's parameter args.  Where another tensor argument has that shape too
-    (a square weight and a square input batch, whose cast is saved as well)
-    the shape cannot tell them apart, and the values decide.
+    op's frozen parameter args (a weight that requires grad casts with
+    history, so a save without history is none of its casts).  Where
+    another tensor argument has that shape too (a square weight and a
+    square input batch, whose cast is saved as well) the shape cannot tell
+    them apart, and the values decide.
     """
     for a in args:
         # Parameter's isinstance goes through a Python metaclass: test it last.
         if not (
             isinstance(a, Tensor)
             and a.dtype != t.dtype
+            and not a.requires_grad
             and isinstance(a, nn.Parameter)
             and a.dim() == t.dim()
         ):
@@ -312,8 +315,12 @@ def frozen_weight(t: Tensor, args: tuple) -> bool:
         forms = [w for w in (a, a.t() if a.dim() == 2 else a) if w.shape == t.shape]
         if not forms:
             continue
+        # (numel: an input the op reshapes before its cast is saved.)
         shared = any(
-            b is not a and isinstance(b, Tensor) and b.shape in (a.shape, t.shape) for b in args
+            b is not a
+            and isinstance(b, Tensor)
+            and (b.shape in (a.shape, t.shape) or b.numel() == t.numel())
+            for b in args
         )
         if not shared:
             return True

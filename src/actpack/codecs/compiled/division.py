@@ -36,6 +36,7 @@ from actpack.codecs import division as ref
 from actpack.codecs.compiled import build
 from actpack.codecs.compiled.arith import (
     all_finite,
+    any_set,
     clamp_finite,
     extremes_ranges,
     finish_ranges_,
@@ -231,13 +232,14 @@ def division_encode(
         if out is None:
             return reference()
         codes, lo, hi, poisoned, lfc = out[:5]
-        # A poisoned row's residual is not finite, so its codes classify x itself.
-        mask = poisoned.view(shape[0], shape[1])
-        fix_poisoned_codes_(codes, lambda m: view[m].float(), mask, bits >= 2)
+        if any_set(poisoned):
+            # A poisoned row's residual is not finite, so its codes classify x itself.
+            mask = poisoned.view(shape[0], shape[1])
+            fix_poisoned_codes_(codes, lambda m: view[m].float(), mask, bits >= 2)
+            finish_ranges_(lo, hi, poisoned)
         if rows is not None:
             lfc = lfc.view(shape[0], shape[1], *[1] * len(eff))
         packed = pack_codes(codes, bits)
-        finish_ranges_(lo, hi, poisoned)
     size, rows = math.prod(shape[2:]), shape[0] * shape[1]
     hfc = GroupCode(packed, lo.view(rows, 1), hi.view(rows, 1), rows, size, size, bits, False)
     return DivisionCode(lfc, hfc, shape, eff)

@@ -41,6 +41,7 @@ from actpack.codecs import groupquant as ref
 from actpack.codecs.compiled import build
 from actpack.codecs.compiled.arith import (
     LANES,
+    any_set,
     clamp_finite,
     finish_ranges_,
     fix_poisoned_codes_,
@@ -234,13 +235,13 @@ def quantize_groups(
             hit = by_row.any(1)  # only the rows holding a poisoned group
             return _padded(x[hit], width).float().view(-1, group_size)[by_row[hit].view(-1)]
 
-        if pack:  # codes: the packed bytes of each group, one row per group
-            fix_poisoned_packed_(codes, groups_of, poisoned.view(-1), bits)
-            packed = codes.view(-1)
-        else:
-            fix_poisoned_codes_(codes, groups_of, poisoned.view(-1), bits >= 2)
-            packed = pack_codes(codes, bits)
-        finish_ranges_(lo, hi, poisoned)
+        if any_set(poisoned):
+            if pack:  # codes: the packed bytes of each group, one row per group
+                fix_poisoned_packed_(codes, groups_of, poisoned.view(-1), bits)
+            else:
+                fix_poisoned_codes_(codes, groups_of, poisoned.view(-1), bits >= 2)
+            finish_ranges_(lo, hi, poisoned)
+        packed = codes.view(-1) if pack else pack_codes(codes, bits)
     lo, hi = lo.view(rows, -1), hi.view(rows, -1)
     return GroupCode(packed, lo, hi, rows, cols, group_size, bits, zero_exact)
 
