@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import actpack
 from actpack.tools import cli
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -38,6 +39,10 @@ IN_PROCESS = {
     "bench steps 0": (["bench", "--steps", "0"], "--steps: '0' is not a positive integer"),
     "bench warmup -1": (["bench", "--warmup", "-1"], "'-1' is not a non-negative integer"),
     "train size": (["train", "--size", "huge"], "unknown size 'huge' for resnet; choose from"),
+    "bench size": (["bench", "--model", "gpt", "--size", "huge"], "unknown --size 'huge' for gpt"),
+    "bench size, default model": (["bench", "--size", "gpt2"], "unknown --size 'gpt2' for resnet"),
+    "empty size": (["report", "--models", "gpt:"], "empty size in 'gpt:'; write gpt or gpt:SIZE"),
+    "empty size, bench": (["bench", "--model", "vit:"], "empty size in 'vit:'"),
     "train lr": (["train", "--lr", "0"], "--lr: '0' is not a positive number"),
     "train warmup": (["train", "--warmup", "1"], "--warmup: '1' is not a fraction in [0, 1)"),
     "bench size twice": (
@@ -128,3 +133,14 @@ def test_help_is_plain_text_with_defaults(capsys, command: str) -> None:
     assert "(default: None)" not in text and "(default: False)" not in text
     if command == "bench":
         assert "seed of the weights and inputs (default: 0)" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("command", ["report", "bench", "train"])
+def test_strategy_names_are_read_as_the_api_reads_them(command) -> None:
+    # report took only the exact registry spelling (argparse choices) where
+    # compress(), bench and train accept any case.
+    parser = cli.build_parser()[0]
+    args = parser.parse_args([command, "--strategies", "ACTNN", "Division"])
+    assert [actpack.resolve(s).name for s in args.strategies] == ["actnn", "division"]
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, "--strategies", "actnm"])

@@ -407,6 +407,17 @@ def test_unknown_strategy_and_bad_knobs_raise_value_error():
         actpack.compress("actnn", min_numel=-1)
 
 
+@pytest.mark.parametrize("strategy", ["none", "actnn-l0"])
+@pytest.mark.parametrize("form", ["bf16", "fp16", "int8"])
+def test_lossy_checkpoint_inputs_under_a_lossless_strategy_raise(strategy, form):
+    # They were ignored without a word: a lossless strategy keeps every save exact.
+    with pytest.raises(ValueError, match="is lossless and keeps every saved tensor exact"):
+        actpack.compress(strategy, checkpoint_inputs=form)
+    with pytest.raises(ValueError, match="is lossless"):
+        actpack.wrap(nn.Linear(4, 4), strategy, checkpoint_inputs=form)
+    actpack.compress(strategy, checkpoint_inputs="exact")  # the default stays valid
+
+
 @pytest.mark.parametrize("strategy", LOSSY)
 def test_no_host_synchronisation_on_save_or_restore(strategy, monkeypatch):
     # The code that also runs on GPUs: the engine and the reference codecs

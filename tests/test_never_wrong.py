@@ -294,6 +294,75 @@ class TestCheckpoint:
         block_input = 2 * 32 * 64 * 4
         assert engine.stats.passthrough["checkpoint input"] == cfg.n_layer * block_input
 
+    @pytest.mark.parametrize("strategy", ["none", "actnn", "division"])
+    @pytest.mark.parametrize("entered", ["wrap", "compress inside", "wrap, HF layers"])
+    def test_an_engine_entered_inside_a_checkpoint_leaves_its_saves_to_it(self, strategy, entered):
+        # A block wrapped on its own, then checkpointed (non-reentrant), or
+        # an engine entered inside the checkpointed function: actpack's hooks
+        # were innermost, so checkpoint kept nothing and skipped the
+        # recompute; the block held its activations (exact under "none",
+        # 4x checkpoint's bytes) where the user asked for recompute.
+        from torch.utils.checkpoint import checkpoint
+
+        torch.manual_seed(0)
+        calls = []
+
+        class Block(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(32, 128), nn.Linear(128, 32)
+
+            def forward(self, x):
+                calls.append(1)
+                return x + self.b(torch.relu(self.a(x)))
+
+        blocks = nn.ModuleList(Block() for _ in range(2))
+        x = torch.randn(16, 32, requires_grad=True)
+
+        def run(engine_for, plain):
+            h = x * 1
+            for block in blocks:
+                if entered == "compress inside" and not plain:
+
+                    def fn(h, block=block):
+                        with actpack.compress(strategy, min_numel=0):
+                            return block(h)
+
+                    h = checkpoint(fn, h, use_reentrant=False)
+                else:
+                    h = checkpoint(engine_for(block), h, use_reentrant=False)
+            return h.square().sum()
+
+        saves = []
+
+        def pack(t):
+            saves.append(t.numel() * t.element_size())
+            return t
+
+        def grads(engine_for, plain=False):
+            calls.clear()
+            saves.clear()
+            for p in [x, *blocks.parameters()]:
+                p.grad = None
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = run(engine_for, plain)
+            loss.backward()
+            return [p.grad.clone() for p in [x, *blocks.parameters()]], len(calls), sum(saves)
+
+        plain, plain_calls, plain_bytes = grads(lambda b: b, plain=True)
+        if entered == "wrap, HF layers":  # each layer wrapped: the engine is entered by each
+            for block in blocks:
+                actpack.wrap(block.a, strategy, min_numel=0)
+                actpack.wrap(block.b, strategy, min_numel=0)
+            got, got_calls, got_bytes = grads(lambda b: b)
+        else:
+            wrapped = {id(b): actpack.wrap(b, strategy, min_numel=0) for b in blocks}
+            got, got_calls, got_bytes = grads(lambda b: wrapped[id(b)])
+        assert plain_calls == got_calls == 4  # each block recomputed in backward
+        assert got_bytes == plain_bytes  # what checkpoint keeps (its inputs), nothing more
+        for a, b in zip(got, plain):
+            assert torch.equal(a, b)
+
     def test_opt_in_codes_checkpoint_inputs(self):
         torch.manual_seed(0)
         model = _Checkpointed("non-reentrant")

@@ -72,6 +72,30 @@ def test_invalid_draws_raise_value_error():
         actpack.gradient_noise(model, x, draws=0, loss_fn=loss)
 
 
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda out: out.argmax(-1).float().sum(),  # a non-differentiable output
+        lambda out: out.detach().sum(),
+        None,  # the default loss of an integer output
+    ],
+    ids=["argmax", "detach", "default of argmax"],
+)
+def test_a_loss_without_grad_raises_a_clear_error(loss_fn):
+    # It stopped with autograd's "element 0 of tensors does not require grad".
+    model = nn.Sequential(nn.Linear(8, 4))
+    x = torch.randn(16, 8)
+    if loss_fn is None:
+        model = nn.Sequential(model, _Argmax())
+    with pytest.raises(ValueError, match="the loss does not require grad"):
+        actpack.gradient_noise(model, x, draws=2, loss_fn=loss_fn)
+
+
+class _Argmax(nn.Module):
+    def forward(self, x):
+        return x.argmax(-1)
+
+
 def _mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(),

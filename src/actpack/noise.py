@@ -170,7 +170,8 @@ def gradient_noise(
 
     Raises:
         ValueError: ``draws`` is not a positive integer; the model has no
-            parameter that requires grad; or some of its submodules (not the
+            parameter that requires grad; the loss does not require grad (a
+            non-differentiable output such as ``argmax``); or some of its submodules (not the
             model itself) are ``torch.compile`` wrappers (compile them in
             place with ``module.compile()`` instead, or measure first).
 
@@ -214,6 +215,13 @@ def gradient_noise(
                 with ctx:
                     out = model(*inputs)
                     loss = loss_fn(out) if loss_fn is not None else default_loss(out)
+                if not (isinstance(loss, Tensor) and loss.requires_grad):
+                    raise ValueError(
+                        "gradient_noise: the loss does not require grad, so no gradient "
+                        "reaches the parameters (a non-differentiable output such as argmax, "
+                        "a detached or frozen model, or a forward under torch.no_grad); pass "
+                        "loss_fn= returning a differentiable scalar"
+                    )
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
             if engine is not None:

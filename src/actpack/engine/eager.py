@@ -91,6 +91,12 @@ _pop_saved_hooks = torch._C._autograd._pop_saved_tensors_default_hooks
 _PLAIN_HOOKS = object()
 
 
+def _is_checkpoint_hook(pack: Any) -> bool:
+    """Whether ``pack`` is a pack hook of non-reentrant ``torch.utils.checkpoint``
+    (its forward's, or its recomputation's in backward)."""
+    return getattr(pack, "__module__", None) == "torch.utils.checkpoint"
+
+
 @functools.lru_cache(maxsize=256)
 def _settings_of(
     lossless: bool,
@@ -178,6 +184,13 @@ class Engine:
             raise ValueError(f"smooth must be 'code' or 'exact', got {smooth!r}")
         self.smooth = smooth
         self.strategy = resolve(strategy)
+        if checkpoint_inputs != "exact" and self.strategy.lossless:
+            raise ValueError(
+                f"checkpoint_inputs={checkpoint_inputs!r} stores what torch.utils.checkpoint "
+                f"keeps in a lossy form, but {self.strategy!r} is lossless and keeps every "
+                "saved tensor exact; use it with a lossy strategy (e.g. 'actnn'), or leave "
+                "checkpoint_inputs='exact'"
+            )
         self.min_numel = min_numel
         self.checkpoint_inputs = checkpoint_inputs
         self._stats: Stats | None = None
@@ -263,12 +276,19 @@ class Engine:
                 st.depth += 1
                 return self
             self._end_stale(ident, st)  # left by a dead thread whose id this one reuses
-        if self._suspended:
+        top = _top_saved_hooks(False)
+        if self._suspended or (top is not None and _is_checkpoint_hook(top[0])):
+            # Suspended; or inside a non-reentrant torch.utils.checkpoint
+            # (a checkpointed block wrapped on its own, an engine entered in
+            # the checkpointed function): the block's saves are checkpoint's
+            # (what it recomputes from, the recomputed tensors), as without
+            # actpack.  Hooks installed here would be innermost: checkpoint
+            # would keep nothing and skip the recompute.
             self._states[ident] = st = _Forward(tracked=False)
             st.depth = 1
             st.thread = thread
             return self
-        if _top_saved_hooks(False) is not None:
+        if top is not None:
             self._warn_nested()
         strategy = self.strategy
         tracked = self._track_ops if self._track_ops is not None else not strategy.lossless

@@ -545,6 +545,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     spec = args.model
     if spec.source == "builtin" and spec.size is None:
         spec = ModelSpec("builtin", spec.name, args.size or "small")
+        if spec.size not in MODELS[spec.name]:
+            raise UsageError(
+                f"unknown --size {spec.size!r} for {spec.name}; "
+                f"choose from {', '.join(MODELS[spec.name])}"
+            )
     elif args.size is not None:
         raise UsageError(f"--size is for a built-in model given without a size, not {spec}")
     args.model, args.size = (spec.name, spec.size) if spec.source == "builtin" else (spec, None)

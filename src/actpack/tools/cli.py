@@ -135,8 +135,8 @@ def _add_report(sub: Any) -> None:
         "torchvision:NAME, timm:NAME or hf:TYPE[:tiny|small|full]",
     )  # fmt: skip
     rep.add_argument(
-        "--strategies", nargs="+", default=list(CORE_STRATEGIES), choices=STRATEGY_NAMES,
-        metavar="NAME", help=f"one row each; from {', '.join(STRATEGY_NAMES)}",
+        "--strategies", nargs="+", default=list(CORE_STRATEGIES), type=cli_args.strategy_name,
+        metavar="NAME", help=f"one row each; from {', '.join(STRATEGY_NAMES)} (any case)",
     )  # fmt: skip
     rep.add_argument("--batch-size", type=positive_int, default=8, help="batch of the step")
     rep.add_argument("--device", type=cli_args.device, default="cpu", help="torch device")

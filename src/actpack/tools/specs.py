@@ -111,7 +111,9 @@ def parse_spec(text: str) -> ModelSpec:
     """
     source, _, rest = text.partition(":")
     if source not in SOURCES:
-        name, size = source, rest or None
+        name, colon, size = source, bool(rest) or ":" in text, rest or None
+        if colon and size is None:
+            raise ValueError(f"empty size in {text!r}; write {name} or {name}:SIZE")
         if name not in MODELS:
             raise ValueError(
                 f"unknown model {name!r}; choose a built-in model ({', '.join(MODELS)}) "
