@@ -722,27 +722,64 @@ def test_float64_default_dtype_takes_the_reference():
 
 # Found by a fuzz of the compiled encoder against the reference (2026-11-30):
 # codes packed in the body row by row broke the stream where an input row is
-# not a whole number of groups, and 16-bit rows that are not whole groups
-# gave other codes.  Round to nearest must be the reference's, bit for bit.
+# not a whole number of groups.  Rows that are not whole groups also gave
+# other codes for two more reasons: a standalone artifact came from
+# Inductor's FX graph cache without the guards Inductor had added for the
+# sizes it was compiled for (a padded row width of 16 served a width of 256;
+# see actpack.codecs.compiled.standalone), and with a float16/bfloat16 input
+# the codes of the last groups of a tail of 17 to 31 groups were never
+# written (Inductor's 32-lane uint8 store; see _encoder).  Each test runs its
+# shapes in order through fresh configurations, so that later shapes get
+# artifacts compiled after earlier ones; 85, 18 and 30 groups leave such
+# tails.  Round to nearest must be the reference's, bit for bit.
+_NOT_WHOLE_GROUPS = [
+    # (rows, cols), group size, layout
+    ((7, 6), 16, "contiguous"),  # padded row width 16: one LANES vector
+    ((33, 16), 256, "contiguous"),  # 16 columns padded to 256
+    ((3, 4096), 24, "contiguous"),  # 4096 = 170 groups + 16
+    ((17, 137), 33, "contiguous"),
+    ((9, 45), 40, "transposed"),
+    ((4, 100), 32, "sliced"),
+    ((17, 165), 40, "sliced"),
+    ((2, 100), 7, "contiguous"),
+    ((1, 300), 256, "contiguous"),
+    ((16, 46), 16, "transposed"),
+]
+
+
+def _laid_out(shape: tuple[int, int], layout: str, dtype: torch.dtype) -> torch.Tensor:
+    rows, cols = shape
+    if layout == "transposed":
+        return torch.randn(cols, rows).to(dtype).t()
+    if layout == "sliced":
+        return torch.randn(rows, cols + 5).to(dtype)[:, 2 : 2 + cols]
+    return torch.randn(rows, cols).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "shape,group_size,bits,zero_exact,dtype",
+    "bits,zero_exact,meta",
     [
-        ((3, 4096), 24, 3, False, torch.float32),  # 4096 = 170 groups + 16
-        ((3, 101), 24, 5, True, torch.float32),
-        ((2, 100), 8, 2, False, torch.float32),
-        ((17, 69), 16, 2, False, torch.float16),
-        ((17, 137), 33, 1, False, torch.bfloat16),
-        ((17, 165), 40, 2, False, torch.float16),
+        (1, False, torch.bfloat16),
+        (3, True, torch.float32),
+        (8, False, torch.float16),
     ],
 )
-def test_rows_that_are_not_whole_groups_code_as_the_reference(
-    shape, group_size, bits, zero_exact, dtype
-):
-    torch.manual_seed(1)
-    x = torch.randn(shape).to(dtype)
-    ref = rgq.quantize_groups(x, bits, group_size, stochastic=False, zero_exact=zero_exact)
-    got = cgq.quantize_groups(x, bits, group_size, stochastic=False, zero_exact=zero_exact)
-    assert torch.equal(got.packed, ref.packed)
-    assert torch.equal(got.lo.view(torch.uint8), ref.lo.view(torch.uint8))
-    assert torch.equal(got.hi.view(torch.uint8), ref.hi.view(torch.uint8))
-    assert torch.equal(cgq.dequantize_groups(got), rgq.dequantize_groups(ref))
+def test_rows_that_are_not_whole_groups_code_as_the_reference(dtype, bits, zero_exact, meta):
+    build._compiled.cache_clear()  # fresh configurations: artifacts compiled one after another
+    try:
+        torch.manual_seed(1)
+        for shape, group_size, layout in _NOT_WHOLE_GROUPS:
+            x = _laid_out(shape, layout, dtype)
+            if zero_exact:
+                x = x.abs()
+            kw = dict(stochastic=False, zero_exact=zero_exact, meta_dtype=meta)
+            ref = rgq.quantize_groups(x, bits, group_size, **kw)
+            got = cgq.quantize_groups(x, bits, group_size, **kw)
+            where = (shape, group_size, layout)
+            assert torch.equal(got.packed, ref.packed), where
+            assert torch.equal(got.lo.view(torch.uint8), ref.lo.view(torch.uint8)), where
+            assert torch.equal(got.hi.view(torch.uint8), ref.hi.view(torch.uint8)), where
+            assert torch.equal(cgq.dequantize_groups(got), rgq.dequantize_groups(ref)), where
+    finally:
+        build._compiled.cache_clear()

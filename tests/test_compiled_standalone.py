@@ -137,6 +137,34 @@ def test_guard_mismatch_falls_back_to_torch_compile(served, monkeypatch):
     assert served["hits"] > hits
 
 
+def test_artifacts_are_not_served_by_the_fx_graph_cache(served):
+    """A graph of make_fx has no SymInt inputs, so Inductor's FX graph cache
+    keeps an entry of it with no guards and serves it to any later trace of
+    the same graph code, without the guards Inductor added while compiling
+    it: an artifact for a padded row width of 16 (which Inductor's indexing
+    guards on) then coded a width of 256 otherwise than the reference.
+    Artifacts compile without that cache; the second is compiled for its
+    own sizes."""
+    from torch._dynamo.utils import counters
+
+    cases = [
+        (torch.randn(rows, cols).to(dtype), group_size)
+        for dtype in DTYPES
+        for (rows, cols), group_size in [((7, 6), 16), ((33, 16), 256)]
+    ]
+    cache_hits = counters["inductor"]["fxgraph_cache_hit"]
+    got = [cgq.quantize_groups(x, 2, g, stochastic=False) for x, g in cases]
+    assert served["hits"] > 0 and served["misses"] == 0  # all served by artifacts
+    for code, (x, g) in zip(got, cases):
+        same_code(code, rgq.quantize_groups(x, 2, g, stochastic=False))
+    assert counters["inductor"]["fxgraph_cache_hit"] == cache_hits
+    for code, (x, g) in zip(got, cases):
+        same_code(
+            code,
+            _torch_compile_only(lambda x=x, g=g: cgq.quantize_groups(x, 2, g, stochastic=False)),
+        )
+
+
 def _scale():
     def body(x, y):
         return x * 2 + y[: x.shape[0]].sum()

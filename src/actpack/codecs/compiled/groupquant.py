@@ -112,14 +112,42 @@ def _encoder(wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, sp
         else:
             rows, cols = x.shape
             ngroups = (cols + group_size - 1) // group_size
-            g = _padded(x, ngroups * group_size).float().reshape(rows * ngroups, group_size)
+            padded = _padded(x, ngroups * group_size).float()  # (rows, ngroups * group_size)
+            g = padded.reshape(rows * ngroups, group_size)
         lo, hi, poisoned = group_ranges(g, meta, zero_exact, split=split)
         k, lok, step = group_scale(lo, hi, poisoned, levels)
         u = 0.5
-        if stochastic:
-            first = torch.arange(g.shape[0], device=x.device, dtype=index) * group_size
-            u = uniform(first[:, None] + lane, seed, below_2_32=True)
-        codes = value_codes(g, k, lok, step, u, levels, zero_exact)
+        if grouped:
+            if stochastic:
+                first = torch.arange(g.shape[0], device=x.device, dtype=index) * group_size
+                u = uniform(first[:, None] + lane, seed, below_2_32=True)
+            codes = value_codes(g, k, lok, step, u, levels, zero_exact)
+        else:
+            # The codes of the padded rows, (rows, ngroups * group_size), each
+            # group's k, lok and step spread over its elements: the loop then
+            # runs along a row and stores its codes contiguously.  Over the
+            # (groups, group_size) view Inductor vectorises across groups
+            # instead (their k, lok, step are contiguous there) and stores the
+            # uint8 codes lane by lane through a buffer; with a 16-bit input
+            # (every fused loop reads it) the loop takes 32 lanes, and Inductor
+            # (torch 2.13) fills that buffer with a store of 4 bytes a lane,
+            # whose AVX-512 mask ``(1 << count) - 1`` is undefined past 64
+            # bytes: in a tail of n = 17..31 groups only 4n - 64 codes were
+            # written, the rest were uninitialised stack bytes.
+            def spread(t: Tensor) -> Tensor:
+                per_group = t.view(rows, ngroups, 1).expand(rows, ngroups, group_size)
+                return per_group.reshape(rows, ngroups * group_size)
+
+            if stochastic:  # the counter of the padded matrix's element, row-major
+                width = ngroups * group_size
+                first = torch.arange(rows, device=x.device, dtype=index) * width
+                col = torch.arange(width, device=x.device, dtype=index)
+                u = uniform(first[:, None] + col, seed, below_2_32=True)
+            # (rows, ngroups * group_size) out, row-major (a transposed input's
+            # layout would make the caller's (groups, group_size) view a copy);
+            # that view in the body, with sizes Inductor cannot relate, is a copy.
+            q = value_codes(padded, spread(k), spread(lok), spread(step), u, levels, zero_exact)
+            codes = q.contiguous()
         if pack:  # the bit width: packed here, one compiled call instead of two
             codes = pack_rows(codes, pack)
         # (groups, 1) outputs: a view of them would be recomputed; k, lok and
@@ -208,11 +236,6 @@ def quantize_groups(
     # Whole groups in contiguous rows: the body reads the (groups, group_size)
     # view, whose flat index needs no division by a symbolic row width.
     grouped = cols % group_size == 0 and x.stride(1) == 1 and (rows == 1 or x.stride(0) == cols)
-    if not grouped and x.dtype is not torch.float32:
-        # Rows of a 16-bit tensor that are not whole groups gave codes that
-        # differ from the reference's (a fuzz of 2026-11-30, cause not found):
-        # the reference, the specification, until they are proven equal.
-        return reference()
     view = x.view(-1, group_size) if grouped else x
     split = group_size % LANES == 0
     # Packed in the body only where its rows are whole groups (the grouped
@@ -227,6 +250,8 @@ def quantize_groups(
             return reference()
         codes, lo, hi, poisoned = out[:4]
         width = -(-cols // group_size) * group_size
+        if not grouped:
+            codes = codes.view(-1, group_size)  # from (rows, width), row-major
 
         def groups_of(mask: Tensor) -> Tensor:
             if grouped:  # two eager ops rather than eight (~40 us an encode)

@@ -16,6 +16,18 @@ assumption the trace made.  So each artifact carries, and each call checks:
   dispatch keys (layout, subclass, conj/neg views, functorch wrappers) and
   ``requires_grad``; the default dtype and deterministic mode.
 
+Each artifact is compiled afresh, never loaded from Inductor's FX graph
+cache: that cache guards an entry on the graph's SymInt inputs only, and a
+graph of ``make_fx`` has none (its sizes live in the tensors' shapes), so an
+entry is stored with no guards and served to every later trace of the same
+graph code, whatever its sizes.  The guards Inductor adds while it lowers
+(a size the indexing of a view was simplified for, e.g. a padded row width
+of exactly 16) are then neither checked by the cache nor put in the
+``ShapeEnv``: the artifact's shape guards miss them, and it silently
+computed other values for sizes the cached code was not compiled for (codes
+of rows that are not whole groups, a fuzz of 2026-11-30).  Inductor's C++
+build cache still serves the compiled kernels (keyed on their source).
+
 Tracing and compiling hold Dynamo's own compile lock: ``make_fx`` sets
 process-global state (FX's tracing flag, its patcher) that a second trace in
 another thread, Dynamo's included, would clobber; Dynamo serialises its
@@ -31,9 +43,10 @@ which guards itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -51,6 +64,35 @@ MISS: Any = object()
 #: Artifacts per configuration (one per distinct guard outcome: a size of 1,
 #: a padded tail, ...); beyond them the torch.compile path serves the call.
 MAX_ARTIFACTS = 4
+
+# The FX graph cache stores an entry's guards over the graph's SymInt inputs
+# alone, and a graph of make_fx has none: a hit would be served with none of
+# the guards Inductor added when it compiled the entry (see the module's notes).
+_NO_FX_GRAPH_CACHE = {"fx_graph_cache": False}
+
+
+class _DropArtifactWarning(logging.Filter):
+    """standalone_compile warns that it saved no cache artifacts, which it
+    cannot without the FX graph cache; artifacts here are never saved."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "artifact generation failed" not in record.getMessage()
+
+
+_ARTIFACT_WARNING = _DropArtifactWarning()
+
+
+@contextlib.contextmanager
+def _no_artifact_warning() -> Iterator[None]:
+    # Under Dynamo's compile lock (see Standalone.__call__): no other
+    # standalone compile adds or removes the filter meanwhile.
+    logger = logging.getLogger("torch._inductor.standalone_compile")
+    logger.addFilter(_ARTIFACT_WARNING)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_ARTIFACT_WARNING)
+
 
 # ``L['t0'].size()`` and its kin in ShapeEnv's guard expressions.
 _ACCESS = re.compile(r"L\['t(\d+)'\]\.(size|stride|storage_offset)\(\)")
@@ -169,13 +211,14 @@ class Standalone:
             for node in [outs] if isinstance(outs, torch.fx.Node) else outs:
                 node.meta["example_value"] = node.meta["val"]
             shape_env = fakes[0].fake_mode.shape_env
-            fn = torch._inductor.standalone_compile(
-                gm,
-                fakes,
-                dynamic_shapes="from_graph",
-                options={"config_patches": self.options},
-                donate_graph_module=True,
-            )
+            with _no_artifact_warning():  # nothing to save: the FX graph cache is off
+                fn = torch._inductor.standalone_compile(
+                    gm,
+                    fakes,
+                    dynamic_shapes="from_graph",
+                    options={"config_patches": {**self.options, **_NO_FX_GRAPH_CACHE}},
+                    donate_graph_module=True,
+                )
             # After compiling: Inductor's own guards are in the ShapeEnv now.
             expr = shape_env.produce_guards_expression(fakes, ignore_static=False)
             guard = _guard_function(expr, len(args))
