@@ -187,6 +187,28 @@ def test_round_to_nearest_is_the_reference_code(bits):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize(
+    ("shape", "group_size", "dtype"),
+    [((17, 137), 33, torch.bfloat16), ((85, 33), 33, torch.float16)],
+)
+def test_codes_compiled_into_a_graph_are_the_reference_for_16_bit_tails(shape, group_size, dtype):
+    # With a 16-bit input, torch 2.13's Inductor stored the uint8 codes of
+    # 32 groups at a time through a masked store whose mask overflows past
+    # 64 bytes: the fused CPU encoder left the last codes of a tail of 17-31
+    # groups unwritten (tests/test_compiled_codecs.py).  These geometries
+    # (85 groups: a tail of 21) inlined into a user's compiled graph.
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * 3).to(dtype)
+    fn = torch.compile(
+        lambda x: traceable.quantize_groups(x, 2, group_size, None), dynamic=False, fullgraph=True
+    )
+    got = fn(x)
+    ref = groupquant.quantize_groups(x, 2, group_size, stochastic=False)
+    assert torch.equal(got.packed, ref.packed)
+    assert torch.equal(got.lo.view(torch.int16), ref.lo.view(torch.int16))
+    assert torch.equal(got.hi.view(torch.int16), ref.hi.view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_vectorisable_decode_is_the_reference_decode(dtype):
     x = _awkward(6, 700)
