@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 
 
 def compression_ratio(baseline_bytes: int, compressed_bytes: int) -> float:
@@ -89,50 +89,40 @@ def anchor(t: Tensor) -> Tensor:
 
 
 class StorageSet:
-    """Storages seen so far, valid only while a tensor that uses them is alive.
+    """Storages seen so far, each valid while it is alive.
 
-    A freed storage's address can be reused by a new tensor; tying each entry
-    to live weak references keeps a new tensor from being taken for an old one.
+    A freed storage's address can be reused by a new tensor; a weak
+    reference to each recorded storage keeps a new one from being taken for
+    an old one.
 
     Entries are kept per device and keyed by the storage's address (an int,
     which the garbage collector does not track): two storages over one
-    buffer (``torch.from_numpy`` twice) are one memory.  An entry is one weak
-    reference, or a list of them in the rare case of several anchors sharing
-    a storage, or ``None`` for a storage the caller keeps alive for as long
-    as the set is used (``alive=True``).  A save adds one tracked object at
-    most (a weak reference of its anchor, shared with any other plain
-    reference to it): fewer tracked objects per save mean fewer collections
-    during a forward.
+    buffer (``torch.from_numpy`` twice) are one memory.  An entry is a
+    ``StorageWeakRef`` of the storage, or ``None`` for a storage the caller
+    keeps alive for as long as the set is used (``alive=True``).
     """
 
     def __init__(self) -> None:
         self._refs: dict[torch.device, dict[int, Any]] = {}
 
-    def new_bytes(self, t: Tensor, alive: bool = False, owner: Tensor | None = None) -> int:
+    def new_bytes(self, t: Tensor, alive: bool = False) -> int:
         """Record ``t``'s storage: its size in bytes if it was not already
         held, else 0.  ``alive``: the caller keeps ``t`` alive for as long
-        as it uses this set, so no weak reference is needed.  ``owner``:
-        the tensor whose lifetime (its :func:`anchor`'s) tells whether the
-        storage is still the one recorded, when ``t`` is an alias made for
-        one save (a pack hook's ``t.detach()``, which dies with that save
-        while the storage lives on); ``t`` itself by default.  Raises
+        as it uses this set, so no weak reference is needed.  Raises
         RuntimeError for tensors without a storage of their own (sparse,
         vmap's batched tensors, wrapper subclasses such as DTensor)."""
         storage = t.untyped_storage()
-        return self._record(t if owner is None else owner, storage, storage.data_ptr(), alive)
+        return self._record(t, storage, storage.data_ptr(), alive)
 
-    def add_all(
-        self, tensors: list[Tensor], alive: bool = False, owners: list[Tensor] | None = None
-    ) -> tuple[int, int, list[Tensor]]:
-        """``new_bytes`` of each of ``tensors`` in turn (with ``owners[i]``
-        as the owner of ``tensors[i]``), in one loop (the saves a forward
-        counts together): (bytes, elements) of the storages not already
-        held, and the tensors without a storage of their own (sparse, vmap's
-        batched tensors, wrapper subclasses), not recorded."""
+    def add_all(self, tensors: list[Tensor], alive: bool = False) -> tuple[int, int, list[Tensor]]:
+        """``new_bytes`` of each of ``tensors`` in turn, in one loop (the
+        saves a forward counts together): (bytes, elements) of the storages
+        not already held, and the tensors without a storage of their own
+        (sparse, vmap's batched tensors, wrapper subclasses), not recorded."""
         refs = self._refs
         total = elements = 0
         failed = []
-        for i, t in enumerate(tensors):
+        for t in tensors:
             try:
                 storage = t.untyped_storage()
                 key = storage.data_ptr()  # raises for wrapper subclasses
@@ -150,46 +140,34 @@ class StorageSet:
                 table[key] = None
                 nbytes = storage.nbytes()
             else:
-                nbytes = self._record(t if owners is None else owners[i], storage, key, alive)
+                nbytes = self._record(t, storage, key, alive)
             if nbytes:
                 total += nbytes
                 elements += nbytes // t.itemsize
         return total, elements, failed
 
     def _record(self, t: Tensor, storage: Any, key: int, alive: bool) -> int:
-        """Record ``storage`` at address ``key``, its liveness told by
-        ``t``'s :func:`anchor` (unless ``alive``)."""
+        """Record ``storage`` at address ``key``: its bytes if the address
+        holds no live storage recorded before, else 0.
+
+        Liveness is the storage's own (a weak reference to its
+        ``StorageImpl``, as ``torch.multiprocessing`` keeps them), not a
+        tensor object's: a saved tensor, the alias a pack hook made of it,
+        or a graph holding that alias may each die while another alias of
+        the same storage lives on and is saved later (``h.detach()`` kept
+        past ``h``), which object lifetimes took for new memory at a reused
+        address."""
         device = t.device
         table = self._refs.get(device)
         if table is None:
             table = self._refs[device] = {}
         entry = table.get(key, _MISSING)
-        if entry is _MISSING:
-            if alive:
-                table[key] = None
-            else:
-                base = t._base  # anchor(t), inlined: this runs for every save
-                table[key] = weakref.ref(t if base is None else base)
-            return storage.nbytes()
         if entry is None:  # kept alive by the caller
             return 0
-        base = t._base
-        ref = weakref.ref(t if base is None else base)
-        if type(entry) is not list:
-            if entry() is None:  # a freed storage's address, reused
-                table[key] = ref
-                return storage.nbytes()
-            if entry is not ref:
-                table[key] = [entry, ref]
+        if entry is not _MISSING and not entry.expired():
             return 0
-        if all(r() is None for r in entry):
-            table[key] = ref
-            return storage.nbytes()
-        # weakref.ref(x) is one shared object per x: a tensor saved again
-        # does not grow the entry.
-        if all(r is not ref for r in entry):
-            entry.append(ref)
-        return 0
+        table[key] = None if alive else StorageWeakRef(storage)
+        return storage.nbytes()
 
 
 _MISSING = object()

@@ -708,16 +708,14 @@ class Engine:
         return Held(t)
 
     @staticmethod
-    def _count_leaf(
-        t: Tensor, reason: str, st: _Forward, alive: bool = False, owner: Tensor | None = None
-    ) -> None:
-        """The bytes of a KEEP plan (see ``_keep_leaf``); ``alive`` and
-        ``owner`` as for :meth:`StorageSet.new_bytes`.  Raises RuntimeError
-        for a tensor without a storage of its own."""
+    def _count_leaf(t: Tensor, reason: str, st: _Forward, alive: bool = False) -> None:
+        """The bytes of a KEEP plan (see ``_keep_leaf``); ``alive`` as for
+        :meth:`StorageSet.new_bytes`.  Raises RuntimeError for a tensor
+        without a storage of its own."""
         kept = st.kept
         if kept is None:
             kept = st.kept = StorageSet()
-        nbytes = kept.new_bytes(t, alive, owner)
+        nbytes = kept.new_bytes(t, alive)
         if reason in ("parameter cast", "parameter view"):
             st.stats.weight_bytes += nbytes  # identical with or without actpack
         elif reason == "leaf input":

@@ -105,7 +105,6 @@ def count_waiting(engine: Any, st: Any, final: bool = False) -> None:
         del pending[:n]
         stats = st.stats
         activations = []
-        owners = []  # the saved tensors: their lifetimes, not the aliases', tell the storages'
         others = []  # the model's weights, and saves to look at one by one
         for t, saved in saves:
             node = t.grad_fn  # (the hook returns leaves that need grad)
@@ -120,20 +119,18 @@ def count_waiting(engine: Any, st: Any, final: bool = False) -> None:
                     others.append((t, saved))
                     continue
             activations.append(saved.data)
-            owners.append(t)
         for t, saved in others:
             try:
                 kind = engine._leaf(t, (), st)
                 if kind is None:
                     activations.append(saved.data)
-                    owners.append(t)
                     continue
-                engine._count_leaf(saved.data, kind, st, final, owner=t)
+                engine._count_leaf(saved.data, kind, st, final)
             except RuntimeError:
                 engine._uninspectable(t, st)
         if not activations:
             return
-        total, elements, failed = st.held.add_all(activations, final, owners)
+        total, elements, failed = st.held.add_all(activations, final)
         for data in failed:
             engine._uninspectable(data, st)
         passthrough = stats.passthrough
