@@ -49,7 +49,7 @@ from actpack.engine.savefacts import (
     save_origin,
     squares,
 )
-from actpack.engine.tracking import ModuleTracker, OpTracker
+from actpack.engine.tracking import ROOT, ModuleTracker, OpTracker
 from actpack.policy.decide import (
     LOGITS_16BIT,
     VALUES_16BIT,
@@ -289,7 +289,7 @@ class Engine:
             st.thread = thread
             return self
         if top is not None:
-            self._warn_nested()
+            self._warn_nested(top)
         strategy = self.strategy
         tracked = self._track_ops if self._track_ops is not None else not strategy.lossless
         st = _Forward(tracked=tracked)
@@ -345,7 +345,7 @@ class Engine:
         fresh = self._track_modules and self._modules is None
         self.__enter__()
         if fresh and self._modules is not None:
-            self._modules.stack.append("<root>")
+            self._modules.stack.append(ROOT)
 
     def __exit__(self, *exc: object) -> None:
         st = self._state()
@@ -405,17 +405,17 @@ class Engine:
                 )
             self._states[ident] = st
 
-    def _warn_nested(self) -> None:
-        top = _top_saved_hooks(False)
-        if top is not None:
-            self._warn_once(
-                "nested",
-                "actpack.compress is entered inside other saved-tensor hooks "
-                f"({getattr(top[0], '__qualname__', top[0])!r}); only the innermost hooks run, "
-                "so those outer hooks are bypassed for everything saved inside actpack. "
-                "Use actpack's own offload (ActNN level L4) instead of save_on_cpu, and see "
-                "the README section 'Composing with other saved-tensor hooks'.",
-            )
+    def _warn_nested(self, top: tuple) -> None:
+        """Warn once that ``top`` (the innermost saved-tensor hooks, read by
+        ``__enter__``) is bypassed for what is saved under this engine."""
+        self._warn_once(
+            "nested",
+            "actpack.compress is entered inside other saved-tensor hooks "
+            f"({getattr(top[0], '__qualname__', top[0])!r}); only the innermost hooks run, "
+            "so those outer hooks are bypassed for everything saved inside actpack. "
+            "Use actpack's own offload (ActNN level L4) instead of save_on_cpu, and see "
+            "the README section 'Composing with other saved-tensor hooks'.",
+        )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -58,6 +58,10 @@ class _Pop:
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
 
 
+#: The name of the tracked model itself in module rows.
+ROOT = "<root>"
+
+
 class ModuleTracker:
     """Keeps the qualified name of the innermost running submodule of a model.
 
@@ -72,7 +76,7 @@ class ModuleTracker:
         self.model = model
         self.strip(model, owner=None)  # strays copied along with a wrapped model
         for name, module in model.named_modules():
-            module.register_forward_pre_hook(_Push(self, name or "<root>"))
+            module.register_forward_pre_hook(_Push(self, name or ROOT))
             module.register_forward_hook(_Pop(self), always_call=True)
 
     def __getstate__(self) -> dict[str, Any]:
