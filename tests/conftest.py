@@ -15,3 +15,9 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (CI runs one worker per core) each worker computes on
+    # one thread: two workers of two threads each on two cores would contend.
+    torch.set_num_threads(1)

@@ -202,7 +202,11 @@ def test_codes_compiled_into_a_graph_are_the_reference_for_16_bit_tails(shape, g
     fn = torch.compile(
         lambda x: traceable.quantize_groups(x, 2, group_size, None), dynamic=False, fullgraph=True
     )
-    got = fn(x)
+    with warnings.catch_warnings():
+        # Inductor's note on codegen of a float16 input with bfloat16 ranges
+        # (shown when it compiles the kernel, not when a cache serves it).
+        warnings.filterwarnings("ignore", "bf16 and fp16 are mixed")
+        got = fn(x)
     ref = groupquant.quantize_groups(x, 2, group_size, stochastic=False)
     assert torch.equal(got.packed, ref.packed)
     assert torch.equal(got.lo.view(torch.int16), ref.lo.view(torch.int16))

@@ -75,8 +75,9 @@ def test_groups_standalone_is_torch_compile_and_reference(served, dtype, stochas
 
         got = encode()
         same_code(got, _torch_compile_only(encode))
-        if not stochastic:
-            same_code(got, rgq.quantize_groups(x, 2, 256, stochastic=False))
+        if stochastic:
+            continue  # decoding does not depend on how the codes were rounded
+        same_code(got, rgq.quantize_groups(x, 2, 256, stochastic=False))
         for out in DTYPES:
             want = _torch_compile_only(lambda got=got, out=out: cgq.dequantize_groups(got, out))
             same(cgq.dequantize_groups(got, out), want)
@@ -108,8 +109,9 @@ def test_division_standalone_is_torch_compile_and_reference(served, dtype, stoch
 
         got = encode()
         same_division(got, _torch_compile_only(encode))
-        if not stochastic:
-            same_division(got, rdiv.division_encode(x, 8, 2, stochastic=False))
+        if stochastic:
+            continue  # decoding does not depend on how the codes were rounded
+        same_division(got, rdiv.division_encode(x, 8, 2, stochastic=False))
         want = _torch_compile_only(lambda got=got: cdiv.division_decode(got, dtype))
         same(cdiv.division_decode(got, dtype), want)
         same(want, rdiv.division_decode(got, dtype))

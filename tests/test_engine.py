@@ -381,6 +381,28 @@ def test_wrap_keeps_parameters_state_dict_and_weights():
         actpack.unwrap(model)
 
 
+def test_wrap_refuses_modules_without_a_forward():
+    """Hooks on a module that is never called never run: a container, or a
+    training-loop module whose step calls a submodule, would train
+    uncompressed without a word."""
+
+    class Loop(nn.Module):  # a LightningModule's shape: the step calls self.net
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(4, 4)
+
+        def training_step(self, x):
+            return self.net(x).sum()
+
+    for model in (Loop(), nn.ModuleList([nn.Linear(4, 4)]), nn.ModuleDict({"a": nn.ReLU()})):
+        with pytest.raises(TypeError, match="defines no forward"):
+            actpack.wrap(model, "actnn")
+        assert not hasattr(model, "_actpack_engine") and not model._forward_pre_hooks
+    loop = Loop()
+    actpack.wrap(loop.net, "actnn")  # what the message says to do
+    assert actpack.engine_of(loop.net) is not None
+
+
 def test_wrap_exits_cleanly_when_forward_raises():
     class Boom(nn.Module):
         def forward(self, x):

@@ -163,7 +163,9 @@ def wrap(
         track_modules: attribute bytes to submodules in ``engine_of(model).stats``.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``.
+        TypeError: ``model`` is not an ``nn.Module``, or defines no
+            ``forward`` (an ``nn.ModuleList``; a ``LightningModule`` whose
+            ``training_step`` calls a submodule): hooks on it never run.
         ValueError: ``model`` is already wrapped.
 
     Example::
@@ -176,6 +178,16 @@ def wrap(
         raise TypeError(f"wrap expects an nn.Module, got {type(model).__name__}")
     if hasattr(model, _ATTR):
         raise ValueError("model is already wrapped by actpack; call actpack.unwrap(model) first")
+    if getattr(model.forward, "__func__", None) is nn.Module.forward:
+        # Its hooks could never run: a LightningModule whose training_step
+        # calls a submodule, an nn.ModuleList, ... would train uncompressed.
+        # (Read from the instance: torch.compile's OptimizedModule sets its
+        # forward there.)
+        raise TypeError(
+            f"{type(model).__name__} defines no forward, so wrap's hooks would never run and "
+            "nothing would be compressed; wrap the submodule its training step calls "
+            "(actpack.wrap(self.net)) or run the step's forward under actpack.compress()"
+        )
     engine = Engine(
         strategy,
         model=model,

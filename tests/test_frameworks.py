@@ -1,0 +1,178 @@
+"""actpack under the training loops users run: Hugging Face ``Trainer`` and Lightning.
+
+The user's change is one line (``actpack.wrap(model)`` before handing the
+model over, or ``with actpack.compress():`` around a step's forward).  What
+must hold: the loop trains the wrapped model with the hooks active (bytes
+saved), ``"none"`` trains bit for bit as the plain loop does (the hooks
+change nothing they should not), a lossy strategy leaves the forward's loss
+exact (it codes only what backward reads), the saved checkpoint has the
+plain model's keys, and the loop's own gradient checkpointing still
+recomputes (actpack installs nothing under checkpoint's hooks).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from small_models import tiny_gpt2_config
+from torch import nn
+
+import actpack
+
+# --- Hugging Face Trainer -----------------------------------------------------
+
+
+def _hf_train(tmp_path, strategy: str | None, *, checkpointing: bool = False):
+    """Two SGD steps of HF's Trainer on a tiny GPT-2 (batch 4 x 32 tokens):
+    (losses logged per step, parameters after, keys of the saved weights,
+    the wrapped model's engine or None)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(tiny_gpt2_config())
+    if strategy is not None:
+        actpack.wrap(model, strategy)
+    ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        optim="sgd", report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+        disable_tqdm=True, seed=0, data_seed=0, **_checkpointing(transformers, checkpointing),
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    keys = sorted(load_file(str(tmp_path / "saved" / "model.safetensors")))
+    params = [p.detach().clone() for p in model.parameters()]
+    engine = actpack.engine_of(model) if strategy is not None else None
+    return losses, params, keys, engine
+
+
+def _checkpointing(transformers, on: bool) -> dict:
+    """TrainingArguments' flag for HF's per-block checkpointing: renamed
+    ``activation_checkpointing`` in transformers 5 (the old name warns)."""
+    if not on:
+        return {}
+    fields = transformers.TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else
+            "gradient_checkpointing": True}  # fmt: skip
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_hf_trainer_under_none_trains_as_without_actpack(tmp_path, checkpointing):
+    losses, params, keys, _ = _hf_train(tmp_path / "plain", None, checkpointing=checkpointing)
+    got_losses, got_params, got_keys, engine = _hf_train(
+        tmp_path / "none", "none", checkpointing=checkpointing
+    )
+    assert got_losses == losses and len(losses) == 2
+    for want, got in zip(params, got_params, strict=True):
+        assert torch.equal(got, want)
+    assert got_keys == keys
+    assert engine.stats.baseline_bytes > 0  # the hooks ran under the Trainer
+
+
+@pytest.mark.parametrize("strategy", ["actnn", "actnn-rows", "division"])
+def test_hf_trainer_compresses_and_keeps_the_forward_exact(tmp_path, strategy):
+    losses, params, keys, _ = _hf_train(tmp_path / "plain", None)
+    got_losses, got_params, got_keys, engine = _hf_train(tmp_path / strategy, strategy)
+    # The first step's forward is the plain one (codes only feed backward);
+    # the second starts from weights updated with noisy gradients.
+    assert got_losses[0] == losses[0]
+    assert got_keys == keys
+    stats = engine.stats
+    assert stats.compressed_bytes < stats.baseline_bytes / 2
+    # One SGD step of lr 1e-2 from a noisy gradient: the weights moved, and
+    # not as the exact step moved them (the codes are lossy).
+    start = [p.detach().clone() for p in _fresh_gpt2().parameters()]
+    moved = sum((g - s).abs().sum().item() for g, s in zip(got_params, start, strict=True))
+    differ = sum((g - w).abs().sum().item() for g, w in zip(got_params, params, strict=True))
+    assert moved > 0 and 0 < differ < moved
+
+
+def _fresh_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(tiny_gpt2_config())
+
+
+def test_hf_trainer_gradient_checkpointing_still_recomputes(tmp_path):
+    """HF's ``gradient_checkpointing=True`` wraps each block in
+    ``torch.utils.checkpoint``: actpack must not turn it off (it installs
+    nothing under checkpoint's own hooks), so the bytes autograd holds drop
+    as they do without actpack, and the rest is compressed."""
+    *_, full = _hf_train(tmp_path / "full", "actnn")
+    *_, ckpt = _hf_train(tmp_path / "ckpt", "actnn", checkpointing=True)
+    *_, plain_ckpt = _hf_train(tmp_path / "none", "none", checkpointing=True)
+    # Checkpointing holds the blocks' inputs only: far less than the full graph.
+    assert ckpt.stats.baseline_bytes == plain_ckpt.stats.baseline_bytes
+    assert ckpt.stats.baseline_bytes < full.stats.baseline_bytes / 2
+    assert ckpt.stats.compressed_bytes < ckpt.stats.baseline_bytes
+
+
+# --- Lightning ------------------------------------------------------------------
+
+
+def _lightning_fit(strategy: str | None, *, how: str = "wrap", precision: str = "32-true"):
+    """Three SGD steps of Lightning's Trainer on an MLP (batch 32, width 256):
+    (parameters after, the engine or None)."""
+    L = pytest.importorskip("lightning")
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 8))
+            self.engine = None
+            if strategy is not None and how == "wrap":
+                actpack.wrap(self.net, strategy)
+                self.engine = actpack.engine_of(self.net)
+
+        def training_step(self, batch, index):
+            x, y = batch
+            if strategy is not None and how == "compress":
+                # Lightning runs backward after training_step returns: the
+                # codes outlive the context, as compress allows.
+                with actpack.compress(strategy) as self.engine:
+                    return nn.functional.cross_entropy(self.net(x), y)
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    module = Module()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(96, 64, generator=gen), torch.randint(0, 8, (96,), generator=gen)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, precision=precision,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's own tips and deprecations
+        trainer.fit(module, loader)
+    return [p.detach().clone() for p in module.parameters()], module.engine
+
+
+@pytest.mark.parametrize("how", ["wrap", "compress"])
+def test_lightning_under_none_trains_as_without_actpack(how):
+    want, _ = _lightning_fit(None)
+    got, engine = _lightning_fit("none", how=how)
+    for w, g in zip(want, got, strict=True):
+        assert torch.equal(g, w)
+    assert engine.stats.baseline_bytes > 0
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("how", ["wrap", "compress"])
+def test_lightning_compresses(how, precision):
+    want, _ = _lightning_fit(None, precision=precision)
+    got, engine = _lightning_fit("actnn", how=how, precision=precision)
+    stats = engine.stats
+    assert stats.compressed_bytes < stats.baseline_bytes / 2
+    differ = sum((g - w).abs().sum().item() for g, w in zip(got, want, strict=True))
+    assert differ > 0  # trained on lossy codes, not on exact saves
