@@ -54,7 +54,19 @@ IN_PROCESS = {
     "hf head": (["report", "--models", "hf:t5"], "no causal-LM, masked-LM or image-class"),
     "empty spec": (["report", "--models", "hf:"], "'hf:' names no model"),
     "device": (["report", "--device", "gpu"], "'gpu' is not a torch device"),
-}
+    # Outputs that cannot be written (a folder that is a file) and a width the
+    # model cannot take fail before any training or data lookup, not after.
+    "train json": (["train", "--json", f"{__file__}/x.json", "--data", "/nonexistent"],
+                   f"--json {__file__}/x.json: cannot write there"),
+    "bench json": (["bench", "--json", f"{__file__}/x.json"], "--json"),
+    "train width": (["train", "--model", "vit", "--width", "7", "--data", "/nonexistent"],
+                    "--width 7: dim (7) must be divisible by heads (4)"),
+}  # fmt: skip
+if importlib.util.find_spec("matplotlib") is not None:
+    IN_PROCESS["train plot"] = (
+        ["train", "--plot", f"{__file__}/x.png", "--data", "/nonexistent"],
+        f"--plot {__file__}/x.png: cannot write there",
+    )
 if not torch.cuda.is_available():
     IN_PROCESS["no cuda"] = (["report", "--device", "cuda"], "CUDA is not available here")
 
@@ -104,6 +116,42 @@ def test_bad_input_in_process(capsys, case: str) -> None:
     errors = [line for line in captured.err.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith(f"actpack {argv[0]}: error: ")
     assert message in errors[0], errors[0]
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 5 bytes"),
+        RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 5 bytes"),
+    ],
+)
+def test_out_of_memory_is_one_error_line(monkeypatch, capsys, exc) -> None:
+    def run_out(args):
+        raise exc
+
+    parser, commands = cli.build_parser()
+    monkeypatch.setattr(
+        cli, "build_parser", lambda: (parser, commands)
+    )  # the same parsers, whose report command runs out of memory
+    commands["report"].set_defaults(func=run_out)
+    assert cli.main(["report"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("actpack report: error: out of memory (")
+    assert "use a smaller --batch-size" in err
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(monkeypatch) -> None:
+    parser, commands = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: (parser, commands))
+
+    def broken(args):
+        raise RuntimeError("shape mismatch")
+
+    commands["report"].set_defaults(func=broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli.main(["report"])
 
 
 def test_plot_without_matplotlib_fails_before_training(monkeypatch, capsys, tmp_path) -> None:

@@ -188,3 +188,29 @@ def test_train_vit_tiny(tmp_path: Path, capsys) -> None:
     runs = payload["runs"]
     assert runs[0]["first_losses"][0] == runs[1]["first_losses"][0]
     assert runs[1]["saved"]["ratio"] > 2
+
+
+def test_one_step_runs_time_no_compiling_step(tmp_path: Path, capsys) -> None:
+    """A run's first step compiles the codecs (seconds): it is never timed.
+    One step per epoch: the first epoch times none (shown "n/a"), later
+    epochs time theirs.  A strategy named twice (in any case) runs once."""
+    _dataset_or_skip()
+    out = tmp_path / "one.json"
+    base = [
+        "train", "--model", "resnet", "--size", "tiny", "--width", "8", "--subset", "64",
+        "--batch-size", "64", "--strategies", "none", "actnn", "ACTNN", "none",
+    ]  # fmt: skip
+    assert cli.main([*base, "--epochs", "1", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert payload["config"]["strategies"] == ["none", "actnn"]
+    assert [r["strategy"] for r in payload["runs"]] == ["none", "actnn"]
+    for run in payload["runs"]:
+        assert run["epochs"][0]["steps"] == 1 and run["epochs"][0]["time_per_step_s"] is None
+    assert all(row["time_vs_none"] is None for row in payload["summary"])
+    assert "n/a (1 step)" in text
+    assert cli.main([*base, "--epochs", "2", "--json", str(out), "--quiet"]) == 0
+    for run in json.loads(out.read_text())["runs"]:
+        first, second = run["epochs"]
+        assert first["time_per_step_s"] is None and isinstance(second["time_per_step_s"], float)
+        assert run["time_per_step_s"] == second["time_per_step_s"]

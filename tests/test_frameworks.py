@@ -176,3 +176,28 @@ def test_lightning_compresses(how, precision):
     assert stats.compressed_bytes < stats.baseline_bytes / 2
     differ = sum((g - w).abs().sum().item() for g, w in zip(got, want, strict=True))
     assert differ > 0  # trained on lossy codes, not on exact saves
+
+
+def test_wrap_refuses_a_lightning_module_whose_step_calls_a_submodule():
+    """LightningModule's own forward only passes the call on to nn.Module's,
+    which raises: a subclass that defines none is never called by the loop
+    (its training_step calls submodules), so hooks on it would never run."""
+    L = pytest.importorskip("lightning")
+
+    class Step(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Linear(4, 4)
+
+        def training_step(self, batch, index):
+            return self.net(batch).sum()
+
+    class Called(Step):
+        def forward(self, x):
+            return self.net(x)
+
+    with pytest.raises(TypeError, match="defines no forward"):
+        actpack.wrap(Step(), "actnn")
+    module = actpack.wrap(Called(), "actnn")  # a forward of its own: its hooks run
+    module(torch.randn(2, 4)).sum().backward()
+    assert actpack.engine_of(module).stats.baseline_bytes > 0

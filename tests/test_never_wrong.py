@@ -759,6 +759,21 @@ class TestNestedHooks:
                 warnings.simplefilter("error")
                 model(x)  # once per engine
 
+    @pytest.mark.parametrize("outer", ["actnn", "none", "division"])
+    @pytest.mark.parametrize("inner", ["compress", "wrap"])
+    def test_an_engine_inside_another_says_so(self, outer, inner):
+        """Inside another actpack engine (its eager or its graph hooks, any
+        strategy) the warning names that, not other libraries' hooks."""
+        model = actpack.wrap(_mlp(), "int8")
+        with actpack.compress(outer):
+            with pytest.warns(UserWarning, match="inside another actpack engine") as seen:
+                if inner == "wrap":
+                    model(torch.randn(8, 256))
+                else:
+                    with actpack.compress("int8"):
+                        pass
+        assert not any("save_on_cpu" in str(w.message) for w in seen)
+
 
 # --------------------------------------------------------------------------- #
 # Dropout's noise: lossless in 1 bit

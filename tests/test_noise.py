@@ -146,3 +146,27 @@ def test_modules_compiled_in_place_run_eagerly(where):
     assert got.variance > 0
     assert got.variance == pytest.approx(want.variance, rel=1e-12)
     assert all(m._compiled_call_impl is not None for m in compiled)
+
+
+def test_wrapped_model_is_measured_with_the_strategy_it_runs():
+    """Without strategy=, a wrapped model's noise is that of the strategy it
+    was wrapped with (not the package default); one given runs in its place."""
+    x = torch.randn(256, 64)
+    want = actpack.gradient_noise(_mlp(), x, strategy=actpack.Division(seed=3), draws=3)
+    default = actpack.gradient_noise(_mlp(), x, draws=3)
+    model = actpack.wrap(_mlp(), actpack.Division(seed=3))
+    got = actpack.gradient_noise(model, x, draws=3)
+    assert got.variance == want.variance and got.bias == want.bias
+    assert got.variance != default.variance
+    other = actpack.gradient_noise(model, x, strategy=actpack.ActNN(seed=5), draws=3)
+    assert (
+        other.variance
+        == actpack.gradient_noise(_mlp(), x, strategy=actpack.ActNN(seed=5), draws=3).variance
+    )
+    assert actpack.engine_of(model).strategy.seed == 3  # the wrapped strategy untouched
+
+
+@pytest.mark.parametrize("fn", [actpack.gradient_noise, actpack.measure])
+def test_a_model_that_is_not_a_module_is_a_type_error(fn):
+    with pytest.raises(TypeError, match="expects an nn.Module, got str"):
+        fn("model", torch.randn(2, 4))

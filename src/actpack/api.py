@@ -178,11 +178,7 @@ def wrap(
         raise TypeError(f"wrap expects an nn.Module, got {type(model).__name__}")
     if hasattr(model, _ATTR):
         raise ValueError("model is already wrapped by actpack; call actpack.unwrap(model) first")
-    if getattr(model.forward, "__func__", None) is nn.Module.forward:
-        # Its hooks could never run: a LightningModule whose training_step
-        # calls a submodule, an nn.ModuleList, ... would train uncompressed.
-        # (Read from the instance: torch.compile's OptimizedModule sets its
-        # forward there.)
+    if not _has_forward(model):
         raise TypeError(
             f"{type(model).__name__} defines no forward, so wrap's hooks would never run and "
             "nothing would be compressed; wrap the submodule its training step calls "
@@ -202,6 +198,28 @@ def wrap(
     post = model.register_forward_hook(_Leave(), always_call=True)
     object.__setattr__(model, _HOOK_IDS, (pre.id, post.id))
     return model
+
+
+#: Classes whose ``forward`` only raises or passes the call on to
+#: ``nn.Module.forward`` (which raises), by module and name: a subclass
+#: that defines no forward of its own is never called by its training loop.
+_NO_FORWARD = {
+    ("torch.nn.modules.module", "Module"),
+    ("lightning.pytorch.core.module", "LightningModule"),
+    ("pytorch_lightning.core.module", "LightningModule"),
+}
+
+
+def _has_forward(model: nn.Module) -> bool:
+    """Whether calling ``model`` runs a forward of its own (so that hooks on
+    it see the step), rather than only nn.Module's or LightningModule's
+    placeholder, whose training step calls submodules instead."""
+    if "forward" in vars(model):  # set on the instance: torch.compile's OptimizedModule
+        return True
+    for cls in type(model).__mro__:
+        if "forward" in vars(cls):
+            return (cls.__module__, cls.__qualname__) not in _NO_FORWARD
+    return False
 
 
 def _warn_if_compiled_before(model: nn.Module) -> None:
@@ -296,6 +314,7 @@ def measure(
     (``"actnn-rows"``).
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
         ValueError: ``model`` is wrapped and ``strategy`` names another
             strategy than the one it runs (unwrap it, or omit ``strategy``).
 
@@ -304,8 +323,11 @@ def measure(
         report = actpack.measure(model, x, strategy="division")
         print(report.ratio, report.modules)
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"measure expects an nn.Module, got {type(model).__name__}")
     wrapped = getattr(model, _ATTR, None)
     if wrapped is not None:
+        # A copy: measuring must not advance the wrapped strategy's state or generators.
         if (
             strategy is not None
             and strategy is not wrapped.strategy
@@ -315,7 +337,6 @@ def measure(
                 f"measure: the model is wrapped with {wrapped.strategy!r}; omit strategy= to "
                 "measure what it runs, or actpack.unwrap(model) to measure another strategy"
             )
-        # A copy: measuring must not advance the wrapped strategy's state or generators.
         strategy = copy.deepcopy(wrapped.strategy)
         if min_numel is None:
             min_numel = wrapped.min_numel

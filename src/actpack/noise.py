@@ -126,7 +126,7 @@ def _eager_model(model: nn.Module) -> nn.Module:
 def gradient_noise(
     model: nn.Module,
     *inputs: Any,
-    strategy: str | Strategy = DEFAULT_STRATEGY,
+    strategy: str | Strategy | None = None,
     draws: int = 8,
     loss_fn: Callable[[Any], Tensor] | None = None,
     seed: int = 0,
@@ -134,6 +134,10 @@ def gradient_noise(
     track_modules: bool = False,
 ) -> NoiseReport:
     """Measure the gradient bias and variance ``strategy`` adds on one batch.
+
+    ``strategy``: by default the strategy of a model wrapped with
+    :func:`actpack.wrap` (another one given here runs in its place for the
+    measurement), else :data:`actpack.DEFAULT_STRATEGY`.
 
     Runs one uncompressed forward and backward (plain autograd) for the
     exact gradient ``g``, then ``draws`` compressed ones giving ``g_1..g_D``,
@@ -169,6 +173,7 @@ def gradient_noise(
     from the generator every pass re-seeds.
 
     Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
         ValueError: ``draws`` is not a positive integer; the model has no
             parameter that requires grad; the loss does not require grad (a
             non-differentiable output such as ``argmax``); or some of its submodules (not the
@@ -183,14 +188,19 @@ def gradient_noise(
     """
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"draws must be a positive integer, got {draws!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gradient_noise expects an nn.Module, got {type(model).__name__}")
+    outer = getattr(model, "_actpack_engine", None)  # wrap(torch.compile(model)) too
+    if strategy is None and outer is not None:
+        strategy = outer.strategy  # what the wrapped model runs (copied per draw)
     model = _eager_model(model)
-    base = resolve(strategy)
+    wrapped_engine = getattr(model, "_actpack_engine", None)
+    base = resolve(DEFAULT_STRATEGY if strategy is None else strategy)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("gradient_noise: the model has no parameter that requires grad")
     params = [p for _, p in named]
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-    wrapped_engine = getattr(model, "_actpack_engine", None)
 
     def restore() -> None:
         with torch.no_grad():

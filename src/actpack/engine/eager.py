@@ -408,6 +408,17 @@ class Engine:
     def _warn_nested(self, top: tuple) -> None:
         """Warn once that ``top`` (the innermost saved-tensor hooks, read by
         ``__enter__``) is bypassed for what is saved under this engine."""
+        pack = getattr(top[0], "func", top[0])  # a functools.partial's function
+        owners = [pack, *type(pack).__mro__]  # the graph hooks: fx makes a class per module
+        if any((getattr(o, "__module__", None) or "").startswith("actpack.") for o in owners):
+            self._warn_once(
+                "nested",
+                "actpack.compress is entered inside another actpack engine (an outer "
+                "compress, or a wrapped model's forward); the innermost engine takes every "
+                "tensor saved inside it, so the outer one neither codes nor counts them. "
+                "Enter one engine per forward: wrap the model, or compress around it, not both.",
+            )
+            return
         self._warn_once(
             "nested",
             "actpack.compress is entered inside other saved-tensor hooks "

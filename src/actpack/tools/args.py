@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import re
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -68,8 +71,9 @@ def strategy_name(value: str) -> str:
     try:
         actpack.resolve(value)
     except (ValueError, TypeError) as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return value
+        # The API's hint about Strategy objects means nothing on a command line.
+        raise argparse.ArgumentTypeError(str(exc).split(" (or pass a Strategy")[0]) from None
+    return value.lower()  # names are case-insensitive: shown as the API names them
 
 
 def model_spec(text: str) -> ModelSpec:
@@ -137,3 +141,20 @@ def require(module: str, option: str) -> None:
     """Raise :class:`UsageError`, before any work, when ``option`` needs a missing ``module``."""
     if importlib.util.find_spec(module) is None:
         raise UsageError(f"{option} needs {module}, which is not installed: {CLI_EXTRA}")
+
+
+def writable(path: str | os.PathLike | None, option: str) -> None:
+    """Raise :class:`UsageError`, before any work, when ``option``'s output
+    file ``path`` cannot be written (its folder is made if missing, as the
+    writers do): a run must not end in a traceback after its training."""
+    if path is None:
+        return
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".actpack-"):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"{option} {path}: cannot write there ({exc.strerror or exc}); choose another path"
+        ) from None

@@ -553,6 +553,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     elif args.size is not None:
         raise UsageError(f"--size is for a built-in model given without a size, not {spec}")
     args.model, args.size = (spec.name, spec.size) if spec.source == "builtin" else (spec, None)
+    cli_args.writable(args.json, "--json")
     if "none" not in args.strategies:
         args.strategies = ["none", *args.strategies]  # the reference row
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))

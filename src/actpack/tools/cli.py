@@ -168,10 +168,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
     cli_args.check_optional(getattr(args, "quiet", False))
+    if getattr(args, "strategies", None):
+        args.strategies = list(dict.fromkeys(args.strategies))  # one row per strategy named
     try:
         return args.func(args)
     except UsageError as exc:
         commands[args.command].error(str(exc))
+    except RuntimeError as exc:
+        # Out of memory (torch.OutOfMemoryError on CUDA, the CPU allocator's
+        # RuntimeError): the size asked for, not a bug; one line, no traceback.
+        said = str(exc)
+        if not isinstance(exc, torch.OutOfMemoryError) and not any(
+            m in said for m in ("not enough memory", "can't allocate memory", "out of memory")
+        ):
+            raise
+        first = said.splitlines()[0] if said else type(exc).__name__
+        print(
+            f"actpack {args.command}: error: out of memory ({first}); "
+            "use a smaller --batch-size or model size",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

@@ -216,7 +216,9 @@ def train_one(
             test_loss, test_acc, correct_images = evaluate(
                 model, test_x, test_y, args.eval_batch_size, device, args.autocast, args.quiet
             )
-            times = step_times[1:] if len(step_times) > 1 else step_times
+            # A run's first step compiles the codecs (seconds): it is never
+            # timed.  An epoch of one step has no other in the first epoch.
+            times = step_times[1:] if len(step_times) > 1 or epoch == 1 else step_times
             ep = {
                 "epoch": epoch,
                 "train_loss": train_loss,
@@ -226,8 +228,8 @@ def train_one(
                 "lr": optimizer.param_groups[0]["lr"],
                 "steps": len(step_times),
                 "epoch_time_s": epoch_time,
-                "time_per_step_s": statistics.median(times),
-                "time_per_step_mean_s": statistics.fmean(times),
+                "time_per_step_s": statistics.median(times) if times else None,
+                "time_per_step_mean_s": statistics.fmean(times) if times else None,
                 "saved": saved,
                 "peak_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
             }
@@ -236,7 +238,7 @@ def train_one(
             log(
                 f"[{strategy} seed {seed}] epoch {epoch}/{args.epochs}  "
                 f"train loss {train_loss:.4f}  test loss {test_loss:.4f}  "
-                f"test acc {test_acc:.2f}%  step {1e3 * ep['time_per_step_s']:.1f} ms  "
+                f"test acc {test_acc:.2f}%  step {_ms(ep['time_per_step_s'])}  "
                 f"saved {mib(saved and saved['baseline_bytes'])} -> "
                 f"{mib(saved and saved['compressed_bytes'])}"
                 + (f" ({ratio:.2f}x)" if ratio else "")
@@ -252,7 +254,7 @@ def train_one(
         final_test_acc=last["test_acc"],
         final_test_loss=last["test_loss"],
         saved=record["epochs"][0]["saved"],
-        time_per_step_s=statistics.median(e["time_per_step_s"] for e in record["epochs"]),
+        time_per_step_s=_median(e["time_per_step_s"] for e in record["epochs"]),
         peak_bytes=last["peak_bytes"],
     )
     return record
@@ -312,7 +314,7 @@ def summarize(runs: list[dict[str, Any]], strategies: list[str]) -> list[dict[st
                 "baseline_bytes": saved.get("baseline_bytes"),
                 "compressed_bytes": saved.get("compressed_bytes"),
                 "ratio": saved.get("ratio"),
-                "time_per_step_s": statistics.median(r["time_per_step_s"] for r in mine),
+                "time_per_step_s": _median(r["time_per_step_s"] for r in mine),
                 "peak_bytes": max(peaks) if peaks else None,
             }
         )
@@ -321,8 +323,20 @@ def summarize(runs: list[dict[str, Any]], strategies: list[str]) -> list[dict[st
         row["acc_delta_vs_none"] = row["acc_delta_se"] = None
         if ref is not None and set(row["seeds"]) & set(ref["seeds"]):
             row["acc_delta_vs_none"], row["acc_delta_se"] = paired_delta(runs, row["strategy"])
-        row["time_vs_none"] = row["time_per_step_s"] / ref["time_per_step_s"] if ref else None
+        timed = ref and ref["time_per_step_s"] and row["time_per_step_s"] is not None
+        row["time_vs_none"] = row["time_per_step_s"] / ref["time_per_step_s"] if timed else None
     return rows
+
+
+def _median(values: Any) -> float | None:
+    """Median of the values that are not None (steps timed); None if none is."""
+    timed = [v for v in values if v is not None]
+    return statistics.median(timed) if timed else None
+
+
+def _ms(seconds: float | None) -> str:
+    # None: one step in all, which compiled the codecs, so nothing was timed.
+    return "n/a (1 step)" if seconds is None else f"{1e3 * seconds:.1f} ms"
 
 
 def _ratio(value: float | None) -> str:
@@ -359,7 +373,7 @@ def format_summary(rows: list[dict[str, Any]], cuda: bool) -> str:
         line = (
             f"| {r['strategy']} | {_accuracy(r)} | {_delta(r)} | {mib(r['baseline_bytes'])} | "
             f"{mib(r['compressed_bytes'])} | {_ratio(r['ratio'])} | "
-            f"{1e3 * r['time_per_step_s']:.1f} ms | {rel} |"
+            f"{_ms(r['time_per_step_s'])} | {rel} |"
         )
         if cuda:
             line += f" {mib(r['peak_bytes'])} |"
@@ -417,6 +431,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     if args.plot is not None:
         cli_args.require("matplotlib", "--plot")
+    cli_args.writable(args.json, "--json")
+    cli_args.writable(args.plot, "--plot")
+    if args.width is not None:
+        try:  # a width the model cannot take (heads that do not divide it): before training
+            build(args)
+        except ValueError as exc:
+            raise UsageError(f"--width {args.width}: {exc}") from None
     if args.optimizer is None:
         args.optimizer = DEFAULT_OPTIMIZER[args.model]
     if args.lr is None:
