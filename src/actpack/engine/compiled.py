@@ -269,7 +269,9 @@ class GraphHooks:
     engine per step recompiles nothing.
 
     ``decisions`` holds what the inlined hooks chose, one entry per saved node
-    of every graph compiled under this engine (for reports and tests).
+    of every graph compiled under this engine (for reports and tests).  A
+    graph served by AOTAutograd's or Inductor's cache is not traced, so it
+    adds none (``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` lists them again).
     """
 
     def __init__(self, engine: Any) -> None:
