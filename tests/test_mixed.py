@@ -167,6 +167,17 @@ def test_invalid_knobs_raise_value_error_naming_valid_choices():
         actpack.compress("actnn-l7")
 
 
+@pytest.mark.parametrize("level", ["L0", "L2", "L3", "L5"])
+@pytest.mark.parametrize("knob", ["bits", "nosuch"])
+def test_a_knob_a_level_does_not_take_names_actnn_level(level, knob):
+    """ActNN(level=...) builds another class: an unknown keyword is reported
+    against what the user called, with the level's knobs."""
+    with pytest.raises(TypeError, match=rf"ActNN\(level='{level}'\) does not take '{knob}'.*"
+                       r"knobs are .*group_size"):  # fmt: skip
+        actpack.ActNN(level=level, **{knob: 4})
+    assert actpack.ActNN(level=level, group_size=128).group_size == 128
+
+
 # --------------------------------------------------------------------------- #
 # Levels
 # --------------------------------------------------------------------------- #

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import Tensor
@@ -33,6 +34,22 @@ def parse_level(level: Any) -> int:
     if not (text.isdigit() and 0 <= int(text) <= 5) or isinstance(level, bool):
         raise ValueError(f"level must be one of L0..L5, got {level!r}")
     return int(text)
+
+
+def _check_level_knobs(sub: type, level: Any, kwargs: dict[str, Any]) -> None:
+    """Raise TypeError, naming ``ActNN(level=...)`` rather than the class it
+    builds, for keywords the level's strategy does not take."""
+    params = inspect.signature(sub.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    skip = ("self", "level")
+    knobs = [n for n, p in params.items() if n not in skip and p.kind is not p.VAR_POSITIONAL]
+    unknown = [k for k in kwargs if k not in params or k in skip]
+    if unknown:
+        raise TypeError(
+            f"ActNN(level={level!r}) does not take {', '.join(map(repr, unknown))}: the level "
+            f"sets it; its knobs are {', '.join(knobs)} (or use ActNN(bits=...) without a level)"
+        )
 
 
 class ActNN(Strategy):
@@ -75,6 +92,7 @@ class ActNN(Strategy):
         while stack:
             sub = stack.pop()
             if wanted in getattr(sub, "levels", ()):
+                _check_level_knobs(sub, level, kwargs)
                 return super().__new__(sub)
             stack.extend(sub.__subclasses__())
         raise ValueError(f"no strategy implements ActNN level L{wanted}; import actpack first")
