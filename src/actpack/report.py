@@ -98,7 +98,8 @@ class Report:
         lines = [
             f"{self.strategy}: {_size(self.baseline_bytes)} -> {_size(self.compressed_bytes)} "
             f"saved for backward ({_ratio(self.baseline_bytes, self.compressed_bytes)}, "
-            f"{self.bits_per_element:.2f} bits/element, {self.tensors} tensors)"
+            f"{self.bits_per_element:.2f} bits/element, {self.tensors} "
+            f"tensor{'' if self.tensors == 1 else 's'})"
         ]
         if self.peak_bytes is not None and self.baseline_peak_bytes is not None:
             lines.append(
@@ -107,7 +108,8 @@ class Report:
             )
         if self.weight_bytes:
             lines.append(
-                f"weight casts held for backward (never compressed, not counted above): "
+                f"model weights' views and casts held for backward (never compressed, "
+                f"not counted above): "
                 f"{_size(self.weight_bytes)}"
             )
         if self.leaf_bytes:
