@@ -1,14 +1,16 @@
 """Bias of a shared code where one gradient term multiplies two reads of it.
 
-actpack codes each saved tensor once, however many ops save it.  When a
-gradient term multiplies two reads of that one code (a cube written as
-``h * h * h``: ``d/dh = 3 h^2`` becomes a product of the code with itself),
-E[code * code] = h^2 + variance: a bias that averaging draws does not remove.
-``h.pow(3)`` keeps ``h`` exact (pow's backward is not linear) and converges.
+actpack codes a saved tensor once for every op that saves it, unless the
+saving op's other operand was computed from it (``actpack.engine.rereads``):
+a cube written as products (``h * h * h``: ``d/dh = 3 h^2``) would otherwise
+be a product of one code with itself, E[code * code] = h^2 + variance, a
+bias that averaging draws does not remove.  ``h.pow(3)`` keeps ``h`` exact
+(pow's backward is not linear).
 
 For each form, the relative error of the mean of K draws of the first
 Linear's weight gradient under ``"actnn"`` (one thread, CPU, fixed seeds):
-an unbiased code falls like 1/sqrt(K), a biased one levels off.
+an unbiased code falls like 1/sqrt(K), a biased one levels off (before the
+second save got a code of its own: 0.25 at K=256).
 
     python benchmarks/self_product_bias.py
 """

@@ -37,6 +37,7 @@ from actpack.codecs.encoded import (
 from actpack.engine.accounting import Stats, StorageSet, anchor
 from actpack.engine.compiled import compiled_hooks, op_caller
 from actpack.engine.lossless import Uncounted, count_waiting
+from actpack.engine.rereads import log_softmax_output, reads_twice, shape_only
 from actpack.engine.saved import Held, Leaf, Reshaped, Saved, unpack
 from actpack.engine.savefacts import (
     POW_OPS,
@@ -675,16 +676,27 @@ class Engine:
             return self._keep_exact(t, plan.reason, st, op)
         before = st.held.new_bytes(t)
         elements = before // t.element_size() if t.element_size() else 0
-        tag = (kind, plan.rule)
+        tag = (kind, plan.rule, False)  # (kind, rule, coded as log_softmax's output)
         # Contiguous tensors are keyed by their memory alone, so that a view
         # of a saved tensor with another shape (Flatten before a Linear)
         # shares its code.
         shape = tuple(t.shape)
         layout = ("contiguous", t.numel()) if t.is_contiguous() else (shape, t.stride())
         key = (t.data_ptr(), t.dtype, t.device, layout, t._version)
-        for ref, entry_tag, saved in st.table.get(key, ()):
+        entries = st.table.get(key, ())
+        ops = st.ops
+        args, kwargs = (ops.args, ops.kwargs) if ops is not None else ((), {})
+        any_code = bool(entries) and shape_only(op, args, kwargs)  # values never read
+        if kind is Kind.LOSSY and log_softmax_output(t, args):
+            # log_softmax's own save of its output (the first; readers of the
+            # log-probabilities pass them as an argument or come after it).
+            if not any(ref() is not None and entry_tag[2] for ref, entry_tag, _ in entries):
+                tag = (kind, plan.rule, True)
+        for ref, entry_tag, saved in entries:
             # A live entry pins its memory, so equal keys mean equal bytes.
-            if ref() is not None and self._serves(entry_tag, tag):
+            if ref() is not None and (any_code or self._serves(entry_tag, tag)):
+                if not any_code and reads_twice(t, op, args):
+                    break  # a code of its own: the two reads are independent
                 stats.add(module, op, before, 0, elements)
                 if isinstance(saved, Saved):
                     self.strategy.saved_again(
@@ -693,7 +705,7 @@ class Engine:
                     if saved.shape != shape:
                         return Reshaped(saved, shape)
                 return saved
-        saved = self._encode(t, plan, st, op, module, compact)
+        saved = self._encode(t, plan, st, op, module, compact, log_of=tag[2])
         st.table.setdefault(key, []).append(
             (weakref.ref(anchor(t), lambda _r, k=key, tb=st.table: tb.pop(k, None)), tag, saved)
         )
@@ -763,12 +775,14 @@ class Engine:
         return saved
 
     def _serves(self, have: tuple, want: tuple) -> bool:
-        """Whether a code made for ``have`` (kind, rule) also serves ``want``."""
+        """Whether a code made for ``have`` (kind, rule, coded as
+        log_softmax's output) also serves ``want``."""
         if have == want:
             return True
         # A code keeping ReLU zeros exact is also an unbiased code of the values.
         return (
             have[0] is want[0] is Kind.LOSSY
+            and have[2] is want[2] is False
             and want[1] is None
             and isinstance(have[1], ReluOutput)
             and self.strategy.keeps_relu_exact
@@ -782,6 +796,7 @@ class Engine:
         op: str | None,
         module: str | None,
         compact: Encoded | None,
+        log_of: bool = False,
     ) -> Saved:
         kind, x = plan.kind, t.detach()
         if kind is Kind.COMPACT:
@@ -805,9 +820,11 @@ class Engine:
         if kind is Kind.PIECEWISE:
             code = HardswishInput.encode(x, lambda middle: strategy.encode(middle, info))
             return Saved(code, t, t.requires_grad)
-        if t.grad_fn is not None and type(t.grad_fn).__name__ == "LogSoftmaxBackward0":
+        if log_of:
             # log_softmax backward reads exp(output): code the probabilities, so
-            # the restored exp(output) is unbiased (a code of the log would not be).
+            # the restored exp(output) is unbiased (a code of the log would not
+            # be).  Only for its own save: an op reading the log-probabilities
+            # linearly (an entropy term's product) gets a code of the values.
             return Saved(LogOf(strategy.encode(x.exp(), info)), t, t.requires_grad)
         return Saved(strategy.encode(x, info), t, t.requires_grad)
 
