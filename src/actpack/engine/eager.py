@@ -695,7 +695,7 @@ class Engine:
         for ref, entry_tag, saved in entries:
             # A live entry pins its memory, so equal keys mean equal bytes.
             if ref() is not None and (any_code or self._serves(entry_tag, tag)):
-                if not any_code and reads_twice(t, op, args):
+                if not any_code and reads_twice(t, op, args, kwargs):
                     break  # a code of its own: the two reads are independent
                 stats.add(module, op, before, 0, elements)
                 if isinstance(saved, Saved):

@@ -15,7 +15,11 @@ HF Trainer and Lightning losses, 2026-11-30):
   T5): ``x * rsqrt(x.pow(2).mean(-1) + eps)``; ``(h @ W) * h``; ``h * h * h``;
   ``nn.Bilinear(h, h)``, whose weight gradient multiplies its two reads.
   Independent codes for A and B make the product's mean the product of the
-  means: B gets a code of its own.
+  means: B gets a code of its own.  So does an op reading ``t`` itself to
+  form the gradient sent back to ``t`` (``t`` in two operand slots, or
+  squared): the producer's backward (``exp``, ``tanh`` reading their
+  output) multiplies that gradient by its own read (``exp(h) ** 2`` inside
+  ``Normal(mu, exp(h)).log_prob``; a quadratic form as an ``einsum``).
 * **log_softmax's output** is coded as the code of its probabilities (its
   backward reads ``exp(output)``); an op reading the log-probabilities
   themselves (an entropy term ``p * logp``, a soft-target cross-entropy whose
@@ -33,10 +37,6 @@ from torch import Tensor
 #: beyond it, the operand is taken to depend on it (a code of its own costs
 #: memory, a shared one could cost a bias).
 HISTORY_BUDGET = 256
-
-#: Ops whose backward multiplies two of their operands' saved values in one
-#: term (a weight's gradient): the same tensor passed twice is read twice.
-_PRODUCT_OPS = frozenset({"bilinear"})
 
 _LOG_SOFTMAX_NODE = "LogSoftmaxBackward0"
 
@@ -88,14 +88,19 @@ def shape_only(op: str | None, args: tuple, kwargs: dict) -> bool:
     return isinstance(target, Tensor) and not target.is_floating_point()
 
 
-def reads_twice(t: Tensor, op: str | None, args: tuple) -> bool:
+def reads_twice(t: Tensor, op: str | None, args: tuple, kwargs: dict) -> bool:
     """Whether the op saving ``t`` again (its code already made for an
     earlier save) could read it in a product with the earlier save's read:
-    another of its tensor arguments was computed from ``t`` (within
-    :data:`HISTORY_BUDGET` nodes of its autograd history; beyond it, assumed
-    so), or it is a product op given ``t`` twice."""
-    tensors = _tensors(args)
-    if op in _PRODUCT_OPS and sum(1 for a in tensors if _same_memory(a, t)) > 1:
+    another of its tensor arguments (positional or keyword) was computed
+    from ``t`` (within :data:`HISTORY_BUDGET` nodes of its autograd history;
+    beyond it, assumed so); or its own backward reads ``t`` to form the
+    gradient flowing back to ``t``, which the earlier save's backward (the
+    producer's, as ``exp`` reading its output) may multiply by its read:
+    ``t`` in two operand slots (``e * e``, ``einsum('bi,ij,bj', h, W, h)``,
+    ``bilinear(h, h)``) or squared (``e.pow(2)``, ``Normal(mu,
+    std).log_prob`` with ``std = exp(h)``)."""
+    tensors = _tensors((*args, *kwargs.values()))
+    if op == "square" or sum(1 for a in tensors if _same_memory(a, t)) > 1:
         return True
     targets = [n for n in (t.grad_fn, t._base.grad_fn if t._base is not None else None) if n]
     if not targets:
