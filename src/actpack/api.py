@@ -327,7 +327,6 @@ def measure(
         raise TypeError(f"measure expects an nn.Module, got {type(model).__name__}")
     wrapped = getattr(model, _ATTR, None)
     if wrapped is not None:
-        # A copy: measuring must not advance the wrapped strategy's state or generators.
         if (
             strategy is not None
             and strategy is not wrapped.strategy
@@ -337,6 +336,7 @@ def measure(
                 f"measure: the model is wrapped with {wrapped.strategy!r}; omit strategy= to "
                 "measure what it runs, or actpack.unwrap(model) to measure another strategy"
             )
+        # A copy: measuring must not advance the wrapped strategy's state or generators.
         strategy = copy.deepcopy(wrapped.strategy)
         if min_numel is None:
             min_numel = wrapped.min_numel

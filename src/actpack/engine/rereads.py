@@ -100,14 +100,15 @@ def reads_twice(t: Tensor, op: str | None, args: tuple, kwargs: dict) -> bool:
     ``bilinear(h, h)``) or squared (``e.pow(2)``, ``Normal(mu,
     std).log_prob`` with ``std = exp(h)``)."""
     tensors = _tensors((*args, *kwargs.values()))
-    if op == "square" or sum(1 for a in tensors if _same_memory(a, t)) > 1:
+    # Arguments over t's own memory (t, the base t is a view of, other views
+    # of it) are t itself, not computed from it.
+    itself = [_same_memory(a, t) for a in tensors]
+    if op == "square" or sum(itself) > 1:
         return True
     targets = [n for n in (t.grad_fn, t._base.grad_fn if t._base is not None else None) if n]
     if not targets:
         return False
-    # Arguments over t's own memory (t, the base t is a view of, other
-    # views of it) are t itself, not computed from it.
-    starts = [a.grad_fn for a in tensors if a.grad_fn is not None and not _same_memory(a, t)]
+    starts = [a.grad_fn for a, same in zip(tensors, itself) if not same and a.grad_fn is not None]
     if not starts:
         return False
     return _reaches(starts, targets)
