@@ -36,6 +36,7 @@ from actpack.codecs.encoded import (
 )
 from actpack.engine.accounting import Stats, StorageSet, anchor
 from actpack.engine.compiled import compiled_hooks, op_caller
+from actpack.engine.fills import FILL_REASON
 from actpack.engine.lossless import Uncounted, count_waiting
 from actpack.engine.rereads import log_softmax_output, reads_twice, shape_only
 from actpack.engine.saved import Held, Leaf, Reshaped, Saved, unpack
@@ -554,6 +555,13 @@ class Engine:
                 # matches both in each of its saves; the exact form is safe
                 # for all of them.
                 declined = attention_mask_input(t, op, args, kwargs)
+                if (
+                    declined is None
+                    and ops.fills
+                    and ops.fills.holds(t, args, kwargs, op)
+                    and not log_softmax_output(t, args)  # coded through exp: bounded
+                ):
+                    declined = FILL_REASON
                 if declined is None:
                     attention = attention_input(t, op, args, kwargs, caller)
                     logits, values = attention == "logits", attention == "values"

@@ -41,7 +41,8 @@ HISTORY_BUDGET = 256
 _LOG_SOFTMAX_NODE = "LogSoftmaxBackward0"
 
 
-def _tensors(args: tuple) -> list[Tensor]:
+def operand_tensors(args: tuple) -> list[Tensor]:
+    """The tensors among ``args`` and inside its lists and tuples (one level)."""
     out: list[Tensor] = []
     for a in args:
         if isinstance(a, Tensor):
@@ -51,7 +52,8 @@ def _tensors(args: tuple) -> list[Tensor]:
     return out
 
 
-def _same_memory(a: Tensor, t: Tensor) -> bool:
+def same_memory(a: Tensor, t: Tensor) -> bool:
+    """Whether ``a`` and ``t`` share a storage (True when either has none to read)."""
     try:
         return a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
     except RuntimeError:  # no storage of its own (a wrapper subclass): cannot tell
@@ -67,7 +69,7 @@ def log_softmax_output(t: Tensor, args: tuple) -> bool:
     node = t.grad_fn
     if node is None or type(node).__name__ != _LOG_SOFTMAX_NODE:
         return False
-    return not any(_same_memory(a, t) for a in _tensors(args))
+    return not any(same_memory(a, t) for a in operand_tensors(args))
 
 
 #: Ops that save their input only for its shape (nll_loss's backward
@@ -99,10 +101,10 @@ def reads_twice(t: Tensor, op: str | None, args: tuple, kwargs: dict) -> bool:
     ``t`` in two operand slots (``e * e``, ``einsum('bi,ij,bj', h, W, h)``,
     ``bilinear(h, h)``) or squared (``e.pow(2)``, ``Normal(mu,
     std).log_prob`` with ``std = exp(h)``)."""
-    tensors = _tensors((*args, *kwargs.values()))
+    tensors = operand_tensors((*args, *kwargs.values()))
     # Arguments over t's own memory (t, the base t is a view of, other views
     # of it) are t itself, not computed from it.
-    itself = [_same_memory(a, t) for a in tensors]
+    itself = [same_memory(a, t) for a in tensors]
     if op == "square" or sum(itself) > 1:
         return True
     targets = [n for n in (t.grad_fn, t._base.grad_fn if t._base is not None else None) if n]

@@ -8,12 +8,19 @@ from typing import Any, Callable
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from actpack.engine.fills import EXTREME_FILL, FILL_OPS, SCALINGS, FillTags
+
+_NUMBERS = (float, int)
+
 
 class OpTracker(TorchFunctionMode):
     """Remembers the outermost torch function call in progress.
 
     Saved-tensor hooks fire inside that call, so the engine can tell which op
-    saves a tensor (and read its arguments, e.g. Hardtanh's bounds).
+    saves a tensor (and read its arguments, e.g. Hardtanh's bounds).  It also
+    tags the tensors holding a mask's extreme fill (``fills``,
+    :class:`~actpack.engine.fills.FillTags`): autograd does not record fill
+    values, and a group code of such a tensor is useless.
     """
 
     def __init__(self) -> None:
@@ -21,16 +28,24 @@ class OpTracker(TorchFunctionMode):
         self.name: str | None = None
         self.args: tuple = ()
         self.kwargs: dict[str, Any] = {}
+        self.fills = FillTags()
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs=None):
         kwargs = kwargs or {}
         outer = (self.name, self.args, self.kwargs)
-        self.name = getattr(func, "__name__", None) or str(func)
+        name = self.name = getattr(func, "__name__", None) or str(func)
         self.args, self.kwargs = args, kwargs
         try:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
         finally:
             self.name, self.args, self.kwargs = outer
+        fills = self.fills
+        if fills or name in FILL_OPS:
+            fills.after(name, args, kwargs, out)
+        elif name in SCALINGS and len(args) > 1 and type(args[1]) in _NUMBERS:
+            if not abs(args[1]) < EXTREME_FILL:  # (1 - mask) * finfo.min
+                fills.after(name, args, kwargs, out)
+        return out
 
 
 class _Push:
