@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, fx
 
 from actpack.engine import graphcodes
-from actpack.engine.graphfacts import graph_facts, history_free
+from actpack.engine.graphfacts import BackwardReads, backward_reads, graph_facts, history_free
 from actpack.engine.saved import Held, unpack
 from actpack.policy.decide import Kind, decide
 
@@ -286,6 +286,8 @@ class GraphHooks:
         # a compiled graph's FX graph is freed after compilation.
         # (Made on the first traced save: most engines never see a graph.)
         self._history_free: weakref.WeakKeyDictionary[fx.Graph, frozenset[str]] | None = None
+        # Per backward graph, how it reads its saves (one pass): products, smooth reads.
+        self._reads: weakref.WeakKeyDictionary[fx.Graph, BackwardReads] | None = None
         self.pack_gm, self.unpack_gm = _hook_pair(_cache_hash(engine))
 
     @property
@@ -310,7 +312,13 @@ class GraphHooks:
         free = self._history_free.get(fw_graph)
         if free is None:
             free = self._history_free[fw_graph] = history_free(fw_graph)
-        gf = graph_facts(node, state["_bw_graph"], x, free)
+        bw_graph = state["_bw_graph"]
+        if self._reads is None:
+            self._reads = weakref.WeakKeyDictionary()
+        reads = self._reads.get(bw_graph)
+        if reads is None:
+            reads = self._reads[bw_graph] = backward_reads(bw_graph)
+        gf = graph_facts(node, bw_graph, x, free, reads)
         attention = gf.facts.logits or gf.facts.values
         if x.is_floating_point() and gf.facts.history and not attention:
             # (Attention's query, key, value and output take the policy's

@@ -147,6 +147,11 @@ class Facts(NamedTuple):
         region_read: (compiled graphs) one save serves a ReLU region read
             (``threshold_backward`` of the save) and other readers: its code
             must keep the region (zeros) exact as well as the values.
+        smooth_read: (compiled graphs) a smooth op whose backward formula
+            reads the save's values, whatever op ``op`` names (one save serves
+            every reader: a tanh output also read by a matmul); under
+            ``smooth="exact"`` the save stays exact, as eager mode keeps that
+            op's own save.
     """
 
     dtype: torch.dtype
@@ -166,6 +171,7 @@ class Facts(NamedTuple):
     logits: bool = False
     values: bool = False
     region_read: bool = False
+    smooth_read: str | None = None
 
 
 class Plan(NamedTuple):
@@ -294,6 +300,8 @@ def decide(f: Facts, s: Settings) -> Plan:
         if s.smooth == "exact":
             return _exact(f"smooth backward ({f.op}, kept exact)")
         return Plan(Kind.HALF, LOGITS_HALF if f.logits else VALUES_HALF)
+    if f.smooth_read is not None and s.smooth == "exact":
+        return _exact(f"smooth backward ({f.smooth_read}, kept exact)")
     base = f.op.strip("_") if f.op not in LINEAR_BACKWARD_OPS else f.op
     if f.op not in LINEAR_BACKWARD_OPS and base not in LINEAR_BACKWARD_OPS:
         if base not in SMOOTH_BACKWARD_OPS and f.op not in SMOOTH_BACKWARD_OPS:
