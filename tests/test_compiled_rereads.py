@@ -88,6 +88,16 @@ def _draws(model, run, engine, k: int, autocast: torch.dtype | None = None):
     return exact, torch.stack(draws)
 
 
+def _compiled_draws(form: str, strategy, backend: str, autocast: torch.dtype | None = None):
+    """``Net(form)`` compiled with ``backend``: the exact gradient, K draws
+    under ``strategy`` and the compiled hooks' decisions."""
+    model = Net(form)
+    run = torch.compile(model, backend=backend)
+    engine = actpack.compress(strategy)
+    exact, draws = _draws(model, run, engine, K, autocast=autocast)
+    return exact, draws, list(compiled.compiled_hooks(engine).decisions.values())
+
+
 def _check_unbiased(form, exact, draws):
     if draws.var(0).sum() == 0:  # every save that noise could reach kept exact
         torch.testing.assert_close(draws[0], exact, rtol=1e-5, atol=1e-7)
@@ -99,11 +109,7 @@ def _check_unbiased(form, exact, draws):
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("form", list(FORMS))
 def test_a_save_read_twice_in_a_product_is_kept_exact(form, strategy):
-    model = Net(form)
-    run = torch.compile(model, backend="aot_eager")
-    engine = actpack.compress(STRATEGIES[strategy]())
-    exact, draws = _draws(model, run, engine, K)
-    decisions = list(compiled.compiled_hooks(engine).decisions.values())
+    exact, draws, decisions = _compiled_draws(form, STRATEGIES[strategy](), "aot_eager")
     read_twice = [d for d in decisions if d.producer == FORMS[form]]
     assert read_twice and all(d.kind is Kind.EXACT for d in read_twice), read_twice
     _check_unbiased(form, exact, draws)
@@ -111,11 +117,7 @@ def test_a_save_read_twice_in_a_product_is_kept_exact(form, strategy):
 
 @pytest.mark.parametrize("form", ["h * h * h", "python rmsnorm", "tanh(h) * tanh(h)"])
 def test_bf16_autocast(form):
-    model = Net(form)
-    run = torch.compile(model, backend="aot_eager")
-    engine = actpack.compress("actnn")
-    exact, draws = _draws(model, run, engine, K, autocast=torch.bfloat16)
-    decisions = list(compiled.compiled_hooks(engine).decisions.values())
+    exact, draws, decisions = _compiled_draws(form, "actnn", "aot_eager", torch.bfloat16)
     assert any("product" in d.reason and d.kind is Kind.EXACT for d in decisions)
     assert any(d.kind is Kind.LOSSY for d in decisions)  # the rest stays coded
     _check_unbiased(form, exact, draws)
@@ -127,11 +129,9 @@ def test_bf16_autocast(form):
 )
 def test_inductor_partition(form, strategy):
     # Inductor's decompositions (tanh_backward as products) and partitioner.
-    model = Net(form)
-    run = torch.compile(model, backend="aot_eager_decomp_partition")
-    engine = actpack.compress(STRATEGIES[strategy]())
-    exact, draws = _draws(model, run, engine, K)
-    decisions = list(compiled.compiled_hooks(engine).decisions.values())
+    exact, draws, decisions = _compiled_draws(
+        form, STRATEGIES[strategy](), "aot_eager_decomp_partition"
+    )
     assert any("product" in d.reason and d.kind is Kind.EXACT for d in decisions)
     _check_unbiased(form, exact, draws)
 
