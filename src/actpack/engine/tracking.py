@@ -8,6 +8,8 @@ from typing import Any, Callable
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from actpack.engine.untraced import eager_only
+
 
 class OpTracker(TorchFunctionMode):
     """Remembers the outermost torch function call in progress.
@@ -22,6 +24,7 @@ class OpTracker(TorchFunctionMode):
         self.args: tuple = ()
         self.kwargs: dict[str, Any] = {}
 
+    @eager_only  # called from C++ by ops that eager code runs under torch.compile
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs=None):
         kwargs = kwargs or {}
         outer = (self.name, self.args, self.kwargs)
