@@ -12,6 +12,7 @@ tiny, and checks that need no Inductor lowering use the ``aot_eager`` backend
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import warnings
@@ -750,6 +751,182 @@ def test_transformers_gpt2_compiled():
     decisions = _decisions(engine)
     assert any(d.form == "groups" for d in decisions)
     assert sum(d.after for d in decisions) * 3 < sum(d.before for d in decisions)
+
+
+# --------------------------------------------------------------------------- #
+# Gradient checkpointing under torch.compile
+# --------------------------------------------------------------------------- #
+
+
+def _checkpointed_hf(kind: str) -> nn.Module:
+    """A tiny HF model (built from a config, nothing downloaded) in training
+    mode with HF's non-reentrant per-layer checkpointing: T5 (dropout on, so
+    that the code Dynamo leaves to eager mode saves tensors), Llama and GPT-2
+    (attention is seeded in training: their checkpointed regions save the
+    generator state)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "t5":
+        model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            d_model=32, d_ff=64, d_kv=8, num_heads=4, num_layers=1, num_decoder_layers=1,
+            vocab_size=128, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        ))  # fmt: skip
+    elif kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        ))  # fmt: skip
+    else:
+        model = transformers.GPT2LMHeadModel(tiny_gpt2_config())
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    enable = enable or model.gradient_checkpointing_enable  # transformers < 5.20
+    enable({"use_reentrant": False})
+    return model.train()
+
+
+def _actpack_frames_dynamo_compiled() -> set[str]:
+    """actpack's functions Dynamo tried to compile as frames of their own, but
+    for wrap's hooks (which it traces up to their disabled call, by design)."""
+    from torch._dynamo import convert_frame
+
+    root = actpack.__file__.rsplit("__init__.py", 1)[0]
+    codes = (ref() for ref in convert_frame.input_codes.seen)
+    return {
+        f"{c.co_filename.rsplit('/', 1)[-1]}:{c.co_name}"
+        for c in codes
+        if c is not None and c.co_filename.startswith(root) and not c.co_filename.endswith("api.py")
+    }
+
+
+def _checkpointed_steps(kind: str, strategy: str | None, steps: int = 1):
+    """``steps`` SGD steps of ``torch.compile(wrap(model))`` (aot_eager) on a
+    checkpointed HF model: (losses, first step's gradient, actpack frames
+    Dynamo compiled)."""
+    torch._dynamo.reset()  # each run compiles its own code (hooks are not guarded on)
+    model = _checkpointed_hf(kind)
+    run = torch.compile(actpack.wrap(model, strategy) if strategy else model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(2)  # the same dropout in every run
+    losses, first = [], None
+    for _ in range(steps):
+        loss = run(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if first is None:
+            first = torch.cat([p.grad.flatten() for p in model.parameters()])
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, first, _actpack_frames_dynamo_compiled()
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama", "gpt2"])
+def test_checkpointed_hf_models_compiled(kind, capfd):
+    """``torch.compile(wrap(model))`` with HF's gradient checkpointing.
+
+    T5: Dynamo falls back to eager mode for its checkpointed layers and
+    stacks, with its frame callback still installed; the eager hooks' frames
+    and the op tracker's reached it, and Dynamo compiled them frame by frame
+    (graph breaks, recompilations, "Exception ignored in StorageWeakRef.__del__"
+    tracebacks).  Llama and GPT-2: the compiled checkpointed layers save the
+    generator state for attention's replay under another name in backward,
+    and AOTAutograd failed to inline any lossy strategy's hooks ("could not
+    find saved tensor getitem_4 in bw_g_inputs")."""
+    plain_losses, plain, _ = _checkpointed_steps(kind, None)
+    none_losses, none, none_frames = _checkpointed_steps(kind, "none")
+    losses, got, frames = _checkpointed_steps(kind, "actnn-rows")
+    assert none_losses == plain_losses and torch.equal(none, plain)
+    assert losses[0] == plain_losses[0]  # codes feed backward only
+    assert all(math.isfinite(v) for v in losses) and not torch.equal(got, plain)
+    assert F.cosine_similarity(got, plain, dim=0) > 0.9
+    assert not none_frames and not frames
+    err = capfd.readouterr().err
+    assert "Exception ignored" not in err and "recompile_limit" not in err
+
+
+class _CheckpointedBlocks(nn.Module):
+    """Two LayerNorm-MLP blocks under non-reentrant (optionally selective)
+    checkpointing after an input Linear: every value backward reads is one
+    a checkpointed block is recomputed from."""
+
+    def __init__(self, selective: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(32, 32)
+        self.blocks = nn.ModuleList([Block(32), Block(32)])
+        self.selective = selective
+
+    def forward(self, x):
+        from torch.utils.checkpoint import (
+            CheckpointPolicy,
+            checkpoint,
+            create_selective_checkpoint_contexts,
+        )
+
+        def policy(ctx, op, *args, **kwargs):
+            mm = op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return CheckpointPolicy.MUST_SAVE if mm else CheckpointPolicy.PREFER_RECOMPUTE
+
+        h = self.inp(x)
+        for block in self.blocks:
+            if self.selective:
+                context = functools.partial(create_selective_checkpoint_contexts, policy)
+                h = checkpoint(block, h, use_reentrant=False, context_fn=context)
+            else:
+                h = checkpoint(block, h, use_reentrant=False)
+        return h
+
+
+@pytest.mark.parametrize("selective", [False, True])
+@pytest.mark.parametrize("strategy", ["actnn", "actnn-rows", "int8"])
+def test_compiled_checkpoint_inputs_stay_exact(selective, strategy):
+    """What a checkpointed region traced into a compiled graph is recomputed
+    from is what eager checkpointing keeps (``"checkpoint input"``): exact
+    unless ``checkpoint_inputs=`` opts in.  The recompute reads it only
+    through LayerNorm, Linear and GELU, so the decisions coded it in 2 bits,
+    and a code of it moves every gradient of the block."""
+    model, x = _CheckpointedBlocks(selective), torch.randn(4, 16, 32)
+    compiled_model = torch.compile(model, backend="aot_eager")
+
+    def run(x):
+        return compiled_model(x)
+
+    exact = _grads(model, x, run)
+    engine = actpack.compress(strategy, min_numel=64)
+    got = _draws(model, x, engine, run, 1)[0]
+    assert torch.equal(got, exact)
+    kept = [d for d in _decisions(engine) if d.reason == "checkpoint input"]
+    assert len(kept) >= 2 and all(d.form == "exact" for d in kept)
+    opted = actpack.compress(strategy, min_numel=64, checkpoint_inputs="int8")
+    got = _draws(model, x, opted, run, 1)[0]
+    coded = [d for d in _decisions(opted) if d.reason == "checkpoint input (int8, opted in)"]
+    assert len(coded) >= 2 and all(d.form == "groups" and 3 * d.after < d.before for d in coded)
+    assert not torch.equal(got, exact) and F.cosine_similarity(got, exact, dim=0) > 0.99
+
+
+def test_eager_hooks_are_never_compiled_by_dynamo(capfd):
+    """Blocks made of torch's own modules, compiled one by one inside a
+    wrapped model: their frames are torch's, which Dynamo skips, so the only
+    frames it compiled were the eager engine's hooks, called from autograd
+    and the op tracker (graph breaks at every storage lookup, 8
+    recompilations each, then its limit; 10 s for 3 steps against 0.05 s).
+    Marked eager-only, the hooks run as in eager mode and code as usual."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(
+        *[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+          for _ in range(3)]
+    )  # fmt: skip
+    model = actpack.wrap(blocks, "actnn", min_numel=64)
+    for block in blocks:
+        block.compile(backend="aot_eager")
+    x = torch.randn(4, 8, 16, 16)
+    for _ in range(3):
+        model(x).sum().backward()
+    assert not _actpack_frames_dynamo_compiled()
+    assert not counters["graph_break"] and not counters["recompiles"]
+    stats = actpack.engine_of(model).stats
+    assert stats.compressed_bytes * 4 < stats.baseline_bytes
+    assert "recompile_limit" not in capfd.readouterr().err
 
 
 # --------------------------------------------------------------------------- #

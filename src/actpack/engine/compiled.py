@@ -30,6 +30,7 @@ import functools
 import hashlib
 import importlib
 import inspect
+import operator
 import os
 import sys
 import warnings
@@ -43,6 +44,7 @@ from torch import Tensor, fx
 from actpack.engine import graphcodes
 from actpack.engine.graphfacts import BackwardReads, backward_reads, graph_facts, history_free
 from actpack.engine.saved import Held, unpack
+from actpack.engine.untraced import eager_only
 from actpack.policy.decide import Kind, decide
 
 __all__ = ["Decision", "GraphHooks", "available", "compiled_hooks", "op_caller"]
@@ -176,6 +178,7 @@ def _is_hook_file(filename: str) -> bool:
     return any(part in filename for part in _HOOK_FILES)
 
 
+@eager_only
 def _pack_hook(x: Tensor) -> Any:
     active = _ACTIVE.get()
     if type(x) is Tensor and active is not None:
@@ -192,6 +195,7 @@ def _pack_hook(x: Tensor) -> Any:
     return active.hooks.pack_graph(x, state)
 
 
+@eager_only
 def _unpack_hook(packed: Any) -> Tensor:
     if type(packed) is Held:  # the common eager case first (hot path)
         return packed.restore()
@@ -312,6 +316,15 @@ class GraphHooks:
         free = self._history_free.get(fw_graph)
         if free is None:
             free = self._history_free[fw_graph] = history_free(fw_graph)
+            _name_generator_states(fw_graph, state["_bw_graph"])
+        if _generator_state(node):
+            # The generator state a checkpointed region's random ops replay
+            # from in backward: not an activation, kept as it is.
+            self.decisions[(id(fw_graph), node.name)] = Decision(
+                node.name, "run_and_save_rng_state", None, (), Kind.EXACT, "generator state",
+                "exact", _nbytes(x), _nbytes(x),
+            )  # fmt: skip
+            return x
         bw_graph = state["_bw_graph"]
         if self._reads is None:
             self._reads = weakref.WeakKeyDictionary()
@@ -326,6 +339,8 @@ class GraphHooks:
             declined = gf.facts.declined or strategy.skip_reason(x)
             gf = replace(gf, facts=gf.facts._replace(declined=declined))
         plan = decide(gf.facts, self.engine._settings())
+        if plan.kind == Kind.LOSSY and plan.reason.startswith("checkpoint input"):
+            strategy = self.engine._checkpoint_coder()  # opted in: bf16, fp16 or int8
         if plan.kind == Kind.LOSSY and not graphcodes.traceable_strategy(strategy):
             warnings.warn(
                 f"actpack: {strategy!r} has no traceable code yet; tensors saved inside "
@@ -343,6 +358,51 @@ class GraphHooks:
         if form == "exact":
             return x
         return (_TAG, form, meta, tensors)
+
+
+def _generator_state(node: fx.Node) -> bool:
+    """Whether forward node ``node`` is the generator state AOTAutograd saves
+    for a random op that backward recomputes (``run_and_save_rng_state``'s
+    first output: dropout, or attention in training, inside a checkpointed
+    region of a compiled graph)."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    source, index = node.args[0], node.args[1]
+    rng_prims = getattr(getattr(torch, "_prims", None), "rng_prims", None)
+    return (
+        index == 0
+        and isinstance(source, fx.Node)
+        and rng_prims is not None
+        and source.target is getattr(rng_prims, "run_and_save_rng_state", None)
+    )
+
+
+def _name_generator_states(fw_graph: fx.Graph, bw_graph: fx.Graph) -> None:
+    """Give saved generator states in the forward graph the names their
+    backward inputs have, as every other saved value has.
+
+    AOTAutograd's partitioner saves each such state as forward node
+    ``getitem_<n>`` but names its backward input ``rng_state_output_<k>``,
+    and its inlining of saved-tensor hooks looks each saved node up by name
+    among the backward inputs: any compiled graph holding a checkpointed
+    region with a random op (HF Llama and GPT-2 after
+    ``gradient_checkpointing_enable()``: attention is seeded in training)
+    failed to compile with "could not find saved tensor getitem_<n> in
+    bw_g_inputs", whatever the hooks do.  Renamed, the states no longer match
+    the names AOTAutograd selected for the hooks, so it passes them through
+    untouched.  Both lists are in the same order (forward outputs, backward
+    inputs, which graphs read by position): the names change nothing else.
+    Called when AOTAutograd traces the first hook of ``fw_graph``."""
+    saved = [n for n in fw_graph.output_node().args[0] if isinstance(n, fx.Node)]
+    states = [n for n in saved if _generator_state(n)]
+    if not states:
+        return
+    inputs = bw_graph.find_nodes(op="placeholder")
+    replays = [p for p in inputs if str(p.target).startswith("rng_state_output_")]
+    if len(replays) != len(states):
+        return  # not the layout this was written for: leave torch's names
+    for state, replay in zip(states, replays):
+        state._rename(replay.name)
 
 
 def compiled_hooks(engine: Any) -> GraphHooks | None:

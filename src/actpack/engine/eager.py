@@ -52,6 +52,7 @@ from actpack.engine.savefacts import (
     squares,
 )
 from actpack.engine.tracking import ROOT, ModuleTracker, OpTracker
+from actpack.engine.untraced import eager_only
 from actpack.policy.decide import (
     LOGITS_16BIT,
     VALUES_16BIT,
@@ -592,6 +593,7 @@ class Engine:
         return facts, op, args, kwargs
 
     # -- hooks ----------------------------------------------------------------
+    @eager_only
     def pack(self, t: Tensor) -> object:
         """The pack hook: what autograd keeps instead of ``t``.
 
@@ -607,6 +609,7 @@ class Engine:
             return self._pack_untracked(st, t)
         return self._pack_in(st, t)
 
+    @eager_only
     def _pack_in(self, st: _Forward, t: Tensor) -> object:
         """The pack hook of forward ``st``."""
         if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):
@@ -658,6 +661,7 @@ class Engine:
         st.stats.passthrough["uninspectable"] = st.stats.passthrough.get("uninspectable", 0)
         return Held(t)
 
+    @eager_only
     def _pack_untracked(self, st: _Forward, t: Tensor) -> object:
         """The pack hook of forward ``st`` for a lossless strategy without op
         names (``"none"``) when modules are tracked: the save is counted at
@@ -715,7 +719,7 @@ class Engine:
                 return saved
         saved = self._encode(t, plan, st, op, module, compact, log_of=tag[2])
         st.table.setdefault(key, []).append(
-            (weakref.ref(anchor(t), lambda _r, k=key, tb=st.table: tb.pop(k, None)), tag, saved)
+            (weakref.ref(anchor(t), functools.partial(_forget, st.table, key)), tag, saved)
         )
         stats.tensors += 1
         stats.add(module, op, before, saved.encoded.nbytes, elements)
@@ -847,6 +851,14 @@ class Engine:
         return self._checkpoint_strategy
 
 
+@eager_only  # called when the anchor dies: under compiled code too
+def _forget(table: dict, key: tuple, _ref: object) -> None:
+    """Drop ``table``'s entries at ``key`` (a weak reference's callback: the
+    tensor whose memory they describe died)."""
+    table.pop(key, None)
+
+
+@eager_only
 def _keep(t: Tensor) -> object:
     """A pack hook keeping every tensor as autograd would (with its version check)."""
     if type(t) is nn.Parameter or (t.requires_grad and t.is_leaf):

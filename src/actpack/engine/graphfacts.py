@@ -306,6 +306,37 @@ _SAME_VALUES = frozenset(
 )  # fmt: skip
 
 
+# CheckpointPolicy members (torch.utils.checkpoint) the nodes of a checkpointed
+# region carry in ``meta["recompute"]`` when backward recomputes them.
+_RECOMPUTED = frozenset({"MUST_RECOMPUTE", "PREFER_RECOMPUTE"})
+
+
+def _checkpoint_recomputes_from(start: fx.Node, limit: int = 64) -> bool:
+    """Whether backward recomputes a ``torch.utils.checkpoint`` region from
+    the save (``start``: its backward placeholder), read directly or through
+    views.
+
+    Dynamo turns a checkpoint it can trace into a region whose nodes carry
+    ``meta["recompute"]`` and ``meta["ac_graph_id"]``; the partitioner saves
+    what the region reads from outside it and recomputes the region in the
+    backward graph, where those tags stay.  Such a save is what eager
+    checkpointing keeps to recompute from (``"checkpoint input"``): the
+    whole block is recomputed from it, so a code of it would bias every
+    gradient of the block."""
+    queue, seen = [start], 0
+    while queue:
+        for user in queue.pop().users:
+            seen += 1
+            if seen > limit:
+                return False
+            policy = user.meta.get("recompute")
+            if "ac_graph_id" in user.meta and getattr(policy, "name", None) in _RECOMPUTED:
+                return True
+            if op_name(user) in _THROUGH:
+                queue.append(user)
+    return False
+
+
 def _holds_the_save(arg: object, start: fx.Node) -> bool:
     """Whether ``arg`` holds the values of ``start`` (the save's placeholder)
     unchanged: ``start`` itself or reached from it through views and detach."""
@@ -906,10 +937,13 @@ def graph_facts(
         # so that smooth="exact" applies to it.
         op = _unsafe_user(node) or _composite_user(node) or op
     overlapping = any(s == 0 and n > 1 for n, s in zip(val.shape, val.stride()))
+    origin = "op" if op is not None else "unknown"
+    if saved is not None and _checkpoint_recomputes_from(saved):
+        origin = "checkpoint"
     facts = Facts(
         dtype=val.dtype,
         numel=val.numel(),
-        origin="op" if op is not None else "unknown",
+        origin=origin,
         op=op,
         role="internal" if statistic else "input",
         history=history and not statistic,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from actpack.engine.saved import Leaf, _modified
 from actpack.engine.savefacts import CAST_NODES
+from actpack.engine.untraced import eager_only
 
 #: Saves of a lossless forward waiting to be counted: bounds how long a save
 #: freed during the forward (a branch whose result is dropped) outlives it.
@@ -52,6 +53,7 @@ class Uncounted:
 
     __slots__ = ("data", "version", "forward", "__weakref__")
 
+    @eager_only
     def __new__(cls, st: Any, t: Tensor) -> Any:
         if t.requires_grad:
             if t.is_leaf:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from actpack.codecs.encoded import Encoded
+from actpack.engine.untraced import eager_only
 
 
 def _dense_order(t: Tensor) -> bool:
@@ -135,6 +136,7 @@ class Reshaped:
         return self.saved.restore().reshape(self.shape)
 
 
+@eager_only
 def unpack(obj: object) -> Tensor:
     """The unpack hook: a tensor from what :func:`pack` returned (a tensor
     only from code that must leave autograd's checks to autograd: compiled

@@ -9,6 +9,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from actpack.engine.fills import EXTREME_FILL, FILL_OPS, SCALINGS, FillTags
+from actpack.engine.untraced import eager_only
 
 _NUMBERS = (float, int)
 
@@ -30,6 +31,7 @@ class OpTracker(TorchFunctionMode):
         self.kwargs: dict[str, Any] = {}
         self.fills = FillTags()
 
+    @eager_only  # called from C++ by ops that eager code runs under torch.compile
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs=None):
         kwargs = kwargs or {}
         outer = (self.name, self.args, self.kwargs)

@@ -82,6 +82,7 @@ from torch.overrides import TorchFunctionMode
 
 from actpack.codecs.backend import quantize_groups
 from actpack.codecs.encoded import Encoded
+from actpack.engine.untraced import eager_only
 from actpack.policy.ops import ROW_NORM_OPS
 from actpack.policy.rules import ReluOutput, reads_region_only
 from actpack.strategies.actnn import ActNN, parse_level, rows_of
@@ -119,6 +120,7 @@ class _OpWatch(TorchFunctionMode):
         self.args: tuple = ()
         self.pending: list = []
 
+    @eager_only  # called from C++ by ops that eager code runs under torch.compile
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.inside or self.owner._encoding:
