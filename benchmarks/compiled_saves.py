@@ -9,7 +9,7 @@ step per model, strategy and partition, batch 8, CPU: ``aot_eager``
 (Inductor's decompositions and partitioner, the graphs Inductor compiles,
 without its compile time).  The last column sums the saves kept exact
 because one product in backward reads them twice
-(``graphfacts.backward_reads``).
+(``graphreads.backward_reads``).
 
     python benchmarks/compiled_saves.py
     python benchmarks/compiled_saves.py --models hf:llama:tiny --strategies actnn

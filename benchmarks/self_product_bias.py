@@ -9,7 +9,7 @@ bias that averaging draws does not remove.  ``h.pow(3)`` keeps ``h`` exact
 
 Compiled graphs save ``h`` once for their whole backward, which reads it in
 both operands of a product: there ``h`` is kept exact
-(``graphfacts.backward_reads``; before, one code served both reads).
+(``graphreads.backward_reads``; before, one code served both reads).
 
 For each form, eagerly and under ``torch.compile`` (Inductor), the relative
 error of the mean of K draws of the first Linear's weight gradient under

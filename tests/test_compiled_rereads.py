@@ -6,7 +6,7 @@ where eager mode gives a second save of a tensor a code of its own
 reads one placeholder in both operands of a product (``mul(h, h)``, ``pow``,
 ``mm(h^T, g * h)``, a smooth op's backward fed a gradient computed from its
 own save).  One shared stochastic code ``c`` makes the mean of such a term
-``x^2 + Var(c)``: before :func:`actpack.engine.graphfacts.backward_reads`
+``x^2 + Var(c)``: before :func:`actpack.engine.graphreads.backward_reads`
 the cube's gradient (``h * h * h``) was biased under ``torch.compile`` (R of
 6.3 at K = 64 under ``"actnn"``; 58 for ``tanh(h) * tanh(h)``; int8's
 variance is too small for its bias to show at K = 64, so its cases check

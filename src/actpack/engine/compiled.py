@@ -42,7 +42,8 @@ import torch
 from torch import Tensor, fx
 
 from actpack.engine import graphcodes
-from actpack.engine.graphfacts import BackwardReads, backward_reads, graph_facts, history_free
+from actpack.engine.graphfacts import graph_facts, history_free
+from actpack.engine.graphreads import BackwardReads, backward_reads
 from actpack.engine.saved import Held, unpack
 from actpack.engine.untraced import eager_only
 from actpack.policy.decide import Kind, decide
