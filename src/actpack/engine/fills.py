@@ -14,14 +14,24 @@ mean of 16 draws 100% off the exact gradient under ``actnn`` (109x under
 Eager autograd does not record a fill's value, so the op tracker
 (:class:`~actpack.engine.tracking.OpTracker`, which sees every torch call of
 a lossy forward) tags the outputs of ops writing an extreme constant
-(``masked_fill``, ``where``, ``full``, ``fill_``, ``x[m] = v``, a product
-with an extreme scalar, an extreme 0-dim tensor) and then every floating
-output of an op that reads a tagged tensor, except ops whose output is
-bounded whatever their input (softmax, sigmoid, tanh, attention), which is
-where an attention mask ends.  A save of a tagged tensor, or of an
-intermediate of a composite op reading one, stays exact (``FILL_REASON``);
+(``masked_fill``, ``where``, ``full``, ``fill_``, ``x[m] = v``, ``F.pad``,
+``scatter``, ``index_put_``, ``fill_diagonal_``, ``pad_sequence``, a sum or
+product with an extreme scalar, an extreme one-element tensor), the log of a
+constant (RLlib's action mask ``clamp(log(mask), min=FLOAT_MIN)``: ``log(0)``
+is ``-inf``, a fill made by no fill op) and then every floating output of an
+op that reads a tagged tensor, except ops whose output is bounded whatever
+their input (softmax, sigmoid, tanh, sin, attention), which is where an
+attention mask ends.  An op writing in place tags the storage it wrote, so
+the other tensors over that memory are tagged too (``l[:, :k].fill_(-1e9)``
+tags ``l``; so does ``l.data[m] = -1e9``).  A save of a tagged tensor, or of
+an intermediate of a composite op reading one, stays exact (``FILL_REASON``);
 log_softmax's own save of its output is coded through ``exp`` and is safe.
 The tags live in the forward's tracker: nothing is shared between forwards.
+
+Not seen: a fill made before the engine is entered (a mask tensor built
+outside ``compress`` other than a one-element constant) and non-finite
+values that no tagged op made (``exp`` overflowing): both read values, which
+the tracker never does for tensors of more than one element.
 """
 
 from __future__ import annotations
@@ -43,9 +53,9 @@ EXTREME_FILL = 1e3
 FILL_REASON = "holds an extreme fill (a group code would ruin the rest of its group)"
 
 # Ops writing a constant into (part of) their output, and where the
-# constant is: positional indices, keywords, and whether a 0-dim tensor
-# counts (for products, only a Python scalar is looked at: ``mul`` is too
-# common a call to read its tensor operands).
+# constant is: positional indices, keywords, and whether a one-element
+# tensor counts (for sums and products, only a Python scalar is looked at:
+# ``mul`` and ``add`` are too common calls to read their tensor operands).
 _FILL_ARGS: dict[str, tuple[tuple[int, ...], tuple[str, ...], bool]] = {
     "masked_fill": ((2,), ("value",), True),
     "masked_fill_": ((2,), ("value",), True),
@@ -55,51 +65,87 @@ _FILL_ARGS: dict[str, tuple[tuple[int, ...], tuple[str, ...], bool]] = {
     "new_full": ((2,), ("fill_value",), True),
     "fill_": ((1,), ("value",), True),
     "fill": ((1,), ("value",), True),
+    "fill_diagonal_": ((1,), ("fill_value",), False),
     "__setitem__": ((2,), (), True),
     "index_fill": ((3,), ("value",), True),
     "index_fill_": ((3,), ("value",), True),
+    "index_put": ((2,), ("values",), True),
+    "index_put_": ((2,), ("values",), True),
+    "scatter": ((3,), ("value", "src"), True),
+    "scatter_": ((3,), ("value", "src"), True),
+    # Padding with a mask value: ``F.pad(logits, (0, n), value=-1e9)``.
+    "pad": ((3,), ("value",), True),
+    "constant_pad_nd": ((2,), ("value",), True),
+    "pad_sequence": ((2,), ("padding_value",), False),
     "nan_to_num": ((1, 2, 3), ("nan", "posinf", "neginf"), False),
     "nan_to_num_": ((1, 2, 3), ("nan", "posinf", "neginf"), False),
-    # A product with an extreme scalar: ``(1 - mask) * finfo.min``.
-    "mul": ((0, 1), ("other",), False),
-    "mul_": ((1,), ("other",), False),
-    "multiply": ((0, 1), ("other",), False),
-    "__mul__": ((1,), (), False),
-    "__rmul__": ((1,), (), False),
-    "__imul__": ((1,), (), False),
     # 0-dim tensors made from a scalar: ``torch.tensor(-1e8)`` in a ``where``.
     "tensor": ((0,), ("data",), False),
     "as_tensor": ((0,), ("data",), False),
     "scalar_tensor": ((0,), ("s",), False),
+    "new_tensor": ((1,), ("data",), False),
 }
 
-#: Products with a scalar (its place: the second operand, positional).
-SCALINGS = frozenset({"mul", "mul_", "multiply", "__mul__", "__rmul__", "__imul__"})
+# Sums and products with an extreme scalar (its place: the second operand,
+# positional, or ``alpha``): ``(1 - mask) * finfo.min``,
+# ``zeros_like(x) - 1e9``, ``x.add(1 - mask, alpha=-1e9)``.
+_SCALAR_ARGS: dict[str, tuple[tuple[int, ...], tuple[str, ...], bool]] = {
+    name: ((0, 1), ("other", "alpha"), False)
+    for name in ("mul", "mul_", "multiply", "__mul__", "__rmul__", "__imul__", "add", "add_",
+                 "__add__", "__radd__", "__iadd__", "sub", "sub_", "subtract", "__sub__",
+                 "__rsub__", "__isub__", "rsub")
+}  # fmt: skip
+_FILL_ARGS.update(_SCALAR_ARGS)
+
+#: Sums and products with a scalar: the tracker looks at their second
+#: operand (and ``alpha``) itself before calling :meth:`FillTags.after`.
+SCALARS = frozenset(_SCALAR_ARGS)
+
+# Logarithms: of a constant (no autograd history) they may hold ``-inf``
+# (``log(mask)``), a fill no fill op wrote, told by reading the output (on an
+# accelerator, a synchronisation: such calls are rare, once a forward for an
+# action mask or log-mel features).  Of an activation, ``log(0)`` already
+# makes the exact gradient infinite.
+_LOGS = frozenset({"log", "log2", "log10", "log_", "log2_", "log10_"})
 
 #: The other calls that may write an extreme fill.  The tracker calls
-#: :meth:`FillTags.after` for these, for a product whose second operand is
-#: an extreme Python number, and for every call once a tensor of the
-#: forward is tagged; before that, a product costs it one comparison.
-FILL_OPS = frozenset(_FILL_ARGS) - SCALINGS
+#: :meth:`FillTags.after` for these, for a sum or product whose second
+#: operand (or ``alpha``) is an extreme Python number, and for every call
+#: once a tensor of the forward is tagged; before that, a sum or product
+#: costs it one comparison.
+FILL_OPS = (frozenset(_FILL_ARGS) - SCALARS) | _LOGS
 
 # Ops whose output is bounded whatever values their input holds: an
 # attention mask's fill ends there.
 _BOUNDED = frozenset(
-    {"softmax", "_softmax", "sigmoid", "sigmoid_", "tanh", "tanh_",
-     "scaled_dot_product_attention", "multi_head_attention_forward", "_safe_softmax"}
+    {"softmax", "_softmax", "softmin", "sigmoid", "sigmoid_", "tanh", "tanh_", "sin", "sin_",
+     "cos", "cos_", "erf", "erf_", "atan", "softsign", "hardtanh", "hardtanh_", "hardsigmoid",
+     "relu6", "scaled_dot_product_attention", "multi_head_attention_forward", "_safe_softmax"}
 )  # fmt: skip
 
 
 def _extreme(value: Any, tensors: bool) -> bool:
     """Whether ``value`` is an extreme fill: a Python number, or (with
-    ``tensors``) a floating 0-dim tensor; one on another device than the
-    CPU is taken as one without reading it (reading would synchronise)."""
+    ``tensors``) a floating one-element tensor; one on another device than
+    the CPU is taken as one without reading it (reading would synchronise)."""
     kind = type(value)
     if kind is float or kind is int:
         return not abs(value) < EXTREME_FILL  # NaN too
-    if tensors and isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
+    if tensors and isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
         return value.device.type != "cpu" or not abs(value.item()) < EXTREME_FILL
     return False
+
+
+_NUMBERS = (float, int)
+
+
+def scalar_fill(args: tuple, kwargs: dict) -> bool:
+    """Whether a sum or product (:data:`SCALARS`) has an extreme Python
+    number as its second operand or its ``alpha``: the tracker's check."""
+    if len(args) > 1 and type(args[1]) in _NUMBERS and not abs(args[1]) < EXTREME_FILL:
+        return True
+    alpha = kwargs.get("alpha") if kwargs else None
+    return type(alpha) in _NUMBERS and not abs(alpha) < EXTREME_FILL
 
 
 def _writes(spec: tuple, args: tuple, kwargs: dict) -> bool:
@@ -111,6 +157,22 @@ def _writes(spec: tuple, args: tuple, kwargs: dict) -> bool:
     return bool(kwargs) and any(_extreme(kwargs.get(k), tensors) for k in keywords)
 
 
+def _log_of_constant(args: tuple, out: Any) -> bool:
+    """Whether a logarithm of a constant returned a non-finite value."""
+    x = args[0] if args else None
+    if not isinstance(x, Tensor) or x.requires_grad or x.numel() <= 1:
+        return False
+    return isinstance(out, Tensor) and out.is_floating_point() and not bool(out.isfinite().all())
+
+
+def _fills(name: str, args: tuple, kwargs: dict, out: Any) -> bool:
+    """Whether the call wrote an extreme fill into what it returned."""
+    spec = _FILL_ARGS.get(name)
+    if spec is not None:
+        return _writes(spec, args, kwargs)
+    return name in _LOGS and _log_of_constant(args, out)
+
+
 def _outputs(out: Any) -> list[Tensor]:
     if isinstance(out, Tensor):
         return [out]
@@ -120,15 +182,19 @@ def _outputs(out: Any) -> list[Tensor]:
 
 
 class FillTags:
-    """The tensors of one forward holding an extreme fill, by identity.
+    """The tensors of one forward holding an extreme fill, by identity, and
+    the storages written in place with one (the other tensors over them).
 
-    Held weakly (a tag never keeps a tensor alive); ``len`` is the number of
-    tags, so an empty set costs the tracker one truth test per call."""
+    Held weakly (a tag never keeps a tensor or a storage alive), in one dict
+    by ``id`` (a live tensor and a live storage never share one); ``len`` is
+    the number of tags, so an empty set costs the tracker one truth test per
+    call.  A storage is looked up only once one is tagged."""
 
-    __slots__ = ("_tags",)
+    __slots__ = ("_storages", "_tags")
 
     def __init__(self) -> None:
         self._tags: dict[int, weakref.ref] = {}
+        self._storages = False  # whether a storage is tagged
 
     def __len__(self) -> int:
         return len(self._tags)
@@ -137,12 +203,31 @@ class FillTags:
         if not isinstance(t, Tensor):
             return False
         ref = self._tags.get(id(t))
-        return ref is not None and ref() is t
+        if ref is not None and ref() is t:
+            return True
+        if not self._storages:
+            return False
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no storage of its own (a wrapper subclass)
+            return False
+        ref = self._tags.get(id(storage))
+        return ref is not None and ref() is storage
 
-    def _tag(self, t: Tensor) -> None:
-        if t.is_floating_point():
-            key = id(t)
-            self._tags[key] = weakref.ref(t, lambda _r, k=key, d=self._tags: d.pop(k, None))
+    def _add(self, obj: Any) -> None:
+        key = id(obj)
+        self._tags[key] = weakref.ref(obj, lambda _r, k=key, d=self._tags: d.pop(k, None))
+
+    def _tag(self, t: Tensor, in_place: bool) -> None:
+        if not t.is_floating_point():
+            return
+        self._add(t)
+        if in_place:
+            try:
+                self._add(t.untyped_storage())
+            except (RuntimeError, NotImplementedError):
+                return
+            self._storages = True
 
     def _reads_tag(self, args: tuple, kwargs: dict) -> bool:
         for a in (*args, *kwargs.values()):
@@ -156,24 +241,28 @@ class FillTags:
 
     def after(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         """Tag what the torch call ``name(*args, **kwargs)`` returned (or, for
-        an in-place op, its first argument) if it holds an extreme fill."""
-        spec = _FILL_ARGS.get(name)
-        if not (spec is not None and _writes(spec, args, kwargs)) and not (
-            self._tags and name not in _BOUNDED and self._reads_tag(args, kwargs)
+        an in-place op, its first argument and its storage) if it holds an
+        extreme fill."""
+        if not _fills(name, args, kwargs, out) and not (
+            self and name not in _BOUNDED and self._reads_tag(args, kwargs)
         ):
             return
         targets = _outputs(out)
-        if (not targets or name == "__setitem__") and args and isinstance(args[0], Tensor):
-            targets = [args[0]]  # in place, returning nothing (x[m] = v)
+        first = args[0] if args else None
+        if (not targets or name == "__setitem__") and isinstance(first, Tensor):
+            targets = [first]  # in place, returning nothing (x[m] = v)
+        written = kwargs.get("out") if kwargs else None
         for t in targets:
-            self._tag(t)
+            # In place (the op returns its first argument, or writes ``out``):
+            # views and aliases of that memory made before hold the fill too.
+            self._tag(t, t is first or t is written)
 
     def holds(self, t: Tensor, args: tuple, kwargs: dict, op: str | None) -> bool:
         """Whether a save of ``t`` by ``op`` may hold an extreme fill: ``t``
-        (or the tensor it is a view of) is tagged, or ``t`` is an
-        intermediate of a composite op (not one of its arguments) reading a
-        tagged tensor, whose output is not bounded."""
-        if not self._tags:
+        (or the tensor it is a view of, or its memory) is tagged, or ``t`` is
+        an intermediate of a composite op (not one of its arguments) reading
+        a tagged tensor, whose output is not bounded."""
+        if not self:
             return False
         if self.tagged(t) or (t._base is not None and self.tagged(t._base)):
             return True

@@ -8,7 +8,7 @@ from typing import Any, Callable
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from actpack.engine.fills import EXTREME_FILL, FILL_OPS, SCALINGS, FillTags
+from actpack.engine.fills import EXTREME_FILL, FILL_OPS, SCALARS, FillTags, scalar_fill
 from actpack.engine.untraced import eager_only
 
 _NUMBERS = (float, int)
@@ -44,8 +44,11 @@ class OpTracker(TorchFunctionMode):
         fills = self.fills
         if fills or name in FILL_OPS:
             fills.after(name, args, kwargs, out)
-        elif name in SCALINGS and len(args) > 1 and type(args[1]) in _NUMBERS:
-            if not abs(args[1]) < EXTREME_FILL:  # (1 - mask) * finfo.min
+        elif name in SCALARS:
+            # (1 - mask) * finfo.min, zeros - 1e9, x.add(1 - mask, alpha=-1e9)
+            if (
+                len(args) > 1 and type(args[1]) in _NUMBERS and not abs(args[1]) < EXTREME_FILL
+            ) or (kwargs and scalar_fill(args, kwargs)):
                 fills.after(name, args, kwargs, out)
         return out
 
