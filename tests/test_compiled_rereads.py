@@ -227,6 +227,17 @@ def test_a_smooth_output_recomputed_for_another_op_keeps_its_input_exact(form, b
     _check_unbiased(form, exact, draws)
 
 
+@pytest.mark.parametrize("form", ["b(x) * tanh(h)", "sigmoid(2 h) * b(x)"])
+def test_a_recomputed_smooth_output_under_bf16_autocast(form):
+    # R before: 11.3 and 6.4 (the recomputation reads h through casts).
+    exact, draws, decisions = _compiled_draws(
+        form, actpack.ActNN(), "aot_eager_decomp_partition", torch.bfloat16
+    )
+    recomputed = [d for d in decisions if "outside its backward formula" in d.reason]
+    assert recomputed and all(d.kind is Kind.EXACT for d in recomputed), decisions
+    _check_unbiased(form, exact, draws)
+
+
 def test_a_norm_recomputed_from_saved_statistics_stays_coded():
     """Inductor's partition recomputes LayerNorm's output as ``(h - mean) *
     rstd`` with the statistics saved exact: affine in the code of ``h``
