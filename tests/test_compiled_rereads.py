@@ -198,3 +198,53 @@ def test_independent_readers_still_share_one_code():
     assert not any("product" in d.reason for d in decisions), decisions
     relu = [d for d in decisions if d.producer == "relu"]
     assert relu and all(d.kind is Kind.LOSSY for d in relu)
+
+
+#: A smooth op gating another factor, with the partition that saves its
+#: input and recomputes its output in backward for the other factor's
+#: gradient (``g * tanh(code of h)``).  R at K = 64 under ``"actnn"`` before
+#: the recomputed outputs were followed: 8.4, 4.5, 2.8, 2.0 and 2.0 (eager
+#: mode codes the output itself: 1.2-1.7).
+RECOMPUTED = [
+    ("b(x) * tanh(h)", "aot_eager_decomp_partition"),
+    ("sigmoid(2 h) * b(x)", "aot_eager_decomp_partition"),
+    ("b(x) * gelu(h, tanh)", "aot_eager"),
+    ("b(x) * silu(h)", "aot_eager"),
+    ("b(x) * gelu(h, tanh)", "aot_eager_decomp_partition"),
+]
+
+
+@pytest.mark.parametrize("form, backend", RECOMPUTED)
+def test_a_smooth_output_recomputed_for_another_op_keeps_its_input_exact(form, backend):
+    """``smooth="code"`` accepts one code read inside a smooth op's own
+    backward formula; a recomputed output read by another op's backward is
+    a nonlinear function of the code where eager mode reads a code of the
+    output (unbiased): the save it is recomputed from stays exact."""
+    exact, draws, decisions = _compiled_draws(form, actpack.ActNN(), backend)
+    recomputed = [d for d in decisions if "outside its backward formula" in d.reason]
+    assert recomputed and all(d.kind is Kind.EXACT for d in recomputed), decisions
+    assert any(d.kind is Kind.LOSSY for d in decisions)  # the rest stays coded
+    _check_unbiased(form, exact, draws)
+
+
+@pytest.mark.parametrize("form", ["b(x) * tanh(h)", "sigmoid(2 h) * b(x)"])
+def test_a_recomputed_smooth_output_under_bf16_autocast(form):
+    # R before: 11.3 and 6.4 (the recomputation reads h through casts).
+    exact, draws, decisions = _compiled_draws(
+        form, actpack.ActNN(), "aot_eager_decomp_partition", torch.bfloat16
+    )
+    recomputed = [d for d in decisions if "outside its backward formula" in d.reason]
+    assert recomputed and all(d.kind is Kind.EXACT for d in recomputed), decisions
+    _check_unbiased(form, exact, draws)
+
+
+def test_a_norm_recomputed_from_saved_statistics_stays_coded():
+    """Inductor's partition recomputes LayerNorm's output as ``(h - mean) *
+    rstd`` with the statistics saved exact: affine in the code of ``h``
+    (unbiased), so ``h`` keeps its code."""
+    form = "b(x) * layer_norm(h)"
+    exact, draws, decisions = _compiled_draws(form, actpack.ActNN(), "aot_eager_decomp_partition")
+    assert not any("outside its backward formula" in d.reason for d in decisions), decisions
+    norm_input = [d for d in decisions if d.producer == "addmm" and d.op == "layer_norm"]
+    assert norm_input and all(d.kind is Kind.LOSSY for d in norm_input), decisions
+    _check_unbiased(form, exact, draws)

@@ -185,6 +185,25 @@ def test_modules_compiled_in_place_are_measured_eagerly(where):
     assert all(m._compiled_call_impl is not None for m in compiled)
 
 
+@pytest.mark.parametrize("strategy", ["actnn", "none"])
+def test_measure_called_inside_a_compiled_function(strategy):
+    """``measure`` inside a ``torch.compile``'d function: Dynamo traced the
+    measured step into the function's graph, where no hook counted a save
+    (a report of 0 B -> 0 B, no warning).  The step runs eagerly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 1))
+    x = torch.randn(512, 64)
+    want = actpack.measure(model, x, strategy=strategy)
+    torch._dynamo.reset()
+    measured = torch.compile(
+        lambda x: actpack.measure(model, x, strategy=strategy), backend="aot_eager"
+    )
+    got = measured(x)
+    assert got.baseline_bytes == want.baseline_bytes > 0
+    assert got.compressed_bytes == want.compressed_bytes
+    assert got.tensors == want.tensors
+
+
 class _Probed(nn.Module):
     """A head on an activation ``f`` and a linear probe on ``f.detach()``
     (stop-gradient), in either order."""

@@ -70,6 +70,18 @@ class Net(nn.Module):
         if self.form == "e * e":  # exp's backward reads e, the product reads it twice
             e = torch.exp(h / 4)
             return F.mse_loss(self.b(e * e), target)
+        # A smooth op gating another projection: compiled, its input may be
+        # saved and its output recomputed for the other factor's gradient.
+        if self.form == "b(x) * tanh(h)":
+            return F.mse_loss(self.b(self.b(x) * torch.tanh(h)), target)
+        if self.form == "sigmoid(2 h) * b(x)":
+            return F.mse_loss(self.b(torch.sigmoid(2 * h) * self.b(x)), target)
+        if self.form == "b(x) * gelu(h, tanh)":
+            return F.mse_loss(self.b(self.b(x) * F.gelu(h, approximate="tanh")), target)
+        if self.form == "b(x) * silu(h)":  # SwiGLU's gate and up projections
+            return F.mse_loss(self.b(self.b(x) * F.silu(h)), target)
+        if self.form == "b(x) * layer_norm(h)":
+            return F.mse_loss(self.b(self.b(x) * F.layer_norm(h, (D,))), target)
         raise AssertionError(self.form)
 
 

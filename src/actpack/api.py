@@ -323,6 +323,13 @@ def measure(
         report = actpack.measure(model, x, strategy="division")
         print(report.ratio, report.modules)
     """
+    if torch.compiler.is_compiling():
+        # Called inside a torch.compile'd function: Dynamo would trace the
+        # measured step into that function's graph, where the engine's hooks
+        # count nothing (the report said 0 B -> 0 B).  The step runs eagerly.
+        return torch.compiler.disable(measure)(
+            model, *inputs, strategy=strategy, loss_fn=loss_fn, min_numel=min_numel
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"measure expects an nn.Module, got {type(model).__name__}")
     wrapped = getattr(model, _ATTR, None)

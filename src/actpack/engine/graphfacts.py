@@ -656,6 +656,12 @@ def graph_facts(
         reader = reads.products.get(saved.name)
         if reader is not None and not (logits or values):
             declined = f"read twice in one product in backward ({reader})"
+        smooth_op = reads.recomputed.get(saved.name)
+        if declined is None and smooth_op is not None and not (logits or values):
+            declined = (
+                f"recomputed in backward and read nonlinearly ({smooth_op} output "
+                "outside its backward formula)"
+            )
     offset_bits = integer_op = None
     if not val.is_floating_point():
         offset_bits = _offset_bits(node, readers)

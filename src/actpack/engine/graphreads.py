@@ -8,12 +8,15 @@ HF's Python RMSNorm, ``tanh(h) * tanh(h)``): one stochastic code ``c`` makes
 the mean of such a term ``x^2 + Var(c)``, a bias.  :func:`backward_reads`
 follows which saves each backward value was computed from and reports the
 saves a product reads twice (kept exact by
-:func:`actpack.engine.graphfacts.graph_facts`), and those a smooth op's own
-backward formula reads (the second-order bias ``smooth="code"`` accepts).
+:func:`actpack.engine.graphfacts.graph_facts`), those a smooth op's own
+backward formula reads (the second-order bias ``smooth="code"`` accepts),
+and those a smooth op recomputes its output from for another op's backward
+(kept exact: outside the op's formula).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from dataclasses import dataclass
@@ -53,6 +56,12 @@ _ADDITIVE = _SAME_VALUES | frozenset(
      "convert_element_type", "_to_copy", "split", "split_with_sizes", "getitem", "slice",
      "select", "_unsafe_view", "sum_to_size", "new_zeros", "zeros_like"}
 )  # fmt: skip
+
+# Ops affine in each of their arguments (a product of two values carrying
+# one save is reported as a product): a decomposed norm's ``(x - mean) *
+# rstd`` with saved statistics is affine in the save; ``tanh``, ``sigmoid``,
+# ``erf``, a norm recomputing its statistics are not.
+_AFFINE = _ADDITIVE | frozenset({"mul", "div", "true_divide"})
 
 # Arguments (by position) that a backward op reads for their region or
 # shape alone: a derived value there is no read of its values.
@@ -137,6 +146,9 @@ class BackwardReads:
     #: Saves whose values (not a gradient computed from them) a smooth op's
     #: backward formula reads, with that op (``smooth="exact"`` keeps them).
     smooth: dict[str, str]
+    #: Saves a smooth op recomputes from in backward whose recomputed output
+    #: something outside that op's backward formula reads, with that op.
+    recomputed: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def backward_reads(bw_graph: fx.Graph) -> BackwardReads:
@@ -172,7 +184,20 @@ def backward_reads(bw_graph: fx.Graph) -> BackwardReads:
     **Smooth reads.** An input of a smooth op's formula computed from a save
     without the incoming gradients (the ``tangents``): the save itself, or
     a value recomputed from it.  Eager mode keeps the smooth op's own save
-    exact under ``smooth="exact"``; compiled, one code would serve it."""
+    exact under ``smooth="exact"``; compiled, one code would serve it.
+
+    **Recomputed smooth outputs.** Inductor's partitioner may save the input
+    of a smooth op and recompute its output in backward (``c * tanh(h)``:
+    ``h`` saved, ``tanh(h)`` recomputed for the gradient of ``c``).  Eager
+    mode codes the output itself for the ops that read it (unbiased); a
+    compiled graph reads ``tanh(code of h)``, whose mean is not ``tanh(h)``:
+    a bias outside the op's own backward formula, which is all that
+    ``smooth="code"`` accepts (R of 8.4 at K = 64 for ``c * tanh(h)``
+    under ``"actnn"`` and Inductor's partition, 1.7 in eager mode).  A value of a smooth op's formula
+    computed without the tangents through a curved op (not a decomposed
+    norm's ``(x - mean) * rstd`` with saved statistics, affine in the save),
+    read by a node outside that formula, reports the saves it was computed
+    from."""
     masks: dict[fx.Node, int] = {}
     # The node whose values a node holds (a view or cast of a save: that save).
     base: dict[fx.Node, fx.Node] = {}
@@ -183,6 +208,10 @@ def backward_reads(bw_graph: fx.Graph) -> BackwardReads:
     inputs: dict[fx.Node, dict[fx.Node, int]] = {}
     products: dict[int, str] = {}
     smooth: dict[int, str] = {}
+    recomputed: dict[int, str] = {}
+    # For values of a smooth op's formula: the saves they are a curved
+    # (not affine) function of.
+    curved: dict[fx.Node, int] = {}
     names: list[str] = []
     tangents = 0
     for node in bw_graph.nodes:
@@ -201,15 +230,28 @@ def backward_reads(bw_graph: fx.Graph) -> BackwardReads:
         args = [(i, a) for i, a in _tensor_args(node) if i not in skip and masks.get(a, 0)]
         if not args:
             continue
-        masks[node] = mask = functools.reduce(operator.or_, (masks[a] for _, a in args))
+        group = _smooth_group(node)
         first = node.args[0] if node.args else None
         one_read = name in _ONE_READ and isinstance(first, fx.Node)
-        base[node] = base.get(first, first) if one_read else node
-        group = _smooth_group(node)
         if group is None and one_read:
             group = groups.get(first)  # a view inside a formula stays in it
+        for _, a in args:
+            # A smooth op's output recomputed from saves (no tangent among
+            # what it was computed from), read outside the op's formula.
+            outer = groups.get(a)
+            if outer is not None and outer != group and not masks[a] & tangents:
+                _report(recomputed, curved.get(a, 0), outer[0])
+        masks[node] = mask = functools.reduce(operator.or_, (masks[a] for _, a in args))
+        base[node] = base.get(first, first) if one_read else node
         if group is not None:
             groups[node] = group
+            # The saves this value of the formula is a curved function of.
+            bent = 0 if name in _AFFINE else mask & ~tangents
+            for _, a in args:
+                if groups.get(a) == group:
+                    bent |= curved.get(a, 0)
+            if bent:
+                curved[node] = bent
             ent: dict[fx.Node, int] = {}
             for _, a in args:
                 inner = inputs.get(a) if groups.get(a) == group else None
@@ -243,6 +285,7 @@ def backward_reads(bw_graph: fx.Graph) -> BackwardReads:
     return BackwardReads(
         {names[bit]: op for bit, op in products.items()},
         {names[bit]: op for bit, op in smooth.items()},
+        {names[bit]: op for bit, op in recomputed.items()},
     )
 
 
