@@ -193,8 +193,9 @@ def backward_reads(bw_graph: fx.Graph) -> BackwardReads:
     compiled graph reads ``tanh(code of h)``, whose mean is not ``tanh(h)``:
     a bias outside the op's own backward formula, which is all that
     ``smooth="code"`` accepts (R of 8.4 at K = 64 for ``c * tanh(h)``
-    under ``"actnn"`` and Inductor's partition, 1.7 in eager mode).  A value of a smooth op's formula
-    computed without the tangents through a curved op (not a decomposed
+    under ``"actnn"`` and Inductor's partition, 1.7 in eager mode).  A value
+    of a smooth op's formula computed without the tangents through a curved
+    op (not a decomposed
     norm's ``(x - mean) * rstd`` with saved statistics, affine in the save),
     read by a node outside that formula, reports the saves it was computed
     from."""
