@@ -136,16 +136,12 @@ def _extreme(value: Any, tensors: bool) -> bool:
     return False
 
 
-_NUMBERS = (float, int)
-
-
 def scalar_fill(args: tuple, kwargs: dict) -> bool:
     """Whether a sum or product (:data:`SCALARS`) has an extreme Python
     number as its second operand or its ``alpha``: the tracker's check."""
-    if len(args) > 1 and type(args[1]) in _NUMBERS and not abs(args[1]) < EXTREME_FILL:
+    if len(args) > 1 and _extreme(args[1], False):
         return True
-    alpha = kwargs.get("alpha") if kwargs else None
-    return type(alpha) in _NUMBERS and not abs(alpha) < EXTREME_FILL
+    return bool(kwargs) and _extreme(kwargs.get("alpha"), False)
 
 
 def _writes(spec: tuple, args: tuple, kwargs: dict) -> bool:

@@ -648,16 +648,22 @@ def graph_facts(
         reader = _derived_nonlinear_read(node, saved)
         if reader is not None:
             declined = f"recomputed in backward and read nonlinearly ({reader})"
-    if declined is None and val.is_floating_point() and not statistic and saved is not None:
-        # (Attention's fp16 form is rounding to nearest, the same value for
-        # every read: its bound holds for products of reads too.)
-        if reads is None:
-            reads = backward_reads(bw_graph)
+    if reads is None and saved is not None:
+        reads = backward_reads(bw_graph)
+    # (Attention's fp16 form is rounding to nearest, the same value for
+    # every read: its bound holds for products of reads too.)
+    if (
+        declined is None
+        and val.is_floating_point()
+        and not statistic
+        and saved is not None
+        and not (logits or values)
+    ):
         reader = reads.products.get(saved.name)
-        if reader is not None and not (logits or values):
-            declined = f"read twice in one product in backward ({reader})"
         smooth_op = reads.recomputed.get(saved.name)
-        if declined is None and smooth_op is not None and not (logits or values):
+        if reader is not None:
+            declined = f"read twice in one product in backward ({reader})"
+        elif smooth_op is not None:
             declined = (
                 f"recomputed in backward and read nonlinearly ({smooth_op} output "
                 "outside its backward formula)"
@@ -700,9 +706,7 @@ def graph_facts(
             and saved is not None
             and _relu_region_read(saved)
         ),
-        smooth_read=(
-            reads.smooth.get(saved.name) if reads is not None and saved is not None else None
-        ),
+        smooth_read=reads.smooth.get(saved.name) if saved is not None else None,
     )
     readers_names = tuple(op_name(r) for r in readers)
     return GraphFacts(facts, op, producer, readers_names, offset_bits, integer_op)

@@ -195,10 +195,9 @@ def backward_reads(bw_graph: fx.Graph) -> BackwardReads:
     ``smooth="code"`` accepts (R of 8.4 at K = 64 for ``c * tanh(h)``
     under ``"actnn"`` and Inductor's partition, 1.7 in eager mode).  A value
     of a smooth op's formula computed without the tangents through a curved
-    op (not a decomposed
-    norm's ``(x - mean) * rstd`` with saved statistics, affine in the save),
-    read by a node outside that formula, reports the saves it was computed
-    from."""
+    op (not a decomposed norm's ``(x - mean) * rstd`` with saved statistics,
+    affine in the save), read by a node outside that formula, reports the
+    saves it was computed from."""
     masks: dict[fx.Node, int] = {}
     # The node whose values a node holds (a view or cast of a save: that save).
     base: dict[fx.Node, fx.Node] = {}
