@@ -351,3 +351,36 @@ def test_tags_hold_no_tensor_alive():
         ref = weakref.ref(masked)
         del masked
         assert ref() is None
+
+
+class _Bf16(nn.Module):
+    """``Policy`` in bfloat16: under CPU autocast (fp32 weights, bf16 linears)
+    or with bf16 weights and inputs; the loss in float32."""
+
+    def __init__(self, form: str, mode: str) -> None:
+        super().__init__()
+        self.policy, self.mode = Policy(form), mode
+        if mode == "bf16 weights":
+            self.policy.to(torch.bfloat16)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if self.mode == "bf16 weights":
+            return self.policy(x.bfloat16(), valid).float()
+        with torch.autocast("cpu", torch.bfloat16):
+            return self.policy(x, valid).float()
+
+
+@pytest.mark.parametrize("mode", ["bf16 autocast", "bf16 weights"])
+@pytest.mark.parametrize("form", ["where(valid, logits, tensor(-1e8))", "masked_fill(-1e9)"])
+def test_bf16_masked_policy_keeps_the_fill_exact(form, mode):
+    """The tags survive autocast's casts and bf16 tensors: the masked
+    log-probabilities stay exact and the gradient's mean is the exact one's."""
+    model, inputs = _Bf16(form, mode), _inputs()
+    with actpack.compress("actnn") as ctx:
+        model(*inputs).backward()
+    assert ctx.stats.passthrough.get(FILL_REASON, 0) >= 128 * A * 2  # bf16 or wider, exact
+    exact = model_grad(model, inputs, None)
+    assert torch.isfinite(exact).all()
+    draws = torch.stack([model_grad(model, inputs, actpack.ActNN(seed=s)) for s in range(64)])
+    r = r_statistic(draws, exact)
+    assert r < 2.0, f"{form} under {mode}: R = {r:.2f} (1 if unbiased)"
