@@ -97,7 +97,11 @@ def _scale(lo: Tensor, hi: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]
     """
     k = torch.where(torch.isfinite(hi - lo), 1.0, 0.5)
     lok = lo * k
-    step = (hi * k - lok) / levels
+    # A tensor divisor, not the Python int: CUDA divides by a CPU scalar as a
+    # multiplication by its reciprocal (ATen's div_true_kernel_cuda), which is
+    # one ulp off for levels = 3 and made CUDA's reference differ from the CPU's
+    # and from the kernels' IEEE division (tests/test_kernels.py on CUDA).
+    step = (hi * k - lok) / torch.full_like(lok, levels)
     return k, lok, step
 
 

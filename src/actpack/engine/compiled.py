@@ -119,9 +119,12 @@ class Decision:
 
 def _nbytes(t: Tensor) -> int:
     """Bytes of ``t`` at its example sizes (never a guard: dynamic shapes stay dynamic)."""
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
+    from torch.fx.experimental import symbolic_shapes
 
-    return optimization_hint(t.numel()) * t.element_size()
+    # optimization_hint since torch 2.12; hint_int (the same, a guard-free hint)
+    # before, back to 2.4.
+    hint = getattr(symbolic_shapes, "optimization_hint", None) or symbolic_shapes.hint_int
+    return hint(t.numel()) * t.element_size()
 
 
 @functools.lru_cache(maxsize=64)

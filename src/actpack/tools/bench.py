@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import re
 import statistics
 import sys
 import time
@@ -80,6 +81,8 @@ DEFAULT_STRATEGIES = (
     "none", "fp16", "bf16", "int8", "actnn", "actnn-mixed", "division", "actnn-rows",
 )  # fmt: skip
 NA_CPU = "n/a (CPU)"
+#: How a full GPU reads when a library other than PyTorch's allocator hits it.
+_ALLOC_FAILED = re.compile(r"out of memory|ALLOC_FAILED|cudaErrorMemoryAllocation", re.I)
 NA_GPU_ONLY = "n/a (GPU only)"
 
 
@@ -170,6 +173,37 @@ class Variant:
     note: str = ""
     engine: Any = None
     times: list[float] = field(default_factory=list)
+
+
+def _stacked(outer: Callable[[], Any], inner: Callable[[], Any]) -> Callable[[], Any]:
+    """A context factory entering ``outer()`` then ``inner()``."""
+
+    @contextlib.contextmanager
+    def both() -> Iterator[None]:
+        with outer(), inner():
+            yield
+
+    return both
+
+
+def _under_autocast(variants: list[Variant], device: torch.device, dtype: str) -> list[Variant]:
+    """Every row's forward and measurement under ``torch.autocast(dtype)``
+    (``--autocast``): what a mixed-precision user compares.  The
+    ``autocast-bf16`` alternative is then the ``none`` row, so it is dropped."""
+    cast = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+    def ctx() -> Any:
+        return torch.autocast(device_type=device.type, dtype=cast)
+
+    out = []
+    for v in variants:
+        if v.name == "autocast-bf16":
+            continue
+        v.forward_ctx = _stacked(ctx, v.forward_ctx)
+        v.measure_ctx = _stacked(ctx, v.measure_ctx)
+        v.note = "; ".join(n for n in (v.note, f"{dtype} autocast") if n)
+        out.append(v)
+    return out
 
 
 def _variants(args: argparse.Namespace, model: nn.Module, device: torch.device) -> list[Variant]:
@@ -276,6 +310,13 @@ def _fits(trial: Callable[[int], None], batch: int, device: torch.device) -> boo
     try:
         trial(batch)
     except torch.OutOfMemoryError:
+        ok = False
+    except RuntimeError as exc:
+        # Libraries that allocate on their own report a full GPU as a plain
+        # RuntimeError (cuBLAS/cuDNN workspaces: *_STATUS_ALLOC_FAILED; Triton
+        # loading a module: "out of memory").  Anything else is a real error.
+        if not _ALLOC_FAILED.search(str(exc)):
+            raise
         ok = False
     # The exception (and the frames holding the trial's tensors) is gone here.
     gc.collect()
@@ -387,6 +428,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     model.to(device).train()
     inputs = make_inputs(args.batch_size, device)
     variants = _variants(args, model, device)
+    if getattr(args, "autocast", "none") != "none":
+        variants = _under_autocast(variants, device, args.autocast)
     log(
         f"actpack bench: {spec}, batch {args.batch_size}, device {device}, "
         f"{torch.get_num_threads()} thread(s), {args.steps} timed round(s) after "
@@ -506,13 +549,16 @@ def format_table(payload: dict[str, Any]) -> str:
     cfg = payload["config"]
     ref = next((r for r in payload["rows"] if r["name"] == "none"), None)
     ref_batch = ref.get("max_batch") if ref else None
+    cast = cfg.get("autocast", "none")
     head = (
-        "| variant | saved for backward | vs fp32 | time/step | vs none | peak memory "
+        f"| variant | saved for backward | vs {'fp32' if cast == 'none' else 'none'} "
+        "| time/step | vs none | peak memory "
         "| largest batch | vs none |"
     )
     out = [
         f"{cfg['label']}, batch {cfg['batch_size']}, device {cfg['device']}, "
-        f"forward + backward, median of {cfg['steps']} rounds",
+        + (f"every row under {cast} autocast, " if cast != "none" else "")
+        + f"forward + backward, median of {cfg['steps']} rounds",
         "",
         head,
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -594,6 +640,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--alternatives", nargs="*", choices=ALTERNATIVES, default=list(ALTERNATIVES),
         help="what a user would pick instead; give the option alone to skip them",
+    )  # fmt: skip
+    p.add_argument(
+        "--autocast", choices=["none", "bf16", "fp16"], default="none",
+        help="run every row's forward under torch.autocast of this dtype; bytes and "
+        "times are then relative to the none row under the same autocast",
     )  # fmt: skip
     p.add_argument("--steps", type=positive_int, default=5,
                    help="timed rounds (each row's median is reported)")  # fmt: skip
