@@ -118,9 +118,7 @@ def test_near_lossless_strategies_on_cuda(kind, strategy, bound):
 def test_two_bit_gradients_are_unbiased_on_cuda(kind, make):
     model, x = _case(kind)
     exact = _grads(model, x, actpack.compress("none", min_numel=0))
-    draws = torch.stack(
-        [_grads(model, x, actpack.compress(make(s), **KW)) for s in range(K)]
-    )
+    draws = torch.stack([_grads(model, x, actpack.compress(make(s), **KW)) for s in range(K)])
     _assert_unbiased(exact, draws)
 
 
@@ -177,11 +175,10 @@ def test_measured_bytes_do_not_depend_on_the_device(strategy):
     for dev in ("cpu", DEV):
         torch.manual_seed(0)
         model, x = SmallCNN().to(dev), torch.randn(8, 3, 32, 32, device=dev)
+        target = torch.zeros(8, dtype=torch.long, device=dev)
         rep = actpack.measure(
-            model, x, strategy=strategy, loss_fn=lambda out: F.cross_entropy(
-                out, torch.zeros(8, dtype=torch.long, device=dev)
-            ),
-            min_numel=0,
+            model, x, strategy=strategy, min_numel=0,
+            loss_fn=lambda out, target=target: F.cross_entropy(out, target),
         )  # fmt: skip
         counts.append((rep.baseline_bytes, rep.compressed_bytes))
     assert counts[0] == counts[1]
