@@ -127,3 +127,55 @@ def test_bench_prints_its_warnings(monkeypatch, capsys) -> None:
             "--alternatives", "--steps", "1", "--warmup", "0"]  # fmt: skip
     assert cli.main(argv) == 0
     assert "actpack bench: warning: timings are off" in capsys.readouterr().err
+
+
+def test_bench_under_autocast(tmp_path: Path, capsys) -> None:
+    """--autocast bf16: every row's forward and byte count under CPU autocast,
+    against the none row under the same autocast; the autocast-only row is dropped."""
+    out = tmp_path / "bench.json"
+    plain = tmp_path / "plain.json"
+    common = [
+        "bench", "--model", "gpt", "--size", "tiny", "--batch-size", "2", "--device", "cpu",
+        "--strategies", "actnn", "--alternatives", "autocast-bf16", "checkpoint", "--steps", "1",
+        "--warmup", "0", "--quiet",
+    ]  # fmt: skip
+    assert cli.main([*common, "--autocast", "bf16", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "every row under bf16 autocast" in table
+    assert "| variant | saved for backward | vs none |" in table
+    assert cli.main([*common, "--json", str(plain)]) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    fp32 = {r["name"]: r for r in json.loads(plain.read_text())["rows"]}
+    assert list(rows) == ["none", "actnn", "checkpoint"]
+    # The none row under autocast holds what the autocast-only row held without it.
+    assert rows["none"]["saved_bytes"] == fp32["autocast-bf16"]["saved_bytes"]
+    assert rows["none"]["ratio_vs_fp32"] == pytest.approx(1.0)
+    assert rows["actnn"]["saved_bytes"] < rows["none"]["saved_bytes"] / 2
+    assert all("bf16 autocast" in rows[n]["note"] for n in rows)
+
+
+@pytest.mark.parametrize(
+    "message,fits",
+    [
+        ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", False),
+        ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", False),
+        ("Triton Error [CUDA]: out of memory", False),
+        ("CUDA error: an illegal memory access was encountered", None),
+    ],
+)
+def test_batch_trial_reads_library_allocation_failures_as_out_of_memory(
+    monkeypatch, message: str, fits: bool | None
+) -> None:
+    """A full GPU reported by cuBLAS/cuDNN/Triton ends the trial like an
+    OutOfMemoryError; any other RuntimeError propagates (a real fault)."""
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def trial(batch: int) -> None:
+        raise RuntimeError(message)
+
+    if fits is None:
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            bench._fits(trial, 8, torch.device("cpu"))
+    else:
+        assert bench._fits(trial, 8, torch.device("cpu")) is fits
+    assert bench._fits(lambda b: None, 8, torch.device("cpu")) is True
