@@ -384,3 +384,82 @@ def test_bf16_masked_policy_keeps_the_fill_exact(form, mode):
     draws = torch.stack([model_grad(model, inputs, actpack.ActNN(seed=s)) for s in range(64)])
     r = r_statistic(draws, exact)
     assert r < 2.0, f"{form} under {mode}: R = {r:.2f} (1 if unbiased)"
+
+
+# --------------------------------------------------------------------------- #
+# Compiled graphs: the same threshold, and the tracker out of Dynamo's way
+# --------------------------------------------------------------------------- #
+
+
+def _masked(h, valid, form, fill):
+    if form == "where":
+        return torch.where(valid, h, fill)
+    if form == "masked_fill":
+        return h.masked_fill(~valid, fill)
+    if form == "additive":  # (1 - mask) * fill added: HF's extended attention mask
+        return h + (1.0 - valid.float()) * fill
+    raise ValueError(form)
+
+
+class MaskedMLP(nn.Module):
+    """A masked hidden layer read by a Linear: its weight's gradient needs the
+    masked tensor itself, so the partitioner saves it (not the mask)."""
+
+    def __init__(self, form: str, fill: float):
+        super().__init__()
+        self.form, self.fill = form, fill
+        self.lin0, self.lin1, self.lin2 = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+
+    def forward(self, x, valid):
+        h = self.lin1(torch.relu(self.lin0(x)))
+        return self.lin2(_masked(h, valid, self.form, self.fill)).clamp(min=-50).square().mean()
+
+
+def _compiled_decisions(form, fill, backend, strategy="actnn"):
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = MaskedMLP(form, fill)
+    x, valid = torch.randn(32, D), torch.rand(32, D) > 0.3
+    engine = actpack.compress(strategy, min_numel=0)
+    torch._dynamo.utils.counters.clear()
+    # No on-disk AOTAutograd cache: a hit would skip the hooks' decisions.
+    with torch._functorch.config.patch(enable_autograd_cache=False), engine:
+        torch.compile(model, backend=backend)(x, valid).backward()
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    return list(engine._graph_hooks.decisions.values()), breaks
+
+
+def _masked_save(decisions, form):
+    producers = {"where": {"where"}, "masked_fill": {"where", "masked_fill"}, "additive": {"add"}}
+    found = [d for d in decisions if d.producer in producers[form] and d.op == "linear"]
+    assert len(found) == 1, decisions
+    return found[0]
+
+
+@pytest.mark.parametrize("fill", [-1e4, -1e9, torch.finfo(torch.float32).min])
+@pytest.mark.parametrize("form", ["where", "masked_fill", "additive"])
+def test_compiled_saves_holding_a_fill_stay_exact(form, fill):
+    """The compiled walk keeps fills of magnitude >= fills.EXTREME_FILL exact,
+    as eager mode does (it took only >= 1e30 before: a -1e4 or -1e9 fill was
+    coded in compiled graphs and kept exact in eager ones)."""
+    decisions, breaks = _compiled_decisions(form, fill, "aot_eager")
+    save = _masked_save(decisions, form)
+    assert save.form == "exact" and "fill" in save.reason, save
+    assert not breaks
+
+
+@pytest.mark.parametrize("form", ["where", "masked_fill", "additive"])
+def test_compiled_fills_within_the_data_range_stay_coded(form):
+    save = _masked_save(_compiled_decisions(form, -100.0, "aot_eager")[0], form)
+    assert save.form != "exact", save
+
+
+@pytest.mark.parametrize("strategy", ["actnn", "division", "int8"])
+def test_compress_around_a_compiled_masked_model_compiles_it(strategy):
+    """``with compress(): compiled(x)`` on a model with an extreme fill: one
+    graph, decided by the compiled engine.  The eager tracker's fill tags are
+    skipped while Dynamo traces: traced, their id() of containers made Dynamo
+    abandon the frame and run the whole model eagerly (no decisions at all)."""
+    decisions, breaks = _compiled_decisions("where", -1e9, "inductor", strategy)
+    assert decisions and not breaks
+    assert _masked_save(decisions, "where").form == "exact"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from actpack.engine.fills import EXTREME_FILL
 from actpack.engine.fxnodes import SAME_VALUES as _SAME_VALUES
 from actpack.engine.fxnodes import THROUGH as _THROUGH
 from actpack.engine.fxnodes import is_view_of as _is_view_of
@@ -383,10 +384,13 @@ _FILL_THROUGH = _THROUGH | frozenset(
 )  # fmt: skip
 
 
-# Fills at least this large are masks' ``finfo(dtype).min`` (-3.4e38 in
-# float32 and bfloat16, -65504 in float16 is left to the mask rules), far
-# outside any activation's range.
-_HUGE_FILL = 1e30
+# One threshold for both engines (fills.EXTREME_FILL, 1e3): a constant that
+# large next to activations makes a 2-bit group's step a third of the fill,
+# and float32 decoding (lo + q * step) then errs by ~1e-7 of the fill on
+# every value of the group: a bias, not noise.  The compiled walk used 1e30
+# (finfo.min only) until 2026-12-01: a where(valid, h, -1e4) saved for a
+# product was coded, R = 3544 at K=32 under Inductor (tests/test_fills.py).
+_HUGE_FILL = EXTREME_FILL
 
 
 def _extreme_fill(node: fx.Node, limit: int = 64) -> float | None:
@@ -409,8 +413,8 @@ def _extreme_fill(node: fx.Node, limit: int = 64) -> float | None:
             continue  # softmax of a masked logit: finite, whatever its input held
         for arg in (*current.args, *current.kwargs.values()):
             for a in arg if isinstance(arg, (list, tuple)) else (arg,):
-                if isinstance(a, float) and not abs(a) < _HUGE_FILL:
-                    return a
+                if type(a) in (float, int) and not abs(a) < _HUGE_FILL:
+                    return float(a)
                 if isinstance(a, fx.Node) and a not in seen:
                     seen.add(a)
                     queue.append(a)

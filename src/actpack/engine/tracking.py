@@ -6,6 +6,7 @@ import threading
 from typing import Any, Callable
 
 from torch import nn
+from torch.compiler import is_compiling
 from torch.overrides import TorchFunctionMode
 
 from actpack.engine.fills import EXTREME_FILL, FILL_OPS, SCALARS, FillTags, scalar_fill
@@ -34,6 +35,14 @@ class OpTracker(TorchFunctionMode):
     @eager_only  # called from C++ by ops that eager code runs under torch.compile
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs=None):
         kwargs = kwargs or {}
+        if is_compiling():
+            # Dynamo inlines an active mode's __torch_function__ into the graph
+            # it traces.  The compiled engine decides from the graphs, not from
+            # this tracker; and the fill tags' id() of containers cannot be
+            # reconstructed across a graph break, so Dynamo abandoned the whole
+            # frame and ran the model eagerly (`with compress(): compiled(x)` on
+            # any model with a masked_fill/where of an extreme constant).
+            return func(*args, **kwargs)
         outer = (self.name, self.args, self.kwargs)
         name = self.name = getattr(func, "__name__", None) or str(func)
         self.args, self.kwargs = args, kwargs
