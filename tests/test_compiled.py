@@ -78,6 +78,26 @@ def _mlp(act: type[nn.Module] = nn.GELU, depth: int = 2, dim: int = 32) -> nn.Se
     return nn.Sequential(*[Block(dim, act()) for _ in range(depth)])
 
 
+class MaskedBlock(nn.Module):
+    """A block that masks its scores with finfo.min before a softmax (what
+    attention masks do): the eager tracker tags such fills, and must stay out
+    of Dynamo's trace of them."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.score, self.out = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.score(x)
+        s = s.masked_fill(s < -1, torch.finfo(s.dtype).min)
+        return x + self.out(s.softmax(-1) * x)
+
+
+def _masked(depth: int = 2, dim: int = 32) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[MaskedBlock(dim) for _ in range(depth)])
+
+
 def _grads(model: nn.Module, x: torch.Tensor, run=None) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     out = (run or model)(x)
@@ -437,9 +457,10 @@ def _breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
+@pytest.mark.parametrize("kind", ["mlp", "masked"])
 @pytest.mark.parametrize("how", ["compile(wrap)", "wrap(compile)", "compress", "per-block"])
-def test_one_graph_and_no_recompiles(how):
-    model, x = _mlp(), torch.randn(2, 8, 32)
+def test_one_graph_and_no_recompiles(how, kind):
+    model, x = (_mlp() if kind == "mlp" else _masked()), torch.randn(2, 8, 32)
     if how == "compile(wrap)":
         run = torch.compile(actpack.wrap(model, min_numel=64), backend="aot_eager")
         engine = actpack.engine_of(model)
