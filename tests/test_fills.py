@@ -463,3 +463,37 @@ def test_compress_around_a_compiled_masked_model_compiles_it(strategy):
     decisions, breaks = _compiled_decisions("where", -1e9, "inductor", strategy)
     assert decisions and not breaks
     assert _masked_save(decisions, "where").form == "exact"
+
+
+class Reshaped(nn.Module):
+    """Sizes, dims and slice bounds >= 1e3 in the graph are not fills."""
+
+    def __init__(self, int_fill: int | None = None):
+        super().__init__()
+        self.int_fill = int_fill
+        self.lin0, self.lin1 = nn.Linear(D, 2048), nn.Linear(1024, D)
+
+    def forward(self, x, valid):
+        h = torch.relu(self.lin0(x)).view(-1, 1024)[:, :1000]
+        h = torch.cat([h, h[:, :24]], dim=1)
+        if self.int_fill is not None:
+            h = torch.where(valid.repeat(2, 16), h, self.int_fill)
+        return self.lin1(h).square().mean()
+
+
+@pytest.mark.parametrize("int_fill", [None, -10000])
+def test_compiled_sizes_are_not_fills_but_int_values_are(int_fill):
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = Reshaped(int_fill)
+    x, valid = torch.randn(32, D), torch.rand(32, D) > 0.3
+    engine = actpack.compress("actnn", min_numel=0)
+    with torch._functorch.config.patch(enable_autograd_cache=False), engine:
+        torch.compile(model, backend="aot_eager")(x, valid).backward()
+    saves = [d for d in engine._graph_hooks.decisions.values() if d.op == "linear"]
+    read_by_lin1 = [d for d in saves if d.producer in ("cat", "where")]
+    assert len(read_by_lin1) == 1, saves
+    if int_fill is None:  # view(-1, 1024), [:, :1000] and cat's sizes: coded
+        assert read_by_lin1[0].form != "exact", read_by_lin1
+    else:
+        assert read_by_lin1[0].form == "exact" and "fill" in read_by_lin1[0].reason

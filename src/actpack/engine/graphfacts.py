@@ -391,6 +391,12 @@ _FILL_THROUGH = _THROUGH | frozenset(
 # (finfo.min only) until 2026-12-01: a where(valid, h, -1e4) saved for a
 # product was coded, R = 3544 at K=32 under Inductor (tests/test_fills.py).
 _HUGE_FILL = EXTREME_FILL
+# Ops whose int arguments are values (a fill, a scalar operand); elsewhere ints
+# are sizes, dims and slice bounds (view(x, [8, 1024]), slice(x, 0, 0, 2**63-1)).
+_INT_VALUES = frozenset(
+    {"mul", "add", "sub", "full", "full_like", "new_full", "fill", "fill_", "scalar_tensor",
+     "masked_fill", "where", "minimum", "maximum"}
+)  # fmt: skip
 
 
 def _extreme_fill(node: fx.Node, limit: int = 64) -> float | None:
@@ -413,7 +419,9 @@ def _extreme_fill(node: fx.Node, limit: int = 64) -> float | None:
             continue  # softmax of a masked logit: finite, whatever its input held
         for arg in (*current.args, *current.kwargs.values()):
             for a in arg if isinstance(arg, (list, tuple)) else (arg,):
-                if type(a) in (float, int) and not abs(a) < _HUGE_FILL:
+                if (type(a) is float or (type(a) is int and a is arg and name in _INT_VALUES)) and (
+                    not abs(a) < _HUGE_FILL
+                ):
                     return float(a)
                 if isinstance(a, fx.Node) and a not in seen:
                     seen.add(a)
