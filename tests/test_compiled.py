@@ -457,10 +457,28 @@ def _breaks() -> int:
     return sum(counters["graph_break"].values())
 
 
+class _Stack(nn.Sequential):
+    """nn.Sequential with a forward of its own, defined outside torch.nn (as a
+    model's forward is).
+
+    After wrap's hooks break the graph, Dynamo starts a new frame at the
+    wrapped model's forward.  It skips frames of torch.nn's own files there
+    unless it allows "inbuilt nn.Module.forward" of a module with hooks
+    (``trace_rules.check_verbose``; torch 2.13 does, torch 2.11 does not):
+    then a bare ``nn.Sequential``'s blocks are compiled one frame each
+    (test_compile_wrap_of_a_torch_nn_container).  A forward in user code is
+    one frame on every version."""
+
+    def forward(self, x):
+        for block in self:
+            x = block(x)
+        return x
+
+
 @pytest.mark.parametrize("kind", ["mlp", "masked"])
 @pytest.mark.parametrize("how", ["compile(wrap)", "wrap(compile)", "compress", "per-block"])
 def test_one_graph_and_no_recompiles(how, kind):
-    model, x = (_mlp() if kind == "mlp" else _masked()), torch.randn(2, 8, 32)
+    model, x = _Stack(*(_mlp() if kind == "mlp" else _masked())), torch.randn(2, 8, 32)
     if how == "compile(wrap)":
         run = torch.compile(actpack.wrap(model, min_numel=64), backend="aot_eager")
         engine = actpack.engine_of(model)
@@ -493,6 +511,45 @@ def test_one_graph_and_no_recompiles(how, kind):
     assert all("function _enter" in k or "function _leave" in k for k in counters["graph_break"])
     assert not counters["recompiles"]
     assert any(d.form == "groups" for d in _decisions(engine))
+
+
+def _graphs_after_a_disabled_pre_hook(model: nn.Module, x: torch.Tensor) -> int:
+    """Graphs Dynamo makes of ``torch.compile(model)`` with a
+    ``torch.compiler.disable``'d forward pre-hook and hook on ``model`` (what
+    wrap adds), without actpack: this Dynamo's own cost of such hooks."""
+    pre = model.register_forward_pre_hook(torch.compiler.disable(lambda m, a: None))
+    post = model.register_forward_hook(torch.compiler.disable(lambda m, a, o: None))
+    try:
+        torch._dynamo.reset()
+        counters.clear()
+        _grads(model, x, torch.compile(model, backend="aot_eager"))
+        return counters["stats"]["unique_graphs"]
+    finally:
+        pre.remove()
+        post.remove()
+        torch._dynamo.reset()
+        counters.clear()
+
+
+def test_compile_wrap_of_a_torch_nn_container():
+    """``torch.compile(wrap(nn.Sequential(...)))``: how many graphs the blocks
+    take is Dynamo's choice after a hook's graph break (one graph where it
+    traces a hooked torch.nn forward, torch 2.13; a graph per block where it
+    skips that frame, torch 2.11), the same with or without actpack.  wrap
+    adds no graph of its own, and every graph is compressed."""
+    model, x = _mlp(), torch.randn(2, 8, 32)
+    expected = _graphs_after_a_disabled_pre_hook(model, x)
+    assert expected in (1, len(model))
+    run = torch.compile(actpack.wrap(model, min_numel=64), backend="aot_eager")
+    engine = actpack.engine_of(model)
+    assert torch.isfinite(_grads(model, x, run)).all()
+    assert counters["stats"]["unique_graphs"] == expected
+    assert all("function _enter" in k or "function _leave" in k for k in counters["graph_break"])
+    # Every graph's saves were decided while it was compiled, and coded.
+    assert len({key[0] for key in engine._graph_hooks.decisions}) == expected
+    assert any(d.form == "groups" for d in _decisions(engine))
+    decisions = _decisions(engine)
+    assert sum(d.after for d in decisions) < sum(d.before for d in decisions)
 
 
 def test_engines_share_graphs_by_configuration():

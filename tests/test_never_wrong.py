@@ -363,6 +363,112 @@ class TestCheckpoint:
         for a, b in zip(got, plain):
             assert torch.equal(a, b)
 
+    # How torch.utils.checkpoint saves what it recomputes from differs by
+    # version (reentrant: CheckpointFunction.apply; non-reentrant:
+    # _NoopSaveInputs.apply on torch 2.11, checkpoint.py's own frame on 2.13):
+    # several tensor arguments, non-tensor and keyword arguments, nesting and
+    # checkpoint_sequential all reach the pack hook through one of these.
+    @pytest.mark.parametrize("form", ["args and kwargs", "nested", "checkpoint_sequential"])
+    @pytest.mark.parametrize("reentrant", [False, True])
+    def test_every_way_checkpoint_saves_its_inputs_is_recognised(self, form, reentrant):
+        from torch.utils.checkpoint import checkpoint_sequential
+
+        torch.manual_seed(0)
+        a, b, c = _Block(), _Block(), _Block()
+        embed = nn.Linear(32, 64)
+        params = [*embed.parameters(), *a.parameters(), *b.parameters(), *c.parameters()]
+        x = torch.randn(4, 16, 32)
+        if form == "nested" and reentrant:
+            pytest.skip("reentrant checkpointing inside a checkpoint recomputes under no_grad")
+
+        def mix(h, g, scale, *, shift):
+            return a(h) * scale + b(g) + shift
+
+        def run():
+            h = embed(x)
+            g = h * 2
+            if form == "args and kwargs":
+                if reentrant:  # reentrant checkpointing takes no keywords
+                    return checkpoint(lambda h, g, s: mix(h, g, s, shift=1.0), h, g, 0.5,
+                                      use_reentrant=True)  # fmt: skip
+                return checkpoint(mix, h, g, 0.5, shift=1.0, use_reentrant=False)
+            if form == "nested":
+
+                def outer(h):
+                    return c(checkpoint(a, h, use_reentrant=False))
+
+                return checkpoint(outer, h, use_reentrant=False)
+            # The last segment runs without a checkpoint: an identity, saving nothing.
+            blocks = nn.Sequential(a, b, c, nn.Identity())
+            return checkpoint_sequential(blocks, 4, h, use_reentrant=reentrant)
+
+        def grads(ctx):
+            for p in params:
+                p.grad = None
+            with ctx:
+                out = run()
+            out.square().mean().backward()
+            return [p.grad for p in params if p.grad is not None]
+
+        exact = grads(_Null())
+        engine = actpack.compress("actnn", checkpoint_inputs="exact")
+        got = grads(engine)
+        assert len(got) == len(exact) > 0
+        for u, v in zip(got, exact):
+            assert torch.equal(u, v)
+        block_input = 4 * 16 * 64 * 4
+        kept = engine.stats.passthrough.get("checkpoint input", 0)
+        # h and g; the outer checkpoint's input (the inner one saves to the
+        # outer's hooks, not actpack's); the inputs of a, b and c.
+        want = {"args and kwargs": 2, "nested": 1, "checkpoint_sequential": 3}[form]
+        assert kept == want * block_input, engine.stats.passthrough
+        assert "custom autograd.Function" not in engine.stats.passthrough
+
+    @pytest.mark.parametrize("form", ["bf16", "fp16", "int8"])
+    @pytest.mark.parametrize("reentrant", [False, True])
+    def test_opt_in_codes_checkpoint_inputs_of_either_kind(self, form, reentrant):
+        torch.manual_seed(0)
+        model = _Checkpointed("reentrant" if reentrant else "non-reentrant")
+        x = torch.randn(4, 16, 32)
+        engine = actpack.compress("actnn", checkpoint_inputs=form)
+        _grads(model, x, engine)
+        # Both blocks' inputs coded in the opted-in form, none kept or
+        # mistaken for a custom autograd.Function's save.
+        assert engine.stats.passthrough.get("checkpoint input", 0) == 0
+        assert "custom autograd.Function" not in engine.stats.passthrough
+        assert engine.stats.compressed_bytes < engine.stats.baseline_bytes
+
+    def test_save_origin_knows_every_checkpoint_function(self):
+        """Every ``autograd.Function`` torch.utils.checkpoint defines in this
+        torch version saves as a checkpoint; another Function as a custom one."""
+        import inspect
+        import types
+
+        import torch.autograd.function as function_module
+        import torch.utils.checkpoint as checkpoint_module
+
+        from actpack.engine.savefacts import save_origin
+
+        def apply_frame(cls: type) -> types.SimpleNamespace:
+            # The frame a Function's save comes from: Function.apply, its cls.
+            code = types.SimpleNamespace(co_name="apply", co_filename=function_module.__file__)
+            return types.SimpleNamespace(f_code=code, f_locals={"cls": cls})
+
+        functions = [
+            cls
+            for _, cls in inspect.getmembers(checkpoint_module, inspect.isclass)
+            if issubclass(cls, torch.autograd.Function)
+            and cls.__module__ == checkpoint_module.__name__
+        ]
+        assert any(cls.__name__ == "CheckpointFunction" for cls in functions)
+        for cls in functions:
+            assert save_origin(apply_frame(cls)) == "checkpoint", cls
+
+        class Mine(torch.autograd.Function):
+            pass
+
+        assert save_origin(apply_frame(Mine)) == "custom-function"
+
     def test_opt_in_codes_checkpoint_inputs(self):
         torch.manual_seed(0)
         model = _Checkpointed("non-reentrant")
@@ -1238,9 +1344,22 @@ class TestCompiledRecomputation:
         assert ratio < 3, ratio
         from actpack.engine.compiled import compiled_hooks
 
-        reasons = {d.reason for d in compiled_hooks(engine).decisions.values()}
-        assert any(r.startswith("recomputed in backward") for r in reasons), reasons
-        assert any(d.form == "groups" for d in compiled_hooks(engine).decisions.values())
+        decisions = compiled_hooks(engine).decisions.values()
+        reasons = {d.reason for d in decisions}
+        recomputed = any(r.startswith("recomputed in backward") for r in reasons)
+        if name == "conv-bn-relu" and not recomputed:
+            # Whether Inductor's partitioner recomputes the first ReLU is its
+            # own choice and differs by torch version: 2.13's saves the
+            # convolution output and recomputes BatchNorm + ReLU from it (that
+            # save must stay exact), 2.11's saves the ReLU output itself (the
+            # max-pool's read keeps it exact) and recomputes nothing.  Without
+            # a recomputation no save is recomputed from: the ratio above is
+            # the check, and the ReLU output must be the save.
+            relu = [d for d in decisions if d.producer == "relu"]
+            assert relu and all(d.form == "exact" for d in relu), reasons
+        else:
+            assert recomputed, reasons
+        assert any(d.form == "groups" for d in decisions)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's, while it compiles

@@ -121,10 +121,18 @@ def _nbytes(t: Tensor) -> int:
     """Bytes of ``t`` at its example sizes (never a guard: dynamic shapes stay dynamic)."""
     from torch.fx.experimental import symbolic_shapes
 
-    # optimization_hint since torch 2.12; hint_int (the same, a guard-free hint)
-    # before, back to 2.4.
-    hint = getattr(symbolic_shapes, "optimization_hint", None) or symbolic_shapes.hint_int
-    return hint(t.numel()) * t.element_size()
+    # The same guard-free hint under three names: optimization_hint (torch
+    # 2.13), size_hint (2.11, where hint_int is deprecated and warns: a
+    # FutureWarning inside a backend compile fails it under -W error), hint_int
+    # (back to 2.4).  The newest name first.
+    for name in ("optimization_hint", "size_hint", "hint_int"):
+        hint = getattr(symbolic_shapes, name, None)
+        if hint is not None:
+            return hint(t.numel()) * t.element_size()
+    raise RuntimeError(
+        "actpack: torch.fx.experimental.symbolic_shapes has none of optimization_hint, "
+        f"size_hint, hint_int (torch {torch.__version__}); cannot size a compiled graph's saves"
+    )
 
 
 @functools.lru_cache(maxsize=64)

@@ -56,6 +56,7 @@ def squares(op: str | None, args: tuple, kwargs: dict) -> bool:
 
 _FUNCTION_FILE = ("autograd", "function.py")
 _CHECKPOINT_FILE = ("utils", "checkpoint.py")
+_CHECKPOINT_MODULE = "torch.utils.checkpoint"
 
 
 def parameter_source(t: Tensor) -> str | None:
@@ -96,8 +97,15 @@ def save_origin(frame: Any) -> str:
 
     A custom ``autograd.Function`` saves from ``Function.apply`` (its class is
     that frame's ``cls``: AOTAutograd's ``CompiledFunction`` for compiled
-    graphs, ``CheckpointFunction`` for reentrant checkpointing);
-    non-reentrant checkpointing saves its inputs from torch/utils/checkpoint.py.
+    graphs).  ``torch.utils.checkpoint`` saves what it recomputes from in a
+    way that depends on the torch version: reentrant checkpointing through
+    ``CheckpointFunction.apply``; non-reentrant checkpointing through
+    ``_NoopSaveInputs.apply`` (torch 2.11 and earlier), or from a frame of
+    torch/utils/checkpoint.py itself (torch 2.13: ``_make_saved_tensor`` in
+    ``save_inputs``).  So any ``autograd.Function`` defined in
+    ``torch.utils.checkpoint`` counts as checkpointing, whatever its name; a
+    save that neither reading recognises falls to ``"custom-function"`` or to
+    an op without a name, both kept exact, never coded.
     Ops save from C++ called by any other frame.  One frame suffices, and
     the save path pays for no more.
     """
@@ -106,7 +114,7 @@ def save_origin(frame: Any) -> str:
     if code.co_name == "apply" and _in_file(filename, _FUNCTION_FILE):
         cls = frame.f_locals.get("cls")
         name = getattr(cls, "__name__", "")
-        if name == "CheckpointFunction":
+        if name == "CheckpointFunction" or getattr(cls, "__module__", None) == _CHECKPOINT_MODULE:
             return "checkpoint"
         if name == "CompiledFunction" or getattr(cls, "__module__", "").startswith(
             "torch._functorch"
