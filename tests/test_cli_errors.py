@@ -61,6 +61,8 @@ IN_PROCESS = {
     "bench json": (["bench", "--json", f"{__file__}/x.json"], "--json"),
     "train width": (["train", "--model", "vit", "--width", "7", "--data", "/nonexistent"],
                     "--width 7: dim (7) must be divisible by heads (4)"),
+    "bench meta": (["bench", "--device", "meta"], "run on cpu or cuda, not meta"),
+    "report meta": (["report", "--device", "meta"], "run on cpu or cuda, not meta"),
 }  # fmt: skip
 if importlib.util.find_spec("matplotlib") is not None:
     IN_PROCESS["train plot"] = (

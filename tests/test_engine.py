@@ -427,6 +427,10 @@ def test_unknown_strategy_and_bad_knobs_raise_value_error():
         actpack.Division(block_size=0)
     with pytest.raises(ValueError, match="min_numel"):
         actpack.compress("actnn", min_numel=-1)
+    for make in (actpack.ActNN, actpack.Division, actpack.RowActNN):
+        for bad in ("no", 0, None):  # read as booleans, they silently meant True or False
+            with pytest.raises(ValueError, match="stochastic must be True or False"):
+                make(stochastic=bad)
 
 
 @pytest.mark.parametrize("strategy", ["none", "actnn-l0"])

@@ -1,5 +1,7 @@
 """actpack.gradient_noise: gradient bias and variance against plain autograd."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,3 +172,17 @@ def test_wrapped_model_is_measured_with_the_strategy_it_runs():
 def test_a_model_that_is_not_a_module_is_a_type_error(fn):
     with pytest.raises(TypeError, match="expects an nn.Module, got str"):
         fn("model", torch.randn(2, 4))
+
+
+def test_one_draw_reports_its_error_not_a_bias():
+    """With one draw ``variance`` is 0 by construction and ``bias`` is the
+    draw's whole error: the report must not present that noise as a bias."""
+    model, x, loss = _case()
+    one = actpack.gradient_noise(model, x, strategy="actnn", draws=1, loss_fn=loss)
+    assert one.variance == 0.0 and one.bias > 0 and one.error == one.bias
+    assert math.isnan(one.bias_corrected)
+    text = str(one)
+    assert "gradient bias" not in text and "error of one draw" in text and "draws >= 2" in text
+    many = actpack.gradient_noise(model, x, strategy="actnn", draws=4, loss_fn=loss)
+    # The bias of an unbiased code is noise / draws: far below one draw's error.
+    assert many.bias_corrected < one.bias / 2

@@ -58,13 +58,22 @@ class NoiseReport:
         """``bias`` minus the part the draws' own noise explains (``variance / (draws - 1)``).
 
         ``E[bias] = b + sigma2 / draws`` and ``E[variance] = sigma2 (draws - 1) / draws``
-        for a true relative bias ``b`` and per-draw variance ``sigma2``.
+        for a true relative bias ``b`` and per-draw variance ``sigma2``.  NaN for
+        one draw (``bias`` is then that draw's error, ``variance`` 0).
         """
         if self.draws < 2:
-            return self.bias
+            return math.nan  # one draw: its noise and a bias cannot be told apart
         return max(0.0, self.bias - self.variance / (self.draws - 1))
 
     def __str__(self) -> str:
+        if self.draws < 2:
+            # bias holds the one draw's whole error and variance is 0 by
+            # construction: printed as bias and variance they read as "biased".
+            return (
+                f"{self.strategy}: relative squared error of one draw {self.bias:.3g} "
+                f"(relative to ||g||^2 = {self.exact_norm_sq:.3g}; bias and variance need "
+                "draws >= 2)"
+            )
         return (
             f"{self.strategy}: gradient bias {self.bias:.3g}, variance {self.variance:.3g} "
             f"(relative to ||g||^2 = {self.exact_norm_sq:.3g}, {self.draws} draws)"

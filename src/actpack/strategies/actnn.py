@@ -109,7 +109,9 @@ class ActNN(Strategy):
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
         self.group_size = group_size
-        self.stochastic = bool(stochastic)
+        if not isinstance(stochastic, bool):  # 'no' or 0.5 would read as True
+            raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
+        self.stochastic = stochastic
         if self.bits == 1:
             self.keeps_relu_exact = False  # zero-exact codes need at least 2 bits
 

@@ -58,7 +58,9 @@ class Division(Strategy):
         self.block_size = block_size
         self.bits = check_bits(bits)
         self.sequence = sequence
-        self.stochastic = bool(stochastic)
+        if not isinstance(stochastic, bool):  # 'no' or 0.5 would read as True
+            raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
+        self.stochastic = stochastic
         self._fallback = ActNN(bits=bits, stochastic=stochastic, seed=self.seed + 1)
         # Non-spatial inputs: actnn-rows, with its extra bit for sensitive inputs
         # (at 2 bits everywhere the ViT's short-run loss was +2.3% off exact).

@@ -92,6 +92,12 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a torch device (cpu, cuda, cuda:1)"
         ) from None
+    if dev.type not in ("cpu", "cuda"):
+        # meta tensors hold no values (nothing to time or code), and other
+        # backends are untested: say so instead of a traceback mid-run.
+        raise argparse.ArgumentTypeError(
+            f"{text}: actpack's commands run on cpu or cuda, not {dev.type}"
+        )
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise argparse.ArgumentTypeError(
