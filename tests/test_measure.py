@@ -137,6 +137,34 @@ def test_huggingface_output_reduces_to_its_loss():
     assert summed.exact_norm_sq != default.exact_norm_sq
 
 
+def test_keyword_inputs_reach_the_model():
+    """measure / gradient_noise(model, kwargs=batch) run model(**batch): a
+    Hugging Face batch with a padding mask and labels, as Trainer passes it."""
+    transformers = pytest.importorskip("transformers")
+    from small_models import tiny_gpt2_config
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(tiny_gpt2_config())
+    ids = torch.randint(0, 128, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 10:] = 0  # padding: the mask changes the step, so it must arrive
+    batch = dict(input_ids=ids, attention_mask=mask, labels=ids)
+    report = actpack.measure(model, kwargs=batch, strategy="actnn")
+    assert report.baseline_bytes > 0 and report.compressed_bytes < report.baseline_bytes
+    # The exact gradient gradient_noise computes is that of model(**batch).loss,
+    # and a different one without the mask.
+    noise = actpack.gradient_noise(model, kwargs=batch, strategy="actnn", draws=2)
+    plain = model(**batch).loss
+    grads = torch.autograd.grad(plain, [p for p in model.parameters() if p.requires_grad])
+    assert noise.exact_norm_sq == pytest.approx(
+        sum(g.double().square().sum().item() for g in grads)
+    )
+    without_mask = actpack.gradient_noise(
+        model, kwargs=dict(input_ids=ids, labels=ids), strategy="actnn", draws=2
+    )
+    assert without_mask.exact_norm_sq != pytest.approx(noise.exact_norm_sq)
+
+
 class _MatmulFirst(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

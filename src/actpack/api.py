@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -277,9 +278,11 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _step(model: nn.Module, inputs: tuple, loss_fn: Callable | None, ctx: Any) -> None:
+def _step(
+    model: nn.Module, inputs: tuple, kwargs: dict, loss_fn: Callable | None, ctx: Any
+) -> None:
     with ctx:
-        out = model(*inputs)
+        out = model(*inputs, **kwargs)
         loss = loss_fn(out) if loss_fn is not None else default_loss(out)
     params = [p for p in model.parameters() if p.requires_grad]
     if loss.requires_grad and params:
@@ -292,8 +295,13 @@ def measure(
     strategy: str | Strategy | None = None,
     loss_fn: Callable[[Any], Tensor] | None = None,
     min_numel: int | None = None,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> Report:
-    """Run one forward and backward of ``model`` and report the bytes saved.
+    """Run one forward and backward of ``model(*inputs, **kwargs)`` and report
+    the bytes saved.
+
+    ``kwargs``: keyword inputs of the model, e.g. a Hugging Face batch
+    (``measure(model, kwargs=batch)`` runs ``model(**batch)``).
 
     The count is exact: every tensor autograd saves is seen by the engine.
     Parameter ``.grad``, buffers (BatchNorm statistics) and torch's CPU and
@@ -328,8 +336,9 @@ def measure(
         # measured step into that function's graph, where the engine's hooks
         # count nothing (the report said 0 B -> 0 B).  The step runs eagerly.
         return torch.compiler.disable(measure)(
-            model, *inputs, strategy=strategy, loss_fn=loss_fn, min_numel=min_numel
-        )
+            model, *inputs, strategy=strategy, loss_fn=loss_fn, min_numel=min_numel,
+            kwargs=kwargs,
+        )  # fmt: skip
     if not isinstance(model, nn.Module):
         raise TypeError(f"measure expects an nn.Module, got {type(model).__name__}")
     wrapped = getattr(model, _ATTR, None)
@@ -351,7 +360,7 @@ def measure(
     min_numel = DEFAULT_MIN_NUMEL if min_numel is None else min_numel
     model = _eager_module(model)
     with wrapped.suspended() if wrapped is not None else _null(), eager_calls(model, "measure"):
-        return _measure(model, inputs, strategy, loss_fn, min_numel)
+        return _measure(model, inputs, dict(kwargs or {}), strategy, loss_fn, min_numel)
 
 
 def _eager_module(model: nn.Module) -> nn.Module:
@@ -385,6 +394,7 @@ def _eager_module(model: nn.Module) -> nn.Module:
 def _measure(
     model: nn.Module,
     inputs: tuple,
+    kwargs: dict,
     strategy: str | Strategy,
     loss_fn: Callable[[Any], Tensor] | None,
     min_numel: int,
@@ -395,16 +405,19 @@ def _measure(
         if not isinstance(v, nn.Parameter)
     }
     engine = Engine(strategy, model=model, min_numel=min_numel, track_modules=True, track_ops=True)
-    device = next((t.device for t in inputs if isinstance(t, Tensor)), torch.device("cpu"))
+    given = [*inputs, *kwargs.values()]
+    device = next((t.device for t in given if isinstance(t, Tensor)), torch.device("cpu"))
     peak = baseline_peak = None
     try:
         # Dropout in this extra step must not advance the user's generators.
-        with preserved_rng([*inputs, *model.parameters()]):
+        with preserved_rng([*given, *model.parameters()]):
             if device.type == "cuda":
-                baseline_peak = _peak(lambda: _step(model, inputs, loss_fn, _null()), device)
-                peak = _peak(lambda: _step(model, inputs, loss_fn, engine), device)
+                baseline_peak = _peak(
+                    lambda: _step(model, inputs, kwargs, loss_fn, _null()), device
+                )
+                peak = _peak(lambda: _step(model, inputs, kwargs, loss_fn, engine), device)
             else:
-                _step(model, inputs, loss_fn, engine)
+                _step(model, inputs, kwargs, loss_fn, engine)
     finally:
         engine.close()
         with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -141,8 +142,11 @@ def gradient_noise(
     seed: int = 0,
     min_numel: int = DEFAULT_MIN_NUMEL,
     track_modules: bool = False,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> NoiseReport:
-    """Measure the gradient bias and variance ``strategy`` adds on one batch.
+    """Measure the gradient bias and variance ``strategy`` adds on one batch
+    (``model(*inputs, **kwargs)``; ``kwargs``: keyword inputs, e.g. a Hugging
+    Face batch).
 
     ``strategy``: by default the strategy of a model wrapped with
     :func:`actpack.wrap` (another one given here runs in its place for the
@@ -209,6 +213,7 @@ def gradient_noise(
     if not named:
         raise ValueError("gradient_noise: the model has no parameter that requires grad")
     params = [p for _, p in named]
+    named_inputs = dict(kwargs or {})
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
 
     def restore() -> None:
@@ -229,10 +234,10 @@ def gradient_noise(
             engine = Engine(strat, model=model, min_numel=min_numel, track_modules=track_modules)
             ctx = engine
         try:
-            with preserved_rng([*inputs, *params]):
+            with preserved_rng([*inputs, *named_inputs.values(), *params]):
                 torch.manual_seed(seed)
                 with ctx:
-                    out = model(*inputs)
+                    out = model(*inputs, **named_inputs)
                     loss = loss_fn(out) if loss_fn is not None else default_loss(out)
                 if not (isinstance(loss, Tensor) and loss.requires_grad):
                     raise ValueError(
