@@ -237,3 +237,24 @@ def test_threads_share_a_configuration(served):
     for g, w in zip(got, want):
         same_code(g, w)
     assert served["hits"] > 0
+
+
+@pytest.mark.parametrize("missing", ["internals", "standalone_compile"])
+def test_missing_internals_fall_back_to_torch_compile(served, monkeypatch, missing):
+    """A torch whose private internals the artifacts need are missing or
+    changed (torch 2.11's standalone_compile took no ``donate_graph_module``)
+    serves every call through torch.compile: the reference's codes, no
+    warning, no error."""
+    if missing == "internals":  # e.g. make_fx or the compile lock gone
+        monkeypatch.setattr(standalone, "_SUPPORTED", False)
+    else:
+
+        def changed(*args, **kwargs):
+            raise TypeError("standalone_compile() got an unexpected keyword argument")
+
+        monkeypatch.setattr(torch._inductor, "standalone_compile", changed)
+    for x in (torch.randn(4, 512), torch.randn(3, 300)):
+        same_code(cgq.quantize_groups(x, 2, 256, stochastic=False),
+                  rgq.quantize_groups(x, 2, 256, stochastic=False))  # fmt: skip
+    assert served["hits"] == 0 and served["misses"] > 0
+    assert standalone.supported()  # this torch has them: the test simulated their absence
