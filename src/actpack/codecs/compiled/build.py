@@ -183,6 +183,8 @@ def run(
         return None
     if check is not None and not compiled.verified and not _verify(compiled, check):
         return None
+    if compiled.fn is None:  # the check's call found the body cannot compile (warned then)
+        return None
     out = compiled.standalone(args, _quiet_torch)
     if out is not MISS:
         return out

@@ -354,7 +354,9 @@ def _check_encoder(key: tuple, x: Tensor, block: int, bits: int) -> bool:
             noise = uniform(torch.arange(inp.numel()), seed)
         want = ref.division_encode(inp, block, bits, stochastic=False, noise=noise)
         return (
-            same_bits(got.lfc, want.lfc)
+            # Block means of values summing to zero may be -0.0 in the
+            # reference and +0.0 compiled (-fno-signed-zeros): they decode alike.
+            same_bounds(got.lfc, want.lfc)
             and same_bits(got.hfc.packed, want.hfc.packed)
             and same_bounds(got.hfc.lo, want.hfc.lo)
             and same_bounds(got.hfc.hi, want.hfc.hi)
