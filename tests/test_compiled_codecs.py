@@ -783,3 +783,73 @@ def test_rows_that_are_not_whole_groups_code_as_the_reference(dtype, bits, zero_
             assert torch.equal(cgq.dequantize_groups(got), rgq.dequantize_groups(ref)), where
     finally:
         build._compiled.cache_clear()
+
+
+# --------------------------------------------------------------------------------------
+# Verification against the reference (another torch's Inductor numerics)
+# --------------------------------------------------------------------------------------
+
+
+def _perturbed(factory):
+    """``factory`` whose bodies return the first output (the codes) with one
+    bit flipped in its first element: what an Inductor that rounds otherwise
+    would compute."""
+
+    def make(*key):
+        body = factory(*key)
+
+        def perturbed(*args):
+            out = body(*args)
+            first = out[0]
+            flat = (
+                first.view(torch.uint8).view(-1) if first.dtype != torch.uint8 else first.view(-1)
+            )
+            flipped = torch.cat([flat[:1] ^ 1, flat[1:]]).view(first.dtype).view(first.shape)
+            return (flipped, *out[1:])
+
+        return perturbed
+
+    make.__name__ = factory.__name__
+    return make
+
+
+@pytest.mark.parametrize("codec", ["encode", "decode", "division"])
+def test_codes_unlike_the_reference_fall_back_with_one_warning(monkeypatch, codec):
+    """A compiled configuration whose codes differ from the reference's on its
+    probe is never used: the reference serves it (and every later call of it),
+    after one NumericsFallbackWarning for the process."""
+    monkeypatch.setattr(build, "_numerics_warned", False)
+    build._compiled.cache_clear()
+    x = torch.randn(4, 512)
+    if codec == "encode":
+        monkeypatch.setattr(cgq, "_encoder", _perturbed(cgq._encoder))
+        tail = torch.randn(3, 300)  # another configuration: no second warning
+        calls = [lambda: cgq.quantize_groups(x, 2, 256, stochastic=False),
+                 lambda: cgq.quantize_groups(tail, 2, 256, stochastic=False)]  # fmt: skip
+        want = [rgq.quantize_groups(v, 2, 256, stochastic=False) for v in (x, tail)]
+    elif codec == "decode":
+        monkeypatch.setattr(cgq, "_decoder", _perturbed(cgq._decoder))
+        code = rgq.quantize_groups(x, 2, 256, stochastic=False)
+        calls = [lambda: cgq.dequantize_groups(code), lambda: cgq.dequantize_groups(code)]
+        want = [rgq.dequantize_groups(code), rgq.dequantize_groups(code)]
+    else:
+        monkeypatch.setattr(cdiv, "_encoder", _perturbed(cdiv._encoder))
+        xd = torch.randn(2, 3, 9, 9)
+        calls = [lambda: cdiv.division_encode(xd, 8, 2, stochastic=False)] * 2
+        want = [rdiv.division_encode(xd, 8, 2, stochastic=False)] * 2
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = [call() for call in calls]
+        assert [w.category for w in caught] == [build.NumericsFallbackWarning]
+        assert torch.__version__ in str(caught[0].message)
+        for g, w in zip(got, want):  # the perturbed codes would differ
+            if codec == "division":
+                same(g.lfc, w.lfc)
+                same_code(g.hfc, w.hfc)
+            elif codec == "encode":
+                same_code(g, w)
+            else:
+                same(g, w)
+    finally:
+        build._compiled.cache_clear()

@@ -119,10 +119,12 @@ def test_division_standalone_is_torch_compile_and_reference(served, dtype, stoch
 
 
 def test_guard_mismatch_falls_back_to_torch_compile(served, monkeypatch):
-    """One artifact allowed: calls its guards reject (a size 1 where the
-    trace saw more, a tail where it saw whole groups, another stride) are
-    served by torch.compile, with the reference's result."""
-    monkeypatch.setattr(standalone, "MAX_ARTIFACTS", 1)
+    """One artifact allowed for the caller's shapes: calls its guards reject
+    (a size 1 where the trace saw more, a tail where it saw whole groups,
+    another stride) are served by torch.compile, with the reference's result.
+    (Two slots: the configuration's check against the reference, run before
+    its first result is used, traces the first for its probe's sizes.)"""
+    monkeypatch.setattr(standalone, "MAX_ARTIFACTS", 2)
     first = torch.randn(4, 512)
     same_code(cgq.quantize_groups(first, 2, 256, stochastic=False),
               rgq.quantize_groups(first, 2, 256, stochastic=False))  # fmt: skip
@@ -237,3 +239,24 @@ def test_threads_share_a_configuration(served):
     for g, w in zip(got, want):
         same_code(g, w)
     assert served["hits"] > 0
+
+
+@pytest.mark.parametrize("missing", ["internals", "standalone_compile"])
+def test_missing_internals_fall_back_to_torch_compile(served, monkeypatch, missing):
+    """A torch whose private internals the artifacts need are missing or
+    changed (torch 2.11's standalone_compile took no ``donate_graph_module``)
+    serves every call through torch.compile: the reference's codes, no
+    warning, no error."""
+    if missing == "internals":  # e.g. make_fx or the compile lock gone
+        monkeypatch.setattr(standalone, "_SUPPORTED", False)
+    else:
+
+        def changed(*args, **kwargs):
+            raise TypeError("standalone_compile() got an unexpected keyword argument")
+
+        monkeypatch.setattr(torch._inductor, "standalone_compile", changed)
+    for x in (torch.randn(4, 512), torch.randn(3, 300)):
+        same_code(cgq.quantize_groups(x, 2, 256, stochastic=False),
+                  rgq.quantize_groups(x, 2, 256, stochastic=False))  # fmt: skip
+    assert served["hits"] == 0 and served["misses"] > 0
+    assert standalone.supported()  # this torch has them: the test simulated their absence

@@ -57,8 +57,13 @@ def division_encode(
     *,
     stochastic: bool = True,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> DivisionCode:
     """Split ``x`` (N, C, *S) into bf16 block means and a ``bits``-bit residual.
+
+    ``noise``: the rounding offsets of the residual, as for
+    :func:`~actpack.codecs.groupquant.quantize_groups` (one per element of
+    ``x``, row-major); the compiled codec's check passes its counter hash.
 
     A row (n, c) whose residual is not finite although ``x`` is (sums or
     differences overflowing float32 near its maximum) stores a zero LFC and
@@ -103,6 +108,7 @@ def division_encode(
             stochastic=stochastic,
             generator=generator,
             meta_dtype=torch.bfloat16,
+            noise=noise,
         )
         return DivisionCode(lfc, code, shape, eff)
 

@@ -56,30 +56,47 @@ __all__ = [
 
 
 def round_out(v: Tensor, meta: torch.dtype, down: bool) -> Tensor:
-    """The reference's ``_round_out`` (float32 ``v`` to ``meta``, outwards)
-    with int32 instead of int16 patterns.
+    """The reference's ``_round_out`` (float32 ``v`` to ``meta``, outwards,
+    saturating at ``meta``'s finite maximum) in int32 and float32 arithmetic
+    whose every step is exact, so that no compiler can round it otherwise.
 
-    bfloat16 values are the upper halves of float32 patterns, so one bfloat16
-    ulp outwards is +-2**16 on the float32 pattern read as int32 (the sign bit
-    makes a negative value's int32 smaller, and adding still grows its
-    magnitude).  Zero moves to the smallest subnormal of the right sign.
-    float16 keeps the reference (its patterns are not float32 halves).
+    The result is computed as a float32 value that ``meta`` represents, and
+    only then cast: that cast is exact, and so is any ``.float()`` of it that
+    Inductor elides.  A ``.to(meta).float()`` round trip is never used:
+    Inductor's C++ backend drops it inside a fused loop (torch 2.11 caches the
+    float32 value as the cast's inverse; only torch >= 2.13 keeps the rounding
+    under ``emulate_precision_casts``), and the comparisons that decide the
+    outward step then saw the unrounded value.
+
+    A value is cut towards zero to ``meta``'s precision on its float32
+    pattern (the mantissa bits ``meta`` lacks cleared) and, if that dropped
+    anything and ``down`` points away from zero for its sign, moved one
+    ``meta`` ulp outwards (+1 on the cut pattern's kept bits; a carry into
+    the exponent is the next binade, as for the reference's ``+1`` on the
+    16-bit pattern).  float16's subnormals (below 2**-14) are multiples of
+    2**-24 whatever the exponent: cut there with an exact float ``trunc`` of
+    ``v * 2**24``.  Zero stays zero (its sign may differ: either decodes
+    alike); a tiny value pushed outwards becomes the smallest subnormal.
     """
-    if meta != torch.bfloat16:
-        return _round_out(v, meta, down)
-    m = v.to(torch.bfloat16).float()
-    pattern = m.view(torch.int32)
-    if down:
-        off = m > v
-        moved = torch.where(m < 0, pattern + 65536, pattern - 65536)
-        moved = torch.where(m == 0, -2147418112, moved)  # 0x80010000: -smallest subnormal
-    else:
-        off = m < v
-        moved = torch.where(m > 0, pattern + 65536, pattern - 65536)
-        moved = torch.where(m == 0, 65536, moved)  # 0x00010000: +smallest subnormal
-    out = torch.where(off, moved.view(torch.float32), m)
-    big = torch.finfo(torch.bfloat16).max
-    return out.clamp(-big, big).to(torch.bfloat16)
+    if meta not in (torch.bfloat16, torch.float16):
+        return v.to(meta)  # float32 (float64) holds every float32 value exactly
+    if meta == torch.bfloat16:
+        return _round_out(v, meta, down)  # the reference is already bitwise (_round_out_bf16)
+    b = v.view(torch.int32)
+    negative = b < 0
+    away = negative == down  # the outward direction is away from zero for this sign
+    mag = b & 0x7FFFFFFF
+    # Normal float16 range (|v| >= 2**-14, pattern >= 113 << 23): 13 mantissa bits dropped.
+    cut = mag & -8192
+    normal = torch.where(away & (cut != mag), cut + 8192, cut).view(torch.float32)
+    # Subnormal range: multiples of 2**-24; |v| * 2**24 < 1024 and trunc are exact.
+    scaled = mag.view(torch.float32) * 16777216.0
+    whole = torch.trunc(scaled)
+    sub = torch.where(away & (whole != scaled), whole + 1.0, whole) * 5.9604644775390625e-08
+    m = torch.where(mag >= 113 << 23, normal, sub)
+    big = torch.finfo(torch.float16).max
+    m = torch.where(m > big, big, m)  # saturate (a float16 maximum); NaN is not compared
+    return torch.where(negative, -m, m).to(torch.float16)
 
 
 def split_extremes(g: Tensor) -> tuple[Tensor, Tensor]:

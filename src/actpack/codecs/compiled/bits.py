@@ -22,12 +22,15 @@ only full-size temporary either way.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from actpack.codecs import pack as ref
 from actpack.codecs.compiled import build
+from actpack.codecs.compiled.verify import same_bits
 from actpack.codecs.pack import _check_bits, packed_numel
 
 __all__ = [
@@ -120,7 +123,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     if bits == 8 or flat.numel() == 0:
         return flat if bits == 8 else ref.pack_bits(flat, bits)
     with torch.no_grad():
-        out = build.run(_packer, (bits,), (flat,))
+        out = build.run(_packer, (bits,), (flat,), functools.partial(_check_packer, bits))
     return ref.pack_bits(flat, bits) if out is None else out
 
 
@@ -134,7 +137,8 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
         return stream
     words = -(-numel // _word(bits)[0])
     with torch.no_grad():
-        out = build.run(_unpacker, (bits,), (stream, stream.new_empty(words, 0)))
+        args = (stream, stream.new_empty(words, 0))
+        out = build.run(_unpacker, (bits,), args, functools.partial(_check_unpacker, bits))
     if out is None:
         return ref.unpack_bits(stream, bits, numel)
     return out.view(torch.uint8)[:numel]
@@ -164,3 +168,23 @@ def unpack_mask(packed: Tensor, shape: torch.Size) -> Tensor:
     """Inverse of :func:`pack_mask`: a bool tensor of ``shape``."""
     shape = torch.Size(shape)
     return unpack_bits(packed, 1, shape.numel()).view(torch.bool).view(shape)
+
+
+def _probe_codes(bits: int) -> Tensor:
+    """Codes of every value, extremes first, and a tail that fills no word."""
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 1 << bits, (1003,), generator=gen, dtype=torch.uint8)
+    codes[: 1 << bits] = torch.arange(1 << bits, dtype=torch.uint8)
+    return codes
+
+
+def _check_packer(bits: int) -> bool:
+    """Whether the packer for ``bits`` writes the reference's stream."""
+    codes = _probe_codes(bits)
+    return same_bits(pack_codes(codes, bits), ref.pack_bits(codes, bits))
+
+
+def _check_unpacker(bits: int) -> bool:
+    """Whether the unpacker for ``bits`` reads the reference's stream back."""
+    codes = _probe_codes(bits)
+    return same_bits(unpack_codes(ref.pack_bits(codes, bits), bits, codes.numel()), codes)

@@ -20,9 +20,16 @@ Three details keep compilations few and results exact:
   by one factory shares a code object, so each configuration gets a copy of
   the body's code object of its own: its graphs then only vary with shape
   facts (a size of 1, a padded tail), a handful at most.
-* ``emulate_precision_casts`` makes Inductor round every bfloat16/float16
-  intermediate as eager PyTorch does; without it the outward rounding of the
-  group ranges is skipped and lo/hi differ from the reference.
+* No result depends on how Inductor rounds a bfloat16/float16
+  intermediate: the outward rounding of the group ranges is exact float32
+  and int32 arithmetic (:func:`~actpack.codecs.compiled.arith.round_out`).
+  ``emulate_precision_casts`` is still set; torch 2.13 honours it in its C++
+  backend, torch 2.11 does not (it dropped the ``.to(bfloat16).float()``
+  round trip the rounding once relied on, and lo/hi differed).
+* Each configuration is checked once per process against the reference on
+  a probe (``check``; :func:`_verify`): a torch whose Inductor computes
+  other codes falls back to the reference, with one warning, instead of
+  silently departing from the specification.
 
 Calls whose arguments the guards of a standalone artifact accept skip
 Dynamo altogether (:mod:`actpack.codecs.compiled.standalone`: ~15 us a
@@ -37,6 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import threading
 import types
 import warnings
 from collections.abc import Callable, Iterator
@@ -46,25 +55,45 @@ import torch
 
 from actpack.codecs.compiled.standalone import MISS, Standalone
 
-__all__ = ["MAX_NUMEL", "CompileFallbackWarning", "available", "run"]
+__all__ = ["MAX_NUMEL", "CompileFallbackWarning", "NumericsFallbackWarning", "available", "run"]
+
+log = logging.getLogger(__name__)
 
 # Larger tensors take the reference codecs: a bound kept from the first hash,
 # which read 32-bit indices; nothing here has been run at that size.
 MAX_NUMEL = 2**32
 
-_OPTIONS = {"emulate_precision_casts": True}
+# Inductor options for every codec compile.  The arithmetic of the bodies is
+# written so that it needs none of them to equal the reference (no low-precision
+# round trip, no product added to a sum: see arith.py), but the C++ flags are
+# pinned anyway against environment overrides (TORCHINDUCTOR_CPP_ENABLE_*):
+# contraction into FMA and unsafe-math reassociation change float32 results.
+_OPTIONS = {
+    "emulate_precision_casts": True,
+    "cpp.enable_floating_point_contract_flag": "off",
+    "cpp.enable_unsafe_math_opt_flag": False,
+}
 
 
 class CompileFallbackWarning(RuntimeWarning):
     """A fused CPU codec could not be compiled; the reference codecs run instead."""
 
 
+class NumericsFallbackWarning(CompileFallbackWarning):
+    """A fused CPU codec compiled, but its codes differ from the reference's on
+    the verification probe (this torch's Inductor rounds otherwise): the
+    reference codecs run instead."""
+
+
 class _Compiled:
-    """One configuration's compiled body; ``fn`` is None once compiling it failed."""
+    """One configuration's compiled body; ``fn`` is None once compiling it failed
+    or its results failed verification."""
 
     def __init__(self, factory: Callable[..., Callable[..., Any]], key: tuple) -> None:
         self.name = f"{factory.__name__}{key}"
         self.warm = False  # compiled and run once
+        self.verified = False  # its check passed (see _verify)
+        self.lock = threading.Lock()
         body = factory(*key)
         code = body.__code__.replace()  # a distinct code object: graphs of its own
         fresh = types.FunctionType(code, body.__globals__, body.__name__, None, body.__closure__)
@@ -118,9 +147,18 @@ def _keep(x: Any) -> Any:
     return x
 
 
-def run(factory: Callable[..., Callable[..., Any]], key: tuple, args: tuple) -> Any:
-    """``factory(*key)(*args)`` compiled, or None if it cannot be compiled
-    (then the caller runs the reference).
+def run(
+    factory: Callable[..., Callable[..., Any]],
+    key: tuple,
+    args: tuple,
+    check: Callable[[], bool] | None = None,
+) -> Any:
+    """``factory(*key)(*args)`` compiled, or None if it cannot be compiled or
+    fails verification (then the caller runs the reference).
+
+    ``check``: run once per configuration and process before its first
+    result is used (:func:`_verify`); it returns whether the compiled codec
+    gives the reference's codes on a probe of that configuration.
 
     Dynamo guards every compiled function on the innermost saved-tensor
     hooks when they are ``GraphModule``s (the pair AOTAutograd would inline),
@@ -143,6 +181,10 @@ def run(factory: Callable[..., Callable[..., Any]], key: tuple, args: tuple) -> 
     compiled = _compiled(factory, key)
     if compiled.fn is None:
         return None
+    if check is not None and not compiled.verified and not _verify(compiled, check):
+        return None
+    if compiled.fn is None:  # the check's call found the body cannot compile (warned then)
+        return None
     out = compiled.standalone(args, _quiet_torch)
     if out is not MISS:
         return out
@@ -158,6 +200,55 @@ def run(factory: Callable[..., Callable[..., Any]], key: tuple, args: tuple) -> 
         compiled.fn = None
         _warn(compiled.name, exc)
         return None
+
+
+# The configurations whose check this thread is running: the check's own calls
+# of the codec (on its probe) must run the compiled body, unverified.
+_checking = threading.local()
+_numerics_warned = False
+
+
+def _verify(compiled: _Compiled, check: Callable[[], bool]) -> bool:
+    """Whether ``compiled`` may serve calls: ``check()`` passed, run once.
+
+    The specification is the reference codecs, and Inductor's numerics are
+    not (torch 2.11 elided a bfloat16 round trip that 2.13 keeps): each
+    configuration's codes are compared with the reference's, bit for bit, on
+    a small probe holding the hard cases (ties, meta rounding, subnormals,
+    saturation, non-finite values, tail groups) before its first result is
+    used.  A mismatch, or an error in the check, leaves the configuration on
+    the reference for good, with one :class:`NumericsFallbackWarning` per
+    process.  Other threads wait on the configuration's lock meanwhile.
+    """
+    global _numerics_warned
+    active = getattr(_checking, "active", ())
+    if compiled in active:  # the check's own call
+        return True
+    with compiled.lock:
+        if compiled.verified or compiled.fn is None:
+            return compiled.verified
+        _checking.active = (*active, compiled)
+        try:
+            ok, why = bool(check()), "codes differ from the reference's on the probe"
+        except Exception as exc:  # a failing check must not make the codec trusted
+            ok, why = False, f"the check failed: {type(exc).__name__}: {exc}"
+        finally:
+            _checking.active = active
+        if not ok:
+            compiled.fn = None
+            log.debug("actpack: compiled codec %s not used: %s", compiled.name, why)
+            if not _numerics_warned:
+                _numerics_warned = True
+                warnings.warn(
+                    f"actpack's fused CPU codec {compiled.name} does not reproduce the reference "
+                    f"codecs under torch {torch.__version__} ({why[:300]}); it and every "
+                    "configuration that fails the same check run the reference codecs instead, "
+                    "correct but slower. ACTPACK_BACKEND=reference silences this.",
+                    NumericsFallbackWarning,
+                    stacklevel=5,
+                )
+        compiled.verified = ok
+    return ok
 
 
 def _dynamic(arg: Any) -> Any:

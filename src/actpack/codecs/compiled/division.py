@@ -50,6 +50,7 @@ from actpack.codecs.compiled.arith import (
 from actpack.codecs.compiled.bits import pack_codes, unpack_codes
 from actpack.codecs.compiled.build import MAX_NUMEL
 from actpack.codecs.compiled.groupquant import _FLOATS, index_dtype, levels_tensor, zero_key
+from actpack.codecs.compiled.verify import same_bits, same_bounds
 from actpack.codecs.counter_noise import random_key, uniform
 from actpack.codecs.division import DivisionCode, _upsample
 from actpack.codecs.groupquant import GroupCode
@@ -203,6 +204,27 @@ def division_encode(
 
     if torch.compiler.is_compiling() or not _valid(x, block, bits):  # see groupquant's
         return reference()
+    code = _encode(x, block, bits, stochastic, generator)
+    return reference() if code is None else code
+
+
+class _OtherKey(Exception):
+    """A check's probe selected another configuration than the one checked."""
+
+
+def _encode(
+    x: Tensor,
+    block: int,
+    bits: int,
+    stochastic: bool,
+    generator: torch.Generator | None,
+    index: torch.dtype | None = None,
+    expect: tuple | None = None,
+) -> DivisionCode | None:
+    """:func:`division_encode` for valid arguments; None where the compiled
+    configuration cannot serve.  ``index`` forces the noise counter's dtype;
+    ``expect``: the configuration a check's probe must select (else
+    :class:`_OtherKey`)."""
     x = x.detach()
     shape = tuple(x.shape)
     eff = tuple(min(block, s) for s in shape[2:])
@@ -221,16 +243,19 @@ def division_encode(
             view = x
             spread_lfc, rest = spread(lfc, eff, shape, _innermost(x))
         # 32-bit noise lanes where every flat index fits (see counter_noise.uniform).
-        index = index_dtype(x.numel())
+        index = index or index_dtype(x.numel())
         inner = _innermost(view)
         # The row-major stride of ``inner`` times arange: the noise counter's offsets.
         lane = _lane(view.shape[inner], math.prod(view.shape[inner + 1 :]), index, x.device)
         key = (bits >= 2, bool(stochastic), rest, x.dtype, index, inner)
         levels = levels_tensor(bits, False)
         args = (view, lfc, spread_lfc, seed, levels, lane)
-        out = build.run(_encoder, key, args)
+        if expect is not None and key != expect:
+            raise _OtherKey(key)
+        check = functools.partial(_check_encoder, key, x, block, bits)
+        out = build.run(_encoder, key, args, check)
         if out is None:
-            return reference()
+            return None
         codes, lo, hi, poisoned, lfc = out[:5]
         if any_set(poisoned):
             # A poisoned row's residual is not finite, so its codes classify x itself.
@@ -257,6 +282,15 @@ def division_decode(code: DivisionCode, dtype: torch.dtype = torch.float32) -> T
         and 0 < n < MAX_NUMEL
     ):
         return ref.division_decode(code, dtype)
+    out = _decode(code, dtype)
+    return ref.division_decode(code, dtype) if out is None else out
+
+
+def _decode(code: DivisionCode, dtype: torch.dtype, expect: tuple | None = None) -> Tensor | None:
+    """:func:`division_decode` for codes it serves; None where the compiled
+    configuration cannot serve (``expect``: see :func:`_encode`)."""
+    hfc = code.hfc
+    n = hfc.rows * hfc.cols
     shape = tuple(code.shape)
     with torch.no_grad():
         q = unpack_codes(hfc.packed, hfc.bits, n)
@@ -267,11 +301,84 @@ def division_decode(code: DivisionCode, dtype: torch.dtype = torch.float32) -> T
             spread_lfc, rest = spread(code.lfc, tuple(code.block), shape, len(shape) - 1)
             q = q.view(shape)
         args = (spread_lfc, q, hfc.lo, hfc.hi, levels_tensor(hfc.bits, False))
-        out = build.run(_decoder, (hfc.bits >= 2, rest, dtype), args)
+        key = (hfc.bits >= 2, rest, dtype)
+        if expect is not None and key != expect:
+            raise _OtherKey(key)
+        check = functools.partial(_check_decoder, key, code, dtype)
+        out = build.run(_decoder, key, args, check)
         if out is None:
-            return ref.division_decode(code, dtype)
+            return None
         out = out[0]
         rows = shape[0] * shape[1]
         wide = hfc.bits >= 2
         fix_poisoned_values_(out.view(rows, -1), q.reshape(rows, -1), hfc.lo.view(-1), wide)
     return out.view(shape)
+
+
+def _probe_like(x: Tensor, block: int, dtype: torch.dtype) -> Tensor:
+    """A small input that takes ``x``'s configuration: (2, 3, ...) with each
+    spatial size kept up to ``block`` and ``block + 1`` beyond it (the same
+    blocks, and a partial one), in ``x``'s memory order, holding the hard
+    cases: a NaN, +-Inf, a row whose residual overflows float32 (x itself is
+    coded), a constant row and a subnormal one."""
+    shape = [2, 3, *(s if s <= block else block + 1 for s in x.shape[2:])]
+    # Outermost first, by stride (ties: the later dimension inner, as contiguous).
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn([shape[d] for d in order], generator=gen) * 2 + 0.5
+    probe = base.permute([order.index(d) for d in range(x.dim())])
+    first = (0,) * (x.dim() - 2)
+    probe[0, 0] *= 1e-40
+    probe[0, 1][first] = float("nan")
+    probe[0, 2] = 1.5
+    probe[1, 0][first] = float("inf")
+    probe[1, 1][first] = -float("inf")
+    probe[1, 2] = 3.3e38
+    probe[1, 2][first] = -3.3e38
+    return base.to(dtype).permute([order.index(d) for d in range(x.dim())])
+
+
+def _check_encoder(key: tuple, x: Tensor, block: int, bits: int) -> bool:
+    """Whether encoder configuration ``key`` codes a probe like ``x`` as the
+    reference does (given its noise).  Where no probe selects ``key`` (a
+    layout the probe does not reproduce), ``x`` itself is checked."""
+    stochastic, index = key[1], key[4]
+
+    def compare(inp: Tensor) -> bool:
+        got = _encode(inp, block, bits, stochastic, torch.Generator().manual_seed(0), index, key)
+        if got is None:  # the body could not be compiled: the reference serves anyway
+            return True
+        noise = None
+        if stochastic:
+            seed = random_key(torch.Generator().manual_seed(0), inp.device)
+            noise = uniform(torch.arange(inp.numel()), seed)
+        want = ref.division_encode(inp, block, bits, stochastic=False, noise=noise)
+        return (
+            # Block means of values summing to zero may be -0.0 in the
+            # reference and +0.0 compiled (-fno-signed-zeros): they decode alike.
+            same_bounds(got.lfc, want.lfc)
+            and same_bits(got.hfc.packed, want.hfc.packed)
+            and same_bounds(got.hfc.lo, want.hfc.lo)
+            and same_bounds(got.hfc.hi, want.hfc.hi)
+        )
+
+    try:
+        return compare(_probe_like(x, block, x.dtype))
+    except _OtherKey:
+        return compare(x)
+
+
+def _check_decoder(key: tuple, code: DivisionCode, dtype: torch.dtype) -> bool:
+    """Whether decoder configuration ``key`` decodes a reference code of a
+    probe like ``code``'s input as the reference does (else ``code`` itself)."""
+
+    def compare(c: DivisionCode) -> bool:
+        got = _decode(c, dtype, key)
+        return got is None or same_bits(got, ref.division_decode(c, dtype))
+
+    like = torch.empty(code.shape, dtype=torch.float32)
+    probe = _probe_like(like, max(code.block), torch.float32)
+    try:
+        return compare(ref.division_encode(probe, max(code.block), code.hfc.bits, stochastic=False))
+    except _OtherKey:
+        return compare(code)

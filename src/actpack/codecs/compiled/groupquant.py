@@ -55,6 +55,7 @@ from actpack.codecs.compiled.arith import (
 )
 from actpack.codecs.compiled.bits import pack_codes, pack_rows, packs_rows, unpack_codes
 from actpack.codecs.compiled.build import MAX_NUMEL
+from actpack.codecs.compiled.verify import hard_groups, same_bits, same_bounds
 from actpack.codecs.counter_noise import random_key, uniform
 from actpack.codecs.groupquant import GroupCode
 
@@ -227,12 +228,29 @@ def quantize_groups(
     # cached constants, whose lru_cache Dynamo warns that it ignores.
     if torch.compiler.is_compiling() or not _valid(x, bits, group_size, zero_exact, meta_dtype):
         return reference()
+    code = _quantize(x, bits, group_size, stochastic, generator, zero_exact, meta_dtype)
+    return reference() if code is None else code
+
+
+def _quantize(
+    x: Tensor,
+    bits: int,
+    group_size: int,
+    stochastic: bool,
+    generator: torch.Generator | None,
+    zero_exact: bool,
+    meta_dtype: torch.dtype,
+    index: torch.dtype | None = None,
+) -> GroupCode | None:
+    """:func:`quantize_groups` for valid arguments; None where the compiled
+    configuration cannot serve (the caller runs the reference).  ``index``
+    forces the noise counter's dtype (the check of an int64 configuration)."""
     x = x.detach()
     zero_exact, stochastic = bool(zero_exact), bool(stochastic)
     seed = random_key(generator, x.device) if stochastic else zero_key(x.device)
     rows, cols = x.shape
     # 32-bit noise lanes where every flat index fits (see counter_noise.uniform).
-    index = index_dtype(rows * -(-cols // group_size) * group_size)
+    index = index or index_dtype(rows * -(-cols // group_size) * group_size)
     # Whole groups in contiguous rows: the body reads the (groups, group_size)
     # view, whose flat index needs no division by a symbolic row width.
     grouped = cols % group_size == 0 and x.stride(1) == 1 and (rows == 1 or x.stride(0) == cols)
@@ -245,9 +263,9 @@ def quantize_groups(
     key = (bits >= 2, zero_exact, stochastic, meta_dtype, x.dtype, index, grouped, split, pack)
     args = (view, seed, levels_tensor(bits, zero_exact), lanes(group_size, index, x.device))
     with torch.no_grad():
-        out = build.run(_encoder, key, args)
+        out = build.run(_encoder, key, args, functools.partial(_check_encoder, key))
         if out is None:
-            return reference()
+            return None
         codes, lo, hi, poisoned = out[:4]
         width = -(-cols // group_size) * group_size
         if not grouped:
@@ -281,10 +299,61 @@ def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Te
     with torch.no_grad():
         q = unpack_codes(code.packed, code.bits, n).view(-1, code.group_size)
         args = (q, code.lo, code.hi, levels_tensor(code.bits, code.zero_exact))
-        out = build.run(_decoder, key, args)
+        out = build.run(_decoder, key, args, functools.partial(_check_decoder, key))
         if out is None:
             return ref.dequantize_groups(code, dtype)
         out = out[0]
         fix_poisoned_values_(out, q, code.lo.view(-1), code.bits >= 2)
     out = out.view(code.rows, code.ngroups * code.group_size)
     return out if out.shape[1] == code.cols else out[:, : code.cols].contiguous()
+
+
+def _probe_matrix(group_size: int, levels: int, grouped: bool, zero_exact: bool) -> Tensor:
+    """The hard-case groups (:func:`~actpack.codecs.compiled.verify.hard_groups`)
+    as a float32 matrix: rows of two whole groups (``grouped``), or of two
+    groups and a tail of 5 columns."""
+    cases = hard_groups(group_size, levels)
+    if grouped:
+        x = cases.view(-1, 2 * group_size)
+    else:
+        x = cases.view(-1, 3 * group_size)[:, : 2 * group_size + 5]
+    return x.abs() if zero_exact else x
+
+
+def _check_encoder(key: tuple) -> bool:
+    """Whether the encoder configuration ``key`` codes a probe of it as the
+    reference does (the noise of stochastic rounding given to the reference)."""
+    wide, zero_exact, stochastic, meta, dtype, index, grouped, split, pack = key
+    # A group size and bit width that select this configuration (see _quantize).
+    group_size = 16 if split else (8 if pack else 6)
+    bits = pack or (8 if grouped and split else (3 if wide else 1))
+    levels = (1 << bits) - 1 - int(zero_exact)
+    x = _probe_matrix(group_size, levels, grouped, zero_exact).to(dtype)
+    x = x.contiguous() if grouped else x  # the tail view: not whole groups, not contiguous
+    kw = {"zero_exact": zero_exact, "meta_dtype": meta}
+    got = _quantize(x, bits, group_size, stochastic, torch.Generator().manual_seed(0), **kw,
+                    index=index)  # fmt: skip
+    if got is None:  # the body could not be compiled: the reference serves anyway
+        return True
+    noise = None
+    if stochastic:  # the counter hash the compiled encoder draws, given to the reference
+        width = -(-x.shape[1] // group_size) * group_size
+        key_ = random_key(torch.Generator().manual_seed(0), x.device)
+        noise = uniform(torch.arange(x.shape[0] * width), key_)
+    want = ref.quantize_groups(x, bits, group_size, stochastic=False, noise=noise, **kw)
+    return (
+        same_bits(got.packed, want.packed)
+        and same_bounds(got.lo, want.lo)
+        and same_bounds(got.hi, want.hi)
+    )
+
+
+def _check_decoder(key: tuple) -> bool:
+    """Whether the decoder configuration ``key`` decodes a reference code of
+    the hard cases as the reference does."""
+    wide, zero_exact, meta, dtype = key
+    bits = 3 if wide else 1
+    x = _probe_matrix(16, (1 << bits) - 1 - int(zero_exact), True, zero_exact)
+    code = ref.quantize_groups(x, bits, 16, stochastic=False, zero_exact=zero_exact,
+                               meta_dtype=meta)  # fmt: skip
+    return same_bits(dequantize_groups(code, dtype), ref.dequantize_groups(code, dtype))

@@ -38,21 +38,28 @@ inference mode off, no autocast, no torch function or dispatch mode, no
 functorch transform (see :func:`_plain`).  Everything else, a guard that does
 not hold once :data:`MAX_ARTIFACTS` are compiled, and any failure to trace or
 compile answer :data:`MISS`: the caller then runs the ``torch.compile`` path,
-which guards itself.
+which guards itself.  So does every call on a torch without the private
+internals used here (:func:`supported`); ``standalone_compile``'s
+``donate_graph_module`` is passed only where it exists (torch 2.13, not 2.11).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.fx.experimental import _config as fx_config
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+try:  # private internals: a torch without them keeps the torch.compile path alone
+    from torch.fx.experimental import _config as fx_config
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+except ImportError:  # pragma: no cover - depends on the torch version
+    fx_config = make_fx = SYMPY_INTERP = None
 
 __all__ = ["MAX_ARTIFACTS", "MISS", "Standalone"]
 
@@ -69,6 +76,30 @@ MAX_ARTIFACTS = 4
 # alone, and a graph of make_fx has none: a hit would be served with none of
 # the guards Inductor added when it compiled the entry (see the module's notes).
 _NO_FX_GRAPH_CACHE = {"fx_graph_cache": False}
+
+
+def _donate_kwargs() -> dict[str, Any]:
+    """``donate_graph_module=True`` where ``standalone_compile`` takes it (torch
+    2.13): the traced graph is used once, so Inductor may lower it in place.
+    torch 2.11's has no such argument and deep-copies the graph instead (the
+    copy shares the nodes' fake values, so the ShapeEnv, and its guards, are
+    the trace's either way)."""
+    compile_fn = getattr(getattr(torch, "_inductor", None), "standalone_compile", None)
+    try:
+        params = inspect.signature(compile_fn).parameters if compile_fn else {}
+    except (TypeError, ValueError):  # pragma: no cover - not introspectable
+        params = {}
+    return {"donate_graph_module": True} if "donate_graph_module" in params else {}
+
+
+def supported() -> bool:
+    """Whether this torch has the internals the artifacts need (else every
+    call takes the ``torch.compile`` path, which guards itself)."""
+    return (
+        make_fx is not None
+        and callable(getattr(getattr(torch, "_inductor", None), "standalone_compile", None))
+        and hasattr(getattr(torch._dynamo, "convert_frame", None), "compile_lock")
+    )
 
 
 class _DropArtifactWarning(logging.Filter):
@@ -144,6 +175,10 @@ def _guard_function(expr: str | None, n: int) -> Callable[..., bool]:
     return namespace["guard"]
 
 
+_SUPPORTED = supported()
+_DONATE = _donate_kwargs()
+
+
 class _Artifact:
     def __init__(self, fn: Callable[..., Any], facts: tuple, guard: Callable[..., bool]) -> None:
         self.fn, self.facts, self.guard = fn, facts, guard
@@ -160,7 +195,7 @@ class Standalone:
     def __call__(self, args: tuple, quiet: Callable[[], Any]) -> Any:
         """The body's result from an artifact whose guards hold for ``args``
         (compiling one if there is room), or :data:`MISS`."""
-        if self.broken or not _plain():
+        if self.broken or not _SUPPORTED or not _plain():
             return MISS
         facts = _facts(args)
         if facts is None:
@@ -217,7 +252,7 @@ class Standalone:
                     fakes,
                     dynamic_shapes="from_graph",
                     options={"config_patches": {**self.options, **_NO_FX_GRAPH_CACHE}},
-                    donate_graph_module=True,
+                    **_DONATE,
                 )
             # After compiling: Inductor's own guards are in the ShapeEnv now.
             expr = shape_env.produce_guards_expression(fakes, ignore_static=False)
