@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from small_models import SmallCNN
-from test_gradients import Block
+from test_gradients import TWO_BIT, Block
 from torch.utils.checkpoint import checkpoint
 
 import actpack
@@ -106,15 +106,7 @@ def test_near_lossless_strategies_on_cuda(kind, strategy, bound):
 
 
 @pytest.mark.parametrize("kind", ["cnn", "transformer", "checkpointed"])
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda s: actpack.ActNN(seed=s),
-        lambda s: actpack.Division(seed=s),
-        lambda s: actpack.RowActNN(seed=s),
-    ],
-    ids=["actnn", "division", "rows"],
-)
+@TWO_BIT
 def test_two_bit_gradients_are_unbiased_on_cuda(kind, make):
     model, x = _case(kind)
     exact = _grads(model, x, actpack.compress("none", min_numel=0))

@@ -62,9 +62,8 @@ def test_near_lossless_strategies(kind, strategy, bound):
 
 K = 16
 
-
-@pytest.mark.parametrize("kind", ["cnn", "transformer"])
-@pytest.mark.parametrize(
+#: The 2-bit strategies, one per seed (shared with test_cuda.py).
+TWO_BIT = pytest.mark.parametrize(
     "make",
     [
         lambda s: actpack.ActNN(seed=s),
@@ -73,6 +72,10 @@ K = 16
     ],
     ids=["actnn", "division", "rows"],
 )
+
+
+@pytest.mark.parametrize("kind", ["cnn", "transformer"])
+@TWO_BIT
 def test_two_bit_gradients_are_unbiased(kind, make):
     """Mean of K draws against exact autograd, judged by its own spread.
 
