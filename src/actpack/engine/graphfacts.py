@@ -386,11 +386,10 @@ _FILL_THROUGH = _THROUGH | frozenset(
 
 # One threshold for both engines (fills.EXTREME_FILL, 1e3): a constant that
 # large next to activations makes a 2-bit group's step a third of the fill,
-# and float32 decoding (lo + q * step) then errs by ~1e-7 of the fill on
-# every value of the group: a bias, not noise.  The compiled walk used 1e30
-# (finfo.min only) until 2026-12-01: a where(valid, h, -1e4) saved for a
-# product was coded, R = 3544 at K=32 under Inductor (tests/test_fills.py).
-_HUGE_FILL = EXTREME_FILL
+# so its group's other values get noise at the fill's scale (eager: 85-96x
+# the gradient with a -1e4 mask).  The compiled walk took only >= 1e30
+# (finfo.min) until 2026-12-01: a -1e4 or -1e9 fill saved for a Linear was
+# coded when compiled, kept exact in eager mode (tests/test_fills.py).
 # Ops whose int arguments are values (a fill, a scalar operand); elsewhere ints
 # are sizes, dims and slice bounds (view(x, [8, 1024]), slice(x, 0, 0, 2**63-1)).
 _INT_VALUES = frozenset(
@@ -420,7 +419,7 @@ def _extreme_fill(node: fx.Node, limit: int = 64) -> float | None:
         for arg in (*current.args, *current.kwargs.values()):
             for a in arg if isinstance(arg, (list, tuple)) else (arg,):
                 if (type(a) is float or (type(a) is int and a is arg and name in _INT_VALUES)) and (
-                    not abs(a) < _HUGE_FILL
+                    not abs(a) < EXTREME_FILL
                 ):
                     return float(a)
                 if isinstance(a, fx.Node) and a not in seen:
