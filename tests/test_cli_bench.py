@@ -48,6 +48,36 @@ def test_bench_cpu_table_and_json(tmp_path: Path, capsys) -> None:
         assert rows[name]["time_spread"] == pytest.approx(bench.spread(times))
 
 
+def test_reference_row_is_plain_pytorch(monkeypatch, tmp_path: Path) -> None:
+    """The ``none`` row, which every step time is divided by, runs without
+    actpack's hooks (timed under ``compress("none")`` it carried the engine's
+    own host cost into every ratio); the strategy rows run under them, each
+    in its own engine, and the ``none`` row's bytes are still counted."""
+    seen: dict[str, object] = {}
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    real_step = bench._step
+
+    def step(model, inputs, loss_fn, v):
+        with v.step_ctx(), v.forward_ctx():
+            seen[v.name] = top(False)
+        real_step(model, inputs, loss_fn, v)
+
+    monkeypatch.setattr(bench, "_step", step)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", "gpt:tiny", "--batch-size", "2", "--strategies", "actnn",
+            "int8", "--alternatives", "checkpoint", "--steps", "1", "--warmup", "0",
+            "--quiet", "--json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert seen["none"] is None and seen["checkpoint"] is None
+    assert seen["actnn"] is not None and seen["int8"] is not None
+    assert seen["actnn"] != seen["int8"]  # one engine per row
+    rows = {r["name"]: r for r in payload["rows"]}
+    assert rows["none"]["kind"] == "reference" and "plain PyTorch" in rows["none"]["note"]
+    assert rows["none"]["saved_bytes"] == rows["none"]["baseline_bytes"] > 0
+    assert rows["none"]["time_vs_none"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("name", ["resnet", "gpt", "vit"])
 def test_checkpointed_matches_plain_and_restores(name: str) -> None:
     torch.manual_seed(0)

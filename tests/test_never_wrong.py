@@ -2027,6 +2027,39 @@ class TestAttentionQueryKeyHalf:
         assert torch.equal(got[~torch.isfinite(x)].nan_to_num(1.0, 2.0, 3.0),
                            x[~torch.isfinite(x)].nan_to_num(1.0, 2.0, 3.0))  # fmt: skip
 
+    @pytest.mark.parametrize("layout", ["contiguous", "strided", "transposed"])
+    @pytest.mark.parametrize("special", [None, math.inf, -math.inf, math.nan])
+    def test_host_form_is_the_traceable_code_bit_for_bit(self, layout, special):
+        """The eager CPU form (largest |x| read on the host from aminmax, a
+        product with 2^-e) gives half_scaled's data, scale and strides bit
+        for bit: magnitudes from zero and subnormals to fp32's largest, every
+        power of two and its neighbours (where float32 log2's rounding
+        decides the exponent), either sign, and non-finite elements."""
+        from actpack.codecs.traceable import half_scaled, half_scaled_on_host
+
+        torch.manual_seed(0)
+        base = torch.randn(8, 4, 24, 16)
+        xs = [base * s for s in (0.0, 1e-45, 1e-40, 1e-30, 1e-7, 0.7, 1.0, 3.0, 65504.0, 3e38)]
+        for k in range(-149, 128):
+            for v in (2.0**k, math.nextafter(2.0**k, math.inf), math.nextafter(2.0**k, 0.0)):
+                x = base * 2.0**-30
+                x[1, 2, 3, 4] = v if k % 2 else -v  # the largest |x|, either sign
+                xs.append(x)
+        for x in xs:
+            if special is not None:
+                x = x.clone()
+                x[0, 1, 2, 3] = special
+            if layout == "strided":  # a head's slice of a fused qkv projection
+                x = torch.cat([x, x, x], dim=-1).transpose(1, 2)[..., 16:32].transpose(1, 2)
+            elif layout == "transposed":
+                x = x.transpose(0, 3)
+            want, want_scale = half_scaled(x)
+            got, got_scale = half_scaled_on_host(x)
+            assert got_scale.dtype == torch.float32 and got_scale.dim() == 0
+            assert torch.equal(got_scale, want_scale), (x.abs().max(), got_scale, want_scale)
+            assert got.dtype == torch.float16 and got.stride() == want.stride()
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
     @pytest.mark.parametrize("shape", _ATTEND_SHAPES)
     @pytest.mark.parametrize("compiled", [False, True])
     def test_sdpa_weight_gradients_within_bound(self, shape, compiled, monkeypatch):
