@@ -147,20 +147,21 @@ def half_scaled(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def half_scaled_on_host(x: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`half_scaled` for a CPU fp32 ``x`` outside a traced graph: the
-    same ``data`` and ``scale``, bit for bit, from 8 small ops instead of 15.
+    same ``data`` and ``scale``, bit for bit, from one reduction and a few 0-d
+    ops instead of 15 ops, five of them over all of ``x``.
 
     On the CPU reading a value on the host synchronises nothing: the largest
     ``|x|`` (from ``aminmax``: one vectorised pass and no full-size
     temporary; NaN if any element is) is read, and where it is finite, so is
     every element, which makes it the largest finite ``|x|`` that
-    :func:`half_scaled` finds with ``isfinite`` (not vectorised: 69 us for
-    32K elements), ``abs`` and ``where``.  Its exponent comes from the same float32
+    :func:`half_scaled` finds with ``isfinite`` (not vectorised on the CPU),
+    ``abs`` and ``where``.  Its exponent comes from the same float32
     ``log2`` and ``ceil``; the division by ``2 ** e`` becomes the product
     with ``2 ** -e`` (both exact powers of two in fp32's normal range,
     since ``-126 <= e <= 114`` for fp32: the same rounded quotient).
     Non-finite ``x``, other dtypes and devices, and empty tensors take
-    :func:`half_scaled` itself.  A 32K-element fused-attention query took
-    152 us there and ~30 us here on a 2-core CPU (a copy: 5 us).
+    :func:`half_scaled` itself.  Its effect on a step: ``actpack bench
+    --model gpt --size tiny`` (BENCHMARKS.md, "CPU step time", round 6).
     """
     if (
         x.device.type != "cpu"
@@ -171,9 +172,9 @@ def half_scaled_on_host(x: Tensor) -> tuple[Tensor, Tensor]:
         return half_scaled(x)
     low, high = torch.aminmax(x)  # NaN if any element is NaN
     amax = torch.maximum(high, low.neg())
-    exponent = torch.log2(amax).ceil_().item()
     if not math.isfinite(amax.item()):
         return half_scaled(x)
+    exponent = torch.log2(amax).ceil_().item()
     e = int(min(max(exponent - _HALF_TOP, -126.0), 127.0))  # exponent -inf: amax = 0
     scale = torch.tensor(2.0**e, dtype=torch.float32)
     return x.mul(2.0**-e).to(torch.float16), scale

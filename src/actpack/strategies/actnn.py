@@ -20,6 +20,13 @@ def check_bits(bits: int) -> int:
     return bits
 
 
+def check_stochastic(stochastic: bool) -> bool:
+    """``stochastic`` if it is a bool; ValueError otherwise ('no' or 0.5 would read as True)."""
+    if not isinstance(stochastic, bool):
+        raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
+    return stochastic
+
+
 def rows_of(x: Tensor) -> int:
     return x.shape[0] if x.dim() >= 2 and x.shape[0] > 0 else 1
 
@@ -109,9 +116,7 @@ class ActNN(Strategy):
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
         self.group_size = group_size
-        if not isinstance(stochastic, bool):  # 'no' or 0.5 would read as True
-            raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
-        self.stochastic = stochastic
+        self.stochastic = check_stochastic(stochastic)
         if self.bits == 1:
             self.keeps_relu_exact = False  # zero-exact codes need at least 2 bits
 

@@ -9,7 +9,7 @@ from torch import Tensor
 from actpack.codecs.backend import division_encode
 from actpack.codecs.encoded import Dual, Encoded
 from actpack.policy.ops import CHANNEL_FIRST_OPS, ROW_NORM_OPS
-from actpack.strategies.actnn import ActNN, check_bits
+from actpack.strategies.actnn import ActNN, check_bits, check_stochastic
 from actpack.strategies.base import SaveInfo, Strategy
 from actpack.strategies.rows import ATTENTION_OPS, LINEAR_OPS, RowActNN
 
@@ -58,9 +58,7 @@ class Division(Strategy):
         self.block_size = block_size
         self.bits = check_bits(bits)
         self.sequence = sequence
-        if not isinstance(stochastic, bool):  # 'no' or 0.5 would read as True
-            raise ValueError(f"stochastic must be True or False, got {stochastic!r}")
-        self.stochastic = stochastic
+        self.stochastic = check_stochastic(stochastic)
         self._fallback = ActNN(bits=bits, stochastic=stochastic, seed=self.seed + 1)
         # Non-spatial inputs: actnn-rows, with its extra bit for sensitive inputs
         # (at 2 bits everywhere the ViT's short-run loss was +2.3% off exact).
