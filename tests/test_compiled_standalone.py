@@ -55,10 +55,19 @@ def _torch_compile_only(fn):
         mp.undo()
 
 
-# Round to nearest in every dtype; stochastic rounding (compared with the
-# torch.compile path only) in a 32-bit and a 16-bit one: each case compiles
-# its configurations afresh, about a minute of Inductor time on a 2-core CPU.
-_CASES = [*((d, False) for d in DTYPES), (torch.float32, True), (torch.bfloat16, True)]
+# Round to nearest in a 32-bit and a 16-bit dtype, stochastic rounding
+# (compared with the torch.compile path only) in the other 16-bit one: each
+# case compiles its configurations afresh on both paths, about a minute of
+# Inductor time on a 2-core CPU (CI's budget).  Every dtype's artifacts are
+# compared with the reference in test_compiled_codecs.py, where they serve
+# the calls; what is particular here is the torch.compile path beside them.
+_CASES = [(torch.float32, False), (torch.float16, False), (torch.bfloat16, True)]
+
+
+def _decode_dtypes(dtype):
+    """Decoding to each dtype from float32 codes; a 16-bit input's codes to
+    its own dtype (the decoder's configuration does not depend on the input's)."""
+    return DTYPES if dtype == torch.float32 else [dtype]
 
 
 def _groups_inputs(dtype):
@@ -83,7 +92,7 @@ def test_groups_standalone_is_torch_compile_and_reference(served, dtype, stochas
         if stochastic:
             continue  # decoding does not depend on how the codes were rounded
         same_code(got, rgq.quantize_groups(x, 2, 256, stochastic=False))
-        for out in DTYPES:
+        for out in _decode_dtypes(dtype):
             want = _torch_compile_only(lambda got=got, out=out: cgq.dequantize_groups(got, out))
             same(cgq.dequantize_groups(got, out), want)
             same(want, rgq.dequantize_groups(got, out))
@@ -123,12 +132,12 @@ def test_division_standalone_is_torch_compile_and_reference(served, dtype, stoch
 
 
 def test_guard_mismatch_falls_back_to_torch_compile(served, monkeypatch):
-    """One artifact allowed for the caller's shapes: calls its guards reject
-    (a size 1 where the trace saw more, a tail where it saw whole groups,
-    another stride) are served by torch.compile, with the reference's result.
-    (Two slots: the configuration's check against the reference, run before
-    its first result is used, traces the first for its probe's sizes.)"""
-    monkeypatch.setattr(standalone, "MAX_ARTIFACTS", 2)
+    """One artifact allowed (the one compiled for the configuration's check
+    against the reference, run before its first result is used, which also
+    serves the caller's shapes): calls its guards reject (a size 1 where the
+    trace saw more, a tail where it saw whole groups, another stride) are
+    served by torch.compile, with the reference's result."""
+    monkeypatch.setattr(standalone, "MAX_ARTIFACTS", 1)
     first = torch.randn(4, 512)
     same_code(cgq.quantize_groups(first, 2, 256, stochastic=False),
               rgq.quantize_groups(first, 2, 256, stochastic=False))  # fmt: skip
@@ -143,6 +152,43 @@ def test_guard_mismatch_falls_back_to_torch_compile(served, monkeypatch):
     hits = served["hits"]
     cgq.quantize_groups(torch.randn(8, 1024), 2, 256, stochastic=False)
     assert served["hits"] > hits
+
+
+# Saved tensors as the built-in models make them (resnet-tiny, gpt-tiny):
+# each codec's first call compiles one artifact, for its check's probe, and
+# that verified artifact serves the call (the probes keep the shape facts
+# Inductor specialises on: a group of more than one LANES vector, lo and hi
+# as (groups, 1), whole blocks and whole words of codes).
+_COMMON_SAVES = {
+    "groups, 2-bit": lambda: cgq.dequantize_groups(
+        cgq.quantize_groups(torch.randn(512, 256), 2, 256)
+    ),
+    "groups, rows of 128 groups": lambda: cgq.dequantize_groups(
+        cgq.quantize_groups(torch.randn(1, 128 * 256), 3, 256, stochastic=False)
+    ),
+    "groups of 64, 3-bit": lambda: cgq.quantize_groups(torch.randn(512, 64), 3, 64),
+    "division, 2-D blocks": lambda: cdiv.division_decode(
+        cdiv.division_encode(torch.randn(8, 16, 32, 32), 8, 2)
+    ),
+    "division, rows": lambda: cdiv.division_decode(
+        cdiv.division_encode(torch.randn(8, 64, 64), 8, 2)
+    ),
+}
+
+
+@pytest.mark.parametrize("save", list(_COMMON_SAVES), ids=list(_COMMON_SAVES))
+def test_the_verified_artifact_serves_common_saves(served, monkeypatch, save):
+    compiled = []
+    compile_ = standalone.Standalone._compile
+
+    def counted(self, facts, args):
+        compiled.append(self.name)
+        return compile_(self, facts, args)
+
+    monkeypatch.setattr(standalone.Standalone, "_compile", counted)
+    _COMMON_SAVES[save]()
+    assert compiled and sorted(compiled) == sorted(set(compiled)), compiled
+    assert served["misses"] == 0
 
 
 def test_artifacts_are_not_served_by_the_fx_graph_cache(served):
@@ -206,6 +252,44 @@ def test_guards_cover_sizes_strides_and_facts():
     assert sa((x, y), nullcontext) is standalone.MISS  # grad enabled
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert sa((x, y), nullcontext) is standalone.MISS
+
+
+def test_layouts_are_remembered_with_the_artifact_that_serves_them(monkeypatch):
+    """A layout (sizes, strides, storage offsets, facts) the guards judged
+    once is not judged again: the same answer, without evaluating them.  A
+    layout differing in any of them is judged afresh."""
+    from contextlib import nullcontext
+
+    def twice_plus(x, y):  # elementwise: the artifact's result is exact
+        return x * 2 + y[: x.shape[0]]
+
+    monkeypatch.setattr(standalone, "MAX_ARTIFACTS", 1)
+    sa = standalone.Standalone(twice_plus, "twice_plus", build._OPTIONS)
+    x, y = torch.randn(4, 6), torch.randn(9, 6)
+    with torch.no_grad():
+        same(sa((x, y), nullcontext), twice_plus(x, y))
+        (artifact,) = sa.artifacts
+        judged = []
+        guard = artifact.guard
+        artifact.guard = lambda *args: judged.append(args) or guard(*args)
+        calls = [  # (arguments, whether the artifact serves them)
+            ((torch.randn(4, 6), torch.randn(9, 6)), True),  # the traced layout
+            ((torch.randn(6, 4).t(), y), False),  # another stride
+            ((torch.randn(10, 6)[1:5], y), False),  # a storage offset
+            ((x.double(), y.double()), False),  # other facts: no guard to evaluate
+            ((torch.randn(5, 6), torch.randn(7, 6)), True),  # other sizes
+        ]
+        for again in (False, True, True):
+            for args, served in calls:
+                out = sa(args, nullcontext)
+                if served:
+                    same(out, twice_plus(*args))
+                else:
+                    assert out is standalone.MISS
+            if not again:  # the stride, the offset, the other sizes: judged
+                first = len(judged)
+                assert first >= 3
+        assert len(judged) == first  # and not again
 
 
 def test_empty_trace_serves_empty_calls_only():

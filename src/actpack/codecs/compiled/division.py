@@ -317,11 +317,14 @@ def _decode(code: DivisionCode, dtype: torch.dtype, expect: tuple | None = None)
 
 def _probe_like(x: Tensor, block: int, dtype: torch.dtype) -> Tensor:
     """A small input that takes ``x``'s configuration: (2, 3, ...) with each
-    spatial size kept up to ``block`` and ``block + 1`` beyond it (the same
-    blocks, and a partial one), in ``x``'s memory order, holding the hard
+    spatial size kept up to ``block`` and beyond it two whole blocks, or one
+    and ``x``'s partial one (the same blocks, the same remainder: the guards
+    of the artifact compiled for the probe then also hold for ``x`` as far as
+    its spatial sizes go, so that the verified artifact is the one that serves
+    ``x``, not a second compile), in ``x``'s memory order, holding the hard
     cases: a NaN, +-Inf, a row whose residual overflows float32 (x itself is
     coded), a constant row and a subnormal one."""
-    shape = [2, 3, *(s if s <= block else block + 1 for s in x.shape[2:])]
+    shape = [2, 3, *(s if s <= block else block + (s % block or block) for s in x.shape[2:])]
     # Outermost first, by stride (ties: the later dimension inner, as contiguous).
     order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
     gen = torch.Generator().manual_seed(0)

@@ -171,7 +171,8 @@ def _decoder(wide: bool, zero_exact: bool, meta: torch.dtype, dtype: torch.dtype
 
     def decode_groups(q: Tensor, lo: Tensor, hi: Tensor, levels: Tensor):
         # q (groups, group_size) in and out: the caller's reshape to (rows, cols) is a view.
-        lok, step, inv_k = group_grid(lo.reshape(-1, 1), hi.reshape(-1, 1), levels)
+        # lo, hi: (groups, 1).
+        lok, step, inv_k = group_grid(lo, hi, levels)  # lo, hi: (groups, 1)
         v = grid_values(q, lok, step, inv_k, zero_exact)
         v = clamp_finite(v, fin.max).to(dtype)  # a finite value must not round to Inf
         if zero_exact:
@@ -298,7 +299,11 @@ def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Te
     key = (code.bits >= 2, code.zero_exact, code.lo.dtype, dtype)
     with torch.no_grad():
         q = unpack_codes(code.packed, code.bits, n).view(-1, code.group_size)
-        args = (q, code.lo, code.hi, levels_tensor(code.bits, code.zero_exact))
+        # lo and hi as (groups, 1) whatever their (rows, groups per row) shape:
+        # the decoder's artifact then serves codes of any row width (the
+        # verification probe's included), not one per layout of lo.
+        lo, hi = code.lo.reshape(-1, 1), code.hi.reshape(-1, 1)
+        args = (q, lo, hi, levels_tensor(code.bits, code.zero_exact))
         out = build.run(_decoder, key, args, functools.partial(_check_decoder, key))
         if out is None:
             return ref.dequantize_groups(code, dtype)
@@ -325,7 +330,10 @@ def _check_encoder(key: tuple) -> bool:
     reference does (the noise of stochastic rounding given to the reference)."""
     wide, zero_exact, stochastic, meta, dtype, index, grouped, split, pack = key
     # A group size and bit width that select this configuration (see _quantize).
-    group_size = 16 if split else (8 if pack else 6)
+    # 32, not 16, where groups split into LANES vectors: Inductor specialises a
+    # group of exactly one vector, and the probe's artifact would then serve no
+    # other group size (a second compile for the first real call).
+    group_size = 32 if split else (8 if pack else 6)
     bits = pack or (8 if grouped and split else (3 if wide else 1))
     levels = (1 << bits) - 1 - int(zero_exact)
     x = _probe_matrix(group_size, levels, grouped, zero_exact).to(dtype)

@@ -72,6 +72,15 @@ MISS: Any = object()
 #: a padded tail, ...); beyond them the torch.compile path serves the call.
 MAX_ARTIFACTS = 4
 
+#: Argument layouts remembered per configuration with the artifact that
+#: serves them (or that none does): a training step repeats a few layouts,
+#: and a dictionary lookup costs ~1 us where evaluating the guards costs
+#: several (see Standalone.__call__).
+MAX_LAYOUTS = 256
+
+# Remembered for a layout no artifact serves once no more may be compiled.
+_NONE: Any = object()
+
 # The FX graph cache stores an entry's guards over the graph's SymInt inputs
 # alone, and a graph of make_fx has none: a hit would be served with none of
 # the guards Inductor added when it compiled the entry (see the module's notes).
@@ -145,14 +154,21 @@ def _plain() -> bool:
 
 
 def _facts(args: tuple) -> tuple | None:
-    """What shape guards do not say about the call; None unless every
-    argument is a plain tensor."""
+    """What shape guards do not say about the call (hashable); None unless
+    every argument is a plain tensor."""
     facts: list[Any] = [torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled()]
     for a in args:
         if type(a) is not torch.Tensor:
             return None
-        facts += (a.dtype, a.device, a.dim(), torch._C._dispatch_keys(a), a.requires_grad)
+        keys = torch._C._dispatch_keys(a).raw_repr()  # the key set's bits: hashable
+        facts += (a.dtype, a.device, a.dim(), keys, a.requires_grad)
     return tuple(facts)
+
+
+def _layout(args: tuple) -> tuple:
+    """Everything the shape guards read: each argument's sizes, strides and
+    storage offset."""
+    return tuple((a.shape, a.stride(), a.storage_offset()) for a in args)
 
 
 def _guard_function(expr: str | None, n: int) -> Callable[..., bool]:
@@ -191,6 +207,11 @@ class Standalone:
         self.body, self.name, self.options = body, name, options
         self.artifacts: tuple[_Artifact, ...] = ()  # replaced whole: readers need no lock
         self.broken = False  # tracing or compiling failed once: the torch.compile path only
+        # (facts, layout) -> the artifact that serves it, or _NONE.  The shape
+        # guards are a function of the layout alone (sizes, strides, storage
+        # offsets), so a layout they accepted once they accept again.  Dict
+        # reads and writes are atomic; a full dict is replaced, not cleared.
+        self.layouts: dict[tuple, Any] = {}
 
     def __call__(self, args: tuple, quiet: Callable[[], Any]) -> Any:
         """The body's result from an artifact whose guards hold for ``args``
@@ -200,16 +221,14 @@ class Standalone:
         facts = _facts(args)
         if facts is None:
             return MISS
-        artifact = self._find(facts, args)
+        seen = (facts, _layout(args))
+        artifact = self.layouts.get(seen)
+        if artifact is _NONE:
+            return MISS
         if artifact is None:
-            lock = getattr(getattr(torch._dynamo, "convert_frame", None), "compile_lock", None)
-            if lock is None:  # a torch without it: tracing could race, so never trace
-                return MISS
-            with lock:
-                artifact = self._find(facts, args)  # another thread may have compiled it
-                if artifact is None and len(self.artifacts) < MAX_ARTIFACTS and not self.broken:
-                    with quiet():
-                        artifact = self._compile(facts, args)
+            artifact = self._serving(facts, args, quiet)
+            if artifact is not None or len(self.artifacts) >= MAX_ARTIFACTS:
+                self._remember(seen, _NONE if artifact is None else artifact)
         if artifact is None:
             return MISS
         try:
@@ -218,6 +237,26 @@ class Standalone:
             log.debug("actpack: standalone %s failed (%r); using torch.compile", self.name, exc)
             self.broken = True
             return MISS
+
+    def _remember(self, seen: tuple, artifact: Any) -> None:
+        if len(self.layouts) >= MAX_LAYOUTS:
+            self.layouts = {}
+        self.layouts[seen] = artifact
+
+    def _serving(self, facts: tuple, args: tuple, quiet: Callable[[], Any]) -> _Artifact | None:
+        """An artifact whose guards hold for ``args``, compiled if none does
+        and there is room; None if none may serve."""
+        artifact = self._find(facts, args)
+        if artifact is None:
+            lock = getattr(getattr(torch._dynamo, "convert_frame", None), "compile_lock", None)
+            if lock is None:  # a torch without it: tracing could race, so never trace
+                return None
+            with lock:
+                artifact = self._find(facts, args)  # another thread may have compiled it
+                if artifact is None and len(self.artifacts) < MAX_ARTIFACTS and not self.broken:
+                    with quiet():
+                        artifact = self._compile(facts, args)
+        return artifact
 
     def _find(self, facts: tuple, args: tuple) -> _Artifact | None:
         for artifact in self.artifacts:
