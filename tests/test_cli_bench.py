@@ -151,8 +151,51 @@ def test_timing_warnings() -> None:
     assert "int8 12%" in lines[0] and "rerun" in lines[-1]
 
 
+def test_compiles_while_timing_are_warned_of() -> None:
+    quiet = [_row("none", "actpack", 1.0, 0.01), _row("actnn", "actpack", 1.3, 0.02)]
+    lines = bench.timing_warnings(quiet, compiled=2)
+    assert len(lines) == 1 and "2 timed step(s) compiled" in lines[0]
+    assert "raise --warmup" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("compiling_steps", "steps", "compiled_while_timing"),
+    [(0, 3, 0), (1, 3, 0), (3, 5, 0), (99, 13, 2)],
+)
+def test_timed_steps_that_compile_are_timed_again(
+    monkeypatch, tmp_path: Path, compiling_steps: int, steps: int, compiled_while_timing: int
+) -> None:
+    """Mixed precision compiles codec configurations after its first steps
+    (the bit widths it picks): a timed step compiled, and its row read 151x
+    "slower".  Here the first ``compiling_steps`` steps compile (a fake
+    count; one warm-up step, two timed rounds of one row): a timed step that
+    compiled is timed again, at most MAX_RETIMES times, and one that still
+    compiles is counted."""
+    calls = {"steps": 0, "compiles": 0}
+    step = bench._step
+
+    def counted(*args, **kwargs):
+        calls["steps"] += 1
+        if calls["steps"] <= compiling_steps:
+            calls["compiles"] += 1
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "_step", counted)
+    monkeypatch.setattr(bench, "compile_count", lambda: calls["compiles"])
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--model", "gpt:tiny", "--batch-size", "2", "--strategies", "none",
+            "--alternatives", "--steps", "2", "--warmup", "1", "--quiet",
+            "--json", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert bench.MAX_RETIMES == 5
+    assert calls["steps"] == steps
+    assert payload["compiled_while_timing"] == compiled_while_timing
+    assert len(payload["rows"][0]["times_s"]) == 2
+
+
 def test_bench_prints_its_warnings(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(bench, "timing_warnings", lambda rows: ["timings are off"])
+    monkeypatch.setattr(bench, "timing_warnings", lambda rows, compiled=0: ["timings are off"])
     argv = ["bench", "--model", "gpt:tiny", "--batch-size", "2", "--strategies", "none",
             "--alternatives", "--steps", "1", "--warmup", "0"]  # fmt: skip
     assert cli.main(argv) == 0

@@ -416,6 +416,17 @@ def test_wrap_exits_cleanly_when_forward_raises():
     assert torch.allclose(x.grad, 1 - torch.tanh(x.detach()) ** 2)
 
 
+@pytest.mark.parametrize("cls", [actpack.ActNN, actpack.Division, actpack.RowActNN])
+def test_a_strategy_class_instead_of_an_instance_names_the_fix(cls):
+    model = torch.nn.Linear(4, 4)
+    for call in (lambda: actpack.compress(cls), lambda: actpack.wrap(model, cls)):
+        with pytest.raises(
+            TypeError, match=rf"the class {cls.__name__}; .*actpack\.{cls.__name__}\(\)"
+        ):
+            call()
+    assert not model._forward_pre_hooks and not model._forward_hooks  # nothing installed
+
+
 def test_unknown_strategy_and_bad_knobs_raise_value_error():
     with pytest.raises(ValueError, match="valid names"):
         actpack.compress("actnm")

@@ -53,4 +53,9 @@ def resolve(strategy: str | Strategy) -> Strategy:
                 "(or pass a Strategy object such as actpack.ActNN(bits=4))"
             )
         return factory()
+    if isinstance(strategy, type) and issubclass(strategy, Strategy):
+        raise TypeError(
+            f"strategy must be a name or a Strategy object, got the class {strategy.__name__}; "
+            f"pass an instance: actpack.{strategy.__name__}()"
+        )
     raise TypeError(f"strategy must be a name or a Strategy, got {type(strategy).__name__}")

@@ -395,13 +395,29 @@ MAX_SPREAD = 0.05
 _NEVER_FASTER = ("actpack", "checkpoint", "save_on_cpu")
 
 
-def timing_warnings(rows: list[dict[str, Any]]) -> list[str]:
+#: Times a timed step that compiled is timed again (see :func:`run`).
+MAX_RETIMES = 5
+
+
+def compile_count() -> int:
+    """Compilations so far in this process: AOTAutograd's count, which every
+    Inductor compile passes through (a compiled codec configuration, a
+    model under ``torch.compile``); 0 where torch keeps no such counter."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - depends on the torch version
+        return 0
+    return int(counters["aot_autograd"]["total"])
+
+
+def timing_warnings(rows: list[dict[str, Any]], compiled: int = 0) -> list[str]:
     """Why the step times of a :func:`run` cannot be trusted, if they cannot (a few lines).
 
-    Two signs: rows whose timings vary between rounds by more than
-    :data:`MAX_SPREAD`; a row that does all the work of ``none`` and more
-    (every actpack strategy, checkpointing, ``save_on_cpu``) measured faster
-    than ``none`` by more than the spread of the two.
+    Three signs: timed steps that compiled however often they were timed
+    again (``compiled``, see :func:`compile_count`); rows whose timings vary between rounds by more
+    than :data:`MAX_SPREAD`; a row that does all the work of ``none`` and
+    more (every actpack strategy, checkpointing, ``save_on_cpu``) measured
+    faster than ``none`` by more than the spread of the two.
     """
     ref = next((r for r in rows if r["name"] == "none"), None)
     timed = [r for r in rows if r.get("time_spread") is not None]
@@ -417,6 +433,11 @@ def timing_warnings(rows: list[dict[str, Any]]) -> list[str]:
         if r["time_vs_none"] < 1 - 2 * noise - 0.02:
             faster.append(f"{r['name']} {r['time_vs_none']:.2f}x")
     out = []
+    if compiled:
+        out.append(
+            f"{compiled} timed step(s) compiled, each timed {1 + MAX_RETIMES} times (codecs or "
+            "graphs compiled on first use): their time is in the step times; raise --warmup"
+        )
     if noisy:
         out.append(
             f"step times vary between rounds (median absolute deviation): {', '.join(noisy)}; "
@@ -427,7 +448,7 @@ def timing_warnings(rows: list[dict[str, Any]]) -> list[str]:
             f"measured faster than none although they do all of its work and more: "
             f"{', '.join(faster)}"
         )
-    if out:
+    if noisy or faster:
         out.append("the machine's load changed while timing: rerun on an idle machine, or with "
                    "more --steps")  # fmt: skip
     return out
@@ -492,9 +513,21 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
     for _ in progress(range(args.warmup), quiet=args.quiet, desc="warm-up", unit="round"):
         for v in live:
             _step(model, inputs, loss_fn, v)
+    # A timed step that compiled (a codec configuration on its first use:
+    # mixed precision compiles those of the bit widths it picked only after
+    # its first steps) is timed again, at most MAX_RETIMES times; steps that
+    # still compile are counted and warned of.
+    compiled_while_timing = 0
     for k in progress(range(args.steps), quiet=args.quiet, desc="timing", unit="round"):
         for v in live if k % 2 == 0 else live[::-1]:
-            v.times.append(_timed(model, inputs, loss_fn, v, device))
+            for _ in range(1 + MAX_RETIMES):
+                before = compile_count()
+                took = _timed(model, inputs, loss_fn, v, device)
+                if compile_count() == before:
+                    break
+            else:
+                compiled_while_timing += 1
+            v.times.append(took)
     ref_time = next((statistics.median(v.times) for v in live if v.name == "none"), None)
     for v, r in zip(variants, rows):
         if v.times:
@@ -545,7 +578,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         "config": config,
         "environment": environment(device),
         "rows": rows,
-        "warnings": timing_warnings(rows),
+        "warnings": timing_warnings(rows, compiled_while_timing),
+        "compiled_while_timing": compiled_while_timing,
     }
     if args.json:
         write_json(args.json, payload)
