@@ -693,9 +693,14 @@ def test_none_is_exact_and_actnn_is_as_faithful_as_eager():
     exact = _grads(model, x)
     run = torch.compile(model)
     plain = _grads(model, x, run)
-    # "none" changes nothing in the compiled graphs: bitwise the same gradients.
-    none = _draws(model, x, actpack.compress("none", min_numel=64), run, 1)[0]
+    # "none" changes nothing in the compiled graphs: bitwise the same gradients,
+    # and every save (ReLU's bool mask included) held as autograd holds it.
+    engine = actpack.compress("none", min_numel=64)
+    none = _draws(model, x, engine, run, 1)[0]
     assert torch.equal(none, plain)
+    # (ReLU's mask was packed to 1 bit: lossless, but not what "none" means.)
+    assert engine.stats.compressed_bytes == engine.stats.baseline_bytes > 0
+    assert not engine.stats.forms, engine.stats.forms
     # actnn: each compiled step draws fresh rounding noise in the graph; the
     # mean of K draws approaches the exact gradient (unbiased codes: the
     # squared error falls as 1/K), and a single draw is as noisy as eager's.

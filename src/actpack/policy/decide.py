@@ -246,7 +246,11 @@ def decide(f: Facts, s: Settings) -> Plan:
     if f.numel == 0:
         return _exact("empty")
     if f.dtype == torch.bool:
-        return Plan(Kind.BITS, "bool mask") if f.numel >= s.min_numel else _exact("tiny")
+        if f.numel < s.min_numel:
+            return _exact("tiny")
+        # A lossless strategy saves what autograd saves ("none" is the
+        # baseline its bytes are compared with), as it does integers.
+        return _exact("exact strategy") if s.lossless else Plan(Kind.BITS, "bool mask")
     if not f.dtype.is_floating_point:
         if f.dtype.is_complex:
             return _exact("complex (kept exact)")
