@@ -194,3 +194,25 @@ def test_strategy_names_are_read_as_the_api_reads_them(command) -> None:
     assert [actpack.resolve(s).name for s in args.strategies] == ["actnn", "division"]
     with pytest.raises(SystemExit):
         parser.parse_args([command, "--strategies", "actnm"])
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "spellings"),
+    [
+        ("report", "--dtype", {"bfloat16": ["bf16", "BFloat16"], "float16": ["fp16", "half"],
+                               "fp32": ["float32"]}),
+        ("bench", "--autocast", {"bf16": ["bfloat16"], "fp16": ["float16", "half"]}),
+        ("train", "--autocast", {"bfloat16": ["bf16"], "float16": ["fp16"]}),
+    ],
+)  # fmt: skip
+def test_dtypes_take_every_usual_spelling(capsys, command, option, spellings) -> None:
+    # Each command spelled bfloat16 its own way (report bfloat16, bench bf16,
+    # train bfloat16) and rejected the others'.
+    parser = cli.build_parser()[0]
+    for canonical, others in spellings.items():
+        for text in [canonical, *others]:
+            value = getattr(parser.parse_args([command, option, text]), option[2:])
+            assert value == ([canonical] if option == "--dtype" else canonical), text
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, option, "bf17"])
+    assert "invalid choice: 'bf17'" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -74,6 +75,28 @@ def strategy_name(value: str) -> str:
         # The API's hint about Strategy objects means nothing on a command line.
         raise argparse.ArgumentTypeError(str(exc).split(" (or pass a Strategy")[0]) from None
     return value.lower()  # names are case-insensitive: shown as the API names them
+
+
+# The usual spellings of each floating dtype (strategy names say bf16/fp16,
+# torch says bfloat16/float16).
+_DTYPE_SPELLINGS = {
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "fp32": "float32", "float32": "float32", "float": "float32",
+}  # fmt: skip
+
+
+def dtype_spelling(choices: Sequence[str]) -> Callable[[str], str]:
+    """argparse type for an option with ``choices`` of dtype names: any usual
+    spelling of one of them (``bf16`` or ``bfloat16``, ``fp16``, ``float16``
+    or ``half``, ``fp32`` or ``float32``) is read as the spelling ``choices``
+    uses; anything else is left for argparse's check of ``choices``."""
+
+    def parse(text: str) -> str:
+        same = _DTYPE_SPELLINGS.get(text.lower(), text.lower())
+        return next((c for c in choices if _DTYPE_SPELLINGS.get(c, c) == same), text)
+
+    return parse
 
 
 def model_spec(text: str) -> ModelSpec:

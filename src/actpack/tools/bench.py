@@ -694,6 +694,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--autocast", choices=["none", "bf16", "fp16"], default="none",
+        type=cli_args.dtype_spelling(["none", "bf16", "fp16"]),
         help="run every row's forward under torch.autocast of this dtype; bytes and "
         "times are then relative to the none row under the same autocast",
     )  # fmt: skip

@@ -142,6 +142,7 @@ def _add_report(sub: Any) -> None:
     rep.add_argument("--device", type=cli_args.device, default="cpu", help="torch device")
     rep.add_argument(
         "--dtype", nargs="+", default=["fp32"], choices=["fp32", "bfloat16", "float16"],
+        type=cli_args.dtype_spelling(["fp32", "bfloat16", "float16"]),
         metavar="DTYPE", help="fp32, or the autocast dtype (bfloat16, float16); rows for each",
     )  # fmt: skip
     rep.add_argument("--quiet", action="store_true", help="no progress bar")

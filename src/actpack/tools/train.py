@@ -500,6 +500,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", type=cli_args.device, default=default_device(),
                    help="torch device")  # fmt: skip
     p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="none",
+                   type=cli_args.dtype_spelling(AUTOCAST_CHOICES),
                    help="autocast dtype of the forward, or none")  # fmt: skip
     p.add_argument("--subset", type=positive_int, default=None, metavar="N",
                    help="train on the first N training and N//5 test samples "
