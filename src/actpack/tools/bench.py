@@ -414,10 +414,11 @@ def timing_warnings(rows: list[dict[str, Any]], compiled: int = 0) -> list[str]:
     """Why the step times of a :func:`run` cannot be trusted, if they cannot (a few lines).
 
     Three signs: timed steps that compiled however often they were timed
-    again (``compiled``, see :func:`compile_count`); rows whose timings vary between rounds by more
-    than :data:`MAX_SPREAD`; a row that does all the work of ``none`` and
-    more (every actpack strategy, checkpointing, ``save_on_cpu``) measured
-    faster than ``none`` by more than the spread of the two.
+    again (``compiled``, see :func:`compile_count`); rows whose timings vary
+    between rounds by more than :data:`MAX_SPREAD`; a row that does all the
+    work of ``none`` and more (every actpack strategy, checkpointing,
+    ``save_on_cpu``) measured faster than ``none`` by more than the spread of
+    the two.
     """
     ref = next((r for r in rows if r["name"] == "none"), None)
     timed = [r for r in rows if r.get("time_spread") is not None]

@@ -171,7 +171,6 @@ def _decoder(wide: bool, zero_exact: bool, meta: torch.dtype, dtype: torch.dtype
 
     def decode_groups(q: Tensor, lo: Tensor, hi: Tensor, levels: Tensor):
         # q (groups, group_size) in and out: the caller's reshape to (rows, cols) is a view.
-        # lo, hi: (groups, 1).
         lok, step, inv_k = group_grid(lo, hi, levels)  # lo, hi: (groups, 1)
         v = grid_values(q, lok, step, inv_k, zero_exact)
         v = clamp_finite(v, fin.max).to(dtype)  # a finite value must not round to Inf

@@ -11,9 +11,10 @@ represent (the outward rounding), subnormals, ranges beyond float32 (the
 ``k = 0.5`` path) and beyond float16 (saturation), constant groups, signed
 zeros, NaN and infinities (poisoned groups), and a tail group.  It costs
 one reference and one compiled call on a few hundred elements, beside the
-compile the configuration needs anyway (the compiled call's standalone
-artifact is traced for the probe's sizes: one of the configuration's
-:data:`~actpack.codecs.compiled.standalone.MAX_ARTIFACTS` slots; see
+compile the configuration needs anyway: each codec's probe keeps the shape
+facts Inductor specialises on (groups of more than one vector, whole blocks,
+whole words of codes), so the standalone artifact compiled for the probe is
+the one that serves the real saves, not a second compile (see
 :func:`~actpack.codecs.compiled.build._verify`).
 """
 
