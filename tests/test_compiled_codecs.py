@@ -18,6 +18,7 @@ on-disk cache makes later runs fast.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -131,6 +132,38 @@ def test_pack_rows_is_the_stream():
         codes = torch.randint(0, 1 << bits, (3, width), dtype=torch.uint8)
         want = rpack.pack_bits(codes, bits)
         assert torch.equal(cbits.pack_rows(codes, bits).reshape(-1), want)
+
+
+@pytest.mark.parametrize(("bits", "gs", "dtype"), [
+    (1, 64, torch.float32), (2, 256, torch.float32), (2, 16, torch.bfloat16),
+    (4, 24, torch.float16)])  # fmt: skip
+def test_decoder_reads_the_streams_words(monkeypatch, bits, gs, dtype):
+    """Bit widths dividing 32 with whole words per group decode straight from
+    the packed stream's int32 words (no uint8 codes array); a stream whose
+    bytes are not 4-aligned (a view at an odd offset) takes the unpacking
+    path; both decode as the reference, poisoned groups' classes included."""
+    unpacked = []
+    real = cgq.unpack_codes
+    monkeypatch.setattr(cgq, "unpack_codes", lambda *a: unpacked.append(a) or real(*a))
+    x = (torch.randn(6, 4 * gs) * 3).to(dtype)
+    ref = rgq.quantize_groups(x, bits, gs, stochastic=False)
+    words = gs % (32 // bits) == 0
+    assert (cgq._words(ref) is not None) == words
+    same(cgq.dequantize_groups(ref, dtype), rgq.dequantize_groups(ref, dtype))
+    unpacked.clear()  # the first call's verification probe holds poisoned groups
+    cgq.dequantize_groups(ref, dtype)
+    assert len(unpacked) == (0 if words else 1)
+    x[1, 3], x[4, -1], x[5, 0] = float("nan"), float("inf"), -float("inf")
+    ref = rgq.quantize_groups(x, bits, gs, stochastic=False)
+    same(cgq.dequantize_groups(ref, dtype), rgq.dequantize_groups(ref, dtype))
+    shifted = torch.empty(ref.packed.numel() + 1, dtype=torch.uint8)[1:]
+    shifted.copy_(ref.packed)
+    odd = dataclasses.replace(ref, packed=shifted)
+    assert cgq._words(odd) is None
+    same(cgq.dequantize_groups(odd, torch.float32), rgq.dequantize_groups(ref, torch.float32))
+    unpacked.clear()  # (as above: this configuration's probe ran on the first call)
+    cgq.dequantize_groups(odd, torch.float32)
+    assert len(unpacked) == 1
 
 
 @pytest.mark.parametrize("meta", [torch.float16, torch.float32])

@@ -176,6 +176,34 @@ def group_scale(lo: Tensor, hi: Tensor, poisoned: Tensor, levels: Tensor):
     return k, lok, torch.where(poisoned | (step == 0), math.inf, step)
 
 
+def lane_offsets(size: int, stride: int, index: torch.dtype, device: torch.device) -> Tensor:
+    """``arange(size) * stride``, the noise counter's offsets along the
+    vectorised dimension, as a compiled body's input: float32 where the
+    offsets fit its 24-bit mantissa and the index dtype is int32 (the body
+    converts them with ``.to(index)``), else in the index dtype.
+
+    Inductor loads an int32 input on AVX2 through a stack buffer written in
+    two halves and read whole (a store-forwarding stall: perf put a quarter
+    of a 2-bit stochastic encode on the add after it); a float32 load is one
+    instruction, and the conversion another."""
+    exact = index == torch.int32 and (size - 1) * stride < 1 << 24
+    with torch.inference_mode(False):  # never an inference tensor (see levels_tensor)
+        offsets = torch.arange(size, device=device, dtype=index) * stride
+        return offsets.to(torch.float32) if exact else offsets
+
+
+def to_uint8(v: Tensor) -> Tensor:
+    """Integer values ``v`` in [0, 255] (an int32 or int64 tensor) as uint8,
+    converted through float32 (exact below 2**24).
+
+    Inductor's int32 -> uint8 vector conversion on AVX2 has no intrinsic: it
+    goes lane by lane through a buffer whose uint8 reload fills a whole
+    32-byte vector one byte at a time (~160 instructions per 8 lanes; perf
+    put half of a 2-bit encode there); float32 -> uint8 is a few shuffles.
+    ``benchmarks/bench_codecs_cpu.py`` measures the difference."""
+    return v.to(torch.float32).to(torch.uint8)
+
+
 def value_codes(g, k, lok, step, u, levels: Tensor, zero_exact: bool) -> Tensor:
     """uint8 codes of float32 ``g`` against its group's grid (``step`` from
     :func:`group_scale`); arbitrary in a poisoned group, whose classes
@@ -201,10 +229,10 @@ def value_codes(g, k, lok, step, u, levels: Tensor, zero_exact: bool) -> Tensor:
     """
     # Divide rather than multiply by 1/step: a subnormal step would make 1/step Inf.
     t = (g * k - lok) / step
-    v = (t + u).view(torch.int32).minimum(levels.view(torch.int32)).view(torch.float32)
-    q = v.to(torch.int32).clamp_min(0)
+    v = (t + u).view(torch.int32).minimum(levels.view(torch.int32)).clamp_min(0)
+    q = v.view(torch.float32)
     if zero_exact:
-        q = torch.where(g > 0, q + 1, 0)
+        q = torch.where(g > 0, q + 1, 0.0)
     return q.to(torch.uint8)
 
 
@@ -280,15 +308,20 @@ def clamp_finite(v: Tensor, big: float) -> Tensor:
     return torch.where(v > big, big, torch.where(v < -big, -big, v))
 
 
-def fix_poisoned_values_(out: Tensor, q: Tensor, lo: Tensor, wide: bool) -> None:
+def fix_poisoned_values_(
+    out: Tensor, q: Tensor | Callable[[Tensor], Tensor], lo: Tensor, wide: bool
+) -> None:
     """Write the decoded classes of poisoned groups (NaN ``lo``) into ``out``.
 
-    ``out`` and ``q``: (groups, group_size); ``lo``: (groups,).  Eager, after
-    the compiled body, on the poisoned groups alone.
+    ``out`` and ``q``: (groups, group_size), or ``q`` a function returning
+    the uint8 codes of the groups a bool mask selects (a decoder that never
+    unpacked them); ``lo``: (groups,).  Eager, after the compiled body, on
+    the poisoned groups alone.
     """
     poisoned = torch.isnan(lo)
     if any_set(poisoned):
-        out[poisoned] = poisoned_values(q[poisoned], wide, out.dtype)
+        codes = q(poisoned) if callable(q) else q[poisoned]
+        out[poisoned] = poisoned_values(codes, wide, out.dtype)
 
 
 def any_set(mask: Tensor) -> bool:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from actpack.codecs import pack as ref
 from actpack.codecs.compiled import build
+from actpack.codecs.compiled.arith import to_uint8
 from actpack.codecs.compiled.verify import same_bits
 from actpack.codecs.pack import _check_bits, packed_numel
 
@@ -59,8 +60,17 @@ def _fold(word: Tensor, bits: int) -> Tensor:
     for i in range(1, per):
         folded = folded | ((word >> (8 * i - bits * i)) & (mask << (bits * i)))
     if nbytes == 1:
-        return folded.to(torch.uint8).unsqueeze(-1)
-    return torch.stack([(folded >> (8 * m)) & 0xFF for m in range(nbytes)], dim=-1).to(torch.uint8)
+        return to_uint8(folded).unsqueeze(-1)
+    return to_uint8(torch.stack([(folded >> (8 * m)) & 0xFF for m in range(nbytes)], dim=-1))
+
+
+def _as_words(codes: Tensor, dtype: torch.dtype) -> Tensor:
+    """uint8 ``codes`` viewed as ``dtype`` (int32 or int64) words, through
+    the float dtype of that width: Inductor on AVX2 loads an integer vector
+    through a stack buffer (a store-forwarding stall on every load; the
+    packing loop ran 2.2x slower), a float one with one instruction, and
+    the bit cast back costs nothing."""
+    return codes.view(torch.float32 if dtype == torch.int32 else torch.float64).view(dtype)
 
 
 def packs_rows(bits: int, width: int) -> bool:
@@ -78,7 +88,7 @@ def pack_rows(codes: Tensor, bits: int) -> Tensor:
     rows = codes.shape[0]
     # contiguous: codes of a strided input keep its strides, which the word
     # view cannot take; in the body it only fixes the layout Inductor writes.
-    return _fold(codes.contiguous().view(_word(bits)[1]), bits).reshape(rows, -1)
+    return _fold(_as_words(codes.contiguous(), _word(bits)[1]), bits).reshape(rows, -1)
 
 
 def _packer(bits: int):
@@ -89,7 +99,7 @@ def _packer(bits: int):
         pad = -n % per
         if pad:
             codes = F.pad(codes, (0, pad))
-        return _fold(codes.view(dtype), bits).reshape(-1)[: (n * bits + 7) // 8]
+        return _fold(_as_words(codes, dtype), bits).reshape(-1)[: (n * bits + 7) // 8]
 
     return pack_words
 

@@ -45,6 +45,7 @@ from actpack.codecs.compiled.arith import (
     grid_values,
     group_grid,
     group_scale,
+    lane_offsets,
     value_codes,
 )
 from actpack.codecs.compiled.bits import pack_codes, unpack_codes
@@ -102,7 +103,7 @@ def _flat_index(x: Tensor, lane: Tensor, inner: int, index: torch.dtype) -> Tens
     """The row-major flat index of every element of ``x`` (the noise counter),
     from ``lane`` (the offsets along dimension ``inner``, given as a tensor)
     and an ``arange`` along every other dimension (a loop constant there)."""
-    flat = lane.view([-1 if d == inner else 1 for d in range(x.dim())])
+    flat = lane.to(index).view([-1 if d == inner else 1 for d in range(x.dim())])
     for d in range(x.dim()):
         if d != inner:
             stride = math.prod(x.shape[d + 1 :])  # row-major stride of dimension d
@@ -177,11 +178,7 @@ def _valid(x: Tensor, block: int, bits: int) -> bool:
     )
 
 
-@functools.lru_cache(maxsize=64)
-def _lane(size: int, stride: int, index: torch.dtype, device: torch.device) -> Tensor:
-    """``arange(size) * stride`` in the index dtype, cached (see levels_tensor)."""
-    with torch.inference_mode(False):
-        return torch.arange(size, device=device, dtype=index) * stride
+_lane = functools.lru_cache(maxsize=64)(lane_offsets)  # cached (see levels_tensor)
 
 
 def _innermost(x: Tensor) -> int:

@@ -33,6 +33,7 @@ elements or more.
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 from torch import Tensor
@@ -51,6 +52,7 @@ from actpack.codecs.compiled.arith import (
     group_grid,
     group_ranges,
     group_scale,
+    lane_offsets,
     value_codes,
 )
 from actpack.codecs.compiled.bits import pack_codes, pack_rows, packs_rows, unpack_codes
@@ -80,9 +82,9 @@ def levels_tensor(bits: int, zero_exact: bool) -> Tensor:
 
 @functools.lru_cache(maxsize=64)
 def lanes(size: int, index: torch.dtype, device: torch.device) -> Tensor:
-    """``arange(size)`` in the index dtype, cached as :func:`levels_tensor` is."""
-    with torch.inference_mode(False):
-        return torch.arange(size, device=device, dtype=index)
+    """``arange(size)`` for the index dtype (see :func:`lane_offsets`), cached
+    as :func:`levels_tensor` is."""
+    return lane_offsets(size, 1, index, device)
 
 
 @functools.lru_cache(maxsize=8)
@@ -108,6 +110,7 @@ def _encoder(wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, sp
         # ``grouped``: ``x`` is already the (groups, group_size) view.
         # ``split``: the group size is a multiple of LANES (see split_extremes).
         group_size = lane.shape[0]
+        lane = lane.to(index)  # float32 offsets: see lane_offsets
         if grouped:
             g = x.float()
         else:
@@ -166,11 +169,10 @@ def _padded(x: Tensor, width: int) -> Tensor:
     return x[:, torch.arange(width, device=x.device).clamp_max(cols - 1)]
 
 
-def _decoder(wide: bool, zero_exact: bool, meta: torch.dtype, dtype: torch.dtype):
+def _decoder(wide: bool, zero_exact: bool, meta: torch.dtype, dtype: torch.dtype, bits=None):
     fin = torch.finfo(dtype)
 
-    def decode_groups(q: Tensor, lo: Tensor, hi: Tensor, levels: Tensor):
-        # q (groups, group_size) in and out: the caller's reshape to (rows, cols) is a view.
+    def values(q: Tensor, lo: Tensor, hi: Tensor, levels: Tensor):
         lok, step, inv_k = group_grid(lo, hi, levels)  # lo, hi: (groups, 1)
         v = grid_values(q, lok, step, inv_k, zero_exact)
         v = clamp_finite(v, fin.max).to(dtype)  # a finite value must not round to Inf
@@ -182,7 +184,23 @@ def _decoder(wide: bool, zero_exact: bool, meta: torch.dtype, dtype: torch.dtype
         # returned only so that they are stored once (see group_scale).
         return v, lok, step, inv_k
 
-    return decode_groups
+    def decode_groups(q: Tensor, lo: Tensor, hi: Tensor, levels: Tensor):
+        # q (groups, group_size) in and out: the caller's reshape to (rows, cols) is a view.
+        return values(q, lo, hi, levels)
+
+    def decode_words(words: Tensor, lo: Tensor, hi: Tensor, levels: Tensor, shifts: Tensor):
+        # words: the packed stream's int32 words, (groups, words per group);
+        # shifts: (codes per word,) float32, the bit offset of each code (see
+        # lane_offsets).  The codes are unpacked here as (groups, words,
+        # codes per word): Inductor loads each word once, as a scalar, and
+        # vectorises along its codes.  Reading one uint8 code per element
+        # instead, Inductor on AVX2 loads 8 bytes through a stack buffer
+        # that a 16-byte load reads back (a store-forwarding stall: half of
+        # a 2-bit decode's time), after a separate unpacking call.
+        q = (words.unsqueeze(-1) >> shifts.to(torch.int32)) & ((1 << bits) - 1)
+        return values(q, lo.unsqueeze(-1), hi.unsqueeze(-1), levels)
+
+    return decode_groups if bits is None else decode_words
 
 
 def _valid(x: Tensor, bits: int, group_size: int, zero_exact: bool, meta: torch.dtype) -> bool:
@@ -295,21 +313,58 @@ def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Te
     ok = dtype in _FLOATS and code.lo.dtype in _FLOATS and 0 < n < MAX_NUMEL
     if torch.compiler.is_compiling() or not ok:  # see quantize_groups
         return ref.dequantize_groups(code, dtype)
+    words = _words(code)
     key = (code.bits >= 2, code.zero_exact, code.lo.dtype, dtype)
     with torch.no_grad():
-        q = unpack_codes(code.packed, code.bits, n).view(-1, code.group_size)
         # lo and hi as (groups, 1) whatever their (rows, groups per row) shape:
         # the decoder's artifact then serves codes of any row width (the
         # verification probe's included), not one per layout of lo.
         lo, hi = code.lo.reshape(-1, 1), code.hi.reshape(-1, 1)
-        args = (q, lo, hi, levels_tensor(code.bits, code.zero_exact))
+        levels = levels_tensor(code.bits, code.zero_exact)
+        if words is not None:
+            key += (code.bits,)
+            args = (words, lo, hi, levels, _shifts(code.bits, words.device))
+        else:
+            q = unpack_codes(code.packed, code.bits, n).view(-1, code.group_size)
+            args = (q, lo, hi, levels)
         out = build.run(_decoder, key, args, functools.partial(_check_decoder, key))
         if out is None:
             return ref.dequantize_groups(code, dtype)
-        out = out[0]
-        fix_poisoned_values_(out, q, code.lo.view(-1), code.bits >= 2)
+        out = out[0].view(-1, code.group_size)
+
+        def codes_of(mask: Tensor) -> Tensor:  # poisoned groups only: rare
+            q_ = unpack_codes(code.packed, code.bits, n) if words is not None else q
+            return q_.view(-1, code.group_size)[mask]
+
+        fix_poisoned_values_(out, codes_of, code.lo.view(-1), code.bits >= 2)
     out = out.view(code.rows, code.ngroups * code.group_size)
     return out if out.shape[1] == code.cols else out[:, : code.cols].contiguous()
+
+
+#: Bit widths whose codes the decoder unpacks from the packed stream's int32
+#: words in its body (one compiled call, no uint8 codes array).
+WORD_BITS = (1, 2, 4)
+
+
+def _words(code: GroupCode) -> Tensor | None:
+    """``code.packed`` as (groups, words per group) int32 where the decoder
+    can read it so: a bit width of :data:`WORD_BITS`, whole words per group,
+    a contiguous stream aligned to 4 bytes, a little-endian host (the
+    stream's code ``i`` is then bits ``[i*bits, (i+1)*bits)`` of its word)."""
+    bits = code.bits
+    if bits not in WORD_BITS or code.group_size % (32 // bits) or sys.byteorder != "little":
+        return None
+    n = code.rows * code.ngroups * code.group_size
+    stream = code.packed.detach().reshape(-1)[: n * bits // 8]
+    if stream.numel() * 8 != n * bits or stream.storage_offset() % 4 or stream.data_ptr() % 4:
+        return None
+    return stream.view(torch.int32).view(-1, code.group_size * bits // 32)
+
+
+@functools.lru_cache(maxsize=16)
+def _shifts(bits: int, device: torch.device) -> Tensor:
+    """The bit offset of each code of a word, (32 // bits,) float32 (cached)."""
+    return lane_offsets(32 // bits, bits, torch.int32, device)
 
 
 def _probe_matrix(group_size: int, levels: int, grouped: bool, zero_exact: bool) -> Tensor:
@@ -358,9 +413,10 @@ def _check_encoder(key: tuple) -> bool:
 def _check_decoder(key: tuple) -> bool:
     """Whether the decoder configuration ``key`` decodes a reference code of
     the hard cases as the reference does."""
-    wide, zero_exact, meta, dtype = key
-    bits = 3 if wide else 1
-    x = _probe_matrix(16, (1 << bits) - 1 - int(zero_exact), True, zero_exact)
-    code = ref.quantize_groups(x, bits, 16, stochastic=False, zero_exact=zero_exact,
+    wide, zero_exact, meta, dtype = key[:4]
+    bits = key[4] if len(key) > 4 else (3 if wide else 1)
+    group_size = 32 if len(key) > 4 else 16  # whole words for every bit width read so
+    x = _probe_matrix(group_size, (1 << bits) - 1 - int(zero_exact), True, zero_exact)
+    code = ref.quantize_groups(x, bits, group_size, stochastic=False, zero_exact=zero_exact,
                                meta_dtype=meta)  # fmt: skip
     return same_bits(dequantize_groups(code, dtype), ref.dequantize_groups(code, dtype))
