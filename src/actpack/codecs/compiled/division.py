@@ -68,22 +68,15 @@ def spread(lfc: Tensor, block: tuple[int, ...], shape: tuple[int, ...], inner: i
     Inductor vectorises along the innermost dimension; an upsampling index
     there (``w // 8``) would make it load the LFC one element at a time, or
     not vectorise at all.  Along any other dimension the index is a loop
-    constant.  The price: a float32 array of ``numel / prod(other blocks)``
+    constant.  The price: a bfloat16 array of ``numel / prod(other blocks)``
     elements (1/8 of a 2-D map's for 8x8 blocks; a 1-D map's full size).
-    float32 where that is a fraction of the map (not a 1-D map's): Inductor
-    on AVX2 loads 8 bfloat16 lanes through a stack buffer that a wider load
-    reads back (a store-forwarding stall, perf: ~30% of a DIVISION decode),
-    8 float32 lanes in one load.
     """
     if inner < 2 or block[inner - 2] == 1:
-        return lfc.float(), block  # 1/prod(block) of the map
+        return lfc, block
     out = lfc.repeat_interleave(block[inner - 2], dim=inner).narrow(inner, 0, shape[inner])
     order = [d for d in range(out.dim()) if d != inner] + [inner]
-    rest = tuple(1 if d == inner - 2 else b for d, b in enumerate(block))
-    out = out.permute(order).contiguous()
-    out = out.float() if math.prod(rest) > 1 else out  # a 1-D map's: full size, kept bf16
-    out = out.permute([order.index(d) for d in range(out.dim())])
-    return out, rest
+    out = out.permute(order).contiguous().permute([order.index(d) for d in range(out.dim())])
+    return out, tuple(1 if d == inner - 2 else b for d, b in enumerate(block))
 
 
 def flat_rows(x: Tensor, eff: tuple[int, ...]) -> Tensor | None:

@@ -197,14 +197,7 @@ def _decoder(wide: bool, zero_exact: bool, meta: torch.dtype, dtype: torch.dtype
         # instead, Inductor on AVX2 loads 8 bytes through a stack buffer
         # that a 16-byte load reads back (a store-forwarding stall: half of
         # a 2-bit decode's time), after a separate unpacking call.
-        # 8 bits: 4 codes a word, half a vector; the codes go by 8, the
-        # first four from a chunk's first word, the rest from its second.
-        if bits == 8:
-            pair = words.view(words.shape[0], -1, 2)
-            word = torch.where(shifts.to(torch.int32) >= 32, pair[..., 1:], pair[..., :1])
-        else:
-            word = words.unsqueeze(-1)
-        q = (word >> (shifts.to(torch.int32) & 31)) & ((1 << bits) - 1)
+        q = (words.unsqueeze(-1) >> shifts.to(torch.int32)) & ((1 << bits) - 1)
         return values(q, lo.unsqueeze(-1), hi.unsqueeze(-1), levels)
 
     return decode_groups if bits is None else decode_words
@@ -350,17 +343,16 @@ def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Te
 
 #: Bit widths whose codes the decoder unpacks from the packed stream's int32
 #: words in its body (one compiled call, no uint8 codes array).
-WORD_BITS = (1, 2, 4, 8)
+WORD_BITS = (1, 2, 4)
 
 
 def _words(code: GroupCode) -> Tensor | None:
     """``code.packed`` as (groups, words per group) int32 where the decoder
-    can read it so: a bit width of :data:`WORD_BITS`, whole chunks of codes
-    (:func:`_chunk`) per group, a contiguous stream aligned to 4 bytes, a
-    little-endian host (the stream's code ``i`` is then bits
-    ``[i*bits, (i+1)*bits)`` of its word)."""
+    can read it so: a bit width of :data:`WORD_BITS`, whole words per group,
+    a contiguous stream aligned to 4 bytes, a little-endian host (the
+    stream's code ``i`` is then bits ``[i*bits, (i+1)*bits)`` of its word)."""
     bits = code.bits
-    if bits not in WORD_BITS or code.group_size % _chunk(bits) or sys.byteorder != "little":
+    if bits not in WORD_BITS or code.group_size % (32 // bits) or sys.byteorder != "little":
         return None
     n = code.rows * code.ngroups * code.group_size
     stream = code.packed.detach().reshape(-1)[: n * bits // 8]
@@ -369,16 +361,10 @@ def _words(code: GroupCode) -> Tensor | None:
     return stream.view(torch.int32).view(-1, code.group_size * bits // 32)
 
 
-def _chunk(bits: int) -> int:
-    """Codes the word decoder unpacks together: a word's, or two words' (8 bits)."""
-    return max(32 // bits, 8)
-
-
 @functools.lru_cache(maxsize=16)
 def _shifts(bits: int, device: torch.device) -> Tensor:
-    """The bit offset of each code of a chunk (:func:`_chunk`) from its first
-    word's least significant bit, float32 (cached)."""
-    return lane_offsets(_chunk(bits), bits, torch.int32, device)
+    """The bit offset of each code of a word, (32 // bits,) float32 (cached)."""
+    return lane_offsets(32 // bits, bits, torch.int32, device)
 
 
 def _probe_matrix(group_size: int, levels: int, grouped: bool, zero_exact: bool) -> Tensor:
