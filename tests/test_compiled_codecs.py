@@ -166,6 +166,48 @@ def test_decoder_reads_the_streams_words(monkeypatch, bits, gs, dtype):
     assert len(unpacked) == 1
 
 
+def _spaced(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values in a view with a gap after every element (every stride doubled)."""
+    buf = torch.zeros(*t.shape, 2, dtype=t.dtype)
+    buf[..., 0] = t
+    return buf[..., 0]
+
+
+@pytest.mark.parametrize("field", ["packed", "lo", "hi", "lo-transposed", "hi-transposed"])
+@pytest.mark.parametrize("bits", [2, 3])
+def test_hand_built_group_codes_with_strided_fields(field, bits):
+    """A code built by hand may hold views with gaps (a packed stream of
+    stride 2, strided ranges): the compiled decoder reads them as the
+    reference does (the 2-bit word path included), never the gaps."""
+    x = torch.randn(130, 300)
+    x[3, 5] = float("nan")  # a poisoned group: its classes are read from the codes
+    ref = rgq.quantize_groups(x, bits, 64, stochastic=False)
+    name, _, how = field.partition("-")
+    value = getattr(ref, name)
+    value = value.t().contiguous().t() if how else _spaced(value)  # column-major, or gaps
+    code = dataclasses.replace(ref, **{name: value})
+    assert cgq._words(code) is None if name == "packed" or bits == 3 else True
+    same(backend.dequantize_groups(code, backend="compiled"), rgq.dequantize_groups(ref))
+
+
+@pytest.mark.parametrize("field", ["lfc", "packed", "lo", "hi"])
+def test_hand_built_division_codes_with_strided_fields(field):
+    """As above, for DIVISION's block means and its residual's code."""
+    x = torch.randn(4, 8, 16, 16)
+    x[1, 2, 3, 4] = float("inf")
+    ref = rdiv.division_encode(x, 8, 2, stochastic=False)
+    if field == "lfc":
+        code = dataclasses.replace(ref, lfc=_spaced(ref.lfc))
+    else:
+        code = dataclasses.replace(
+            ref, hfc=dataclasses.replace(ref.hfc, **{field: _spaced(getattr(ref.hfc, field))})
+        )
+    same(
+        backend.division_decode(code, torch.float32, backend="compiled"),
+        rdiv.division_decode(ref, torch.float32),
+    )
+
+
 @pytest.mark.parametrize("meta", [torch.float16, torch.float32])
 def test_groups_meta_dtypes(meta):
     x = torch.randn(3, 257) * 100

@@ -292,7 +292,7 @@ def _decode(code: DivisionCode, dtype: torch.dtype, expect: tuple | None = None)
     with torch.no_grad():
         q = unpack_codes(hfc.packed, hfc.bits, n)
         if all(b == s for b, s in zip(code.block, shape[2:])):  # one block per row
-            q, spread_lfc, rest = q.view(*shape[:2], -1), code.lfc.view(*shape[:2], 1), None
+            q, spread_lfc, rest = q.view(*shape[:2], -1), code.lfc.reshape(*shape[:2], 1), None
         else:
             # The output is contiguous: its innermost dimension is the last.
             spread_lfc, rest = spread(code.lfc, tuple(code.block), shape, len(shape) - 1)
@@ -308,7 +308,7 @@ def _decode(code: DivisionCode, dtype: torch.dtype, expect: tuple | None = None)
         out = out[0]
         rows = shape[0] * shape[1]
         wide = hfc.bits >= 2
-        fix_poisoned_values_(out.view(rows, -1), q.reshape(rows, -1), hfc.lo.view(-1), wide)
+        fix_poisoned_values_(out.view(rows, -1), q.reshape(rows, -1), hfc.lo.reshape(-1), wide)
     return out.view(shape)
 
 

@@ -336,7 +336,7 @@ def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Te
             q_ = unpack_codes(code.packed, code.bits, n) if words is not None else q
             return q_.view(-1, code.group_size)[mask]
 
-        fix_poisoned_values_(out, codes_of, code.lo.view(-1), code.bits >= 2)
+        fix_poisoned_values_(out, codes_of, code.lo.reshape(-1), code.bits >= 2)
     out = out.view(code.rows, code.ngroups * code.group_size)
     return out if out.shape[1] == code.cols else out[:, : code.cols].contiguous()
 
@@ -349,15 +349,15 @@ WORD_BITS = (1, 2, 4)
 def _words(code: GroupCode) -> Tensor | None:
     """``code.packed`` as (groups, words per group) int32 where the decoder
     can read it so: a bit width of :data:`WORD_BITS`, whole words per group,
-    a contiguous stream aligned to 4 bytes, a little-endian host (the
+    a stream of consecutive bytes (stride 1) aligned to 4 bytes, a little-endian host (the
     stream's code ``i`` is then bits ``[i*bits, (i+1)*bits)`` of its word)."""
     bits = code.bits
     if bits not in WORD_BITS or code.group_size % (32 // bits) or sys.byteorder != "little":
         return None
     n = code.rows * code.ngroups * code.group_size
     stream = code.packed.detach().reshape(-1)[: n * bits // 8]
-    if stream.numel() * 8 != n * bits or stream.storage_offset() % 4 or stream.data_ptr() % 4:
-        return None
+    if stream.numel() * 8 != n * bits or stream.stride(0) != 1 or stream.data_ptr() % 4:
+        return None  # a strided stream (a hand-built code's view) is unpacked instead
     return stream.view(torch.int32).view(-1, code.group_size * bits // 32)
 
 
