@@ -349,8 +349,9 @@ WORD_BITS = (1, 2, 4)
 def _words(code: GroupCode) -> Tensor | None:
     """``code.packed`` as (groups, words per group) int32 where the decoder
     can read it so: a bit width of :data:`WORD_BITS`, whole words per group,
-    a stream of consecutive bytes (stride 1) aligned to 4 bytes, a little-endian host (the
-    stream's code ``i`` is then bits ``[i*bits, (i+1)*bits)`` of its word)."""
+    a stream of consecutive bytes (stride 1) aligned to 4 bytes, a
+    little-endian host (the stream's code ``i`` is then bits
+    ``[i*bits, (i+1)*bits)`` of its word)."""
     bits = code.bits
     if bits not in WORD_BITS or code.group_size % (32 // bits) or sys.byteorder != "little":
         return None
