@@ -4,6 +4,7 @@ Usage (from the repository root, actpack installed or ``PYTHONPATH=src``)::
 
     python benchmarks/bench_codecs_cpu.py                    # 64 KiB .. 64 MiB, ~2 min
     python benchmarks/bench_codecs_cpu.py --sizes 1,16 --rounds 5 --json out.json
+    python benchmarks/bench_codecs_cpu.py --sizes 16 --ranges both   # both range reductions
 
 On one float32 tensor per size (``--sizes``, in MiB of float32 input) and one
 thread, it times:
@@ -14,6 +15,10 @@ thread, it times:
   encode = quantize + pack, decode = unpack + dequantize to float32;
 * DIVISION (maps (N, 16, 32, 32), 8x8 blocks, 2 bits, stochastic): encode
   and decode;
+* with ``--ranges both``, the compiled 2-bit and int8 encoders again with
+  each reduction of the group ranges forced: the lane split of AVX-512
+  machines and plain ``amin``/``amax`` (``arith.splits_lanes`` picks one
+  from the CPU's vector capability, printed in the header);
 
 each through :mod:`actpack.codecs.backend` with ``backend="reference"`` (the
 pure-PyTorch specification) and ``backend="compiled"`` (TorchInductor,
@@ -37,12 +42,13 @@ preallocated tensor) shows the copy without that cost.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -51,6 +57,7 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))  # run from a checkout without installing
 
 from actpack.codecs import backend  # noqa: E402
+from actpack.codecs.compiled import groupquant as cgq  # noqa: E402
 
 BACKENDS = ("reference", "compiled")
 GROUP_ROW = 4096  # elements per sample row for the ActNN layout
@@ -64,7 +71,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: thread CPU time (steadier on a shared machine)")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--ranges", choices=["auto", "both"], default="auto",
+                   help="both: also time the compiled group encoders with each reduction of "
+                        "the group ranges forced (lane split, as on AVX-512, and plain "
+                        "amin/amax), side by side")  # fmt: skip
     return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def ranges_forced(split: bool) -> Iterator[None]:
+    """The compiled group encoders' choice of range reduction forced
+    (``actpack.codecs.compiled.arith.splits_lanes``; each choice is its own
+    compiled configuration)."""
+    saved = cgq.splits_lanes
+    cgq.splits_lanes = lambda: split
+    try:
+        yield
+    finally:
+        cgq.splits_lanes = saved
 
 
 def codecs(numel: int) -> dict[str, tuple[Callable, Callable, Callable]]:
@@ -98,7 +122,9 @@ def codecs(numel: int) -> dict[str, tuple[Callable, Callable, Callable]]:
     return {"actnn-2bit": groups(2), "int8": groups(8), "division-2bit": division()}
 
 
-def measure(mib: float, rounds: int, budget: float, clock) -> tuple[list[dict], dict[str, float]]:
+def measure(
+    mib: float, rounds: int, budget: float, clock, ranges: str = "auto"
+) -> tuple[list[dict], dict[str, float]]:
     numel = int(mib * 2**20) // 4
     numel -= numel % (16 * 32 * 32)
     ops: dict[str, Callable[[], object]] = {}
@@ -116,6 +142,17 @@ def measure(mib: float, rounds: int, budget: float, clock) -> tuple[list[dict], 
             first[f"{codec} {name}"] = time.perf_counter() - t
             ops[f"{codec} encode {name}"] = lambda e=enc, xc=xc, n=name: e(xc, n)
             ops[f"{codec} decode {name}"] = lambda d=dec, c=code, n=name: d(c, n)
+        if ranges == "both" and codec != "division-2bit":
+            for split, what in ((True, "lane split"), (False, "plain amin/amax")):
+
+                def forced(e=enc, xc=xc, split=split):
+                    with ranges_forced(split):
+                        return e(xc, "compiled")
+
+                t = time.perf_counter()
+                forced()
+                first[f"{codec} compiled, {what}"] = time.perf_counter() - t
+                ops[f"{codec} encode compiled, {what}"] = forced
     times: dict[str, list[float]] = {k: [] for k in ops}
     start = time.perf_counter()
     for r in range(rounds):
@@ -146,13 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     sizes = [float(s) for s in args.sizes.split(",")]
     clock = time.perf_counter if args.clock == "wall" else time.thread_time
-    print(f"torch {torch.__version__}, 1 thread, {args.rounds} interleaved rounds, "
-          f"{args.clock} clock\n")  # fmt: skip
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"1 thread, {args.rounds} interleaved rounds, {args.clock} clock\n")  # fmt: skip
     print("| MiB | operation | ms | GB/s | % copy | compiled / reference |")
     print("|---:|---|---:|---:|---:|---:|")
     results, firsts = [], {}
     for mib in sizes:
-        rows, first = measure(mib, args.rounds, args.budget, clock)
+        rows, first = measure(mib, args.rounds, args.budget, clock, args.ranges)
         by_op = {r["op"]: r for r in rows}
         for r in rows:
             speedup = ""

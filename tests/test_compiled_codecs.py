@@ -125,6 +125,25 @@ def test_groups_packed_in_the_body(bits, shape, gs, dtype):
         check_groups(cgq, x, bits, gs)
 
 
+@pytest.mark.parametrize("split", [True, False])
+def test_groups_both_range_reductions(monkeypatch, split):
+    """Both reductions of the group ranges (``arith.split_extremes``, chosen on
+    AVX-512, and plain ``amin``/``amax``, on other CPUs) code as the reference
+    does, whichever this machine picks: round to nearest with non-finite
+    values and signed zeros, and stochastic codes given the hashed noise."""
+    monkeypatch.setattr(cgq, "splits_lanes", lambda: split)
+    keys = []
+    run = build.run
+    monkeypatch.setattr(build, "run", lambda f, key, *a: keys.append(key) or run(f, key, *a))
+    x = torch.randn(4, 512) * 3
+    x[0, 3], x[1, 300], x[2, 5], x[3, :256] = float("nan"), -float("inf"), -0.0, -0.0
+    check_groups(cgq, x, 2, 256)
+    got = cgq.quantize_groups(x, 2, 256, generator=torch.Generator().manual_seed(3))
+    noise = uniform(torch.arange(x.numel()), random_key(torch.Generator().manual_seed(3)))
+    same_code(got, rgq.quantize_groups(x, 2, 256, noise=noise))
+    assert {key[7] for key in keys if len(key) == 9} == {split}  # the encoders' ``split``
+
+
 def test_pack_rows_is_the_stream():
     """pack_rows of a (rows, width) block is the stream of its codes."""
     for bits in range(1, 8):

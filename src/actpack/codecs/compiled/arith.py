@@ -51,6 +51,7 @@ __all__ = [
     "group_scale",
     "poisoned_values",
     "round_out",
+    "splits_lanes",
     "value_codes",
 ]
 
@@ -120,6 +121,22 @@ def split_extremes(g: Tensor) -> tuple[Tensor, Tensor]:
 
 
 LANES = 16  # an AVX-512 vector of float32 (two AVX2 vectors)
+
+
+@functools.cache
+def splits_lanes() -> bool:
+    """Whether the encoders reduce group ranges with :func:`split_extremes`
+    on this CPU: where ATen's vector capability is AVX-512 (``torch.backends.
+    cpu.get_cpu_capability()``), which Inductor's code also targets there.
+
+    With AVX2's 8-lane vectors the (groups, LANES) lane-wise extremes are
+    stored and reloaded as int32 vectors of a given lane count, which
+    Inductor loads through a stack buffer (a store-forwarding stall per
+    load, see :func:`lane_offsets`): a 2-bit stochastic encode of 16 MiB ran
+    8.5 ms with the split and 6.2 ms with plain ``amin``/``amax`` on a 2-core
+    AMD EPYC with AVX2 (``benchmarks/bench_codecs_cpu.py``).  A machine fact,
+    cached; a mismatch with Inductor's own choice costs speed, never values."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _ordered(bits: Tensor) -> Tensor:

@@ -53,6 +53,7 @@ from actpack.codecs.compiled.arith import (
     group_ranges,
     group_scale,
     lane_offsets,
+    splits_lanes,
     value_codes,
 )
 from actpack.codecs.compiled.bits import pack_codes, pack_rows, packs_rows, unpack_codes
@@ -108,7 +109,8 @@ def _encoder(wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, sp
         # counter, loaded as a vector (Inductor builds an ``arange`` of a
         # vectorised loop lane by lane: ~35 instructions per 16 elements).
         # ``grouped``: ``x`` is already the (groups, group_size) view.
-        # ``split``: the group size is a multiple of LANES (see split_extremes).
+        # ``split``: the group size is a multiple of LANES and the CPU's vectors
+        # have that many lanes (see split_extremes, splits_lanes).
         group_size = lane.shape[0]
         lane = lane.to(index)  # float32 offsets: see lane_offsets
         if grouped:
@@ -273,7 +275,7 @@ def _quantize(
     # view, whose flat index needs no division by a symbolic row width.
     grouped = cols % group_size == 0 and x.stride(1) == 1 and (rows == 1 or x.stride(0) == cols)
     view = x.view(-1, group_size) if grouped else x
-    split = group_size % LANES == 0
+    split = group_size % LANES == 0 and splits_lanes()
     # Packed in the body only where its rows are whole groups (the grouped
     # view): rows of another width (a row of the input that is not a whole
     # number of groups) would break the stream at each row's end.
@@ -385,11 +387,14 @@ def _check_encoder(key: tuple) -> bool:
     reference does (the noise of stochastic rounding given to the reference)."""
     wide, zero_exact, stochastic, meta, dtype, index, grouped, split, pack = key
     # A group size and bit width that select this configuration (see _quantize).
-    # 32, not 16, where groups split into LANES vectors: Inductor specialises a
-    # group of exactly one vector, and the probe's artifact would then serve no
-    # other group size (a second compile for the first real call).
-    group_size = 32 if split else (8 if pack else 6)
-    bits = pack or (8 if grouped and split else (3 if wide else 1))
+    # 32, not 16 or 8, wherever 32 selects it: Inductor specialises a group of
+    # exactly one vector (16 lanes with AVX-512, 8 with AVX2), and the probe's
+    # artifact would then serve no other group size (a second compile for the
+    # first real call).  8 bits: a code that is never packed in the body.
+    if (split or not splits_lanes()) and (pack or wide or not grouped):
+        group_size, bits = 32, pack or (8 if grouped else (3 if wide else 1))
+    else:
+        group_size, bits = (8 if pack else 6), pack or (3 if wide else 1)
     levels = (1 << bits) - 1 - int(zero_exact)
     x = _probe_matrix(group_size, levels, grouped, zero_exact).to(dtype)
     x = x.contiguous() if grouped else x  # the tail view: not whole groups, not contiguous
