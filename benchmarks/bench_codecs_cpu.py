@@ -4,7 +4,7 @@ Usage (from the repository root, actpack installed or ``PYTHONPATH=src``)::
 
     python benchmarks/bench_codecs_cpu.py                    # 64 KiB .. 64 MiB, ~2 min
     python benchmarks/bench_codecs_cpu.py --sizes 1,16 --rounds 5 --json out.json
-    python benchmarks/bench_codecs_cpu.py --sizes 16 --ranges both   # both range reductions
+    python benchmarks/bench_codecs_cpu.py --sizes 16 --forms both    # AVX-512 and AVX2 forms
 
 On one float32 tensor per size (``--sizes``, in MiB of float32 input) and one
 thread, it times:
@@ -15,10 +15,12 @@ thread, it times:
   encode = quantize + pack, decode = unpack + dequantize to float32;
 * DIVISION (maps (N, 16, 32, 32), 8x8 blocks, 2 bits, stochastic): encode
   and decode;
-* with ``--ranges both``, the compiled 2-bit and int8 encoders again with
-  each reduction of the group ranges forced: the lane split of AVX-512
-  machines and plain ``amin``/``amax`` (``arith.splits_lanes`` picks one
-  from the CPU's vector capability, printed in the header);
+* with ``--forms both``, the compiled 2-bit and int8 codecs again with the
+  code forms of each vector width forced (``arith.avx512_vectors``, which
+  otherwise follows the CPU's vector capability printed in the header):
+  the encoders' range reduction (lane split on AVX-512, plain
+  ``amin``/``amax`` elsewhere) and the int8 decoder's input (uint8 codes on
+  AVX-512, pairs of the stream's int32 words elsewhere);
 
 each through :mod:`actpack.codecs.backend` with ``backend="reference"`` (the
 pure-PyTorch specification) and ``backend="compiled"`` (TorchInductor,
@@ -71,24 +73,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: thread CPU time (steadier on a shared machine)")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--ranges", choices=["auto", "both"], default="auto",
-                   help="both: also time the compiled group encoders with each reduction of "
-                        "the group ranges forced (lane split, as on AVX-512, and plain "
-                        "amin/amax), side by side")  # fmt: skip
+    p.add_argument("--forms", choices=["auto", "both"], default="auto",
+                   help="both: also time the compiled group codecs with the code forms of "
+                        "AVX-512 and of AVX2 forced, side by side")  # fmt: skip
     return p.parse_args(argv)
 
 
 @contextlib.contextmanager
-def ranges_forced(split: bool) -> Iterator[None]:
-    """The compiled group encoders' choice of range reduction forced
-    (``actpack.codecs.compiled.arith.splits_lanes``; each choice is its own
-    compiled configuration)."""
-    saved = cgq.splits_lanes
-    cgq.splits_lanes = lambda: split
+def forms_forced(avx512: bool) -> Iterator[None]:
+    """The compiled group codecs' code forms forced to those of one vector
+    width (``actpack.codecs.compiled.arith.avx512_vectors``; each form is its
+    own compiled configuration)."""
+    saved = cgq.avx512_vectors
+    cgq.avx512_vectors = lambda: avx512
     try:
         yield
     finally:
-        cgq.splits_lanes = saved
+        cgq.avx512_vectors = saved
 
 
 def codecs(numel: int) -> dict[str, tuple[Callable, Callable, Callable]]:
@@ -123,7 +124,7 @@ def codecs(numel: int) -> dict[str, tuple[Callable, Callable, Callable]]:
 
 
 def measure(
-    mib: float, rounds: int, budget: float, clock, ranges: str = "auto"
+    mib: float, rounds: int, budget: float, clock, forms: str = "auto"
 ) -> tuple[list[dict], dict[str, float]]:
     numel = int(mib * 2**20) // 4
     numel -= numel % (16 * 32 * 32)
@@ -142,17 +143,24 @@ def measure(
             first[f"{codec} {name}"] = time.perf_counter() - t
             ops[f"{codec} encode {name}"] = lambda e=enc, xc=xc, n=name: e(xc, n)
             ops[f"{codec} decode {name}"] = lambda d=dec, c=code, n=name: d(c, n)
-        if ranges == "both" and codec != "division-2bit":
-            for split, what in ((True, "lane split"), (False, "plain amin/amax")):
+        if forms == "both" and codec != "division-2bit":
+            for avx512 in (True, False):
+                what = "AVX-512 forms" if avx512 else "AVX2 forms"
 
-                def forced(e=enc, xc=xc, split=split):
-                    with ranges_forced(split):
+                def forced_enc(e=enc, xc=xc, avx512=avx512):
+                    with forms_forced(avx512):
                         return e(xc, "compiled")
 
+                def forced_dec(d=dec, c=code, avx512=avx512):
+                    with forms_forced(avx512):
+                        return d(c, "compiled")
+
                 t = time.perf_counter()
-                forced()
+                forced_enc()
+                forced_dec()
                 first[f"{codec} compiled, {what}"] = time.perf_counter() - t
-                ops[f"{codec} encode compiled, {what}"] = forced
+                ops[f"{codec} encode compiled, {what}"] = forced_enc
+                ops[f"{codec} decode compiled, {what}"] = forced_dec
     times: dict[str, list[float]] = {k: [] for k in ops}
     start = time.perf_counter()
     for r in range(rounds):
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---:|---|---:|---:|---:|---:|")
     results, firsts = [], {}
     for mib in sizes:
-        rows, first = measure(mib, args.rounds, args.budget, clock, args.ranges)
+        rows, first = measure(mib, args.rounds, args.budget, clock, args.forms)
         by_op = {r["op"]: r for r in rows}
         for r in rows:
             speedup = ""

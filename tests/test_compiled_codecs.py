@@ -131,7 +131,7 @@ def test_groups_both_range_reductions(monkeypatch, split):
     AVX-512, and plain ``amin``/``amax``, on other CPUs) code as the reference
     does, whichever this machine picks: round to nearest with non-finite
     values and signed zeros, and stochastic codes given the hashed noise."""
-    monkeypatch.setattr(cgq, "splits_lanes", lambda: split)
+    monkeypatch.setattr(cgq, "avx512_vectors", lambda: split)
     keys = []
     run = build.run
     monkeypatch.setattr(build, "run", lambda f, key, *a: keys.append(key) or run(f, key, *a))
@@ -155,10 +155,11 @@ def test_pack_rows_is_the_stream():
 
 @pytest.mark.parametrize(("bits", "gs", "dtype"), [
     (1, 64, torch.float32), (2, 256, torch.float32), (2, 16, torch.bfloat16),
-    (4, 24, torch.float16)])  # fmt: skip
+    (4, 24, torch.float16), (8, 40, torch.float32), (8, 12, torch.float32)])  # fmt: skip
 def test_decoder_reads_the_streams_words(monkeypatch, bits, gs, dtype):
-    """Bit widths dividing 32 with whole words per group decode straight from
-    the packed stream's int32 words (no uint8 codes array); a stream whose
+    """Bit widths dividing 32 with whole words per group (8 bits: pairs of
+    words, on CPUs without AVX-512, forced here) decode straight from the
+    packed stream's int32 words (no uint8 codes array); a stream whose
     bytes are not 4-aligned (a view at an odd offset) takes the unpacking
     path; both decode as the reference, poisoned groups' classes included."""
     unpacked = []
@@ -166,7 +167,8 @@ def test_decoder_reads_the_streams_words(monkeypatch, bits, gs, dtype):
     monkeypatch.setattr(cgq, "unpack_codes", lambda *a: unpacked.append(a) or real(*a))
     x = (torch.randn(6, 4 * gs) * 3).to(dtype)
     ref = rgq.quantize_groups(x, bits, gs, stochastic=False)
-    words = gs % (32 // bits) == 0
+    monkeypatch.setattr(cgq, "avx512_vectors", lambda: False)
+    words = gs % max(32 // bits, 8) == 0
     assert (cgq._words(ref) is not None) == words
     same(cgq.dequantize_groups(ref, dtype), rgq.dequantize_groups(ref, dtype))
     unpacked.clear()  # the first call's verification probe holds poisoned groups
@@ -190,6 +192,16 @@ def _spaced(t: torch.Tensor) -> torch.Tensor:
     buf = torch.zeros(*t.shape, 2, dtype=t.dtype)
     buf[..., 0] = t
     return buf[..., 0]
+
+
+@pytest.mark.parametrize("avx512", [True, False])
+def test_eight_bit_words_only_without_avx512(monkeypatch, avx512):
+    """8-bit codes are read as word pairs only where vectors are not AVX-512's
+    (slower there, BENCHMARKS.md round 6); 2-bit codes as words on both."""
+    monkeypatch.setattr(cgq, "avx512_vectors", lambda: avx512)
+    x = torch.randn(4, 256)
+    assert (cgq._words(rgq.quantize_groups(x, 8, 64, stochastic=False)) is None) == avx512
+    assert cgq._words(rgq.quantize_groups(x, 2, 64, stochastic=False)) is not None
 
 
 @pytest.mark.parametrize("field", ["packed", "lo", "hi", "lo-transposed", "hi-transposed"])

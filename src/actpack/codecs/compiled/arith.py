@@ -37,6 +37,7 @@ from actpack.codecs.pack import pack_bits
 
 __all__ = [
     "any_set",
+    "avx512_vectors",
     "class_codes",
     "all_finite",
     "clamp_finite",
@@ -51,7 +52,6 @@ __all__ = [
     "group_scale",
     "poisoned_values",
     "round_out",
-    "splits_lanes",
     "value_codes",
 ]
 
@@ -124,18 +124,24 @@ LANES = 16  # an AVX-512 vector of float32 (two AVX2 vectors)
 
 
 @functools.cache
-def splits_lanes() -> bool:
-    """Whether the encoders reduce group ranges with :func:`split_extremes`
-    on this CPU: where ATen's vector capability is AVX-512 (``torch.backends.
-    cpu.get_cpu_capability()``), which Inductor's code also targets there.
+def avx512_vectors() -> bool:
+    """Whether this CPU's vectors are AVX-512's (ATen's vector capability,
+    ``torch.backends.cpu.get_cpu_capability()``, which Inductor's generated
+    code also targets there): the code forms that pay differ with the width.
 
-    With AVX2's 8-lane vectors the (groups, LANES) lane-wise extremes are
-    stored and reloaded as int32 vectors of a given lane count, which
-    Inductor loads through a stack buffer (a store-forwarding stall per
-    load, see :func:`lane_offsets`): a 2-bit stochastic encode of 16 MiB ran
-    8.5 ms with the split and 6.2 ms with plain ``amin``/``amax`` on a 2-core
-    AMD EPYC with AVX2 (``benchmarks/bench_codecs_cpu.py``).  A machine fact,
-    cached; a mismatch with Inductor's own choice costs speed, never values."""
+    * The group encoders reduce their ranges with :func:`split_extremes`
+      only there.  With AVX2's 8-lane vectors the (groups, LANES) lane-wise
+      extremes are stored and reloaded as int32 vectors of a given lane
+      count, which Inductor loads through a stack buffer (a store-forwarding
+      stall per load, see :func:`lane_offsets`): a 2-bit stochastic encode
+      of 16 MiB ran 9.0 ms with the split and 7.7 ms without on a 2-core AMD
+      EPYC with AVX2 (``benchmarks/bench_codecs_cpu.py --ranges both``).
+    * The group decoder reads 8-bit codes from pairs of the stream's int32
+      words everywhere else (:func:`~actpack.codecs.compiled.groupquant.word_bits`).
+
+    A machine fact, cached; a mismatch with Inductor's own choice of vector
+    width costs speed, never values (every form is checked against the
+    reference)."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 

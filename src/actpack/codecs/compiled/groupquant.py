@@ -43,6 +43,7 @@ from actpack.codecs.compiled import build
 from actpack.codecs.compiled.arith import (
     LANES,
     any_set,
+    avx512_vectors,
     clamp_finite,
     finish_ranges_,
     fix_poisoned_codes_,
@@ -53,7 +54,6 @@ from actpack.codecs.compiled.arith import (
     group_ranges,
     group_scale,
     lane_offsets,
-    splits_lanes,
     value_codes,
 )
 from actpack.codecs.compiled.bits import pack_codes, pack_rows, packs_rows, unpack_codes
@@ -110,7 +110,7 @@ def _encoder(wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, sp
         # vectorised loop lane by lane: ~35 instructions per 16 elements).
         # ``grouped``: ``x`` is already the (groups, group_size) view.
         # ``split``: the group size is a multiple of LANES and the CPU's vectors
-        # have that many lanes (see split_extremes, splits_lanes).
+        # have that many lanes (see split_extremes, avx512_vectors).
         group_size = lane.shape[0]
         lane = lane.to(index)  # float32 offsets: see lane_offsets
         if grouped:
@@ -192,14 +192,23 @@ def _decoder(wide: bool, zero_exact: bool, meta: torch.dtype, dtype: torch.dtype
 
     def decode_words(words: Tensor, lo: Tensor, hi: Tensor, levels: Tensor, shifts: Tensor):
         # words: the packed stream's int32 words, (groups, words per group);
-        # shifts: (codes per word,) float32, the bit offset of each code (see
-        # lane_offsets).  The codes are unpacked here as (groups, words,
+        # shifts: (codes per chunk,) float32, the bit offset of each code (see
+        # lane_offsets, _chunk).  The codes are unpacked here as (groups, words,
         # codes per word): Inductor loads each word once, as a scalar, and
         # vectorises along its codes.  Reading one uint8 code per element
         # instead, Inductor on AVX2 loads 8 bytes through a stack buffer
         # that a 16-byte load reads back (a store-forwarding stall: half of
         # a 2-bit decode's time), after a separate unpacking call.
-        q = (words.unsqueeze(-1) >> shifts.to(torch.int32)) & ((1 << bits) - 1)
+        # 8 bits (word_bits): 4 codes a word, half an AVX2 vector; the codes
+        # go by 8, the first four from a chunk's first word, the rest from its
+        # second.
+        shift = shifts.to(torch.int32)
+        if bits == 8:
+            pair = words.view(words.shape[0], -1, 2)
+            word, shift = torch.where(shift >= 32, pair[..., 1:], pair[..., :1]), shift & 31
+        else:
+            word = words.unsqueeze(-1)
+        q = (word >> shift) & ((1 << bits) - 1)
         return values(q, lo.unsqueeze(-1), hi.unsqueeze(-1), levels)
 
     return decode_groups if bits is None else decode_words
@@ -275,7 +284,7 @@ def _quantize(
     # view, whose flat index needs no division by a symbolic row width.
     grouped = cols % group_size == 0 and x.stride(1) == 1 and (rows == 1 or x.stride(0) == cols)
     view = x.view(-1, group_size) if grouped else x
-    split = group_size % LANES == 0 and splits_lanes()
+    split = group_size % LANES == 0 and avx512_vectors()
     # Packed in the body only where its rows are whole groups (the grouped
     # view): rows of another width (a row of the input that is not a whole
     # number of groups) would break the stream at each row's end.
@@ -343,19 +352,26 @@ def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Te
     return out if out.shape[1] == code.cols else out[:, : code.cols].contiguous()
 
 
-#: Bit widths whose codes the decoder unpacks from the packed stream's int32
-#: words in its body (one compiled call, no uint8 codes array).
-WORD_BITS = (1, 2, 4)
+def word_bits() -> tuple[int, ...]:
+    """Bit widths whose codes the decoder unpacks from the packed stream's
+    int32 words in its body (one compiled call, no uint8 codes array).
+
+    8 bits (pairs of words, 8 codes a chunk) only where the vectors are not
+    AVX-512's (:func:`~actpack.codecs.compiled.arith.avx512_vectors`): on a
+    2-core AMD EPYC with AVX2 an int8 decode of 16 MiB ran 7.6 -> 4.3 ms
+    this way, on an AVX-512 machine 4-9x slower (BENCHMARKS.md "CPU
+    codecs", round 6); there it reads the unpacked uint8 codes."""
+    return (1, 2, 4) if avx512_vectors() else (1, 2, 4, 8)
 
 
 def _words(code: GroupCode) -> Tensor | None:
     """``code.packed`` as (groups, words per group) int32 where the decoder
-    can read it so: a bit width of :data:`WORD_BITS`, whole words per group,
-    a stream of consecutive bytes (stride 1) aligned to 4 bytes, a
-    little-endian host (the stream's code ``i`` is then bits
-    ``[i*bits, (i+1)*bits)`` of its word)."""
+    can read it so: a bit width of :func:`word_bits`, whole chunks of codes
+    (:func:`_chunk`) per group, a stream of consecutive bytes (stride 1)
+    aligned to 4 bytes, a little-endian host (the stream's code ``i`` is
+    then bits ``[i*bits, (i+1)*bits)`` of its word)."""
     bits = code.bits
-    if bits not in WORD_BITS or code.group_size % (32 // bits) or sys.byteorder != "little":
+    if bits not in word_bits() or code.group_size % _chunk(bits) or sys.byteorder != "little":
         return None
     n = code.rows * code.ngroups * code.group_size
     stream = code.packed.detach().reshape(-1)[: n * bits // 8]
@@ -364,10 +380,16 @@ def _words(code: GroupCode) -> Tensor | None:
     return stream.view(torch.int32).view(-1, code.group_size * bits // 32)
 
 
+def _chunk(bits: int) -> int:
+    """Codes the word decoder unpacks together: a word's, or two words' (8 bits)."""
+    return max(32 // bits, 8)
+
+
 @functools.lru_cache(maxsize=16)
 def _shifts(bits: int, device: torch.device) -> Tensor:
-    """The bit offset of each code of a word, (32 // bits,) float32 (cached)."""
-    return lane_offsets(32 // bits, bits, torch.int32, device)
+    """The bit offset of each code of a chunk (:func:`_chunk`) from its first
+    word's least significant bit, float32 (cached)."""
+    return lane_offsets(_chunk(bits), bits, torch.int32, device)
 
 
 def _probe_matrix(group_size: int, levels: int, grouped: bool, zero_exact: bool) -> Tensor:
@@ -391,7 +413,7 @@ def _check_encoder(key: tuple) -> bool:
     # exactly one vector (16 lanes with AVX-512, 8 with AVX2), and the probe's
     # artifact would then serve no other group size (a second compile for the
     # first real call).  8 bits: a code that is never packed in the body.
-    if (split or not splits_lanes()) and (pack or wide or not grouped):
+    if (split or not avx512_vectors()) and (pack or wide or not grouped):
         group_size, bits = 32, pack or (8 if grouped else (3 if wide else 1))
     else:
         group_size, bits = (8 if pack else 6), pack or (3 if wide else 1)
