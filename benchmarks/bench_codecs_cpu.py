@@ -16,8 +16,9 @@ thread, it times:
 * DIVISION (maps (N, 16, 32, 32), 8x8 blocks, 2 bits, stochastic): encode
   and decode;
 * with ``--forms both``, the compiled 2-bit and int8 codecs again with the
-  code forms of each vector width forced (``arith.avx512_vectors``, which
-  otherwise follows the CPU's vector capability printed in the header):
+  code forms of each vector width forced (the name ``avx512_vectors`` in
+  ``actpack.codecs.compiled.groupquant``, which otherwise follows the CPU's
+  vector capability printed in the header):
   the encoders' range reduction (lane split on AVX-512, plain
   ``amin``/``amax`` elsewhere) and the int8 decoder's input (uint8 codes on
   AVX-512, pairs of the stream's int32 words elsewhere);
@@ -82,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @contextlib.contextmanager
 def forms_forced(avx512: bool) -> Iterator[None]:
     """The compiled group codecs' code forms forced to those of one vector
-    width (``actpack.codecs.compiled.arith.avx512_vectors``; each form is its
-    own compiled configuration)."""
+    width (the name ``avx512_vectors`` that ``actpack.codecs.compiled.
+    groupquant`` reads; each form is its own compiled configuration).  Not
+    thread-safe: it swaps a module attribute, for this benchmark only."""
     saved = cgq.avx512_vectors
     cgq.avx512_vectors = lambda: avx512
     try:

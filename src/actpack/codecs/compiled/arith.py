@@ -134,14 +134,16 @@ def avx512_vectors() -> bool:
       extremes are stored and reloaded as int32 vectors of a given lane
       count, which Inductor loads through a stack buffer (a store-forwarding
       stall per load, see :func:`lane_offsets`): a 2-bit stochastic encode
-      of 16 MiB ran 9.0 ms with the split and 7.7 ms without on a 2-core AMD
-      EPYC with AVX2 (``benchmarks/bench_codecs_cpu.py --ranges both``).
+      of 16 MiB ran 9.0-10.2 ms with the split and 8.4-8.8 ms without on a
+      2-core AMD EPYC with AVX2 (``benchmarks/bench_codecs_cpu.py --forms both``,
+      BENCHMARKS.md "CPU codecs", round 7).
     * The group decoder reads 8-bit codes from pairs of the stream's int32
       words everywhere else (:func:`~actpack.codecs.compiled.groupquant.word_bits`).
 
-    A machine fact, cached; a mismatch with Inductor's own choice of vector
-    width costs speed, never values (every form is checked against the
-    reference)."""
+    Every CPU without AVX-512 (AVX2, but also NEON, SVE, none) gets the
+    other forms, measured on AVX2 only.  A machine fact, cached; a mismatch
+    with Inductor's own choice of vector width costs speed, never values
+    (every form is checked against the reference)."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 

@@ -193,8 +193,8 @@ def _decoder(wide: bool, zero_exact: bool, meta: torch.dtype, dtype: torch.dtype
     def decode_words(words: Tensor, lo: Tensor, hi: Tensor, levels: Tensor, shifts: Tensor):
         # words: the packed stream's int32 words, (groups, words per group);
         # shifts: (codes per chunk,) float32, the bit offset of each code (see
-        # lane_offsets, _chunk).  The codes are unpacked here as (groups, words,
-        # codes per word): Inductor loads each word once, as a scalar, and
+        # lane_offsets, _chunk).  The codes are unpacked here as (groups,
+        # chunks, codes per chunk): Inductor loads each word once, as a scalar, and
         # vectorises along its codes.  Reading one uint8 code per element
         # instead, Inductor on AVX2 loads 8 bytes through a stack buffer
         # that a 16-byte load reads back (a store-forwarding stall: half of
@@ -359,8 +359,9 @@ def word_bits() -> tuple[int, ...]:
     8 bits (pairs of words, 8 codes a chunk) only where the vectors are not
     AVX-512's (:func:`~actpack.codecs.compiled.arith.avx512_vectors`): on a
     2-core AMD EPYC with AVX2 an int8 decode of 16 MiB ran 7.6 -> 4.3 ms
-    this way, on an AVX-512 machine 4-9x slower (BENCHMARKS.md "CPU
-    codecs", round 6); there it reads the unpacked uint8 codes."""
+    this way (round 6), and on another 8.55 -> 7.39 ms (round 7), on an
+    AVX-512 machine 4-9x slower (BENCHMARKS.md "CPU codecs", round 6);
+    there it reads the unpacked uint8 codes."""
     return (1, 2, 4) if avx512_vectors() else (1, 2, 4, 8)
 
 
@@ -369,7 +370,8 @@ def _words(code: GroupCode) -> Tensor | None:
     can read it so: a bit width of :func:`word_bits`, whole chunks of codes
     (:func:`_chunk`) per group, a stream of consecutive bytes (stride 1)
     aligned to 4 bytes, a little-endian host (the stream's code ``i`` is
-    then bits ``[i*bits, (i+1)*bits)`` of its word)."""
+    then bits ``[i*bits, (i+1)*bits)`` of its chunk: a word, or a pair of
+    words for 8 bits)."""
     bits = code.bits
     if bits not in word_bits() or code.group_size % _chunk(bits) or sys.byteorder != "little":
         return None
@@ -443,7 +445,7 @@ def _check_decoder(key: tuple) -> bool:
     the hard cases as the reference does."""
     wide, zero_exact, meta, dtype = key[:4]
     bits = key[4] if len(key) > 4 else (3 if wide else 1)
-    group_size = 32 if len(key) > 4 else 16  # whole words for every bit width read so
+    group_size = 32 if len(key) > 4 else 16  # whole chunks for every bit width read so
     x = _probe_matrix(group_size, (1 << bits) - 1 - int(zero_exact), True, zero_exact)
     code = ref.quantize_groups(x, bits, group_size, stochastic=False, zero_exact=zero_exact,
                                meta_dtype=meta)  # fmt: skip
