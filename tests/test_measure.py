@@ -1,6 +1,8 @@
 """actpack.measure: exact byte counts and the ratios the README promises."""
 
+import contextlib
 import types
+import warnings
 
 import pytest
 import torch
@@ -309,3 +311,27 @@ def test_input_batch_inside_a_list_argument_is_a_leaf():
     got = actpack.measure(_EinsumFirst(), x, strategy="actnn")
     assert got.leaf_bytes == x.nbytes
     assert "op statistics" not in got.passthrough
+
+
+@pytest.mark.parametrize("case", ["frozen", "no_grad", "inference_mode", "trained"])
+def test_a_step_without_a_graph_is_warned_of(case):
+    """A loss without an autograd graph saves nothing: the 0 B report is
+    warned of, naming the cause and its fix, and pointing at the caller."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    if case == "frozen":
+        model.requires_grad_(False)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(case)
+    x = torch.randn(8, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ctx() if ctx else contextlib.nullcontext():
+            report = actpack.measure(model, x, strategy="actnn")
+    ours = [w for w in caught if "no autograd graph" in str(w.message)]
+    if case == "trained":
+        assert not ours and report.baseline_bytes > 0
+        return
+    assert report.baseline_bytes == 0
+    assert len(ours) == 1 and ours[0].category is RuntimeWarning
+    assert ours[0].filename == __file__
+    want = "requires_grad=True" if case == "frozen" else "outside it"
+    assert want in str(ours[0].message)

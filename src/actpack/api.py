@@ -280,13 +280,33 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def _step(
     model: nn.Module, inputs: tuple, kwargs: dict, loss_fn: Callable | None, ctx: Any
-) -> None:
+) -> bool:
+    """One forward and backward; whether the loss had a graph (else autograd
+    saved nothing, and there was nothing to measure)."""
     with ctx:
         out = model(*inputs, **kwargs)
         loss = loss_fn(out) if loss_fn is not None else default_loss(out)
     params = [p for p in model.parameters() if p.requires_grad]
     if loss.requires_grad and params:
         torch.autograd.grad(loss, params, allow_unused=True)
+    return loss.requires_grad
+
+
+def _warn_no_graph() -> None:
+    """``measure``'s loss had no graph: autograd saved nothing, and the report's
+    0 B would read as a perfect compression of a model that was never trained."""
+    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        why = "grad mode is off (torch.no_grad() or torch.inference_mode() around measure)"
+        fix = "call measure outside it"
+    else:
+        why = "neither a parameter of the model nor an input requires grad"
+        fix = "unfreeze the parameters you train, or pass inputs with requires_grad=True"
+    warnings.warn(
+        f"actpack.measure: the loss has no autograd graph, so nothing was saved for "
+        f"backward and the report counts 0 B: {why}; {fix}",
+        RuntimeWarning,
+        stacklevel=4,  # measure's caller
+    )
 
 
 def measure(
@@ -320,6 +340,11 @@ def measure(
     wrapped by :func:`wrap` (measured through a copy of its settings, with
     its own engine set aside for the step), else :data:`actpack.DEFAULT_STRATEGY`
     (``"actnn-rows"``).
+
+    Warns:
+        RuntimeWarning: the loss has no autograd graph (grad mode off, or
+            nothing requires grad: a frozen model on plain inputs), so
+            autograd saved nothing and the report counts 0 B.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -415,9 +440,17 @@ def _measure(
                 baseline_peak = _peak(
                     lambda: _step(model, inputs, kwargs, loss_fn, _null()), device
                 )
-                peak = _peak(lambda: _step(model, inputs, kwargs, loss_fn, engine), device)
+            graph = [False]
+
+            def step() -> None:
+                graph[0] = _step(model, inputs, kwargs, loss_fn, engine)
+
+            if device.type == "cuda":
+                peak = _peak(step, device)
             else:
-                _step(model, inputs, kwargs, loss_fn, engine)
+                step()
+        if not graph[0]:
+            _warn_no_graph()
     finally:
         engine.close()
         with torch.no_grad():
