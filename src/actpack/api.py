@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,8 @@ from actpack.probe import (
 )
 from actpack.report import Report
 from actpack.strategies import DEFAULT_STRATEGY, Strategy
+
+T = TypeVar("T")
 
 
 def compress(
@@ -437,19 +439,13 @@ def _measure(
         # Dropout in this extra step must not advance the user's generators.
         with preserved_rng([*given, *model.parameters()]):
             if device.type == "cuda":
-                baseline_peak = _peak(
+                baseline_peak, _ = _peak(
                     lambda: _step(model, inputs, kwargs, loss_fn, _null()), device
                 )
-            graph = [False]
-
-            def step() -> None:
-                graph[0] = _step(model, inputs, kwargs, loss_fn, engine)
-
-            if device.type == "cuda":
-                peak = _peak(step, device)
+                peak, graph = _peak(lambda: _step(model, inputs, kwargs, loss_fn, engine), device)
             else:
-                step()
-        if not graph[0]:
+                graph = _step(model, inputs, kwargs, loss_fn, engine)
+        if not graph:
             _warn_no_graph()
     finally:
         engine.close()
@@ -483,9 +479,10 @@ class _null:
         return None
 
 
-def _peak(fn: Callable[[], None], device: torch.device) -> int:
+def _peak(fn: Callable[[], T], device: torch.device) -> tuple[int, T]:
+    """(peak bytes allocated on ``device`` while ``fn`` runs, its result)."""
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
-    fn()
+    result = fn()
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
+    return torch.cuda.max_memory_allocated(device), result
