@@ -94,6 +94,16 @@ def forms_forced(avx512: bool) -> Iterator[None]:
         cgq.avx512_vectors = saved
 
 
+def forced(fn: Callable, arg: object, avx512: bool) -> Callable[[], object]:
+    """``fn(arg, "compiled")`` under :func:`forms_forced`."""
+
+    def call() -> object:
+        with forms_forced(avx512):
+            return fn(arg, "compiled")
+
+    return call
+
+
 def codecs(numel: int) -> dict[str, tuple[Callable, Callable, Callable]]:
     """name -> (make input, encode(x, backend), decode(code, backend))."""
     gen = torch.Generator().manual_seed(0)
@@ -149,14 +159,8 @@ def measure(
             for avx512 in (True, False):
                 what = "AVX-512 forms" if avx512 else "AVX2 forms"
 
-                def forced_enc(e=enc, xc=xc, avx512=avx512):
-                    with forms_forced(avx512):
-                        return e(xc, "compiled")
-
-                def forced_dec(d=dec, c=code, avx512=avx512):
-                    with forms_forced(avx512):
-                        return d(c, "compiled")
-
+                forced_enc = forced(enc, xc, avx512)
+                forced_dec = forced(dec, code, avx512)
                 t = time.perf_counter()
                 forced_enc()
                 forced_dec()
