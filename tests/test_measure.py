@@ -313,25 +313,34 @@ def test_input_batch_inside_a_list_argument_is_a_leaf():
     assert "op statistics" not in got.passthrough
 
 
-@pytest.mark.parametrize("case", ["frozen", "no_grad", "inference_mode", "trained"])
+@pytest.mark.parametrize(
+    "case", ["frozen", "no_grad", "inference_mode", "detached", "trained", "partly_frozen"]
+)
 def test_a_step_without_a_graph_is_warned_of(case):
-    """A loss without an autograd graph saves nothing: the 0 B report is
-    warned of, naming the cause and its fix, and pointing at the caller."""
+    """A loss without an autograd graph runs no backward: warned of, naming
+    the cause and its fix, and pointing at the caller; with grad off or
+    nothing requiring grad the report counts 0 B, with a ``loss_fn`` that
+    detaches it counts the forward's saves.  A trained or partly frozen
+    model is not warned of."""
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     if case == "frozen":
         model.requires_grad_(False)
+    if case == "partly_frozen":
+        model[0].requires_grad_(False)
     ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(case)
+    loss_fn = (lambda out: out.detach().sum()) if case == "detached" else None
     x = torch.randn(8, 16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with ctx() if ctx else contextlib.nullcontext():
-            report = actpack.measure(model, x, strategy="actnn")
+            report = actpack.measure(model, x, strategy="actnn", loss_fn=loss_fn)
     ours = [w for w in caught if "no autograd graph" in str(w.message)]
-    if case == "trained":
+    if case in ("trained", "partly_frozen"):
         assert not ours and report.baseline_bytes > 0
         return
-    assert report.baseline_bytes == 0
+    assert (report.baseline_bytes > 0) == (case == "detached")
     assert len(ours) == 1 and ours[0].category is RuntimeWarning
     assert ours[0].filename == __file__
-    want = "requires_grad=True" if case == "frozen" else "outside it"
+    want = {"frozen": "requires_grad=True", "detached": "does not detach"}.get(case, "outside it")
     assert want in str(ours[0].message)
+    assert ("counts 0 B" in str(ours[0].message)) == (case != "detached")

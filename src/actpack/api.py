@@ -294,18 +294,28 @@ def _step(
     return loss.requires_grad
 
 
-def _warn_no_graph() -> None:
-    """``measure``'s loss had no graph: autograd saved nothing, and the report's
-    0 B would read as a perfect compression of a model that was never trained."""
+def _warn_no_graph(model: nn.Module, given: list) -> None:
+    """``measure``'s loss had no graph, so no backward ran: say why.  With
+    grad mode off or nothing requiring grad, autograd saved nothing and the
+    report's 0 B would read as a perfect compression; otherwise the loss
+    does not depend on what requires grad (a ``loss_fn`` that detaches), and
+    the report counts saves that no backward read."""
     if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        what = "nothing was saved for backward (the report counts 0 B)"
         why = "grad mode is off (torch.no_grad() or torch.inference_mode() around measure)"
         fix = "call measure outside it"
-    else:
+    elif not any(p.requires_grad for p in model.parameters()) and not any(
+        isinstance(t, Tensor) and t.requires_grad for t in given
+    ):
+        what = "nothing was saved for backward (the report counts 0 B)"
         why = "neither a parameter of the model nor an input requires grad"
         fix = "unfreeze the parameters you train, or pass inputs with requires_grad=True"
+    else:
+        what = "no backward ran (the report counts saves that no backward read)"
+        why = "the loss does not depend on anything that requires grad"
+        fix = "return a loss with a graph from loss_fn (one that does not detach)"
     warnings.warn(
-        f"actpack.measure: the loss has no autograd graph, so nothing was saved for "
-        f"backward and the report counts 0 B: {why}; {fix}",
+        f"actpack.measure: the loss has no autograd graph, so {what}: {why}; {fix}",
         RuntimeWarning,
         stacklevel=4,  # measure's caller
     )
@@ -344,9 +354,10 @@ def measure(
     (``"actnn-rows"``).
 
     Warns:
-        RuntimeWarning: the loss has no autograd graph (grad mode off, or
-            nothing requires grad: a frozen model on plain inputs), so
-            autograd saved nothing and the report counts 0 B.
+        RuntimeWarning: the loss has no autograd graph, so no backward ran:
+            grad mode off, or nothing requires grad (a frozen model on plain
+            inputs; the report then counts 0 B), or a ``loss_fn`` that
+            detaches.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -446,7 +457,7 @@ def _measure(
             else:
                 graph = _step(model, inputs, kwargs, loss_fn, engine)
         if not graph:
-            _warn_no_graph()
+            _warn_no_graph(model, given)
     finally:
         engine.close()
         with torch.no_grad():
