@@ -22,6 +22,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from actpack.codecs import division as rdiv
 from actpack.codecs import groupquant as rgq
@@ -110,6 +111,34 @@ def check_division(fused, x, block=8, bits=2, out_dtypes=None):
         same(fused.division_decode(ref, dtype), want)
         same(rdiv.division_decode(got, dtype), want)
     return got
+
+
+def order_sensitive_map(shape: tuple[int, ...], block: int, seed: int = 0) -> torch.Tensor:
+    """float32 randn plus +2**20 at the first and -2**20 at the last element
+    of every block's segment along the innermost dim: the large terms cancel
+    within each block, and the small ones, added to partial sums holding them
+    (float32 ulp 0.125 there), are rounded according to when each is added.  So
+    the bf16 block means depend on the summation order, and a fused codec
+    that sums blocks otherwise than the reference (``block_sums``) gives
+    other means (a 1-D map has a single order: row-major is the reference's)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    width = shape[-1]
+    starts = torch.arange(0, width, min(block, width))
+    ends = (starts + min(block, width)).clamp(max=width) - 1
+    x[..., starts] += 2.0**20
+    x[..., ends] -= 2.0**20
+    return x
+
+
+def assert_order_matters(x: torch.Tensor, block: int) -> None:
+    """That ``x``'s block means in ATen's ``avg_pool`` order (row-major, one
+    chain) differ from the reference's somewhere (maps of 2 or 3 spatial
+    dims): the check of a fused codec on ``x`` can then fail when it sums in
+    another order."""
+    pool = {3: F.avg_pool1d, 4: F.avg_pool2d, 5: F.avg_pool3d}[x.dim()]
+    eff = tuple(min(block, s) for s in x.shape[2:])
+    aten = pool(x.float(), eff, eff, 0, True, False).to(torch.bfloat16)
+    assert not torch.equal(aten, rdiv.block_means(x.float(), eff))
 
 
 def draws(values: torch.Tensor, copies: int) -> torch.Tensor:

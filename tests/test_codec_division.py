@@ -14,8 +14,10 @@ import math
 
 import pytest
 import torch
+from fused_checks import assert_order_matters, order_sensitive_map
 
 from actpack.codecs import DivisionCode, division_decode, division_encode
+from actpack.codecs.division import block_sums
 
 DEVICES = [
     "cpu",
@@ -99,6 +101,49 @@ def test_lfc_exact_block_means(shape: tuple[int, ...], block: int) -> None:
     want = _hand_means(x, block)
     # Only the bf16 storage rounding (<= 2^-9 relative) separates the two.
     assert ((code.lfc.double() - want).abs() <= want.abs() * 2.0**-8 + 1e-6).all()
+
+
+def _hand_sums(x: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 block sums in the specified order, block by block: the block
+    (padded with +0.0 to whole size) reduced over its outermost dim first,
+    slice after slice."""
+    spatial = x.shape[2:]
+    b = [min(block, s) for s in spatial]
+    out = torch.empty(*x.shape[:2], *[-(-s // bi) for s, bi in zip(spatial, b)])
+    for idx in itertools.product(*[range(o) for o in out.shape[2:]]):
+        sl = tuple(slice(i * bi, min((i + 1) * bi, s)) for i, bi, s in zip(idx, b, spatial))
+        e = torch.zeros(*x.shape[:2], *b)
+        e[(slice(None), slice(None), *[slice(0, t.stop - t.start) for t in sl])] = x[
+            (slice(None), slice(None), *sl)
+        ]
+        while e.dim() > 2:
+            s = e[:, :, 0]
+            for j in range(1, e.shape[2]):
+                s = s + e[:, :, j]
+            e = s
+        out[(slice(None), slice(None), *idx)] = e
+    return out
+
+
+@pytest.mark.parametrize(
+    ("shape", "block"),
+    [((2, 3, 14, 14), 8), ((2, 3, 7, 7), 8), ((1, 2, 5, 6, 7), 4), ((2, 2, 13), 4),
+     ((2, 3, 16, 16), 8)],
+)  # fmt: skip
+def test_lfc_sums_in_the_specified_order(shape: tuple[int, ...], block: int) -> None:
+    """The LFC is the bf16 of a float32 sum in ``block_sums``' order over the
+    covered count, bit for bit, on inputs whose means depend on the order
+    (ATen's ``avg_pool`` sums 2-D and 3-D blocks otherwise and differs here)."""
+    x = order_sensitive_map(shape, block, seed=len(shape) + block)
+    if len(shape) > 3:
+        assert_order_matters(x, block)
+    eff = tuple(min(block, s) for s in shape[2:])
+    sums = _hand_sums(x, block)
+    assert torch.equal(block_sums(x, eff), sums)
+    count = _hand_sums(torch.ones(shape), block)  # the covered elements, exactly
+    assert count.sum() == math.prod(shape)  # each element in one block
+    want = (sums / count).to(torch.bfloat16)
+    assert torch.equal(division_encode(x, block, 2).lfc.view(torch.int16), want.view(torch.int16))
 
 
 def test_lfc_rounding_moves_into_hfc() -> None:

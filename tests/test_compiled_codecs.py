@@ -34,9 +34,11 @@ from fused_checks import (
     assert_generator_semantics,
     assert_groups_match_reference,
     assert_groups_unbiased,
+    assert_order_matters,
     check_division,
     check_groups,
     compiled_codecs_only,
+    order_sensitive_map,
     same,
     same_bound,
     same_code,
@@ -442,6 +444,21 @@ def test_division_rtn_identical(size, dtype, spatial):
 )  # fmt: skip
 def test_division_shapes_and_bits(shape, block, bits):
     check_division(cdiv, torch.randn(shape), block, bits)
+
+
+@pytest.mark.parametrize(
+    ("shape", "block"),
+    [((2, 3, 14, 14), 8), ((2, 3, 7, 7), 8), ((1, 2, 5, 6, 7), 4), ((2, 3, 32, 32), 8)],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_division_sums_blocks_in_the_reference_order(shape, block, layout):
+    """The compiled block means (a body of their own) sum in the reference's
+    order, on inputs whose means show the order, in both memory orders."""
+    x = order_sensitive_map(shape, block)
+    assert_order_matters(x, block)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+    check_division(cdiv, x, block, 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -38,8 +38,10 @@ from fused_checks import (  # noqa: E402
     assert_generator_semantics,
     assert_groups_match_reference,
     assert_groups_unbiased,
+    assert_order_matters,
     check_division,
     check_groups,
+    order_sensitive_map,
 )
 from fused_checks import same as _same  # noqa: E402
 from fused_checks import same_code as _same_code  # noqa: E402
@@ -230,6 +232,15 @@ def test_division_rtn_identical(size, dtype):
 )  # fmt: skip
 def test_division_shapes_and_bits(shape, block, bits):
     _check_division(torch.randn(shape, device=DEV), block, bits)
+
+
+@pytest.mark.parametrize(
+    ("shape", "block"), [((2, 3, 14, 14), 8), ((2, 3, 7, 7), 8), ((1, 2, 5, 6, 7), 4)]
+)
+def test_division_sums_blocks_in_the_reference_order(shape, block):
+    x = order_sensitive_map(shape, block)
+    assert_order_matters(x, block)
+    _check_division(x.to(DEV), block, 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -5,11 +5,11 @@ specification): round to nearest gives the same LFC, packed bytes, lo and
 hi; decoding gives the same values; stochastic rounding uses the hashed
 noise of :mod:`actpack.codecs.counter_noise`.
 
-The block means come from ATen's ``avg_pool`` as in the reference (same
-summation order, so the same bfloat16 means), run on the input in its own
-dtype when that is float32 or bfloat16: ATen accumulates bfloat16 in float32
-and rounds the mean once, which is what the reference's float32 pool followed
-by a bfloat16 cast computes.  The compiled body keeps the (N, C, *S) layout
+The block means are the reference's own :func:`~actpack.codecs.division.block_means`
+compiled (a body of their own, :func:`_pooler`: elementwise float32 additions
+in the order the reference fixes, so the same bfloat16 means; the sums along
+the outer spatial dims read ``x`` as vectors along its innermost dimension).
+The compiled body keeps the (N, C, *S) layout
 and ``x``'s strides, reads ``x`` twice (one loop for the row extremes of the
 residual and of ``x`` itself, which rows whose residual is not finite
 quantize; then the codes) and never materialises the upsampled LFC except
@@ -29,7 +29,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from actpack.codecs import division as ref
@@ -57,8 +56,6 @@ from actpack.codecs.division import DivisionCode, _upsample
 from actpack.codecs.groupquant import GroupCode
 
 __all__ = ["division_decode", "division_encode"]
-
-_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def spread(lfc: Tensor, block: tuple[int, ...], shape: tuple[int, ...], inner: int):
@@ -146,6 +143,29 @@ def _encoder(wide: bool, stochastic: bool, block, dtype: torch.dtype, index, inn
     return encode_division
 
 
+def _pooler(block: tuple[int, ...], dtype: torch.dtype):
+    def block_means(x: Tensor):
+        return ref.block_means(x.float(), block)
+
+    return block_means
+
+
+def _block_means(x: Tensor, eff: tuple[int, ...]) -> Tensor | None:
+    """The reference's bfloat16 block means of ``x`` (N, C, *S), compiled
+    (None where the body cannot serve: the caller runs the reference)."""
+    check = functools.partial(_check_pooler, x, eff)
+    return build.run(_pooler, (eff, x.dtype), (x,), check)
+
+
+def _check_pooler(x: Tensor, eff: tuple[int, ...]) -> bool:
+    """Whether the compiled block means of a probe like ``x`` (its memory
+    order, blocks and remainders; NaN, infinities, overflowing sums,
+    subnormals) are the reference's, but for the sign of a zero."""
+    probe = _probe_like(x, max(eff), x.dtype)
+    got = _block_means(probe, eff)
+    return got is None or same_bounds(got, ref.block_means(probe.float(), eff))
+
+
 def _decoder(wide: bool, block: tuple[int, ...] | None, dtype: torch.dtype):
     big = torch.finfo(dtype).max
     big32 = torch.finfo(torch.float32).max
@@ -227,11 +247,9 @@ def _encode(
     eff = tuple(min(block, s) for s in shape[2:])
     seed = random_key(generator, x.device) if stochastic else zero_key(x.device)
     with torch.no_grad():
-        # ATen pools bfloat16 in float32 and rounds once, as the reference's
-        # float pool then cast does; its CPU avg_pool3d has no bfloat16 kernel.
-        native = x.dtype is torch.float32 or (x.dtype is torch.bfloat16 and len(eff) < 3)
-        pooled = x if native else x.float()
-        lfc = _POOL[len(eff)](pooled, eff, eff, 0, True, False).to(torch.bfloat16)
+        lfc = _block_means(x, eff)
+        if lfc is None:
+            return None
         rows = flat_rows(x, eff)
         if rows is not None:
             view, rest = rows, None
@@ -320,8 +338,10 @@ def _probe_like(x: Tensor, block: int, dtype: torch.dtype) -> Tensor:
     its spatial sizes go, so that the verified artifact is the one that serves
     ``x``, not a second compile), in ``x``'s memory order, holding the hard
     cases: a NaN, +-Inf, a row whose residual overflows float32 (x itself is
-    coded), a constant row and a subnormal one."""
-    shape = [2, 3, *(s if s <= block else block + (s % block or block) for s in x.shape[2:])]
+    coded), a constant row, a subnormal one, and one whose block means depend
+    on the summation order (+-2**20 cancelling within each block: a compiler
+    that reassociated the sums of ``block_sums`` would show)."""
+    shape = [2, 4, *(s if s <= block else block + (s % block or block) for s in x.shape[2:])]
     # Outermost first, by stride (ties: the later dimension inner, as contiguous).
     order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))
     gen = torch.Generator().manual_seed(0)
@@ -335,6 +355,10 @@ def _probe_like(x: Tensor, block: int, dtype: torch.dtype) -> Tensor:
     probe[1, 1][first] = -float("inf")
     probe[1, 2] = 3.3e38
     probe[1, 2][first] = -3.3e38
+    width = shape[-1]
+    starts = torch.arange(0, width, min(block, width))
+    probe[0, 3][..., starts] += 2.0**20
+    probe[0, 3][..., (starts + min(block, width)).clamp(max=width) - 1] -= 2.0**20
     return base.to(dtype).permute([order.index(d) for d in range(x.dim())])
 
 

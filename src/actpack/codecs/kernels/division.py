@@ -4,10 +4,10 @@
 (n, c) rows (``M * prod(S) * bits % 8 == 0``, so programs never share a packed
 byte) and, for 1-, 2- and 3-D maps alike:
 
-1. block means: each block's sum is accumulated in row-major window order and
-   divided by the number of covered elements, exactly as ``avg_pool`` does
-   (``ceil_mode=True, count_include_pad=False``), rounded to bf16 (RTNE) and
-   stored;
+1. block means: each block's sum is accumulated in the reference's order
+   (:func:`actpack.codecs.division.block_sums`: the outer spatial dims first,
+   each slice after the other, uncovered positions adding +0.0) and divided
+   by the number of covered elements, rounded to bf16 (RTNE) and stored;
 2. HFC statistics ``x - up(LFC)`` per row, and of ``x`` itself for rows whose
    residual is not finite (the reference's fallback row);
 3. zeroes the LFC of such rows, then quantizes and packs the HFC rows with the
@@ -123,7 +123,7 @@ def _division_encode_kernel(
     lfc0 = pid * (M * NBLK)
     e0 = pid * (M * S)
 
-    # Sweep A: block means, summed in avg_pool's order, stored as bf16.
+    # Sweep A: block means, summed in the reference's order, stored as bf16.
     for cb in range(NCB):
         idx = cb * CB + tl.arange(0, CB)
         m = idx // NBLK
@@ -138,22 +138,28 @@ def _division_encode_kernel(
         h0 = bh * BH
         w0 = (rem - bh * LW) * BW
         ptr0 = x_ptr + base + d0 * s_d + h0 * s_h + w0 * s_w
+        # The reference's order (block_sums): over kd first, then kh, then kw, each
+        # sum starting from its first term; an uncovered position adds +0.0 (the
+        # reference pads with it), which changes at most the sign of a zero sum.
         acc = tl.zeros((CB,), tl.float32)
-        # Row-major window order, like avg_pool's loops; an uncovered position adds +0.0,
-        # which leaves the sum unchanged (it starts at +0.0 and so is never -0.0).
-        for kd in range(BD):
-            in_d = valid & (d0 + kd < D)
-            for kh in range(BH):
-                in_dh = in_d & (h0 + kh < H)
-                ptr_dh = ptr0 + kd * s_d + kh * s_h
-                for kw in range(BW):
+        for kw in tl.static_range(BW):
+            in_w = valid & (w0 + kw < W)
+            col = tl.zeros((CB,), tl.float32)
+            for kh in tl.static_range(BH):
+                in_hw = in_w & (h0 + kh < H)
+                ptr_hw = ptr0 + kh * s_h + kw * s_w
+                dep = tl.zeros((CB,), tl.float32)
+                for kd in tl.static_range(BD):
                     # _load_f32 inlined: a nested call per step is slow under the interpreter.
-                    inb = in_dh & (w0 + kw < W)
+                    inb = in_hw & (d0 + kd < D)
                     if X_BF16:
-                        raw = tl.load(ptr_dh + kw * s_w, mask=inb, other=0).to(tl.int32)
-                        acc += (raw << 16).to(tl.float32, bitcast=True)
+                        raw = tl.load(ptr_hw + kd * s_d, mask=inb, other=0).to(tl.int32)
+                        v = (raw << 16).to(tl.float32, bitcast=True)
                     else:
-                        acc += tl.load(ptr_dh + kw * s_w, mask=inb, other=0.0).to(tl.float32)
+                        v = tl.load(ptr_hw + kd * s_d, mask=inb, other=0.0).to(tl.float32)
+                    dep = v if kd == 0 else dep + v
+                col = dep if kh == 0 else col + dep
+            acc = col if kw == 0 else acc + col
         cnt = tl.minimum(D - d0, BD) * tl.minimum(H - h0, BH) * tl.minimum(W - w0, BW)
         mean = tl.math.div_rn(acc, cnt.to(tl.float32))
         tl.store(lfc_ptr + lfc0 + idx, _bf16_bits(mean).to(tl.int16), mask=valid)
