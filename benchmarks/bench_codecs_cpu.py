@@ -14,7 +14,9 @@ thread, it times:
   elements, groups of 256, stochastic rounding) and int8 (the same, 8 bits):
   encode = quantize + pack, decode = unpack + dequantize to float32;
 * DIVISION (maps (N, 16, 32, 32), 8x8 blocks, 2 bits, stochastic): encode
-  and decode;
+  and decode, and the encoder's block means alone (compiled, as the encoder
+  computes them, beside ATen's ``avg_pool2d`` to bfloat16, which computed
+  them until the reference fixed its own summation order);
 * with ``--forms both``, the compiled 2-bit and int8 codecs again with the
   code forms of each vector width forced (the name ``avx512_vectors`` in
   ``actpack.codecs.compiled.groupquant``, which otherwise follows the CPU's
@@ -54,12 +56,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 _SRC = Path(__file__).resolve().parent.parent / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))  # run from a checkout without installing
 
 from actpack.codecs import backend  # noqa: E402
+from actpack.codecs.compiled import division as cdiv  # noqa: E402
 from actpack.codecs.compiled import groupquant as cgq  # noqa: E402
 
 BACKENDS = ("reference", "compiled")
@@ -155,6 +159,15 @@ def measure(
             first[f"{codec} {name}"] = time.perf_counter() - t
             ops[f"{codec} encode {name}"] = lambda e=enc, xc=xc, n=name: e(xc, n)
             ops[f"{codec} decode {name}"] = lambda d=dec, c=code, n=name: d(c, n)
+        if codec == "division-2bit":
+            # The block means alone: the compiled body of the reference's
+            # order against the ATen pooling kernel that computed them before.
+            ops["division-2bit block means (compiled)"] = lambda xc=xc: cdiv._block_means(
+                xc, (8, 8)
+            )
+            ops["division-2bit block means (ATen avg_pool2d)"] = lambda xc=xc: F.avg_pool2d(
+                xc, 8, 8, 0, True, False
+            ).to(torch.bfloat16)
         if forms == "both" and codec != "division-2bit":
             for avx512 in (True, False):
                 what = "AVX-512 forms" if avx512 else "AVX2 forms"

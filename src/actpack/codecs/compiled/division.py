@@ -143,8 +143,12 @@ def _encoder(wide: bool, stochastic: bool, block, dtype: torch.dtype, index, inn
     return encode_division
 
 
-def _pooler(block: tuple[int, ...], dtype: torch.dtype):
+def _pooler(block: tuple[int, ...], spatial: tuple[int, ...], dtype: torch.dtype):
     def block_means(x: Tensor):
+        # The spatial sizes as constants (a map's sizes are few per model):
+        # symbolic, they left Inductor unable to tell a block count of 1,
+        # and it gathered the sums element by element (10x slower on 7x7).
+        x = x.view(x.shape[0], x.shape[1], *spatial)
         return ref.block_means(x.float(), block)
 
     return block_means
@@ -152,9 +156,10 @@ def _pooler(block: tuple[int, ...], dtype: torch.dtype):
 
 def _block_means(x: Tensor, eff: tuple[int, ...]) -> Tensor | None:
     """The reference's bfloat16 block means of ``x`` (N, C, *S), compiled
-    (None where the body cannot serve: the caller runs the reference)."""
+    once per block and spatial size (None where the body cannot serve: the
+    caller runs the reference)."""
     check = functools.partial(_check_pooler, x, eff)
-    return build.run(_pooler, (eff, x.dtype), (x,), check)
+    return build.run(_pooler, (eff, tuple(x.shape[2:]), x.dtype), (x,), check)
 
 
 def _check_pooler(x: Tensor, eff: tuple[int, ...]) -> bool:
