@@ -27,6 +27,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from fused_checks import (
     DTYPES,
     assert_division_matches_reference,
@@ -943,7 +944,17 @@ def _perturbed(factory):
     return make
 
 
-@pytest.mark.parametrize("codec", ["encode", "decode", "division"])
+def _avg_pool_order(block, spatial, dtype):
+    """A block means body that sums in ATen's ``avg_pool`` order, not the
+    reference's (a compiler that reassociated the sums)."""
+
+    def block_means(x):
+        return F.avg_pool2d(x.float(), block, block, 0, True, False).to(torch.bfloat16)
+
+    return block_means
+
+
+@pytest.mark.parametrize("codec", ["encode", "decode", "division", "block means"])
 def test_codes_unlike_the_reference_fall_back_with_one_warning(monkeypatch, codec):
     """A compiled configuration whose codes differ from the reference's on its
     probe is never used: the reference serves it (and every later call of it),
@@ -963,8 +974,12 @@ def test_codes_unlike_the_reference_fall_back_with_one_warning(monkeypatch, code
         calls = [lambda: cgq.dequantize_groups(code), lambda: cgq.dequantize_groups(code)]
         want = [rgq.dequantize_groups(code), rgq.dequantize_groups(code)]
     else:
-        monkeypatch.setattr(cdiv, "_encoder", _perturbed(cdiv._encoder))
-        xd = torch.randn(2, 3, 9, 9)
+        if codec == "division":
+            monkeypatch.setattr(cdiv, "_encoder", _perturbed(cdiv._encoder))
+            xd = torch.randn(2, 3, 9, 9)
+        else:
+            monkeypatch.setattr(cdiv, "_pooler", _avg_pool_order)
+            xd = order_sensitive_map((2, 3, 16, 16), 8)
         calls = [lambda: cdiv.division_encode(xd, 8, 2, stochastic=False)] * 2
         want = [rdiv.division_encode(xd, 8, 2, stochastic=False)] * 2
     try:
@@ -974,7 +989,7 @@ def test_codes_unlike_the_reference_fall_back_with_one_warning(monkeypatch, code
         assert [w.category for w in caught] == [build.NumericsFallbackWarning]
         assert torch.__version__ in str(caught[0].message)
         for g, w in zip(got, want):  # the perturbed codes would differ
-            if codec == "division":
+            if codec in ("division", "block means"):
                 same(g.lfc, w.lfc)
                 same_code(g.hfc, w.hfc)
             elif codec == "encode":
