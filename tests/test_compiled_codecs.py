@@ -944,6 +944,20 @@ def _perturbed(factory):
     return make
 
 
+def test_a_check_never_passes_for_another_configuration(monkeypatch):
+    """A configuration's check must run that configuration on its probe: where
+    the probe would select another one (keys no input reaches here), the check
+    raises, and build._verify then keeps the reference, with a warning."""
+    monkeypatch.setattr(cgq, "avx512_vectors", lambda: True)
+    # Split ranges without packing: 1 bit, whole groups of 16 k always pack.
+    key = (False, False, False, torch.bfloat16, torch.float32, torch.int32, True, True, None)
+    with pytest.raises(cgq.OtherConfiguration):
+        cgq._check_encoder(key)
+    # 3-bit codes are never read as words: the probe decodes them from bytes.
+    with pytest.raises(cgq.OtherConfiguration):
+        cgq._check_decoder((True, False, torch.bfloat16, torch.float32, 3))
+
+
 def _avg_pool_order(block, spatial, dtype):
     """A block means body that sums in ATen's ``avg_pool`` order, not the
     reference's (a compiler that reassociated the sums)."""

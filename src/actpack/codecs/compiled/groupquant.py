@@ -102,6 +102,12 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 1 << 31 else torch.int64
 
 
+class OtherConfiguration(AssertionError):
+    """A check's probe selected another configuration than the one it checks
+    (``expected``, ``got``): the check fails, so the configuration is not
+    used, rather than passing on another configuration's result."""
+
+
 def _encoder(wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, split: bool, pack):
     def encode_groups(x: Tensor, seed: Tensor, levels: Tensor, lane: Tensor):
         # ``lane``: arange(group_size) in the index dtype.  Its length makes the
@@ -270,10 +276,13 @@ def _quantize(
     zero_exact: bool,
     meta_dtype: torch.dtype,
     index: torch.dtype | None = None,
+    expect: tuple | None = None,
 ) -> GroupCode | None:
     """:func:`quantize_groups` for valid arguments; None where the compiled
     configuration cannot serve (the caller runs the reference).  ``index``
-    forces the noise counter's dtype (the check of an int64 configuration)."""
+    forces the noise counter's dtype (the check of an int64 configuration);
+    ``expect``: the configuration a check's probe must select, else
+    :class:`OtherConfiguration` (a check must never pass for another one)."""
     x = x.detach()
     zero_exact, stochastic = bool(zero_exact), bool(stochastic)
     seed = random_key(generator, x.device) if stochastic else zero_key(x.device)
@@ -291,6 +300,8 @@ def _quantize(
     pack = bits if grouped and packs_rows(bits, group_size) else None
     key = (bits >= 2, zero_exact, stochastic, meta_dtype, x.dtype, index, grouped, split, pack)
     args = (view, seed, levels_tensor(bits, zero_exact), lanes(group_size, index, x.device))
+    if expect is not None and key != expect:
+        raise OtherConfiguration(expect, key)
     with torch.no_grad():
         out = build.run(_encoder, key, args, functools.partial(_check_encoder, key))
         if out is None:
@@ -320,6 +331,11 @@ def _quantize(
 
 def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Tensor:
     """Compiled :func:`actpack.codecs.dequantize_groups` (same signature and result)."""
+    return _dequantize(code, dtype)
+
+
+def _dequantize(code: GroupCode, dtype: torch.dtype, expect: tuple | None = None) -> Tensor:
+    """:func:`dequantize_groups`; ``expect`` as for :func:`_quantize`."""
     n = code.rows * code.ngroups * code.group_size
     ok = dtype in _FLOATS and code.lo.dtype in _FLOATS and 0 < n < MAX_NUMEL
     if torch.compiler.is_compiling() or not ok:  # see quantize_groups
@@ -338,6 +354,8 @@ def dequantize_groups(code: GroupCode, dtype: torch.dtype = torch.float32) -> Te
         else:
             q = unpack_codes(code.packed, code.bits, n).view(-1, code.group_size)
             args = (q, lo, hi, levels)
+        if expect is not None and key != expect:
+            raise OtherConfiguration(expect, key)
         out = build.run(_decoder, key, args, functools.partial(_check_decoder, key))
         if out is None:
             return ref.dequantize_groups(code, dtype)
@@ -424,7 +442,7 @@ def _check_encoder(key: tuple) -> bool:
     x = x.contiguous() if grouped else x  # the tail view: not whole groups, not contiguous
     kw = {"zero_exact": zero_exact, "meta_dtype": meta}
     got = _quantize(x, bits, group_size, stochastic, torch.Generator().manual_seed(0), **kw,
-                    index=index)  # fmt: skip
+                    index=index, expect=key)  # fmt: skip
     if got is None:  # the body could not be compiled: the reference serves anyway
         return True
     noise = None
@@ -449,4 +467,5 @@ def _check_decoder(key: tuple) -> bool:
     x = _probe_matrix(group_size, (1 << bits) - 1 - int(zero_exact), True, zero_exact)
     code = ref.quantize_groups(x, bits, group_size, stochastic=False, zero_exact=zero_exact,
                                meta_dtype=meta)  # fmt: skip
-    return same_bits(dequantize_groups(code, dtype), ref.dequantize_groups(code, dtype))
+    got = _dequantize(code, dtype, expect=key)
+    return same_bits(got, ref.dequantize_groups(code, dtype))
