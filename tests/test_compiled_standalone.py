@@ -62,6 +62,10 @@ def _torch_compile_only(fn):
 # reference in test_compiled_codecs.py, where they serve the calls; what is
 # particular here is the torch.compile path beside them.
 _CASES = [(torch.float32, False), (torch.bfloat16, True)]
+# Stochastic rounding skips the inputs of sizes 1 and the odd ones: their
+# shape facts are the round-to-nearest case's, and each input compiles its
+# configurations twice more (CI's 30 minutes on 2 cores).
+_STOCHASTIC_SKIP = (1, 3)
 
 
 def _groups_inputs(dtype):
@@ -75,7 +79,9 @@ def _groups_inputs(dtype):
 
 @pytest.mark.parametrize(("dtype", "stochastic"), _CASES)
 def test_groups_standalone_is_torch_compile_and_reference(served, dtype, stochastic):
-    for x in _groups_inputs(dtype):
+    for i, x in enumerate(_groups_inputs(dtype)):
+        if stochastic and i in _STOCHASTIC_SKIP:
+            continue
 
         def encode(x=x):
             gen = torch.Generator().manual_seed(7)
@@ -108,7 +114,9 @@ def _division_inputs(dtype):
 
 @pytest.mark.parametrize(("dtype", "stochastic"), _CASES)
 def test_division_standalone_is_torch_compile_and_reference(served, dtype, stochastic):
-    for x in _division_inputs(dtype):
+    for i, x in enumerate(_division_inputs(dtype)):
+        if stochastic and i in (1, 4):  # sizes 1, odd 1-D (see _STOCHASTIC_SKIP)
+            continue
 
         def encode(x=x):
             gen = torch.Generator().manual_seed(7)

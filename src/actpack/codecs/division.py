@@ -51,10 +51,12 @@ def block_sums(x: Tensor, block: tuple[int, ...]) -> Tensor:
     is reduced in turn, outermost first, by adding the block's slices one
     after the other, the first slice first (the map padded with +0.0 to whole
     blocks).  Every step is an elementwise float32 addition, so every
-    implementation computes the same bits: ATen here, Inductor's vectorised
-    loops (the outer dims' sums read ``x`` contiguously along its innermost
-    dim, 5x faster than ATen's ``avg_pool2d``, whose channels-first CPU kernel
-    sums each window in one scalar chain), and the Triton kernels.
+    implementation computes the same bits (but for the sign of a zero sum,
+    where a compiler assumes no signed zeros): ATen here, Inductor's
+    vectorised loops (the outer dims' sums read ``x`` contiguously along its
+    innermost dim: 1.8-2.2x faster than ATen's ``avg_pool2d`` at 16 MiB,
+    whose channels-first CPU kernel sums each window in one scalar chain;
+    BENCHMARKS.md, "CPU codecs", round 8), and the Triton kernels.
     """
     s = x
     for i, b in enumerate(block):

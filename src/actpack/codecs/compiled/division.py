@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import torch
 from torch import Tensor
@@ -145,21 +146,50 @@ def _encoder(wide: bool, stochastic: bool, block, dtype: torch.dtype, index, inn
 
 def _pooler(block: tuple[int, ...], spatial: tuple[int, ...], dtype: torch.dtype):
     def block_means(x: Tensor):
-        # The spatial sizes as constants (a map's sizes are few per model):
+        # The spatial sizes as constants (a CNN's maps have a few sizes):
         # symbolic, they left Inductor unable to tell a block count of 1,
-        # and it gathered the sums element by element (10x slower on 7x7).
+        # and it gathered the sums element by element (7x7 maps: 1.2 ms
+        # against ATen's pool's 0.26 ms; BENCHMARKS.md, round 8).
         x = x.view(x.shape[0], x.shape[1], *spatial)
         return ref.block_means(x.float(), block)
 
     return block_means
 
 
+class SizeBudget:
+    """The spatial sizes whose block means get a compiled body of their own:
+    at most ``limit`` per (block, dtype), the first ones seen in the process
+    (each costs a compile of 2-12 s and stays in memory).  Beyond them, maps
+    of varying size (1-D sequences of every length) take the reference's
+    eager block means: the same values, without a compile per size.
+    Process-wide, like Inductor's own caches, and thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._sizes: dict[tuple, set[tuple[int, ...]]] = {}
+
+    def admits(self, kind: tuple, spatial: tuple[int, ...]) -> bool:
+        with self._lock:
+            seen = self._sizes.setdefault(kind, set())
+            if spatial not in seen and len(seen) < self.limit:
+                seen.add(spatial)
+            return spatial in seen
+
+
+_SIZES = SizeBudget(8)
+
+
 def _block_means(x: Tensor, eff: tuple[int, ...]) -> Tensor | None:
     """The reference's bfloat16 block means of ``x`` (N, C, *S), compiled
-    once per block and spatial size (None where the body cannot serve: the
+    once per block and spatial size (:class:`SizeBudget`), else computed
+    eagerly by the reference; None where a compiled body cannot serve (the
     caller runs the reference)."""
+    spatial = tuple(x.shape[2:])
+    if not _SIZES.admits((eff, x.dtype), spatial):
+        return ref.block_means(x.float(), eff)
     check = functools.partial(_check_pooler, x, eff)
-    return build.run(_pooler, (eff, tuple(x.shape[2:]), x.dtype), (x,), check)
+    return build.run(_pooler, (eff, spatial, x.dtype), (x,), check)
 
 
 def _check_pooler(x: Tensor, eff: tuple[int, ...]) -> bool:
@@ -370,8 +400,12 @@ def _probe_like(x: Tensor, block: int, dtype: torch.dtype, spatial: bool = False
     probe[1, 2][first] = -3.3e38
     width = shape[-1]
     starts = torch.arange(0, width, min(block, width))
-    probe[0, 3][..., starts] += 2.0**20
-    probe[0, 3][..., (starts + min(block, width)).clamp(max=width) - 1] -= 2.0**20
+    big = 2.0**20  # float32 ulp 0.125 there: the order decides what the small terms add
+    if dtype == torch.float16:  # below float16's maximum, and small terms to match
+        big = 2.0**15  # (ulp 2**-8: with terms of ~1 their bf16 mean would hide it)
+        probe[0, 3] *= 2.0**-6
+    probe[0, 3][..., starts] += big
+    probe[0, 3][..., (starts + min(block, width)).clamp(max=width) - 1] -= big
     return base.to(dtype).permute([order.index(d) for d in range(x.dim())])
 
 
