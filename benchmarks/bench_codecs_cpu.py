@@ -108,11 +108,6 @@ def forced(fn: Callable, arg: object, avx512: bool) -> Callable[[], object]:
     return call
 
 
-def no_grad(fn: Callable, *args: object) -> object:
-    with torch.no_grad():
-        return fn(*args)
-
-
 def codecs(numel: int) -> dict[str, tuple[Callable, Callable, Callable]]:
     """name -> (make input, encode(x, backend), decode(code, backend))."""
     gen = torch.Generator().manual_seed(0)
@@ -167,9 +162,9 @@ def measure(
         if codec == "division-2bit":
             # The block means alone: the compiled body of the reference's
             # order against the ATen pooling kernel that computed them before.
-            ops["division-2bit block means (compiled)"] = lambda xc=xc: no_grad(
-                cdiv._block_means, xc, (8, 8)
-            )  # as the encoder calls it (no grad: the standalone artifact)
+            # As the encoder calls them: under no_grad (the standalone artifact).
+            means = torch.no_grad()(cdiv._block_means)
+            ops["division-2bit block means (compiled)"] = lambda xc=xc, m=means: m(xc, (8, 8))
             ops["division-2bit block means (ATen avg_pool2d)"] = lambda xc=xc: F.avg_pool2d(
                 xc, 8, 8, 0, True, False
             ).to(torch.bfloat16)

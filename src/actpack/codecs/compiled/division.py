@@ -50,7 +50,13 @@ from actpack.codecs.compiled.arith import (
 )
 from actpack.codecs.compiled.bits import pack_codes, unpack_codes
 from actpack.codecs.compiled.build import MAX_NUMEL
-from actpack.codecs.compiled.groupquant import _FLOATS, index_dtype, levels_tensor, zero_key
+from actpack.codecs.compiled.groupquant import (
+    _FLOATS,
+    OtherConfiguration,
+    index_dtype,
+    levels_tensor,
+    zero_key,
+)
 from actpack.codecs.compiled.verify import same_bits, same_bounds
 from actpack.codecs.counter_noise import random_key, uniform
 from actpack.codecs.division import DivisionCode, _upsample
@@ -199,7 +205,7 @@ def _check_pooler(x: Tensor, eff: tuple[int, ...]) -> bool:
     reference's, but for the sign of a zero."""
     probe = _probe_like(x, max(eff), x.dtype, spatial=True)
     if probe.shape[2:] != x.shape[2:]:  # another configuration: not this one's check
-        raise AssertionError(f"probe {tuple(probe.shape)} for {tuple(x.shape)}")
+        raise OtherConfiguration(tuple(x.shape[2:]), tuple(probe.shape[2:]))
     got = _block_means(probe, eff)
     return got is None or same_bounds(got, ref.block_means(probe.float(), eff))
 
