@@ -965,10 +965,10 @@ def test_a_check_never_passes_for_another_configuration(monkeypatch):
         cgq._check_decoder((True, False, torch.bfloat16, torch.float32, 3))
 
 
-def test_block_means_of_sizes_beyond_the_budget_take_the_reference(monkeypatch):
-    """Maps of more spatial sizes than the budget compile no block means body
-    for the others: the reference's eager means serve them, the same values."""
-    monkeypatch.setattr(cdiv, "_SIZES", cdiv.SizeBudget(1))
+def _pooled_sizes(monkeypatch, budget) -> list:
+    """Install ``budget``; the spatial sizes whose block means get compiled
+    bodies are appended to the list returned."""
+    monkeypatch.setattr(cdiv, "_SIZES", budget)
     compiled = []
     run = build.run
 
@@ -978,11 +978,28 @@ def test_block_means_of_sizes_beyond_the_budget_take_the_reference(monkeypatch):
         return run(factory, key, args, check)
 
     monkeypatch.setattr(cdiv.build, "run", spy)
+    return compiled
+
+
+def test_block_means_of_sizes_beyond_the_budget_take_the_reference(monkeypatch):
+    """Maps of more spatial sizes than the budget compile no block means body
+    for the others: the reference's eager means serve them, the same values."""
+    compiled = _pooled_sizes(monkeypatch, cdiv.SizeBudget(1))
     for length in (40, 41, 42):
         x = order_sensitive_map((2, 3, length), 8)
         check_division(cdiv, x, 8, 2)
         check_division(cdiv, x.to(torch.bfloat16), 8, 2)  # a budget of its own
     assert set(compiled) == {(40,)}
+
+
+def test_the_budget_bounds_maps_smaller_than_the_block(monkeypatch):
+    """Maps under the block size in some dimension (whose effective block,
+    min(block, size), differs per size) share one budget per rank and
+    dtype: the third size of a budget of two takes the reference."""
+    compiled = _pooled_sizes(monkeypatch, cdiv.SizeBudget(2))
+    for spatial in ((3, 5), (5, 3), (7, 6)):
+        check_division(cdiv, order_sensitive_map((2, 3, *spatial), 8), 8, 2)
+    assert set(compiled) == {(3, 5), (5, 3)}
 
 
 def _avg_pool_order(block, spatial, dtype):

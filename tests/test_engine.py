@@ -444,6 +444,27 @@ def test_unknown_strategy_and_bad_knobs_raise_value_error():
                 make(stochastic=bad)
 
 
+@pytest.mark.parametrize("bad", [2**70, -(2**70), 2**64, -(2**63) - 1, 1.5, "abc", True])
+@pytest.mark.parametrize(
+    "make", [actpack.ActNN, actpack.Division, actpack.ActNNMixed, actpack.Cast16]
+)
+def test_a_bad_seed_raises_when_the_strategy_is_made(make, bad):
+    # 2**70 used to fail inside the first forward (an overflow in manual_seed),
+    # 1.5 was truncated to 1, "abc" raised int()'s own message.
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        make(seed=bad)
+
+
+@pytest.mark.parametrize("seed", [None, 0, -1, -(2**63), 2**64 - 1, torch.tensor(7)])
+def test_every_seed_manual_seed_takes_works(seed):
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    strategy = actpack.Division(seed=seed)  # derives seed + 1 and seed + 2
+    with actpack.compress(strategy, min_numel=1):
+        model(torch.randn(64, 8)).sum().backward()
+    assert type(strategy.seed) is int
+    assert seed is None or strategy.seed == int(seed)
+
+
 @pytest.mark.parametrize("strategy", ["none", "actnn-l0"])
 @pytest.mark.parametrize("form", ["bf16", "fp16", "int8"])
 def test_lossy_checkpoint_inputs_under_a_lossless_strategy_raise(strategy, form):
@@ -690,3 +711,73 @@ def test_module_rows_are_the_same_in_every_forward(strategy, root_op):
     assert rows[0] == rows[1] == rows[2]
     assert "<root>" in rows[0] and "<none>" not in rows[0]
     assert {"body.1", "body.2"} <= set(rows[0])  # (body.0 saves the input batch: a leaf)
+
+
+class _Float64Copy(actpack.Strategy):
+    """A (lossless) code twice or four times the tensor's size: float64 values."""
+
+    name = "float64-copy"
+
+    def encode(self, x, info):
+        from actpack.codecs.encoded import Cast
+
+        return Cast(x.detach().double(), x.dtype)
+
+
+def _bloated_models():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.GELU(), nn.Conv2d(8, 4, 3))
+    mlp = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 8))
+    return [(conv, (6, 3, 12, 12)), (mlp, (32, 16))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_code_larger_than_its_tensor_is_kept_exact(which, dtype):
+    """No save is ever held in more bytes than the tensor: a strategy's code
+    that would be larger is dropped and the tensor kept exact, with a reason."""
+    model, shape = _bloated_models()[which]
+    model = model.to(dtype)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    model(x).float().square().sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with actpack.compress(_Float64Copy(), min_numel=1) as ctx:
+        model(x).float().square().sum().backward()
+    for p, g in zip(model.parameters(), want):
+        assert torch.equal(p.grad, g)
+    kept = ctx.stats.passthrough.get("code larger than the tensor", 0)
+    assert kept > 0
+    assert ctx.stats.compressed_bytes <= ctx.stats.baseline_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("spatial", [(1, 1), (2, 2), (1, 5), (5,), (3,)])
+def test_division_codes_maps_of_heavy_metadata_with_actnn(spatial, dtype):
+    """A 1x1 map (squeeze-and-excitation, a head after global pooling) cost
+    DIVISION 50 bits per element (a bfloat16 mean and range per channel):
+    more than float32.  Maps with more than 8 bits of that metadata per
+    element take the per-group ActNN code, which is smaller than the tensor."""
+    from actpack.codecs.encoded import Dual
+
+    strategy = actpack.Division()
+    x = torch.randn(64, 32, *spatial).to(dtype)
+    code = strategy.encode(x, actpack.SaveInfo(op="conv2d" if len(spatial) == 2 else "conv1d"))
+    assert not isinstance(code, Dual)
+    assert code.nbytes * 8 < x.numel() * 3  # 2 bits and group metadata: under 3 bits
+    assert code.decode().shape == x.shape and code.decode().dtype == dtype
+    conv = nn.Conv2d(32, 32, 1) if len(spatial) == 2 else nn.Conv1d(32, 32, 1)
+    head = nn.Sequential(conv, nn.GELU(), nn.Flatten(), nn.LazyLinear(5)).to(dtype)
+    head(x)  # materialise the lazy layer
+    report = actpack.measure(head, x, strategy="division", loss_fn=lambda o: o.float().sum())
+    assert report.ratio > 4
+
+
+@pytest.mark.parametrize("spatial", [(2, 3), (3, 3), (4, 4), (7, 7), (2, 40), (6,), (25,)])
+def test_division_codes_maps_of_light_metadata(spatial):
+    from actpack.codecs.encoded import Dual
+
+    x = torch.randn(4, 8, *spatial)
+    op = "conv2d" if len(spatial) == 2 else "conv1d"
+    code = actpack.Division().encode(x, actpack.SaveInfo(op=op))
+    assert isinstance(code, Dual)
+    assert code.nbytes < x.numel() * 2  # below bfloat16's bytes

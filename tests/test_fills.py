@@ -497,3 +497,69 @@ def test_compiled_sizes_are_not_fills_but_int_values_are(int_fill):
         assert read_by_lin1[0].form != "exact", read_by_lin1
     else:
         assert read_by_lin1[0].form == "exact" and "fill" in read_by_lin1[0].reason
+
+
+_SCALINGS = {
+    "mul": lambda h: h * 1000.0,
+    "rmul": lambda h: -1e4 * h,
+    "mul_": lambda h: h.clone().mul_(2e3),
+    "torch.mul": lambda h: torch.mul(h, 1e3),
+}
+
+
+class _Scaled(nn.Module):
+    def __init__(self, scale) -> None:
+        super().__init__()
+        self.scale = scale
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.rest = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3))
+
+    def forward(self, x):
+        return self.rest(self.scale(self.conv(x)))
+
+
+@pytest.mark.parametrize("form", sorted(_SCALINGS))
+def test_a_scaled_activation_taken_as_a_fill_warns_once(form):
+    """A product of an activation by a scalar >= 1e3 is tagged like a soft
+    mask's fill: what follows stays exact, and that is said once (it used to
+    switch compression off for the rest of a CNN without a word)."""
+    model = _Scaled(_SCALINGS[form])
+    x = torch.randn(4, 3, 12, 12)
+    engine = actpack.compress("division", min_numel=1)
+    with pytest.warns(UserWarning, match="taken as a mask's fill") as record:
+        for _ in range(2):  # once per engine
+            with engine:
+                model(x).square().sum().backward()
+    assert sum("mask's fill" in str(w.message) for w in record) == 1
+    assert engine.stats.passthrough.get(FILL_REASON, 0) > 0
+
+
+@pytest.mark.parametrize("scale", [lambda h: h * 999.0, lambda h: h / 1e-3 * 0 + h])
+def test_smaller_scalings_neither_warn_nor_stay_exact(scale, recwarn):
+    model = _Scaled(scale)
+    with actpack.compress("division", min_numel=1) as ctx:
+        model(torch.randn(4, 3, 12, 12)).square().sum().backward()
+    assert not [w for w in recwarn if "mask's fill" in str(w.message)]
+    assert ctx.stats.passthrough.get(FILL_REASON, 0) == 0
+
+
+def test_a_mask_times_an_extreme_scalar_is_a_fill_without_a_warning(recwarn):
+    """``(1 - mask) * -1e9`` (no autograd history): a fill, as before, and
+    not the scaling the warning is about."""
+
+    class Additive(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, x, valid):
+            bias = (1.0 - valid.float()) * -1e9
+            return (self.lin(x) + bias).log_softmax(-1)
+
+    model = Additive()
+    valid = torch.rand(8, 16) > 0.3
+    with actpack.compress("actnn", min_numel=1) as ctx:
+        out = model(torch.randn(8, 16), valid)
+        (out.exp() * out).sum().backward()
+    assert not [w for w in recwarn if "mask's fill" in str(w.message)]
+    assert ctx.stats.passthrough.get(FILL_REASON, 0) > 0

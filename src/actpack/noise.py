@@ -21,6 +21,7 @@ from actpack.probe import (
     preserved_rng,
 )
 from actpack.strategies import DEFAULT_STRATEGY, Exact, Strategy, resolve
+from actpack.strategies.base import derived_seed
 
 __all__ = ["NoiseReport", "gradient_noise"]
 
@@ -262,7 +263,7 @@ def gradient_noise(
             mean = [torch.zeros_like(g) for g in exact]
             m2 = [torch.zeros_like(g) for g in exact]
             for d in range(draws):
-                grads = run(_fork(base, base.seed + 1 + d))
+                grads = run(_fork(base, derived_seed(base.seed, 1 + d)))
                 for mu, s2, g in zip(mean, m2, grads):
                     delta = g - mu
                     mu.add_(delta / (d + 1))

@@ -36,7 +36,7 @@ from actpack.codecs.encoded import (
 )
 from actpack.engine.accounting import Stats, StorageSet, anchor
 from actpack.engine.compiled import compiled_hooks, op_caller
-from actpack.engine.fills import FILL_REASON
+from actpack.engine.fills import EXTREME_FILL, FILL_REASON
 from actpack.engine.lossless import Uncounted, count_waiting
 from actpack.engine.rereads import log_softmax_output, reads_twice, shape_only
 from actpack.engine.saved import Held, Leaf, Reshaped, Saved, unpack
@@ -69,17 +69,21 @@ from actpack.policy.ops import (
 )
 from actpack.policy.rules import ReluOutput, reads_region_only, rule_for
 from actpack.strategies import Cast16, Int8, SaveInfo, Strategy, resolve
+from actpack.strategies.base import derived_seed
 
 DEFAULT_MIN_NUMEL = 2048
 
 #: Forms tensors a checkpoint recomputes from may take when the user opts in.
 CHECKPOINT_INPUTS = ("exact", "bf16", "fp16", "int8")
 
+#: The reason of a save kept exact because its code was larger than it.
+CODE_LARGER = "code larger than the tensor"
+
 # Reasons to keep a tensor exact under which an exact copy of a small view
 # (freeing the large storage it pins) is still exact.
 _COPYABLE = frozenset(
-    {"tiny", "integer", "float64 (kept exact)", "op statistics", LOGITS_16BIT, VALUES_16BIT,
-     "attention mask (softmax recomputed with it)"}
+    {"tiny", CODE_LARGER, "integer", "float64 (kept exact)", "op statistics",
+     LOGITS_16BIT, VALUES_16BIT, "attention mask (softmax recomputed with it)"}
 )  # fmt: skip
 
 
@@ -394,6 +398,9 @@ class Engine:
             if st.table:
                 st.table.clear()
             self.strategy.end_forward()
+            if st.ops is not None and st.ops.fills.scaled is not None:
+                # After the cleanup: under -W error the warning raises.
+                self._warn_scaled(*st.ops.fills.scaled)
 
     def _admit(self, st: _Forward, ident: int) -> None:
         """Make ``st`` this thread's forward (a strategy that keeps per-forward
@@ -407,6 +414,19 @@ class Engine:
                     "'actnn'."
                 )
             self._states[ident] = st
+
+    def _warn_scaled(self, op: str, scalar: Any) -> None:
+        """Warn once that a product of an activation by ``scalar`` (at least
+        EXTREME_FILL in magnitude) was taken as a mask's fill."""
+        self._warn_once(
+            "scaled",
+            f"actpack: a tensor with autograd history was multiplied by {scalar!r} ({op}); a "
+            f"product by a scalar of magnitude >= {EXTREME_FILL:g} is taken as a mask's fill "
+            "(a soft mask times -1e9), so its saves and those of everything computed from it, "
+            "up to a bounded op (softmax, sigmoid, tanh), get no group code (kept exact, reason "
+            "'holds an extreme fill'). If it is a plain scaling of activations, scale by a "
+            "smaller factor (e.g. fold it into the next layer's weights) to have them coded.",
+        )
 
     def _warn_nested(self, top: tuple) -> None:
         """Warn once that ``top`` (the innermost saved-tensor hooks, read by
@@ -718,6 +738,11 @@ class Engine:
                         return Reshaped(saved, shape)
                 return saved
         saved = self._encode(t, plan, st, op, module, compact, log_of=tag[2])
+        if saved.encoded.nbytes > t.numel() * t.element_size():
+            # A code larger than the tensor (a custom strategy's code with
+            # per-row metadata on rows of a few elements): the tensor itself
+            # costs less and is exact.
+            return self._keep_exact(t, CODE_LARGER, st, op, before)
         st.table.setdefault(key, []).append(
             (weakref.ref(anchor(t), functools.partial(_forget, st.table, key)), tag, saved)
         )
@@ -756,16 +781,20 @@ class Engine:
         elif reason == "leaf input":
             st.stats.leaf_bytes += nbytes
 
-    def _keep_exact(self, t: Tensor, reason: str, st: _Forward, op: str | None) -> object:
+    def _keep_exact(
+        self, t: Tensor, reason: str, st: _Forward, op: str | None, before: int | None = None
+    ) -> object:
         """Carry out an EXACT plan: the tensor as it is, or an exact copy of a
-        small view (which would keep its whole storage alive)."""
+        small view (which would keep its whole storage alive).  ``before``:
+        the baseline bytes when the caller has already counted them."""
         stats = st.stats
-        try:
-            before = st.held.new_bytes(t)
-        except RuntimeError:
-            # No storage to count (a sparse save with history, kept exact as
-            # "tensor subclass or layout"): as it is, as the untracked path keeps it.
-            return self._uninspectable(t, st)
+        if before is None:
+            try:
+                before = st.held.new_bytes(t)
+            except RuntimeError:
+                # No storage to count (a sparse save with history, kept exact as
+                # "tensor subclass or layout"): as it is, as the untracked path keeps it.
+                return self._uninspectable(t, st)
         size = t.element_size()
         if (
             reason in _COPYABLE
@@ -844,7 +873,7 @@ class Engine:
         if self._checkpoint_strategy is None:
             form = self.checkpoint_inputs
             self._checkpoint_strategy = (
-                Int8(seed=self.strategy.seed + 7)
+                Int8(seed=derived_seed(self.strategy.seed, 7))
                 if form == "int8"
                 else Cast16(torch.bfloat16 if form == "bf16" else torch.float16)
             )

@@ -97,6 +97,8 @@ _SCALAR_ARGS: dict[str, tuple[tuple[int, ...], tuple[str, ...], bool]] = {
 }  # fmt: skip
 _FILL_ARGS.update(_SCALAR_ARGS)
 
+_PRODUCTS = frozenset({"mul", "mul_", "multiply", "__mul__", "__rmul__", "__imul__"})
+
 #: Sums and products with a scalar: the tracker looks at their second
 #: operand (and ``alpha``) itself before calling :meth:`FillTags.after`.
 SCALARS = frozenset(_SCALAR_ARGS)
@@ -186,11 +188,17 @@ class FillTags:
     the number of tags, so an empty set costs the tracker one truth test per
     call.  A storage is looked up only once one is tagged."""
 
-    __slots__ = ("_storages", "_tags")
+    __slots__ = ("_storages", "_tags", "scaled")
 
     def __init__(self) -> None:
         self._tags: dict[int, weakref.ref] = {}
         self._storages = False  # whether a storage is tagged
+        #: The first product of a tensor with autograd history by an extreme
+        #: scalar, (op, scalar), or None.  Tagged like a mask's fill (a soft
+        #: mask with grad, ``(1 - gate) * -1e9``, is one), though most such
+        #: products are plain scalings; the engine warns once that they and
+        #: what is computed from them stay exact.
+        self.scaled: tuple[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self._tags)
@@ -239,9 +247,13 @@ class FillTags:
         """Tag what the torch call ``name(*args, **kwargs)`` returned (or, for
         an in-place op, its first argument and its storage) if it holds an
         extreme fill."""
-        if not _fills(name, args, kwargs, out) and not (
-            self and name not in _BOUNDED and self._reads_tag(args, kwargs)
-        ):
+        if _fills(name, args, kwargs, out):
+            if name in _PRODUCTS and self.scaled is None:
+                first = args[0] if args else None
+                if isinstance(first, Tensor) and first.requires_grad:
+                    value = args[1] if len(args) > 1 else kwargs.get("other")
+                    self.scaled = (name, value)
+        elif not (self and name not in _BOUNDED and self._reads_tag(args, kwargs)):
             return
         targets = _outputs(out)
         first = args[0] if args else None

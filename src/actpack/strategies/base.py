@@ -8,6 +8,7 @@ the engine hands it a tensor plus a :class:`SaveInfo` and keeps whatever
 from __future__ import annotations
 
 import itertools
+import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +32,30 @@ class SaveInfo:
     #: Stable name of this save within a forward ("module/op#n"), for
     #: strategies that keep per-tensor statistics across steps.
     key: str | None = None
+
+
+def check_seed(seed: object) -> int:
+    """``seed`` as an int, or ValueError: an integer (``int``, a NumPy
+    integer, a 0-d integer tensor) in [-2**63, 2**64), the range
+    ``torch.Generator.manual_seed`` takes (negative seeds as their 64-bit
+    two's complement)."""
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or not -(2**63) <= value < 2**64:
+        raise ValueError(
+            "seed must be an integer in [-2**63, 2**64) (torch.Generator.manual_seed's "
+            f"range), got {seed!r}"
+        )
+    return value
+
+
+def derived_seed(seed: int, offset: int) -> int:
+    """The seed of a strategy's inner strategy number ``offset``: ``seed +
+    offset`` as ``manual_seed`` reads it (modulo 2**64), so that every valid
+    ``seed`` gives valid derived ones."""
+    return (seed + offset) % 2**64
 
 
 class Strategy:
@@ -57,7 +82,7 @@ class Strategy:
     def __init__(self, seed: int | None = None) -> None:
         if seed is None:
             seed = (torch.initial_seed() * 1_000_003 + next(_instances)) % (2**63)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -98,7 +123,7 @@ class Strategy:
         return {"seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = int(state["seed"])
+        self.seed = check_seed(state["seed"])
         self._generators.clear()
 
     def __repr__(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import Tensor
@@ -10,7 +11,7 @@ from actpack.codecs.backend import division_encode
 from actpack.codecs.encoded import Dual, Encoded
 from actpack.policy.ops import CHANNEL_FIRST_OPS, ROW_NORM_OPS
 from actpack.strategies.actnn import ActNN, check_bits, check_stochastic
-from actpack.strategies.base import SaveInfo, Strategy
+from actpack.strategies.base import SaveInfo, Strategy, derived_seed
 from actpack.strategies.rows import ATTENTION_OPS, LINEAR_OPS, RowActNN
 
 
@@ -21,7 +22,15 @@ class Division(Strategy):
     each spatial dimension (partial edge blocks are averaged exactly).  The
     block means (low-frequency component) are kept in bf16; the residual
     (high-frequency component) is quantized per (sample, channel) with
-    unbiased stochastic rounding.
+    unbiased stochastic rounding.  Per row that costs a bfloat16 mean per
+    block and a bfloat16 range (16 bits each); maps where that metadata
+    would exceed 8 bits per element (1x1 and 2x2 maps, 1-D maps of under 6
+    elements for one block) are coded with per-group ActNN at ``bits``.
+
+    Raises ValueError for a ``block_size`` that is not a positive integer,
+    ``bits`` outside 1..8, an unknown ``sequence``, a non-bool
+    ``stochastic`` or a ``seed`` that ``torch.Generator.manual_seed``
+    cannot take.
 
     Inputs that are not spatial maps (sequences (N, L, D), (N, D) rows,
     attention's (N, heads, L, d) tensors) are coded by default
@@ -59,11 +68,14 @@ class Division(Strategy):
         self.bits = check_bits(bits)
         self.sequence = sequence
         self.stochastic = check_stochastic(stochastic)
-        self._fallback = ActNN(bits=bits, stochastic=stochastic, seed=self.seed + 1)
+        self._fallback = ActNN(bits=bits, stochastic=stochastic, seed=derived_seed(self.seed, 1))
         # Non-spatial inputs: actnn-rows, with its extra bit for sensitive inputs
         # (at 2 bits everywhere the ViT's short-run loss was +2.3% off exact).
         self._rows = RowActNN(
-            bits=bits, sensitive_bits=min(bits + 1, 8), stochastic=stochastic, seed=self.seed + 2
+            bits=bits,
+            sensitive_bits=min(bits + 1, 8),
+            stochastic=stochastic,
+            seed=derived_seed(self.seed, 2),
         )
 
     def _layout(self, x: Tensor, info: SaveInfo) -> tuple[Tensor, tuple[int, ...] | None] | None:
@@ -98,6 +110,8 @@ class Division(Strategy):
         if layout is None:
             return self._fallback.encode(x, SaveInfo(info.op, info.module))
         view, perm = layout
+        if not self._light_metadata(view.shape[2:]):
+            return self._fallback.encode(x, SaveInfo(info.op, info.module))
         code = division_encode(
             view,
             self.block_size,
@@ -107,13 +121,25 @@ class Division(Strategy):
         )
         return Dual(code, perm, x.shape, x.dtype)
 
+    def _light_metadata(self, spatial: tuple[int, ...]) -> bool:
+        """Whether a (sample, channel) row of a map of ``spatial`` sizes holds
+        at most 8 bits of metadata per element (a bfloat16 mean per block and
+        a bfloat16 range, 16 bits each).  Smaller rows (1x1 maps of
+        squeeze-and-excitation blocks and of heads after global pooling, 2x2
+        maps, 1-D maps of under 6 elements) are coded with per-group ActNN
+        instead (``bits`` per element and 32 bits per group of 256): under
+        DIVISION a 1x1 map cost 50 bits per element, more than float32."""
+        elements = math.prod(spatial)
+        blocks = math.prod(-(-s // self.block_size) for s in spatial)
+        return 16 * (blocks + 2) <= 8 * elements
+
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._fallback.load_state_dict({"seed": self.seed + 1})
-        self._rows.load_state_dict({"seed": self.seed + 2})
+        self._fallback.load_state_dict({"seed": derived_seed(self.seed, 1)})
+        self._rows.load_state_dict({"seed": derived_seed(self.seed, 2)})
 
     def __repr__(self) -> str:
         return (

@@ -87,7 +87,7 @@ from actpack.policy.ops import ROW_NORM_OPS
 from actpack.policy.rules import ReluOutput, reads_region_only
 from actpack.strategies.actnn import ActNN, parse_level, rows_of
 from actpack.strategies.allocate import MAX_BITS, Allocation, allocate_bits
-from actpack.strategies.base import SaveInfo
+from actpack.strategies.base import SaveInfo, check_seed
 from actpack.strategies.levels import LEVELS, NORM_OPS, ActNNPreset
 from actpack.strategies.mixedcode import Kept, MixedGroups
 from actpack.strategies.sensitivity import VALUE_FREE_OPS, locations, row_ranges
@@ -365,7 +365,7 @@ class ActNNMixed(ActNN):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        seed = int(state["seed"])
+        seed = check_seed(state["seed"])
         swap = self._swap
         self._reset()
         self._swap = swap
@@ -399,7 +399,7 @@ class ActNNMixed(ActNN):
         new = type(self)(**self._config)
         state = self.state_dict()
         if seed is not None:
-            state["seed"] = int(seed)
+            state["seed"] = check_seed(seed)
             state["rng"] = {}
         new.load_state_dict(state)
         new._simulate_swap = self._simulate_swap

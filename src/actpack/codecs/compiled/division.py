@@ -164,7 +164,10 @@ def _pooler(block: tuple[int, ...], spatial: tuple[int, ...], dtype: torch.dtype
 
 class SizeBudget:
     """The spatial sizes whose block means get a compiled body of their own:
-    at most ``limit`` per (block, dtype), the first ones seen in the process
+    at most ``limit`` per (map rank, dtype), whatever the block (a map smaller
+    than the block in some dimension has a block of its own, ``min(block,
+    size)``: keyed by block, maps of under 8 pixels a side escaped the
+    bound), the first ones seen in the process
     (each costs a compile of 2-12 s and stays in memory).  Beyond them, maps
     of varying size (1-D sequences of every length) take the reference's
     eager block means: the same values, without a compile per size.
@@ -188,11 +191,11 @@ _SIZES = SizeBudget(8)
 
 def _block_means(x: Tensor, eff: tuple[int, ...]) -> Tensor | None:
     """The reference's bfloat16 block means of ``x`` (N, C, *S), compiled
-    once per block and spatial size (:class:`SizeBudget`), else computed
+    once per block and spatial size within :class:`SizeBudget`, else computed
     eagerly by the reference; None where a compiled body cannot serve (the
     caller runs the reference)."""
     spatial = tuple(x.shape[2:])
-    if not _SIZES.admits((eff, x.dtype), spatial):
+    if not _SIZES.admits((len(spatial), x.dtype), spatial):
         return ref.block_means(x.float(), eff)
     check = functools.partial(_check_pooler, x, eff)
     return build.run(_pooler, (eff, spatial, x.dtype), (x,), check)
