@@ -20,6 +20,7 @@ growing with K under a bias).
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -563,3 +564,24 @@ def test_a_mask_times_an_extreme_scalar_is_a_fill_without_a_warning(recwarn):
         (out.exp() * out).sum().backward()
     assert not [w for w in recwarn if "mask's fill" in str(w.message)]
     assert ctx.stats.passthrough.get(FILL_REASON, 0) > 0
+
+
+def test_a_scaled_loss_saves_nothing_and_does_not_warn(recwarn):
+    """Static loss scaling (``loss * 1024.0``, DeepSpeed's and apex's) is a
+    product by an extreme scalar whose result no op saves: no warning."""
+    model = _Scaled(lambda h: h)
+    with actpack.compress("division", min_numel=1) as ctx:
+        scaled = model(torch.randn(4, 3, 12, 12)).square().sum() * 1024.0
+    scaled.backward()
+    assert not [w for w in recwarn if "mask's fill" in str(w.message)]
+    assert ctx.stats.passthrough.get(FILL_REASON, 0) == 0
+
+
+def test_the_warning_never_replaces_the_users_exception():
+    model = _Scaled(_SCALINGS["mul"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(KeyError, match="the user's"):
+            with actpack.compress("division", min_numel=1):
+                model(torch.randn(4, 3, 12, 12))
+                raise KeyError("the user's")

@@ -398,8 +398,15 @@ class Engine:
             if st.table:
                 st.table.clear()
             self.strategy.end_forward()
-            if st.ops is not None and st.ops.fills.scaled is not None:
-                # After the cleanup: under -W error the warning raises.
+            if (
+                exc[0] is None  # never in place of the user's own exception
+                and st.ops is not None
+                and st.ops.fills.scaled is not None
+                and st.stats.passthrough.get(FILL_REASON)
+            ):
+                # Only when a save was kept exact for a fill (a loss scaled by
+                # 1024 saves nothing), and after the cleanup: under -W error
+                # the warning raises.
                 self._warn_scaled(*st.ops.fills.scaled)
 
     def _admit(self, st: _Forward, ident: int) -> None:
