@@ -201,7 +201,7 @@ def test_strategy_names_are_read_as_the_api_reads_them(command) -> None:
     [
         ("report", "--dtype", {"bfloat16": ["bf16", "BFloat16"], "float16": ["fp16", "half"],
                                "fp32": ["float32"]}),
-        ("bench", "--autocast", {"bf16": ["bfloat16"], "fp16": ["float16", "half"]}),
+        ("bench", "--autocast", {"bfloat16": ["bf16"], "float16": ["fp16", "half"]}),
         ("train", "--autocast", {"bfloat16": ["bf16"], "float16": ["fp16"]}),
     ],
 )  # fmt: skip
@@ -216,3 +216,19 @@ def test_dtypes_take_every_usual_spelling(capsys, command, option, spellings) ->
     with pytest.raises(SystemExit):
         parser.parse_args([command, option, "bf17"])
     assert "invalid choice: 'bf17'" in capsys.readouterr().err
+
+
+def test_bench_and_train_document_autocast_alike(capsys) -> None:
+    # bench listed {none,bf16,fp16} and train {none,bfloat16,float16}.
+    parser = cli.build_parser()[0]
+    shown = {}
+    for command in ("bench", "train"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--autocast", "bf17"])
+        err = capsys.readouterr().err
+        shown[command] = err[err.index("invalid choice") :]
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        assert "--autocast {none,bfloat16,float16}" in capsys.readouterr().out
+    assert shown["bench"] == shown["train"]
+    assert "'none', 'bfloat16', 'float16'" in shown["bench"]

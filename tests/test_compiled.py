@@ -15,6 +15,9 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import pathlib
+import shutil
+import sys
 import warnings
 
 import pytest
@@ -446,6 +449,73 @@ def test_actnn_rows_compiled_gradients_are_unbiased():
     mean_error = (draws.mean(0) - exact).pow(2).sum().item()
     assert single > 0 and len({tuple(d.tolist()) for d in draws}) == k
     assert mean_error < 3 * single / k
+
+
+def test_compress_inside_a_fullgraph_compile_names_the_fix():
+    # Dynamo traced compress() itself and failed deep inside the strategy's
+    # default seed (torch.initial_seed) with no word of what to change.
+    model = _mlp(depth=1)
+
+    def step(x):
+        with actpack.compress("actnn"):
+            return model(x).sum()
+
+    with pytest.raises(Exception, match="outside the compiled code"):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(torch.randn(2, 4, 32))
+
+
+def test_the_cache_key_covers_every_actpack_module(tmp_path):
+    # The key hashed a list of 11 modules: graphreads (the product rule),
+    # fills, fxnodes, compact's callers and the seeds were missing, and a
+    # graph compiled before a fix to one of them, served from AOTAutograd's
+    # cache, kept the bias the fix removed (R = 11.7 on h * h * h).
+    model, x = _mlp(act=nn.ReLU, depth=1), torch.randn(4, 16, 32)
+    _compiled_step(model, x, actpack.compress("actnn", min_numel=64))
+    hashed = {p.resolve() for p in compiled.package_files()}
+    loaded = {
+        pathlib.Path(m.__file__).resolve()
+        for name, m in list(sys.modules.items())
+        if (name == "actpack" or name.startswith("actpack.")) and getattr(m, "__file__", None)
+    }
+    assert "actpack.engine.graphreads" in sys.modules and loaded <= hashed
+    package = pathlib.Path(compiled.__file__).resolve().parent.parent
+    copy = tmp_path / "actpack"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert compiled.package_digest(copy) == compiled.package_digest()
+    for name in ("engine/graphreads.py", "engine/fills.py", "strategies/seeds.py"):
+        with open(copy / name, "a") as f:
+            f.write("\n# changed\n")
+        changed = compiled.package_digest(copy)
+        assert changed != compiled.package_digest()
+        shutil.copy(package / name, copy / name)
+
+
+def test_compiled_ranks_seeded_alike_round_apart(monkeypatch):
+    # Every rank of a job seeded alike (HF's set_seed, Lightning's
+    # seed_everything) draws the same keys from the default generator: each
+    # rank's traced key mixes its rank in (strategies/seeds.py), and graphs
+    # of different ranks never share a cache entry (the pair's cache hash).
+    model, x = _mlp(act=nn.ReLU, depth=1), torch.randn(4, 16, 32)
+    exact = _grads(model, x)
+
+    def on_rank(rank: int):
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+        torch._dynamo.reset()
+        engine = actpack.compress("actnn-rows", min_numel=64)
+        torch.manual_seed(5)
+        errors = _draws(model, x, engine, torch.compile(model, backend="aot_eager"), 6) - exact
+        return errors, engine._graph_hooks.pack_gm
+
+    zero, pair0 = on_rank(0)
+    one, pair1 = on_rank(1)
+    again, _ = on_rank(1)
+    assert torch.equal(one, again)  # a rank's stream follows the default generator
+    assert pair0 is not pair1
+    hashes = {n.meta.get("user_cache_hash") for pair in (pair0, pair1) for n in pair.graph.nodes}
+    assert len(hashes - {None}) == 2
+    corr = (zero * one).sum() / (zero.square().sum() * one.square().sum()).sqrt()
+    assert zero.abs().sum() > 0 and abs(float(corr)) < 0.2  # equal keys: 1.0
 
 
 # --------------------------------------------------------------------------- #

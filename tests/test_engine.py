@@ -1,5 +1,7 @@
 """The saved-tensor engine: what is compressed, what is not, and restore semantics."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -381,6 +383,59 @@ def test_wrap_keeps_parameters_state_dict_and_weights():
         actpack.unwrap(model)
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        actpack.ActNN,
+        actpack.RowActNN,
+        actpack.Division,
+        lambda: actpack.ActNNMixed(budget=2.0, refresh_every=1),
+    ],
+)
+def test_one_strategy_object_serves_one_wrapped_model(make):
+    # Shared, the two models' layers of one name overwrote each other's
+    # statistics (ActNNMixed's allocation never settled) and every strategy's
+    # generator made one model's noise depend on the other's steps.
+    a, b = nn.Sequential(nn.Linear(8, 32), nn.ReLU()), nn.Sequential(nn.Linear(8, 64), nn.ReLU())
+    strategy = make()
+    actpack.wrap(a, strategy)
+    actpack.wrap(a := actpack.unwrap(a), strategy)  # the same model again: fine
+    with pytest.raises(ValueError, match="already runs for another wrapped model"):
+        actpack.wrap(b, strategy)
+    assert not hasattr(b, "_actpack_engine") and not b._forward_pre_hooks
+    actpack.wrap(b, copy.deepcopy(strategy))  # the fix the message gives
+    twin = copy.deepcopy(a)  # a copy of a wrapped model has a strategy of its own
+    assert actpack.engine_of(twin).strategy is not strategy
+    actpack.unwrap(a)
+    actpack.wrap(nn.Sequential(nn.Linear(8, 8)), strategy)  # free again once unwrapped
+
+
+@pytest.mark.parametrize(
+    ("running", "asked", "same"),
+    [
+        (lambda: actpack.ActNN(bits=8), "actnn", False),
+        (lambda: actpack.ActNN(bits=8), lambda: actpack.ActNN(bits=8, seed=3), True),
+        (lambda: actpack.ActNN(), "ACTNN", True),
+        (lambda: actpack.Division(block_size=4), "division", False),
+        (lambda: actpack.Division(), lambda: actpack.ActNN(), False),
+    ],
+)
+def test_measure_of_a_wrapped_model_checks_the_settings_asked_for(running, asked, same):
+    # A name used to be compared by the strategy's name only: a model wrapped
+    # with ActNN(bits=8) measured 3.9x for strategy="actnn" (2-bit: 15x),
+    # while an equal object was refused.
+    model = actpack.wrap(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 8)), running())
+    x = torch.randn(32, 64)
+    strategy = asked if isinstance(asked, str) else asked()
+    if same:
+        assert actpack.measure(model, x, strategy=strategy).ratio == actpack.measure(model, x).ratio
+    else:
+        with pytest.raises(ValueError, match="omit strategy= to measure what it runs"):
+            actpack.measure(model, x, strategy=strategy)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        actpack.measure(model, x, strategy="actnm")
+
+
 def test_wrap_refuses_modules_without_a_forward():
     """Hooks on a module that is never called never run: a container, or a
     training-loop module whose step calls a submodule, would train
@@ -453,6 +508,175 @@ def test_a_bad_seed_raises_when_the_strategy_is_made(make, bad):
     # 1.5 was truncated to 1, "abc" raised int()'s own message.
     with pytest.raises(ValueError, match="seed must be an integer"):
         make(seed=bad)
+
+
+# An integer as a PyTorch user may hold it: NumPy integers (from a config or an
+# array) and 0-d integer tensors, read through operator.index as seed= is.
+INTEGERS = {
+    "np.int64": lambda v: pytest.importorskip("numpy").int64(v),
+    "np.int32": lambda v: pytest.importorskip("numpy").int32(v),
+    "0-d tensor": lambda v: torch.tensor(v),
+}
+# (strategy, knob, valid value, attribute holding it)
+INTEGER_KNOBS = [
+    (actpack.ActNN, "bits", 4, "bits"),
+    (actpack.ActNN, "group_size", 128, "group_size"),
+    (actpack.Int8, "group_size", 64, "group_size"),
+    (actpack.RowActNN, "bits", 3, "bits"),
+    (actpack.RowActNN, "sensitive_bits", 4, "sensitive_bits"),
+    (actpack.RowActNN, "group_size", 128, "group_size"),
+    (actpack.Division, "bits", 3, "bits"),
+    (actpack.Division, "block_size", 4, "block_size"),
+    (actpack.RowActNN, "min_group", 64, "min_group"),
+    (actpack.ActNNMixed, "group_size", 128, "group_size"),
+    (actpack.ActNNMixed, "min_bits", 2, "min_bits"),
+    (actpack.ActNNMixed, "max_bits", 6, "max_bits"),
+    (actpack.ActNNMixed, "refresh_every", 3, "refresh_every"),
+    (actpack.ActNNMixed, "prefetch", 1, "prefetch"),
+    (lambda **kw: actpack.ActNN(level="L1", **kw), "group_size", 64, "group_size"),
+    (lambda **kw: actpack.ActNN(level="L3", **kw), "group_size", 64, "group_size"),
+]
+
+
+@pytest.mark.parametrize("kind", list(INTEGERS))
+@pytest.mark.parametrize(("make", "knob", "value", "attr"), INTEGER_KNOBS)
+def test_integer_knobs_take_numpy_and_0d_tensor_integers(make, knob, value, attr, kind):
+    # ActNN(bits=np.int64(4)) raised "bits must be an integer in 1..8, got
+    # np.int64(4)" though seed= took it.
+    strategy = make(**{knob: INTEGERS[kind](value)})
+    got = getattr(strategy, attr)
+    assert type(got) is int and got == value  # stored as a plain int
+    assert repr(strategy) == repr(make(**{knob: value}))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [True, 2.0, "2", None, torch.tensor(2.0), torch.tensor([2]), torch.tensor(True)],
+    ids=["True", "2.0", "str", "None", "float tensor", "1-d tensor", "bool tensor"],
+)
+@pytest.mark.parametrize(("make", "knob", "value", "attr"), INTEGER_KNOBS)
+def test_integer_knobs_refuse_bools_floats_and_arrays(make, knob, value, attr, bad):
+    with pytest.raises(ValueError, match=f"{knob} must be (an|a positive|a non-negative) integer"):
+        make(**{knob: bad})
+
+
+@pytest.mark.parametrize("kind", list(INTEGERS))
+def test_rows_block_takes_numpy_and_0d_tensor_integers(kind):
+    assert actpack.RowActNN(block=INTEGERS[kind](32)).block == 32
+    for bad in (True, 2.0, 24, torch.tensor([32])):
+        with pytest.raises(ValueError, match="block must be a power of two"):
+            actpack.RowActNN(block=bad)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        actpack.ActNN,
+        actpack.Int8,
+        actpack.RowActNN,
+        actpack.Division,
+        actpack.ActNNMixed,
+        actpack.Cast16,
+        lambda: actpack.ActNN(level="L1"),
+    ],
+)
+def test_a_state_without_a_seed_names_the_missing_key(make):
+    # load_state_dict({}) raised a bare KeyError: 'seed'.
+    with pytest.raises(ValueError, match="no 'seed'"):
+        make().load_state_dict({})
+    with pytest.raises(TypeError, match="expects a dict from state_dict"):
+        make().load_state_dict([("seed", 1)])
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([3]), torch.tensor([[4]]), torch.tensor(True)])
+def test_a_seed_tensor_must_be_a_0d_integer(bad):
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        actpack.ActNN(seed=bad)
+
+
+@pytest.mark.parametrize("knob", ["budget", "momentum"])
+@pytest.mark.parametrize(
+    "kind",
+    ["np.float32", "np.float64", "np.int64", "0-d tensor", "0-d int tensor"],
+)
+def test_real_knobs_take_numpy_and_0d_tensor_numbers(knob, kind):
+    # budget=np.float64(2.5) was taken and np.float32(2.5) refused ("must be a
+    # number of bits"); momentum="0.5" was taken.
+    value = {"budget": 3.0, "momentum": 0.5}[knob]
+    make = {
+        "np.float32": lambda v: pytest.importorskip("numpy").float32(v),
+        "np.float64": lambda v: pytest.importorskip("numpy").float64(v),
+        "np.int64": lambda v: pytest.importorskip("numpy").int64(v) if v == int(v) else v,
+        "0-d tensor": lambda v: torch.tensor(v),
+        "0-d int tensor": lambda v: torch.tensor(int(v)) if v == int(v) else torch.tensor(v),
+    }[kind]
+    strategy = actpack.ActNNMixed(**{knob: make(value)})
+    got = getattr(strategy, knob)
+    assert type(got) is float and got == value
+
+
+@pytest.mark.parametrize(
+    ("knob", "bad", "message"),
+    [
+        ("budget", "2.5", "budget must be a number of bits"),
+        ("budget", True, "budget must be a number of bits"),
+        ("budget", torch.tensor([2.5]), "budget must be a number of bits"),
+        ("momentum", "0.5", "momentum must be a real number"),
+        ("momentum", None, "momentum must be a real number"),
+    ],
+)
+def test_real_knobs_refuse_strings_bools_and_arrays(knob, bad, message):
+    with pytest.raises(ValueError, match=message):
+        actpack.ActNNMixed(**{knob: bad})
+
+
+def test_min_bits_above_max_bits_names_the_two():
+    # It said "budget must be within [4, 2], got 3".
+    with pytest.raises(ValueError, match="min_bits must not exceed max_bits"):
+        actpack.ActNNMixed(min_bits=4, max_bits=2, budget=3)
+
+
+def test_allocate_bits_knobs_are_checked_as_the_strategy_checks_them():
+    from actpack.strategies.allocate import allocate_bits
+
+    sens, elements = [torch.ones(4)], [8]
+    with pytest.raises(ValueError, match="max_bits must be an integer in 1..8"):
+        allocate_bits(sens, elements, 2.0, max_bits=4.5)  # was truncated to 4
+    with pytest.raises(ValueError, match="min_bits must be an integer in 1..8"):
+        allocate_bits(sens, elements, 2.0, min_bits=1.5)
+    with pytest.raises(ValueError, match="budget must be a real number"):
+        allocate_bits(sens, elements, "2.0")
+    with pytest.raises(ValueError, match="elements must be a positive integer"):
+        allocate_bits(sens, [8.5], 2.0)
+    want = allocate_bits(sens, elements, 2.0, max_bits=4, min_bits=2).bits[0].tolist()
+    got = allocate_bits(
+        sens, [torch.tensor(8)], torch.tensor(2.0), max_bits=torch.tensor(4), min_bits=[2]
+    )
+    assert got.bits[0].tolist() == want
+
+
+def test_level_none_is_plain_actnn():
+    # ActNN(level=None) raised "ActNN.__init__() got an unexpected keyword argument 'level'".
+    for kwargs in ({}, {"bits": 4, "group_size": 64}):
+        strategy = actpack.ActNN(level=None, **kwargs)
+        assert type(strategy) is actpack.ActNN
+        assert repr(strategy) == repr(actpack.ActNN(**kwargs))
+
+
+@pytest.mark.parametrize("level", ["L0", "L1", "L3", "L5"])
+@pytest.mark.parametrize("args", [(4,), (2, 256), (2, 256, True, 5)])
+def test_positional_bits_with_a_level_is_refused_as_bits_is(level, args):
+    # ActNN(4, level="L3") built ActNNMixed(budget=4.0) and ActNN(2, level="L1")
+    # raised "ActNNPreset.__init__() got multiple values for argument 'level'",
+    # where ActNN(bits=4, level=...) says the level sets the bits.
+    with pytest.raises(TypeError, match=rf"ActNN\(level='{level}'\) does not take 'bits'.*keyword"):
+        actpack.ActNN(*args, level=level)
+
+
+@pytest.mark.parametrize("kind", list(INTEGERS))
+def test_a_level_may_be_a_numpy_or_tensor_integer(kind):
+    strategy = actpack.ActNN(level=INTEGERS[kind](3))
+    assert strategy.level == "L3" and strategy.name == "actnn-l3"
 
 
 @pytest.mark.parametrize("seed", [None, 0, -1, -(2**63), 2**64 - 1, torch.tensor(7)])

@@ -1043,6 +1043,53 @@ class TestNonlinearBackward:
         assert not torch.equal(grad(actpack.compress("actnn")), exact)  # coded by default
 
 
+# One tensor read by two ops, one of which keeps it exact: written so that
+# every other save of the step is exact too (x is a leaf), so the whole
+# gradient must equal autograd's.  Before 2026-12-03 the other op coded it
+# anyway (bytes on top of the exact copy, and other values for its backward).
+_EXACT_AND_CODED = {
+    "abs then linear": lambda h, V: h.abs() + h @ V,
+    "linear then abs": lambda h, V: h @ V + h.abs(),
+    "clamp then linear": lambda h, V: h.clamp(-0.5, 0.5) + h @ V,
+    "tanh then grid": lambda h, V: F.grid_sample(
+        V[:4, :16].reshape(1, 1, 4, 16).expand(2, 1, 4, 16),
+        torch.tanh(h).reshape(2, 64, 32, 2),
+        align_corners=False,
+    ).reshape(128, 32),
+    "gelu then max": lambda h, V: (
+        F.gelu(h).sum(-1, keepdim=True) + h @ V + h.amax(-1).unsqueeze(-1)
+    ),
+}
+
+
+class TestExactForOneReaderServesAll:
+    @pytest.mark.parametrize("name", sorted(_EXACT_AND_CODED))
+    @pytest.mark.parametrize("strategy", LOSSY)
+    def test_a_tensor_kept_exact_for_one_op_is_exact_for_all(self, name, strategy):
+        torch.manual_seed(0)
+        W = nn.Parameter(torch.randn(64, 64) / 8)
+        V = nn.Parameter(torch.randn(64, 64) / 8)
+        x = torch.randn(128, 64)
+
+        def grads(ctx):
+            W.grad = V.grad = None
+            with ctx:
+                out = _EXACT_AND_CODED[name](x @ W, V)
+            proj = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+            (out * proj).sum().backward()
+            return W.grad.clone(), V.grad.clone()
+
+        exact = grads(_Null())
+        ctx = actpack.compress(strategy, min_numel=1)
+        got = grads(ctx)
+        for g, e in zip(got, exact):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+        h_bytes = 128 * 64 * 4
+        # h is held once, exactly; nothing else coded of it.
+        assert ctx.stats.compressed_bytes <= ctx.stats.baseline_bytes
+        assert ctx.stats.baseline_bytes >= h_bytes
+
+
 class TestSmoothComposites:
     """Activations written as several ops, one of them nonlinear alone (HF's
     ``gelu_new`` cubes its input): inside a known library module they are read

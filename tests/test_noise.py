@@ -75,6 +75,47 @@ def test_invalid_draws_raise_value_error():
 
 
 @pytest.mark.parametrize(
+    "bad", [1.5, None, 2**64, -(2**63) - 1, "3", True],
+    ids=["1.5", "None", "2**64", "-2**63-1", "str", "True"],
+)  # fmt: skip
+def test_a_bad_seed_raises_a_clear_error(bad):
+    # 1.5 was truncated to 1 (strategies refuse it), None raised int()'s
+    # message and 2**64 "Overflow when unpacking long long".
+    model, x, loss = _case()
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"):
+        actpack.gradient_noise(model, x, draws=2, loss_fn=loss, seed=bad)
+
+
+def test_numpy_and_tensor_integers_are_read_as_ints():
+    np = pytest.importorskip("numpy")
+    model, x, loss = _mlp(), torch.randn(16, 64), None
+    strategy = actpack.ActNN(seed=5)
+    want = actpack.gradient_noise(model, x, strategy=strategy, draws=2, loss_fn=loss, seed=3)
+    for seed, draws in ((np.int64(3), np.int64(2)), (torch.tensor(3), torch.tensor(2))):
+        got = actpack.gradient_noise(
+            model, x, strategy=strategy, draws=draws, loss_fn=loss, seed=seed
+        )
+        assert (got.bias, got.variance, got.draws) == (want.bias, want.variance, 2)
+    with pytest.raises(ValueError, match="draws must be a positive integer"):
+        actpack.gradient_noise(model, x, draws=2.0, loss_fn=loss)
+
+
+def test_seed_is_documented():
+    assert "``seed``" in actpack.gradient_noise.__doc__
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_grad_mode_off_is_named_as_the_cause(mode):
+    # It said "pass loss_fn= returning a differentiable scalar": the wrong fix.
+    model, x, loss = _mlp(), torch.randn(16, 64), None
+    with mode(), pytest.raises(ValueError, match="grad mode is off") as err:
+        actpack.gradient_noise(model, x, draws=2, loss_fn=loss)
+    assert "loss_fn" not in str(err.value)
+    with torch.no_grad(), torch.enable_grad():  # the fix the message gives
+        actpack.gradient_noise(model, x, draws=2, loss_fn=loss)
+
+
+@pytest.mark.parametrize(
     "loss_fn",
     [
         lambda out: out.argmax(-1).float().sum(),  # a non-differentiable output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any, Callable, TypeVar
 
@@ -20,6 +21,7 @@ from actpack.probe import (
 )
 from actpack.report import Report
 from actpack.strategies import DEFAULT_STRATEGY, Strategy
+from actpack.strategies.registry import resolve
 
 T = TypeVar("T")
 
@@ -82,6 +84,22 @@ def compress(
         loss.backward()
         print(ctx.stats.ratio)
     """
+    if torch.compiler.is_compiling():
+        # Dynamo traces this call: an engine made and entered inside compiled
+        # code is not what the compiled graphs see (fullgraph=True failed
+        # deep inside the strategy's seed).  Left to eager, with a reason
+        # Dynamo shows when it may not break the graph.
+        return _made_outside_the_graph(strategy, model, min_numel, checkpoint_inputs, smooth)
+    return _engine(strategy, model, min_numel, checkpoint_inputs, smooth)
+
+
+def _engine(
+    strategy: str | Strategy,
+    model: nn.Module | None,
+    min_numel: int,
+    checkpoint_inputs: str,
+    smooth: str,
+) -> Engine:
     return Engine(
         strategy,
         model=model,
@@ -89,6 +107,17 @@ def compress(
         checkpoint_inputs=checkpoint_inputs,
         smooth=smooth,
     )
+
+
+_INSIDE_COMPILE = (
+    "actpack.compress() is called inside a torch.compile'd function; enter it outside "
+    "the compiled code (`with actpack.compress(): compiled_fn(x)`) or use "
+    "actpack.wrap(torch.compile(model))"
+)
+try:  # torch >= 2.8 shows the reason in fullgraph's error
+    _made_outside_the_graph = torch.compiler.disable(_engine, reason=_INSIDE_COMPILE)
+except TypeError:
+    _made_outside_the_graph = torch.compiler.disable(_engine)
 
 
 _ATTR = "_actpack_engine"
@@ -169,7 +198,8 @@ def wrap(
         TypeError: ``model`` is not an ``nn.Module``, or defines no
             ``forward`` (an ``nn.ModuleList``; a ``LightningModule`` whose
             ``training_step`` calls a submodule): hooks on it never run.
-        ValueError: ``model`` is already wrapped.
+        ValueError: ``model`` is already wrapped, or ``strategy`` (an
+            object) runs for another wrapped model (give each model its own).
 
     Example::
 
@@ -187,6 +217,7 @@ def wrap(
             "nothing would be compressed; wrap the submodule its training step calls "
             "(actpack.wrap(self.net)) or run the step's forward under actpack.compress()"
         )
+    _check_unshared(strategy, model)
     engine = Engine(
         strategy,
         model=model,
@@ -196,11 +227,34 @@ def wrap(
         smooth=smooth,
     )
     _warn_if_compiled_before(model)
+    if isinstance(strategy, Strategy):
+        strategy._wrapped_by = weakref.ref(model)  # dropped by copies and pickles
     object.__setattr__(model, _ATTR, engine)
     pre = model.register_forward_pre_hook(_Enter())
     post = model.register_forward_hook(_Leave(), always_call=True)
     object.__setattr__(model, _HOOK_IDS, (pre.id, post.id))
     return model
+
+
+def _check_unshared(strategy: str | Strategy, model: nn.Module) -> None:
+    """Raise ValueError if ``strategy`` (an object) already runs for another
+    wrapped model: the two models would share its generators (each one's
+    rounding noise depending on the other's steps) and, for
+    :class:`~actpack.ActNNMixed`, the statistics it keys by layer name (two
+    models' layers of one name overwriting each other's ranges, so that the
+    bit allocation never settles)."""
+    owner = getattr(strategy, "_wrapped_by", None)
+    other = owner() if owner is not None else None
+    if other is None or other is model:
+        return
+    engine = getattr(other, _ATTR, None)
+    if engine is not None and engine.strategy is strategy:
+        raise ValueError(
+            f"{strategy!r} already runs for another wrapped model "
+            f"({type(other).__name__}); two models sharing a strategy object share its "
+            "random generators and statistics. Give each model its own: "
+            "actpack.wrap(model, copy.deepcopy(strategy)), or a new strategy"
+        )
 
 
 #: Classes whose ``forward`` only raises or passes the call on to
@@ -361,8 +415,10 @@ def measure(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: ``model`` is wrapped and ``strategy`` names another
-            strategy than the one it runs (unwrap it, or omit ``strategy``).
+        ValueError: ``model`` is wrapped and ``strategy`` has other
+            settings than the strategy it runs (a name stands for its default
+            settings: ``"actnn"`` is not ``ActNN(bits=8)``); unwrap it, or omit
+            ``strategy``.  Also an unknown strategy name.
 
     Example::
 
@@ -381,14 +437,11 @@ def measure(
         raise TypeError(f"measure expects an nn.Module, got {type(model).__name__}")
     wrapped = getattr(model, _ATTR, None)
     if wrapped is not None:
-        if (
-            strategy is not None
-            and strategy is not wrapped.strategy
-            and (not isinstance(strategy, str) or strategy.lower() != wrapped.strategy.name)
-        ):
+        if strategy is not None and not _same_settings(strategy, wrapped.strategy):
             raise ValueError(
-                f"measure: the model is wrapped with {wrapped.strategy!r}; omit strategy= to "
-                "measure what it runs, or actpack.unwrap(model) to measure another strategy"
+                f"measure: the model is wrapped with {wrapped.strategy!r}, not "
+                f"{_describe(strategy)}; omit strategy= to measure what it runs, or "
+                "actpack.unwrap(model) to measure another strategy"
             )
         # A copy: measuring must not advance the wrapped strategy's state or generators.
         strategy = copy.deepcopy(wrapped.strategy)
@@ -399,6 +452,21 @@ def measure(
     model = _eager_module(model)
     with wrapped.suspended() if wrapped is not None else _null(), eager_calls(model, "measure"):
         return _measure(model, inputs, dict(kwargs or {}), strategy, loss_fn, min_numel)
+
+
+def _same_settings(given: str | Strategy, running: Strategy) -> bool:
+    """Whether ``given`` (a name or a strategy) codes as ``running`` does:
+    the same object, or the same class and knobs (its repr; the seed does not
+    change what is saved).  A name stands for its default settings: a model
+    wrapped with ``ActNN(bits=8)`` does not run ``"actnn"``."""
+    if given is running:
+        return True
+    made = resolve(given)  # an unknown name or a wrong type raises here
+    return type(made) is type(running) and repr(made) == repr(running)
+
+
+def _describe(strategy: str | Strategy) -> str:
+    return f"{strategy!r} ({resolve(strategy)!r})" if isinstance(strategy, str) else repr(strategy)
 
 
 def _eager_module(model: nn.Module) -> nn.Module:

@@ -21,7 +21,8 @@ from actpack.probe import (
     preserved_rng,
 )
 from actpack.strategies import DEFAULT_STRATEGY, Exact, Strategy, resolve
-from actpack.strategies.base import derived_seed
+from actpack.strategies.actnn import as_int
+from actpack.strategies.seeds import check_seed, derived_seed
 
 __all__ = ["NoiseReport", "gradient_noise"]
 
@@ -89,6 +90,7 @@ def _fork(strategy: Strategy, seed: int) -> Strategy:
     new = copy.deepcopy(strategy)
     state = dict(strategy.state_dict())
     state["seed"] = seed
+    state["rng"] = {}  # a new stream from the new seed, not the strategy's state
     new.load_state_dict(state)
     return new
 
@@ -177,6 +179,11 @@ def gradient_noise(
     ``loss_fn(output)`` gives the scalar loss (default: the ``.loss`` of a
     HuggingFace output, else the sum of the outputs; see
     :func:`actpack.probe.default_loss`).
+    ``seed``: the torch random seed every pass runs under (the same dropout
+    masks, random inputs drawn inside the model, in every pass); an integer
+    (also a NumPy integer or a 0-d integer tensor) in [-2**63, 2**64), as
+    ``torch.manual_seed`` takes.  The draws' rounding noise comes from the
+    strategy's own ``seed`` (draw ``d``: ``strategy.seed + 1 + d``).
     ``track_modules`` must match how a stateful strategy was trained (its
     statistics are keyed by module names only when modules were tracked); a
     model wrapped with :func:`actpack.wrap` is measured through its own
@@ -188,8 +195,10 @@ def gradient_noise(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: ``draws`` is not a positive integer; the model has no
-            parameter that requires grad; the loss does not require grad (a
+        ValueError: ``draws`` is not a positive integer; ``seed`` is not an
+            integer ``torch.manual_seed`` takes; grad mode is off (called
+            under ``torch.no_grad()`` or ``torch.inference_mode()``); the
+            model has no parameter that requires grad; the loss does not require grad (a
             non-differentiable output such as ``argmax``); or some of its submodules (not the
             model itself) are ``torch.compile`` wrappers (compile them in
             place with ``module.compile()`` instead, or measure first).
@@ -200,10 +209,21 @@ def gradient_noise(
                                         loss_fn=lambda out: F.cross_entropy(out, y))
         print(report.bias, report.variance)
     """
-    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+    count = as_int(draws)
+    if count is None or count < 1:
         raise ValueError(f"draws must be a positive integer, got {draws!r}")
+    draws = count
+    seed = check_seed(seed)  # 1.5 was truncated, None and 2**64 failed inside torch
     if not isinstance(model, nn.Module):
         raise TypeError(f"gradient_noise expects an nn.Module, got {type(model).__name__}")
+    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        # Every pass then builds no graph: the loss "does not require grad",
+        # whatever loss_fn is.
+        raise ValueError(
+            "gradient_noise: grad mode is off (called under torch.no_grad() or "
+            "torch.inference_mode()), so no pass builds a gradient; call it outside "
+            "that block (under torch.no_grad(), `with torch.enable_grad():` also does)"
+        )
     outer = getattr(model, "_actpack_engine", None)  # wrap(torch.compile(model)) too
     if strategy is None and outer is not None:
         strategy = outer.strategy  # what the wrapped model runs (copied per draw)

@@ -18,9 +18,14 @@ def _size(n: int | float) -> str:
 
 
 def _ratio(before: int, after: int) -> str:
+    if not before:
+        # Nothing this row holds is counted as saved (its codes are booked
+        # to the row holding their storage; a row without baseline bytes
+        # has no ratio).
+        return "-"
     if after:
         return f"{before / after:.2f}x"
-    return "-" if not before else "inf"
+    return "inf"
 
 
 def _table(title: str, rows: list[tuple[str, int, int]], top: int) -> list[str]:

@@ -104,15 +104,38 @@ class StorageSet:
 
     def __init__(self) -> None:
         self._refs: dict[torch.device, dict[int, Any]] = {}
+        #: Per device and address, the rows a recorded storage's bytes were
+        #: booked to (``new_bytes``' ``owner``), made on first use.
+        self._owners: dict[torch.device, dict[int, Any]] | None = None
 
-    def new_bytes(self, t: Tensor, alive: bool = False) -> int:
+    def new_bytes(self, t: Tensor, alive: bool = False, owner: Any = None) -> int:
         """Record ``t``'s storage: its size in bytes if it was not already
         held, else 0.  ``alive``: the caller keeps ``t`` alive for as long
-        as it uses this set, so no weak reference is needed.  Raises
-        RuntimeError for tensors without a storage of their own (sparse,
-        vmap's batched tensors, wrapper subclasses such as DTensor)."""
+        as it uses this set, so no weak reference is needed.  ``owner``:
+        kept with a storage recorded now, for :meth:`owner_of` (what its
+        bytes were booked to).  Raises RuntimeError for tensors without a
+        storage of their own (sparse, vmap's batched tensors, wrapper
+        subclasses such as DTensor)."""
         storage = t.untyped_storage()
-        return self._record(t, storage, storage.data_ptr(), alive)
+        return self._record(t, storage, storage.data_ptr(), alive, owner)
+
+    def holds(self, t: Tensor) -> bool:
+        """Whether ``t``'s storage is recorded and alive.  Raises
+        RuntimeError as :meth:`new_bytes` does."""
+        table = self._refs.get(t.device)
+        if table is None:
+            return False
+        entry = table.get(t.untyped_storage().data_ptr(), _MISSING)
+        return entry is None or (entry is not _MISSING and not entry.expired())
+
+    def owner_of(self, t: Tensor) -> Any:
+        """The ``owner`` given when ``t``'s storage was recorded (it must be
+        held: ``new_bytes`` returned 0 for it), or None."""
+        owners = self._owners
+        if owners is None:
+            return None
+        table = owners.get(t.device)
+        return table.get(t.untyped_storage().data_ptr()) if table is not None else None
 
     def add_all(self, tensors: list[Tensor], alive: bool = False) -> tuple[int, int, list[Tensor]]:
         """``new_bytes`` of each of ``tensors`` in turn, in one loop (the
@@ -146,7 +169,7 @@ class StorageSet:
                 elements += nbytes // t.itemsize
         return total, elements, failed
 
-    def _record(self, t: Tensor, storage: Any, key: int, alive: bool) -> int:
+    def _record(self, t: Tensor, storage: Any, key: int, alive: bool, owner: Any = None) -> int:
         """Record ``storage`` at address ``key``: its bytes if the address
         holds no live storage recorded before, else 0.
 
@@ -167,6 +190,13 @@ class StorageSet:
         if entry is not _MISSING and not entry.expired():
             return 0
         table[key] = None if alive else StorageWeakRef(storage)
+        owners = self._owners
+        if owner is not None:
+            if owners is None:
+                owners = self._owners = {}
+            owners.setdefault(device, {})[key] = owner
+        elif owners is not None and device in owners:
+            owners[device].pop(key, None)  # a new storage at a recorded address
         return storage.nbytes()
 
 

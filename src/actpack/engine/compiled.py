@@ -32,6 +32,7 @@ import importlib
 import inspect
 import operator
 import os
+import pathlib
 import sys
 import warnings
 import weakref
@@ -47,27 +48,13 @@ from actpack.engine.graphreads import BackwardReads, backward_reads
 from actpack.engine.saved import Held, unpack
 from actpack.engine.untraced import eager_only
 from actpack.policy.decide import Kind, decide
+from actpack.strategies.seeds import process_rank
 
 __all__ = ["Decision", "GraphHooks", "available", "compiled_hooks", "op_caller"]
 
 # Marks a pack result made inside a graph (as opposed to an eager save).
 _TAG = "actpack-graph-code/1"
 
-# Modules whose code decides what the inlined hooks compute: their source is
-# part of the AOT autograd cache key, so an upgrade never reuses stale graphs.
-_KEY_MODULES = (
-    "actpack.engine.compiled",
-    "actpack.engine.graphcodes",
-    "actpack.engine.graphfacts",
-    "actpack.codecs.traceable",
-    "actpack.codecs.groupquant",
-    "actpack.codecs.pack",
-    "actpack.codecs.compact",
-    "actpack.policy.decide",
-    "actpack.policy.ops",
-    "actpack.policy.rules",
-    "actpack.strategies.actnn",
-)
 
 # The installation whose pair is innermost, as torch's own hook stack is: the
 # hook functions must be module-level (AOTAutograd's cache pickles them by
@@ -137,26 +124,54 @@ def _nbytes(t: Tensor) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _source_digest(strategy_module: str) -> bytes:
-    """The code the inlined hooks run: read once per process (reading sources
-    costs ~0.1 ms per engine, and every ``compress()`` makes one)."""
-    h = hashlib.sha256()
-    for name in (*_KEY_MODULES, strategy_module):
-        h.update(inspect.getsource(importlib.import_module(name)).encode())
+    """The code the inlined hooks run: every source file of the actpack
+    package, and the module of a strategy defined outside it, read once per
+    process (~1 ms; every ``compress()`` makes an engine).  The whole package
+    rather than a list of modules: a list missed modules that decide what
+    compiled graphs compute (the product rule of ``graphreads``, the fill
+    rule, the rank seeds), and a graph compiled by an older actpack, served
+    from AOTAutograd's cache after an upgrade, kept the bias a later version
+    fixed."""
+    h = hashlib.sha256(package_digest())
+    if not strategy_module.startswith("actpack."):
+        h.update(inspect.getsource(importlib.import_module(strategy_module)).encode())
     return h.digest()
 
 
-def _cache_hash(engine: Any) -> str:
-    """What the inlined code depends on: torch, the strategy's knobs, actpack's code."""
+def package_files(root: pathlib.Path | None = None) -> list[pathlib.Path]:
+    """The ``.py`` files of the package at ``root`` (default: the installed
+    ``actpack``), sorted."""
+    root = root or pathlib.Path(__file__).resolve().parent.parent  # .../actpack
+    return sorted(root.rglob("*.py"))
+
+
+def package_digest(root: pathlib.Path | None = None) -> bytes:
+    """SHA-256 over the relative path and bytes of each of
+    :func:`package_files` (not cached: tests compare packages)."""
+    root = root or pathlib.Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in package_files(root):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(b"\0")
+        h.update(path.read_bytes())
+        h.update(b"\0")
+    return h.digest()
+
+
+def _cache_hash(engine: Any, rank: int) -> str:
+    """What the inlined code depends on: torch, the strategy's knobs, actpack's
+    code, and the process's rank (traced into the noise key: ranks sharing a
+    cache directory must not load each other's graphs)."""
     strategy = engine.strategy
     kind = type(strategy)
-    return _hash_of(repr(strategy), kind.__module__, kind.__qualname__, engine._settings())
+    return _hash_of(repr(strategy), kind.__module__, kind.__qualname__, engine._settings(), rank)
 
 
 @functools.lru_cache(maxsize=256)
-def _hash_of(knobs: str, module: str, qualname: str, settings: Any) -> str:
+def _hash_of(knobs: str, module: str, qualname: str, settings: Any, rank: int) -> str:
     # Memoised: every ``compress()`` of a training loop makes an engine.
     h = hashlib.sha256(torch.__version__.encode())
-    h.update(repr((knobs, qualname, settings)).encode())
+    h.update(repr((knobs, module, qualname, settings, rank)).encode())
     h.update(_source_digest(module))
     return h.hexdigest()
 
@@ -304,7 +319,10 @@ class GraphHooks:
         self._history_free: weakref.WeakKeyDictionary[fx.Graph, frozenset[str]] | None = None
         # Per backward graph, how it reads its saves (one pass): products, smooth reads.
         self._reads: weakref.WeakKeyDictionary[fx.Graph, BackwardReads] | None = None
-        self.pack_gm, self.unpack_gm = _hook_pair(_cache_hash(engine))
+        # The rank the traced keys mix in (strategies/seeds.py), read once so
+        # that the cache hash and the traced code agree.
+        self.rank = process_rank()
+        self.pack_gm, self.unpack_gm = _hook_pair(_cache_hash(engine, self.rank))
 
     @property
     def engine(self) -> Any:
@@ -360,7 +378,7 @@ class GraphHooks:
                 UserWarning,
                 stacklevel=2,
             )
-        form, meta, tensors = graphcodes.encode(strategy, plan, gf, x)
+        form, meta, tensors = graphcodes.encode(strategy, plan, gf, x, self.rank)
         after = sum(_nbytes(t) for t in tensors) if form != "exact" else _nbytes(x)
         # AOTAutograd calls the hook twice per node (value, then tracing): one entry.
         self.decisions[(id(state["_fw_graph"]), node.name)] = Decision(

@@ -69,7 +69,7 @@ from actpack.policy.ops import (
 )
 from actpack.policy.rules import ReluOutput, reads_region_only, rule_for
 from actpack.strategies import Cast16, Int8, SaveInfo, Strategy, resolve
-from actpack.strategies.base import derived_seed
+from actpack.strategies.seeds import derived_seed
 
 DEFAULT_MIN_NUMEL = 2048
 
@@ -78,6 +78,9 @@ CHECKPOINT_INPUTS = ("exact", "bf16", "fp16", "int8")
 
 #: The reason of a save kept exact because its code was larger than it.
 CODE_LARGER = "code larger than the tensor"
+#: A save of memory another op of the forward keeps exact: that copy serves
+#: it too (a code would cost bytes on top and read other values).
+HELD_EXACT = "held exact for another op"
 
 # Reasons to keep a tensor exact under which an exact copy of a small view
 # (freeing the large storage it pins) is still exact.
@@ -535,7 +538,14 @@ class Engine:
         self._weights = (listed, table)
         return table
 
-    def _leaf(self, t: Tensor, args: tuple, st: _Forward) -> str | None:
+    def _leaf(self, t: Tensor, args: tuple, st: _Forward, kwargs: dict | None = None) -> str | None:
+        """What storage that exists anyway ``t`` (a plain save) is: the
+        model's weight (``"parameter"``, ``"buffer"``, a view or cast of
+        one), a floating-point argument of the op without autograd history
+        (``"leaf input"``: the input batch, a frozen model's activations),
+        or None.  Decided before anything else (dtype, size, strategy), so
+        that a leaf is never counted as saved activation memory, whatever
+        keeps it exact (``"tiny"``, float64, a lossless strategy)."""
         if t.grad_fn is not None:
             return parameter_source(t)
         kind = st.weights.get(t.untyped_storage().data_ptr()) if st.weights else None
@@ -543,6 +553,10 @@ class Engine:
             return kind
         if frozen_weight(t, args):
             return "parameter cast"
+        # (Integers and bools stay with the saves: indices and masks are
+        # narrowed or bit-packed, and counted alike by every strategy.)
+        if t.is_floating_point() and argument_role(t, args, kwargs or {}) == "input":
+            return "leaf input"
         return None
 
     def _facts(self, t: Tensor, st: _Forward) -> tuple[Facts, str | None, tuple, dict]:
@@ -563,7 +577,7 @@ class Engine:
             # Below min_numel the plan depends on dtype, size, plainness and
             # weights alone (decide returns before reading anything else,
             # the origin included): the common small save pays for nothing more.
-            leaf = self._leaf(t, args, st) if plain else None
+            leaf = self._leaf(t, args, st, kwargs) if plain else None
             facts = Facts(dtype, numel, "op", op, "unknown", history, leaf, plain)
             return facts, op, args, kwargs
         caller = op_caller(sys._getframe(2))
@@ -606,7 +620,7 @@ class Engine:
             op,
             role,
             history,
-            self._leaf(t, args, st) if plain else None,
+            self._leaf(t, args, st, kwargs) if plain else None,
             plain,
             0 in t.stride() and any(s == 0 and n > 1 for n, s in zip(t.shape, t.stride())),
             rule,
@@ -648,7 +662,7 @@ class Engine:
             if 0 < numel < st.settings.min_numel and t.layout is torch.strided and not t.is_meta:
                 ops = st.ops
                 op, args = (ops.name, ops.args) if ops is not None else (None, ())
-                leaf = self._leaf(t, args, st)
+                leaf = self._leaf(t, args, st, ops.kwargs if ops is not None else None)
                 if leaf is not None:  # the model's weight: decided by that alone
                     return self._carry_out(
                         t, decide(Facts(t.dtype, numel, leaf=leaf), st.settings), st, op, None
@@ -713,15 +727,13 @@ class Engine:
             return self._keep_leaf(t, plan.reason, st)
         if kind is Kind.EXACT:
             return self._keep_exact(t, plan.reason, st, op)
-        before = st.held.new_bytes(t)
+        if st.held_compressed is not None and self._held_exact(t, st):
+            return self._keep_exact(t, HELD_EXACT, st, op)
+        before = st.held.new_bytes(t, owner=(module, op))
         elements = before // t.element_size() if t.element_size() else 0
         tag = (kind, plan.rule, False)  # (kind, rule, coded as log_softmax's output)
-        # Contiguous tensors are keyed by their memory alone, so that a view
-        # of a saved tensor with another shape (Flatten before a Linear)
-        # shares its code.
         shape = tuple(t.shape)
-        layout = ("contiguous", t.numel()) if t.is_contiguous() else (shape, t.stride())
-        key = (t.data_ptr(), t.dtype, t.device, layout, t._version)
+        key = _table_key(t)  # a view of another shape shares its code
         entries = st.table.get(key, ())
         ops = st.ops
         args, kwargs = (ops.args, ops.kwargs) if ops is not None else ((), {})
@@ -754,7 +766,14 @@ class Engine:
             (weakref.ref(anchor(t), functools.partial(_forget, st.table, key)), tag, saved)
         )
         stats.tensors += 1
-        stats.add(module, op, before, saved.encoded.nbytes, elements)
+        if before:
+            stats.add(module, op, before, saved.encoded.nbytes, elements)
+        else:
+            # A code of memory an earlier save holds (a ReLU output's region,
+            # coded again for the next layer's values): booked to the rows
+            # holding its bytes without actpack, so every row's ratio is
+            # that of the storages it holds.
+            stats.add(*self._owner(t, st, module, op), 0, saved.encoded.nbytes)
         if kind is Kind.HALF:
             row = stats.forms.setdefault(plan.reason, [0, 0])
             row[0] += before
@@ -795,9 +814,10 @@ class Engine:
         small view (which would keep its whole storage alive).  ``before``:
         the baseline bytes when the caller has already counted them."""
         stats = st.stats
+        module = self._modules.current if self._modules is not None else None
         if before is None:
             try:
-                before = st.held.new_bytes(t)
+                before = st.held.new_bytes(t, owner=(module, op))
             except RuntimeError:
                 # No storage to count (a sparse save with history, kept exact as
                 # "tensor subclass or layout"): as it is, as the untracked path keeps it.
@@ -815,12 +835,53 @@ class Engine:
             if st.held_compressed is None:
                 st.held_compressed = StorageSet()
             after = st.held_compressed.new_bytes(t)
+            if after and st.table:
+                self._codes_to_exact(t, st, module, op)
         passthrough = stats.passthrough
         passthrough[reason] = passthrough.get(reason, 0) + after
         stats.tensors += 1
-        module = self._modules.current if self._modules is not None else None
+        if not before and after:  # held by an earlier save, kept exact for this one
+            module, op = self._owner(t, st, module, op)
         stats.add(module, op, before, after, before // size if size else 0)
         return saved
+
+    @staticmethod
+    def _held_exact(t: Tensor, st: _Forward) -> bool:
+        """Whether a save of this forward holds ``t``'s whole storage exact."""
+        try:
+            return st.held_compressed.holds(t)
+        except RuntimeError:  # no storage of its own: nothing held
+            return False
+
+    def _codes_to_exact(self, t: Tensor, st: _Forward, module: str | None, op: str | None) -> None:
+        """``t`` is now held exact for an op: earlier saves of this forward that
+        coded the same memory (same address, dtype, layout and version)
+        restore the exact tensor instead, and their codes are freed (a tanh
+        output coded for tanh, then kept exact as grid_sample's grid: the
+        code cost bytes on top and fed tanh's backward other values)."""
+        entries = st.table.pop(_table_key(t), ())
+        freed = 0
+        for ref, _tag, saved in entries:
+            if ref() is not None and isinstance(saved, Saved):
+                freed += saved.encoded.nbytes
+                # Decodes to the tensor itself, in the shape that save had (a
+                # contiguous key serves views of other shapes: tanh's output
+                # and its 4-D reshape as a grid).
+                saved.encoded = Copy(t.detach().view(saved.shape))
+        if freed:
+            st.stats.add(*self._owner(t, st, module, op), 0, -freed)
+
+    @staticmethod
+    def _owner(
+        t: Tensor, st: _Forward, module: str | None, op: str | None
+    ) -> tuple[str | None, str | None]:
+        """The (module, op) rows holding the baseline bytes of ``t``'s
+        storage (an earlier save counted them), else ``module`` and ``op``."""
+        try:
+            owner = st.held.owner_of(t)
+        except RuntimeError:
+            owner = None
+        return owner if owner is not None else (module, op)
 
     def _serves(self, have: tuple, want: tuple) -> bool:
         """Whether a code made for ``have`` (kind, rule, coded as
@@ -888,6 +949,14 @@ class Engine:
 
 
 @eager_only  # called when the anchor dies: under compiled code too
+def _table_key(t: Tensor) -> tuple:
+    """The key of ``t``'s codes in a forward's table.  Contiguous tensors are
+    keyed by their memory alone, so that a view of a saved tensor with another
+    shape (Flatten before a Linear) shares its code."""
+    layout = ("contiguous", t.numel()) if t.is_contiguous() else (tuple(t.shape), t.stride())
+    return (t.data_ptr(), t.dtype, t.device, layout, t._version)
+
+
 def _forget(table: dict, key: tuple, _ref: object) -> None:
     """Drop ``table``'s entries at ``key`` (a weak reference's callback: the
     tensor whose memory they describe died)."""

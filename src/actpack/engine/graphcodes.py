@@ -25,6 +25,7 @@ from actpack.policy.rules import ReluOutput
 from actpack.strategies import ActNN, Cast16, SaveInfo, Strategy
 from actpack.strategies.levels import ActNNPreset
 from actpack.strategies.rows import RowActNN
+from actpack.strategies.seeds import rank_key_words
 
 Coded = tuple[str, tuple, tuple[Tensor, ...]]
 
@@ -52,8 +53,9 @@ def traceable_strategy(strategy: Strategy) -> bool:
     return False
 
 
-def _fresh_key(device: torch.device) -> Tensor:
-    """A hash key drawn each time the graph runs (two random 32-bit words).
+def _fresh_key(device: torch.device, rank: int) -> Tensor:
+    """A hash key drawn each time the graph runs (two random 32-bit words),
+    XORed with :func:`~actpack.strategies.seeds.rank_key_words` of ``rank``.
 
     ``prims.inductor_seeds`` is the op Inductor itself places for dropout: it
     lowers natively (one ``randint`` from the default generator per call), so
@@ -61,6 +63,11 @@ def _fresh_key(device: torch.device) -> Tensor:
     """
     importlib.import_module("torch._inductor.inductor_prims")  # registers the prims
     seed = torch.ops.prims.inductor_seeds.default(1, device)
+    # Ranks seeded alike would draw alike: a constant per rank (traced in,
+    # as a process's rank is fixed) gives each its own keys, still uniform.
+    low, high = rank_key_words(rank)
+    if low or high:
+        return torch.cat([seed ^ low, (seed >> 32) ^ high])
     return torch.cat([seed, seed >> 32])
 
 
@@ -86,7 +93,7 @@ def _numel(shape: tuple) -> int:
     return n
 
 
-def _lossy(strategy: Strategy, x: Tensor, info: SaveInfo) -> Coded | None:
+def _lossy(strategy: Strategy, x: Tensor, info: SaveInfo, rank: int) -> Coded | None:
     """The strategy's code of ``x``, or None where the strategy keeps ``x``."""
     if isinstance(strategy, Cast16):
         return "cast", (x.dtype,), (x.to(strategy.dtype),)
@@ -110,7 +117,7 @@ def _lossy(strategy: Strategy, x: Tensor, info: SaveInfo) -> Coded | None:
         # instead, so that only the number of rows is symbolic.
         rows, group_size = x.numel() // x.shape[-1], min(group_size, x.shape[-1])
     zero_exact = isinstance(info.rule, ReluOutput) and bits >= 2
-    key = _fresh_key(x.device) if strategy.stochastic else None
+    key = _fresh_key(x.device, rank) if strategy.stochastic else None
     code = traceable.quantize_groups(
         x.reshape(rows, -1), bits, group_size, key, zero_exact=zero_exact
     )
@@ -118,8 +125,11 @@ def _lossy(strategy: Strategy, x: Tensor, info: SaveInfo) -> Coded | None:
     return "groups", meta, (_carrier(x), code.packed, code.lo, code.hi)
 
 
-def encode(strategy: Strategy, plan: Plan, gf: GraphFacts, x: Tensor) -> Coded:
-    """``x`` in the form ``plan`` asks for; ``("exact", (), ())`` keeps ``x`` itself."""
+def encode(strategy: Strategy, plan: Plan, gf: GraphFacts, x: Tensor, rank: int = 0) -> Coded:
+    """``x`` in the form ``plan`` asks for; ``("exact", (), ())`` keeps ``x`` itself.
+
+    ``rank``: the process's rank in its distributed job, mixed into the
+    rounding noise's key (:func:`_fresh_key`)."""
     kind = plan.kind
     if kind == Kind.BITS:
         return "bits", (), (_carrier(x), traceable.pack_mask(x))
@@ -142,7 +152,7 @@ def encode(strategy: Strategy, plan: Plan, gf: GraphFacts, x: Tensor) -> Coded:
         # The only region graphfacts proposes: ReLU's x > 0.
         return "region", (), (_carrier(x), traceable.pack_mask(x > 0))
     if kind == Kind.LOSSY and traceable_strategy(strategy):
-        coded = _lossy(strategy, x, SaveInfo(op=gf.op, rule=plan.rule))
+        coded = _lossy(strategy, x, SaveInfo(op=gf.op, rule=plan.rule), rank)
         if coded is not None:
             return coded
     return "exact", (), ()

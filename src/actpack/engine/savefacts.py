@@ -25,6 +25,7 @@ from actpack.policy.ops import (
 )
 from actpack.policy.rules import same_tensor
 
+_STRIDED = torch.strided
 # Autograd nodes a parameter passes through before it is saved as a cast
 # (autocast's cached weight casts, their transposes and views).
 CAST_NODES = frozenset(
@@ -283,18 +284,20 @@ def argument_role(t: Tensor, args: tuple, kwargs: dict) -> str:
     (``torch.einsum(eq, [x, w])``).  A history-free tensor an op makes itself
     (dropout's mask, noise) has storage of its own.
     """
-    operands = [
-        a
-        for arg in (*args, *kwargs.values())
-        for a in (arg if isinstance(arg, (list, tuple)) else (arg,))
-        if isinstance(a, Tensor)
-    ]
-    if any(same_tensor(a, t) for a in operands):
-        return "input"
+    # One pass, one storage read per operand: it runs for every save without
+    # history (an op's statistics too), before anything else is decided.
     storage = t.untyped_storage().data_ptr()
-    for a in operands:
-        if a.device == t.device and a.untyped_storage().data_ptr() == storage:
-            return "input"
+    device = t.device
+    for arg in (*args, *kwargs.values()) if kwargs else args:
+        for a in arg if isinstance(arg, (list, tuple)) else (arg,):
+            if not isinstance(a, Tensor) or a.layout is not _STRIDED:
+                continue
+            try:
+                shared = a.untyped_storage().data_ptr() == storage
+            except RuntimeError:  # a wrapper subclass: no storage of its own
+                continue
+            if shared and a.device == device:
+                return "input"
     return "internal"
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import numbers
+import operator
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from actpack.codecs.backend import quantize_groups
@@ -14,10 +17,58 @@ from actpack.policy.rules import ReluOutput
 from actpack.strategies.base import SaveInfo, Strategy
 
 
-def check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
-    return bits
+def as_int(value: Any) -> int | None:
+    """``value`` as a plain ``int`` if it is an integer: an ``int``, a NumPy
+    integer or a 0-d integer tensor (what ``operator.index`` takes); None for
+    anything else, bools (``True`` is no width) and floats (``2.0`` included)
+    among them."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    if isinstance(value, Tensor) and (
+        value.dim() != 0 or value.dtype.is_floating_point or value.dtype == torch.bool
+    ):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_int(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
+    """``value`` as a plain ``int`` in ``low..high`` (see :func:`as_int`), or
+    ValueError naming ``name``."""
+    n = as_int(value)
+    if n is None or n < low or (high is not None and n > high):
+        if high is not None:
+            want = f"an integer in {low}..{high}"
+        else:
+            want = {0: "a non-negative integer", 1: "a positive integer"}.get(
+                low, f"an integer >= {low}"
+            )
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return n
+
+
+def check_real(name: str, value: Any) -> float:
+    """``value`` as a plain ``float`` if it is a real number (``int``,
+    ``float``, a NumPy number, a 0-d tensor); ValueError naming ``name`` for
+    anything else (bools, strings such as ``"0.5"``).  The range is the
+    caller's to check (NaN fails every range test)."""
+    if isinstance(value, Tensor):
+        ok = value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool
+        if ok:
+            return float(value.item())
+    elif isinstance(value, numbers.Real) and not (
+        isinstance(value, bool) or type(value).__name__ == "bool_"
+    ):
+        return float(value)
+    raise ValueError(f"{name} must be a real number, got {value!r}")
+
+
+def check_bits(bits: Any, name: str = "bits") -> int:
+    """``bits`` as a plain ``int`` in 1..8 (NumPy integers and 0-d integer
+    tensors included), or ValueError."""
+    return check_int(name, bits, 1, 8)
 
 
 def check_stochastic(stochastic: bool) -> bool:
@@ -32,8 +83,10 @@ def rows_of(x: Tensor) -> int:
 
 
 def parse_level(level: Any) -> int:
-    """0..5 from ``"L3"``, ``"l3"``, ``"actnn-L3"`` or ``3``; ValueError otherwise."""
-    text = str(level).strip().upper()
+    """0..5 from ``"L3"``, ``"l3"``, ``"actnn-L3"`` or ``3`` (also a NumPy
+    integer or a 0-d integer tensor); ValueError otherwise."""
+    number = None if isinstance(level, str) else as_int(level)
+    text = str(level if number is None else number).strip().upper()
     if text.startswith("ACTNN-"):
         text = text[6:]
     if text.startswith("L"):
@@ -43,9 +96,10 @@ def parse_level(level: Any) -> int:
     return int(text)
 
 
-def _check_level_knobs(sub: type, level: Any, kwargs: dict[str, Any]) -> None:
+def _check_level_knobs(sub: type, level: Any, kwargs: dict[str, Any], positional: int = 0) -> None:
     """Raise TypeError, naming ``ActNN(level=...)`` rather than the class it
-    builds, for keywords the level's strategy does not take."""
+    builds, for keywords the level's strategy does not take (``positional``:
+    how many of them were ActNN's positional arguments)."""
     params = inspect.signature(sub.__init__).parameters
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
@@ -56,6 +110,12 @@ def _check_level_knobs(sub: type, level: Any, kwargs: dict[str, Any]) -> None:
         raise TypeError(
             f"ActNN(level={level!r}) does not take {', '.join(map(repr, unknown))}: the level "
             f"sets it; its knobs are {', '.join(knobs)} (or use ActNN(bits=...) without a level)"
+            + (
+                "; ActNN's positional arguments are bits, group_size, stochastic, seed: pass "
+                "a level's knobs by keyword"
+                if positional
+                else ""
+            )
         )
 
 
@@ -73,9 +133,14 @@ class ActNN(Strategy):
         stochastic: unbiased stochastic rounding (``False``: round to nearest).
         seed: seed of this strategy's own random generators.
 
+    Integer knobs also take NumPy integers and 0-d integer tensors (stored as
+    ``int``); bools and floats (``2.0`` included) raise ValueError.
+
     ``ActNN(level="L0")`` .. ``ActNN(level="L5")`` build ActNN's optimization
     levels instead (:class:`~actpack.strategies.mixed.ActNNPreset` for L0-L2,
-    :class:`~actpack.strategies.mixed.ActNNMixed` for L3-L5; other keywords go to them).
+    :class:`~actpack.strategies.mixed.ActNNMixed` for L3-L5; other keywords go to them,
+    by keyword: positional arguments are ``bits, group_size, stochastic, seed``,
+    and the level sets ``bits``, so a TypeError).  ``ActNN(level=None)`` is ``ActNN()``.
 
     Example::
 
@@ -95,11 +160,23 @@ class ActNN(Strategy):
         if level is None or cls is not ActNN:
             return super().__new__(cls)
         wanted = parse_level(level)
+        if args:
+            # Positional arguments are ActNN's (bits, group_size, stochastic,
+            # seed): ActNN(4, level="L3") is ActNN(bits=4, level="L3"), refused
+            # below as that is (it read as the level's first knob, budget=4,
+            # or clashed with ActNNPreset's level).
+            names = list(inspect.signature(ActNN.__init__).parameters)[1:]
+            if len(args) > 4:
+                raise TypeError(
+                    f"ActNN() takes at most 4 positional arguments ({', '.join(names[:4])}), "
+                    f"{len(args)} were given"
+                )
+            kwargs = {**dict(zip(names, args)), **kwargs}
         stack = list(ActNN.__subclasses__())
         while stack:
             sub = stack.pop()
             if wanted in getattr(sub, "levels", ()):
-                _check_level_knobs(sub, level, kwargs)
+                _check_level_knobs(sub, level, kwargs, len(args))
                 return super().__new__(sub)
             stack.extend(sub.__subclasses__())
         raise ValueError(f"no strategy implements ActNN level L{wanted}; import actpack first")
@@ -110,12 +187,16 @@ class ActNN(Strategy):
         group_size: int = 256,
         stochastic: bool = True,
         seed: int | None = None,
+        *,
+        level: None = None,
     ) -> None:
+        # level: ActNN(level=None) is ActNN() (other levels are dispatched by
+        # __new__ to the subclass that implements them).
+        if level is not None:
+            raise TypeError(f"{type(self).__name__}() takes no level; use actpack.ActNN(level=...)")
         super().__init__(seed)
         self.bits = check_bits(bits)
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-        self.group_size = group_size
+        self.group_size = check_int("group_size", group_size, 1)
         self.stochastic = check_stochastic(stochastic)
         if self.bits == 1:
             self.keeps_relu_exact = False  # zero-exact codes need at least 2 bits

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from actpack.strategies.actnn import check_bits, check_int, check_real
+
 __all__ = ["MAX_BITS", "Allocation", "allocate_bits"]
 
 #: Widest code an allocation may give.
@@ -101,12 +103,13 @@ def allocate_bits(
     n_layers = len(sensitivity)
     if len(elements) != n_layers:
         raise ValueError("sensitivity and elements must have one entry per layer")
-    if not 1 <= int(max_bits) <= MAX_BITS:
-        raise ValueError(f"max_bits must be in 1..8, got {max_bits!r}")
-    max_bits = int(max_bits)
+    # Plain ints and floats (NumPy scalars, 0-d tensors); 2.5 bits is no width.
+    max_bits = check_bits(max_bits, "max_bits")
+    budget = check_real("budget", budget)
     zex = [bool(z) for z in _as_list(zero_exact, n_layers, "zero_exact")]
     lows = [
-        max(int(b), 2 if z else 1) for b, z in zip(_as_list(min_bits, n_layers, "min_bits"), zex)
+        max(check_bits(b, "min_bits"), 2 if z else 1)
+        for b, z in zip(_as_list(min_bits, n_layers, "min_bits"), zex)
     ]
     if any(lo > max_bits for lo in lows):
         raise ValueError(f"min_bits exceeds max_bits={max_bits} for some layer")
@@ -114,12 +117,10 @@ def allocate_bits(
     for s in sensitivity:
         t = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
         sens.append(torch.where(torch.isfinite(t), t, 0.0).clamp_min(0.0))
-    weights = [int(d) for d in elements]
-    if any(d < 1 for d in weights):
-        raise ValueError("elements must be positive")
+    weights = [check_int("elements", d, 1) for d in elements]
 
     total = sum(s.numel() * d for s, d in zip(sens, weights))
-    capacity = math.floor(round(float(budget) * total, 6))
+    capacity = math.floor(round(budget * total, 6))
     base = sum(s.numel() * d * lo for s, d, lo in zip(sens, weights, lows))
     avail = capacity - base
 

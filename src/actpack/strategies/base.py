@@ -8,7 +8,7 @@ the engine hands it a tensor plus a :class:`SaveInfo` and keeps whatever
 from __future__ import annotations
 
 import itertools
-import operator
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from actpack.codecs.encoded import Encoded
+from actpack.strategies.seeds import check_seed, process_rank, rank_seed
 
 # Distinct default seeds for strategies made in one process (never shared state:
 # each strategy owns its generators).
@@ -34,28 +35,21 @@ class SaveInfo:
     key: str | None = None
 
 
-def check_seed(seed: object) -> int:
-    """``seed`` as an int, or ValueError: an integer (``int``, a NumPy
-    integer, a 0-d integer tensor) in [-2**63, 2**64), the range
-    ``torch.Generator.manual_seed`` takes (negative seeds as their 64-bit
-    two's complement)."""
-    try:
-        value = None if isinstance(seed, bool) else operator.index(seed)
-    except TypeError:
-        value = None
-    if value is None or not -(2**63) <= value < 2**64:
-        raise ValueError(
-            "seed must be an integer in [-2**63, 2**64) (torch.Generator.manual_seed's "
-            f"range), got {seed!r}"
+def seed_of(strategy: object, state: object) -> int:
+    """The checked ``seed`` of a state dict given to ``strategy.load_state_dict``;
+    TypeError for a state that is not a mapping, ValueError for one without a
+    valid ``seed``."""
+    name = type(strategy).__name__
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"{name}.load_state_dict expects a dict from state_dict(), got {type(state).__name__}"
         )
-    return value
-
-
-def derived_seed(seed: int, offset: int) -> int:
-    """The seed of a strategy's inner strategy number ``offset``: ``seed +
-    offset`` as ``manual_seed`` reads it (modulo 2**64), so that every valid
-    ``seed`` gives valid derived ones."""
-    return (seed + offset) % 2**64
+    if "seed" not in state:
+        raise ValueError(
+            f"{name}.load_state_dict: the state has no 'seed' (keys: {sorted(state)}); pass "
+            "what strategy.state_dict() returned"
+        )
+    return check_seed(state["seed"])
 
 
 class Strategy:
@@ -84,20 +78,37 @@ class Strategy:
             seed = (torch.initial_seed() * 1_000_003 + next(_instances)) % (2**63)
         self.seed = check_seed(seed)
         self._generators: dict[torch.device, torch.Generator] = {}
+        #: Generator states loaded by load_state_dict, by device name, set on
+        #: each device's generator when it is made.
+        self._rng_pending: dict[str, Tensor] = {}
 
     def generator(self, device: torch.device) -> torch.Generator:
+        """The generator of the rounding noise on ``device`` (made on first use)."""
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
+            # Each rank of a distributed job its own stream (rank 0: the seed
+            # itself), though every rank was seeded alike: see seeds.rank_seed.
+            gen.manual_seed(rank_seed(self.seed, process_rank()))
+            state = self._rng_pending.pop(str(device), None)
+            if state is not None:
+                gen.set_state(state)
             self._generators[device] = gen
         return gen
 
     def __getstate__(self) -> dict[str, Any]:
-        # Generators are not picklable; a copy restarts its stream from ``seed``.
+        # Generators are not picklable: a copy (or an unpickled strategy)
+        # holds their states and continues their streams, as a deep copy of
+        # a torch.Generator (and ActNNMixed's copies) do.
         state = dict(self.__dict__)
         state["_generators"] = {}
+        state["_rng_pending"] = self.state_dict()["rng"]
+        state.pop("_wrapped_by", None)  # a copy serves no wrapped model yet
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_rng_pending", {})  # pickled before the field existed
+        self.__dict__.update(state)
 
     def encode(self, x: Tensor, info: SaveInfo) -> Encoded:  # pragma: no cover - interface
         raise NotImplementedError
@@ -120,11 +131,25 @@ class Strategy:
         """Called when a compressed forward ends."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed}
+        """``seed``, and the state of each device's generator (``rng``, CPU
+        uint8 tensors by device name) with the rank that drew it
+        (``rng_rank``): a run resumed from it continues the noise stream
+        instead of replaying its first steps' noise."""
+        rng = {str(d): g.get_state() for d, g in self._generators.items()}
+        rng.update({d: s for d, s in self._rng_pending.items() if d not in rng})
+        return {"seed": self.seed, "rng": rng, "rng_rank": process_rank()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = check_seed(state["seed"])
+        """Load a :meth:`state_dict`: the seed, and the generators' states if
+        the state was saved on this rank (rank 0's checkpoint loaded on every
+        rank: the other ranks start from their rank seeds, see
+        :mod:`actpack.strategies.seeds`).  A state without ``rng`` (saved
+        before 2026-12-03) starts the streams from the seed."""
+        self.seed = seed_of(self, state)
         self._generators.clear()
+        self._rng_pending = {}
+        if int(state.get("rng_rank", 0)) == process_rank():
+            self._rng_pending = {d: s.clone() for d, s in state.get("rng", {}).items()}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

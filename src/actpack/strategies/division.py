@@ -10,9 +10,10 @@ from torch import Tensor
 from actpack.codecs.backend import division_encode
 from actpack.codecs.encoded import Dual, Encoded
 from actpack.policy.ops import CHANNEL_FIRST_OPS, ROW_NORM_OPS
-from actpack.strategies.actnn import ActNN, check_bits, check_stochastic
-from actpack.strategies.base import SaveInfo, Strategy, derived_seed
+from actpack.strategies.actnn import ActNN, check_bits, check_int, check_stochastic
+from actpack.strategies.base import SaveInfo, Strategy
 from actpack.strategies.rows import ATTENTION_OPS, LINEAR_OPS, RowActNN
+from actpack.strategies.seeds import check_seed, derived_seed
 
 
 class Division(Strategy):
@@ -60,8 +61,7 @@ class Division(Strategy):
         seed: int | None = None,
     ) -> None:
         super().__init__(seed)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        block_size = check_int("block_size", block_size, 1)
         if sequence not in ("rows", "tokens", "features"):
             raise ValueError(f"sequence must be 'rows', 'tokens' or 'features', got {sequence!r}")
         self.block_size = block_size
@@ -134,12 +134,23 @@ class Division(Strategy):
         return 16 * (blocks + 2) <= 8 * elements
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed}
+        """As :meth:`Strategy.state_dict`, with the inner ActNN codes' states
+        (``fallback``: maps of heavy metadata, ``rows``: token rows)."""
+        return {
+            **super().state_dict(),
+            "fallback": self._fallback.state_dict(),
+            "rows": self._rows.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._fallback.load_state_dict({"seed": derived_seed(self.seed, 1)})
-        self._rows.load_state_dict({"seed": derived_seed(self.seed, 2)})
+        # Inner seeds follow the seed (a state of an older version, or one a
+        # fork gave a new seed, holds no inner states).
+        for inner, offset, key in ((self._fallback, 1, "fallback"), (self._rows, 2, "rows")):
+            derived = {"seed": derived_seed(self.seed, offset)}
+            given = state.get(key)
+            fits = given is not None and check_seed(given["seed"]) == derived["seed"]
+            inner.load_state_dict(given if fits else derived)
 
     def __repr__(self) -> str:
         return (

@@ -85,11 +85,19 @@ from actpack.codecs.encoded import Encoded
 from actpack.engine.untraced import eager_only
 from actpack.policy.ops import ROW_NORM_OPS
 from actpack.policy.rules import ReluOutput, reads_region_only
-from actpack.strategies.actnn import ActNN, parse_level, rows_of
+from actpack.strategies.actnn import (
+    ActNN,
+    check_bits,
+    check_int,
+    check_real,
+    parse_level,
+    rows_of,
+)
 from actpack.strategies.allocate import MAX_BITS, Allocation, allocate_bits
-from actpack.strategies.base import SaveInfo, check_seed
+from actpack.strategies.base import SaveInfo, seed_of
 from actpack.strategies.levels import LEVELS, NORM_OPS, ActNNPreset
 from actpack.strategies.mixedcode import Kept, MixedGroups
+from actpack.strategies.seeds import check_seed
 from actpack.strategies.sensitivity import VALUE_FREE_OPS, locations, row_ranges
 
 __all__ = [
@@ -247,27 +255,29 @@ class ActNNMixed(ActNN):
             raise ValueError(f"ActNNMixed covers L3-L5; use actpack.ActNN(level='L{n}')")
         super().__init__(bits=2, group_size=group_size, stochastic=stochastic, seed=seed)
         self.keeps_relu_exact = True
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-            raise ValueError(f"budget must be a number of bits, got {budget!r}")
-        for name_, v in (("min_bits", min_bits), ("max_bits", max_bits)):
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_BITS:
-                raise ValueError(f"{name_} must be an integer in 1..8, got {v!r}")
+        # Knobs as plain Python numbers (NumPy scalars and 0-d tensors accepted).
+        try:
+            budget = check_real("budget", budget)
+        except ValueError:
+            raise ValueError(f"budget must be a number of bits, got {budget!r}") from None
+        min_bits = check_bits(min_bits, "min_bits")
+        max_bits = check_bits(max_bits, "max_bits")
         if max_bits < 2:
             raise ValueError("max_bits must be at least 2 (ReLU outputs need 2 bits)")
-        if not min_bits <= float(budget) <= max_bits:
+        if min_bits > max_bits:
+            raise ValueError(
+                f"min_bits must not exceed max_bits, got min_bits={min_bits} > "
+                f"max_bits={max_bits}; lower min_bits or raise max_bits"
+            )
+        if not min_bits <= budget <= max_bits:
             raise ValueError(f"budget must be within [{min_bits}, {max_bits}], got {budget!r}")
-        if (
-            isinstance(refresh_every, bool)
-            or not isinstance(refresh_every, int)
-            or refresh_every < 1
-        ):
-            raise ValueError(f"refresh_every must be a positive integer, got {refresh_every!r}")
-        if not 0.0 <= float(momentum) < 1.0:
+        refresh_every = check_int("refresh_every", refresh_every, 1)
+        momentum = check_real("momentum", momentum)
+        if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         if method not in ("auto", "greedy", "exact"):
             raise ValueError(f"method must be 'auto', 'greedy' or 'exact', got {method!r}")
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-            raise ValueError(f"prefetch must be a non-negative integer, got {prefetch!r}")
+        prefetch = check_int("prefetch", prefetch, 0)
         self.budget = float(budget)
         self.bits = self.budget  # average bits (ActNN's fixed width does not apply)
         self.refresh_every = refresh_every
@@ -327,14 +337,6 @@ class ActNNMixed(ActNN):
         total = sum(self.last_bits.values())
         return sum(b * n for b, n in self.last_bits.items()) / total if total else 0.0
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        fresh = device not in self._generators
-        gen = super().generator(device)
-        state = self._rng_pending.pop(str(device), None)
-        if fresh and state is not None:
-            gen.set_state(state)
-        return gen
-
     def state_dict(self) -> dict[str, Any]:
         """Seed, step, random state and every saved tensor's statistics (CPU tensors)."""
         layers = {}
@@ -352,32 +354,27 @@ class ActNNMixed(ActNN):
                 "counts": None if L.counts is None else [list(c) for c in L.counts],
                 "counts_rows": L.counts_rows, "step": L.step,
             }  # fmt: skip
-        rng = {str(d): g.get_state() for d, g in self._generators.items()}
-        rng.update({d: s for d, s in self._rng_pending.items() if d not in rng})
         return {
-            "seed": self.seed,
+            **super().state_dict(),  # seed, rng, rng_rank
             "step": self.step,
             "last_refresh": self._last_refresh,
             "refreshed_blind": self._refreshed_blind,
             "forward_keys": list(self._forward_keys),
             "layers": layers,
-            "rng": rng,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        seed = check_seed(state["seed"])
+        seed_of(self, state)  # checked before anything is reset
         swap = self._swap
         self._reset()
         self._swap = swap
-        self.seed = seed
-        self._generators.clear()
+        super().load_state_dict(state)  # seed, and the generators' states
         if "layers" not in state:
             return
         self.step = int(state["step"])
         self._last_refresh = int(state["last_refresh"])
         self._refreshed_blind = bool(state.get("refreshed_blind", False))
         self._forward_keys = list(state["forward_keys"])
-        self._rng_pending = {d: s.clone() for d, s in state.get("rng", {}).items()}
         for key, d in state["layers"].items():
             L = _Layer(key, d["rows"], d["cols"], d["shape"], d["min_bits"], d["zero_exact"])
             L.profile = None if d["profile"] is None else d["profile"].clone()

@@ -41,7 +41,7 @@ from actpack.codecs.encoded import Copy, Encoded, Groups, Rotated
 from actpack.codecs.hadamard import hadamard_encode
 from actpack.policy.ops import CHANNEL_FIRST_OPS, ROW_NORM_OPS
 from actpack.policy.rules import ReluOutput
-from actpack.strategies.actnn import ActNN, check_bits
+from actpack.strategies.actnn import ActNN, as_int, check_bits, check_int
 from actpack.strategies.base import SaveInfo
 
 __all__ = ["ATTENTION_OPS", "LINEAR_OPS", "SENSITIVE_OPS", "RowActNN", "row_groups"]
@@ -127,21 +127,15 @@ class RowActNN(ActNN):
         seed: int | None = None,
     ) -> None:
         super().__init__(bits=bits, group_size=group_size, stochastic=stochastic, seed=seed)
-        self.sensitive_bits = check_bits(sensitive_bits)
+        self.sensitive_bits = check_bits(sensitive_bits, "sensitive_bits")
         if rotate not in (None, "hadamard"):
             raise ValueError(f"rotate must be None or 'hadamard', got {rotate!r}")
         self.rotate = rotate
-        if (
-            isinstance(block, bool)
-            or not isinstance(block, int)
-            or block < 1
-            or block & (block - 1)
-        ):
+        n = as_int(block)
+        if n is None or n < 1 or n & (n - 1):
             raise ValueError(f"block must be a power of two >= 1, got {block!r}")
-        self.block = block
-        if isinstance(min_group, bool) or not isinstance(min_group, int) or min_group < 1:
-            raise ValueError(f"min_group must be a positive integer, got {min_group!r}")
-        self.min_group = min_group
+        self.block = n
+        self.min_group = check_int("min_group", min_group, 1)
         if min(bits, sensitive_bits) < 2:
             self.keeps_relu_exact = False  # zero-exact codes need at least 2 bits
 

@@ -22,6 +22,8 @@ import actpack
 from actpack.tools.specs import ModelSpec, parse_spec
 
 __all__ = [
+    "AUTOCAST_CHOICES",
+    "AUTOCAST_HELP",
     "CLI_EXTRA",
     "HelpFormatter",
     "UsageError",
@@ -35,6 +37,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "require",
+    "short_dtype",
     "strategy_name",
 ]
 
@@ -84,6 +87,20 @@ _DTYPE_SPELLINGS = {
     "fp16": "float16", "float16": "float16", "half": "float16",
     "fp32": "float32", "float32": "float32", "float": "float32",
 }  # fmt: skip
+
+
+#: ``--autocast`` of ``bench`` and ``train``: torch's names, as ``report --dtype``
+#: spells them (``dtype_spelling`` also reads bf16, fp16 and half).
+AUTOCAST_CHOICES = ("none", "bfloat16", "float16")
+AUTOCAST_HELP = "(bf16 and fp16 or half are read as bfloat16 and float16)"
+
+
+def short_dtype(name: str) -> str:
+    """The short name of a dtype spelling (``bfloat16`` and ``bf16``: ``bf16``;
+    ``float16``: ``fp16``; ``float32``: ``fp32``), as tables and notes show it;
+    other text as it is."""
+    full = _DTYPE_SPELLINGS.get(str(name).lower())
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(full or "", name)
 
 
 def dtype_spelling(choices: Sequence[str]) -> Callable[[str], str]:

@@ -192,7 +192,8 @@ def _under_autocast(variants: list[Variant], device: torch.device, dtype: str) -
     """Every row's forward and measurement under ``torch.autocast(dtype)``
     (``--autocast``): what a mixed-precision user compares.  The
     ``autocast-bf16`` alternative is then the ``none`` row, so it is dropped."""
-    cast = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    cast = getattr(torch, cli_args.dtype_spelling(cli_args.AUTOCAST_CHOICES)(dtype))
+    label = cli_args.short_dtype(dtype)  # "bf16 autocast", as the autocast-bf16 row says
 
     def ctx() -> Any:
         return torch.autocast(device_type=device.type, dtype=cast)
@@ -203,7 +204,7 @@ def _under_autocast(variants: list[Variant], device: torch.device, dtype: str) -
             continue
         v.forward_ctx = _stacked(ctx, v.forward_ctx)
         v.measure_ctx = _stacked(ctx, v.measure_ctx)
-        v.note = "; ".join(n for n in (v.note, f"{dtype} autocast") if n)
+        v.note = "; ".join(n for n in (v.note, f"{label} autocast") if n)
         out.append(v)
     return out
 
@@ -601,7 +602,7 @@ def format_table(payload: dict[str, Any]) -> str:
     cfg = payload["config"]
     ref = next((r for r in payload["rows"] if r["name"] == "none"), None)
     ref_batch = ref.get("max_batch") if ref else None
-    cast = cfg.get("autocast", "none")
+    cast = cli_args.short_dtype(cfg.get("autocast", "none"))  # bf16 in files before 2026-12
     head = (
         f"| variant | saved for backward | vs {'fp32' if cast == 'none' else 'none'} "
         "| time/step | vs none | peak memory "
@@ -694,10 +695,11 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="what a user would pick instead; give the option alone to skip them",
     )  # fmt: skip
     p.add_argument(
-        "--autocast", choices=["none", "bf16", "fp16"], default="none",
-        type=cli_args.dtype_spelling(["none", "bf16", "fp16"]),
+        "--autocast", choices=cli_args.AUTOCAST_CHOICES, default="none",
+        type=cli_args.dtype_spelling(cli_args.AUTOCAST_CHOICES),
         help="run every row's forward under torch.autocast of this dtype; bytes and "
-        "times are then relative to the none row under the same autocast",
+        "times are then relative to the none row under the same autocast "
+        + cli_args.AUTOCAST_HELP,
     )  # fmt: skip
     p.add_argument("--steps", type=positive_int, default=5,
                    help="timed rounds (each row's median is reported)")  # fmt: skip

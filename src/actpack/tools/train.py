@@ -48,7 +48,7 @@ from actpack.tools.plots import plot_training
 __all__ = ["add_parser", "format_summary", "run", "summarize"]
 
 TRAIN_MODELS = ("resnet", "vit")
-AUTOCAST_CHOICES = ("none", "bfloat16", "float16")
+AUTOCAST_CHOICES = cli_args.AUTOCAST_CHOICES  # bench's too
 DEFAULT_OPTIMIZER = {"resnet": "sgd", "vit": "adamw"}
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
@@ -501,7 +501,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                    help="torch device")  # fmt: skip
     p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default="none",
                    type=cli_args.dtype_spelling(AUTOCAST_CHOICES),
-                   help="autocast dtype of the forward, or none")  # fmt: skip
+                   help="autocast dtype of the forward, or none "
+                   + cli_args.AUTOCAST_HELP)  # fmt: skip
     p.add_argument("--subset", type=positive_int, default=None, metavar="N",
                    help="train on the first N training and N//5 test samples "
                    "(default: all 60000)")  # fmt: skip
