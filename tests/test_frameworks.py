@@ -109,7 +109,11 @@ def test_hf_trainer_gradient_checkpointing_still_recomputes(tmp_path):
     *_, ckpt = _hf_train(tmp_path / "ckpt", "actnn", checkpointing=True)
     *_, plain_ckpt = _hf_train(tmp_path / "none", "none", checkpointing=True)
     # Checkpointing holds the blocks' inputs only: far less than the full graph.
-    assert ckpt.stats.baseline_bytes == plain_ckpt.stats.baseline_bytes
+    # ("none" without op names counts leaves as saves: see README, Known limits.)
+    assert (
+        ckpt.stats.baseline_bytes + ckpt.stats.leaf_bytes
+        == plain_ckpt.stats.baseline_bytes + plain_ckpt.stats.leaf_bytes
+    )
     assert ckpt.stats.baseline_bytes < full.stats.baseline_bytes / 2
     assert ckpt.stats.compressed_bytes < ckpt.stats.baseline_bytes
 
@@ -250,4 +254,4 @@ def test_wrap_refuses_a_lightning_module_whose_step_calls_a_submodule():
         actpack.wrap(Step(), "actnn")
     module = actpack.wrap(Called(), "actnn")  # a forward of its own: its hooks run
     module(torch.randn(2, 4)).sum().backward()
-    assert actpack.engine_of(module).stats.baseline_bytes > 0
+    assert actpack.engine_of(module).stats.leaf_bytes > 0  # the batch, saved by net

@@ -957,9 +957,11 @@ def _table_key(t: Tensor) -> tuple:
     return (t.data_ptr(), t.dtype, t.device, layout, t._version)
 
 
+@eager_only
 def _forget(table: dict, key: tuple, _ref: object) -> None:
     """Drop ``table``'s entries at ``key`` (a weak reference's callback: the
-    tensor whose memory they describe died)."""
+    tensor whose memory they describe died; it runs wherever that happens,
+    compiled code's eager parts included, so Dynamo must never compile it)."""
     table.pop(key, None)
 
 

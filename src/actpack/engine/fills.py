@@ -36,12 +36,14 @@ the tracker never does for tensors of more than one element.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any
 
 from torch import Tensor
 
 from actpack.engine.rereads import operand_tensors, same_memory
+from actpack.engine.untraced import eager_only
 
 #: A fill at least this large in magnitude (or not finite) is a mask value,
 #: not an activation: 2-bit codes of a group holding it are useless at the
@@ -220,7 +222,7 @@ class FillTags:
 
     def _add(self, obj: Any) -> None:
         key = id(obj)
-        self._tags[key] = weakref.ref(obj, lambda _r, k=key, d=self._tags: d.pop(k, None))
+        self._tags[key] = weakref.ref(obj, functools.partial(_untag, self._tags, key))
 
     def _tag(self, t: Tensor, in_place: bool) -> None:
         if not t.is_floating_point():
@@ -280,3 +282,11 @@ class FillTags:
         # log-probabilities) holds its own values: only an intermediate of
         # the op can have been computed from the tagged one.
         return not any(same_memory(a, t) for a in operand_tensors((*args, *kwargs.values())))
+
+
+@eager_only
+def _untag(tags: dict, key: int, _ref: object) -> None:
+    """Drop a tag (a weak reference's callback: the tagged object died).  A
+    callback runs wherever the object dies, compiled code's eager parts
+    included: marked so that Dynamo never compiles it."""
+    tags.pop(key, None)
