@@ -403,7 +403,7 @@ def test_one_strategy_object_serves_one_wrapped_model(make):
     with pytest.raises(ValueError, match="already runs for another wrapped model"):
         actpack.wrap(b, strategy)
     assert not hasattr(b, "_actpack_engine") and not b._forward_pre_hooks
-    actpack.wrap(b, copy.deepcopy(strategy))  # the fix the message gives
+    actpack.wrap(b, make())  # the fix the message gives: a strategy of its own
     twin = copy.deepcopy(a)  # a copy of a wrapped model has a strategy of its own
     assert actpack.engine_of(twin).strategy is not strategy
     actpack.unwrap(a)
@@ -418,6 +418,9 @@ def test_one_strategy_object_serves_one_wrapped_model(make):
         (lambda: actpack.ActNN(), "ACTNN", True),
         (lambda: actpack.Division(block_size=4), "division", False),
         (lambda: actpack.Division(), lambda: actpack.ActNN(), False),
+        # ActNNMixed's repr leaves most knobs out: its settings are compared.
+        (lambda: actpack.ActNNMixed(max_bits=4, momentum=0.5), "actnn-mixed", False),
+        (lambda: actpack.ActNNMixed(), "actnn-mixed", True),
     ],
 )
 def test_measure_of_a_wrapped_model_checks_the_settings_asked_for(running, asked, same):
@@ -1005,3 +1008,16 @@ def test_division_codes_maps_of_light_metadata(spatial):
     code = actpack.Division().encode(x, actpack.SaveInfo(op=op))
     assert isinstance(code, Dual)
     assert code.nbytes < x.numel() * 2  # below bfloat16's bytes
+
+
+def test_importing_actpack_loads_neither_dynamo_nor_inductor():
+    # compress()'s Dynamo-disabled twin, made at import, loaded both (2 s).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, actpack; "
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -160,3 +160,18 @@ def test_a_state_without_generator_states_starts_from_the_seed():
         old = make(seed=4)
         old.load_state_dict({"seed": 9})
         assert torch.equal(_grads(model, x, old), _grads(model, x, make(seed=9)))
+
+
+def test_a_strategy_with_a_state_dict_of_its_own_still_copies():
+    # __getstate__ read state_dict()["rng"]: a subclass returning its own dict
+    # could no longer be copied (measure copies the wrapped strategy).
+    class Mine(actpack.ActNN):
+        def state_dict(self):
+            return {"seed": self.seed}
+
+    model, x = _model(), torch.randn(32, 16)
+    mine = Mine(seed=2)
+    _grads(model, x, mine)
+    twin = copy.deepcopy(mine)
+    assert torch.equal(_grads(model, x, twin), _grads(model, x, mine))
+    assert actpack.measure(actpack.wrap(_model(), Mine(seed=3)), x).ratio > 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -89,7 +90,8 @@ def compress(
         # code is not what the compiled graphs see (fullgraph=True failed
         # deep inside the strategy's seed).  Left to eager, with a reason
         # Dynamo shows when it may not break the graph.
-        return _made_outside_the_graph(strategy, model, min_numel, checkpoint_inputs, smooth)
+        made = _engine_outside_the_graph()
+        return made(strategy, model, min_numel, checkpoint_inputs, smooth)
     return _engine(strategy, model, min_numel, checkpoint_inputs, smooth)
 
 
@@ -114,10 +116,17 @@ _INSIDE_COMPILE = (
     "the compiled code (`with actpack.compress(): compiled_fn(x)`) or use "
     "actpack.wrap(torch.compile(model))"
 )
-try:  # torch >= 2.8 shows the reason in fullgraph's error
-    _made_outside_the_graph = torch.compiler.disable(_engine, reason=_INSIDE_COMPILE)
-except TypeError:
-    _made_outside_the_graph = torch.compiler.disable(_engine)
+
+
+@functools.cache
+def _engine_outside_the_graph() -> Callable[..., Engine]:
+    """``_engine`` marked for Dynamo to leave to eager mode, with the reason
+    fullgraph's error shows.  Made on first need: ``torch.compiler.disable``
+    imports Dynamo and Inductor (2 s), which ``import actpack`` must not."""
+    try:  # torch >= 2.8 shows the reason in fullgraph's error
+        return torch.compiler.disable(_engine, reason=_INSIDE_COMPILE)
+    except TypeError:
+        return torch.compiler.disable(_engine)
 
 
 _ATTR = "_actpack_engine"
@@ -252,8 +261,9 @@ def _check_unshared(strategy: str | Strategy, model: nn.Module) -> None:
         raise ValueError(
             f"{strategy!r} already runs for another wrapped model "
             f"({type(other).__name__}); two models sharing a strategy object share its "
-            "random generators and statistics. Give each model its own: "
-            "actpack.wrap(model, copy.deepcopy(strategy)), or a new strategy"
+            "random generators and statistics. Give each model a new strategy object "
+            "(a copy.deepcopy of this one would continue its random stream, drawing the "
+            "same noise as the original)"
         )
 
 
@@ -462,7 +472,13 @@ def _same_settings(given: str | Strategy, running: Strategy) -> bool:
     if given is running:
         return True
     made = resolve(given)  # an unknown name or a wrong type raises here
-    return type(made) is type(running) and repr(made) == repr(running)
+    if type(made) is not type(running):
+        return False
+    # Every knob where a strategy keeps them (ActNNMixed's repr shows a few).
+    config = getattr(running, "_config", None)
+    if config is not None:
+        return getattr(made, "_config", None) == config
+    return repr(made) == repr(running)
 
 
 def _describe(strategy: str | Strategy) -> str:

@@ -102,7 +102,8 @@ class Strategy:
         # a torch.Generator (and ActNNMixed's copies) do.
         state = dict(self.__dict__)
         state["_generators"] = {}
-        state["_rng_pending"] = self.state_dict()["rng"]
+        rng = {str(d): g.get_state() for d, g in self._generators.items()}
+        state["_rng_pending"] = {**self._rng_pending, **rng}
         state.pop("_wrapped_by", None)  # a copy serves no wrapped model yet
         return state
 

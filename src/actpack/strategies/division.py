@@ -149,7 +149,11 @@ class Division(Strategy):
         for inner, offset, key in ((self._fallback, 1, "fallback"), (self._rows, 2, "rows")):
             derived = {"seed": derived_seed(self.seed, offset)}
             given = state.get(key)
-            fits = given is not None and check_seed(given["seed"]) == derived["seed"]
+            fits = (
+                isinstance(given, dict)
+                and "seed" in given
+                and check_seed(given["seed"]) == derived["seed"]
+            )
             inner.load_state_dict(given if fits else derived)
 
     def __repr__(self) -> str:
