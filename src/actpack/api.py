@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -88,10 +87,10 @@ def compress(
     if torch.compiler.is_compiling():
         # Dynamo traces this call: an engine made and entered inside compiled
         # code is not what the compiled graphs see (fullgraph=True failed
-        # deep inside the strategy's seed).  Left to eager, with a reason
-        # Dynamo shows when it may not break the graph.
-        made = _engine_outside_the_graph()
-        return made(strategy, model, min_numel, checkpoint_inputs, smooth)
+        # deep inside the strategy's seed).  A graph break with actpack's
+        # message, which fullgraph=True reports as its error; otherwise the
+        # engine is made in eager mode (Dynamo is loaded here: it is tracing).
+        torch._dynamo.graph_break(msg=_INSIDE_COMPILE)
     return _engine(strategy, model, min_numel, checkpoint_inputs, smooth)
 
 
@@ -116,17 +115,6 @@ _INSIDE_COMPILE = (
     "the compiled code (`with actpack.compress(): compiled_fn(x)`) or use "
     "actpack.wrap(torch.compile(model))"
 )
-
-
-@functools.cache
-def _engine_outside_the_graph() -> Callable[..., Engine]:
-    """``_engine`` marked for Dynamo to leave to eager mode, with the reason
-    fullgraph's error shows.  Made on first need: ``torch.compiler.disable``
-    imports Dynamo and Inductor (2 s), which ``import actpack`` must not."""
-    try:  # torch >= 2.8 shows the reason in fullgraph's error
-        return torch.compiler.disable(_engine, reason=_INSIDE_COMPILE)
-    except TypeError:
-        return torch.compiler.disable(_engine)
 
 
 _ATTR = "_actpack_engine"
