@@ -91,16 +91,6 @@ def compress(
         # message, which fullgraph=True reports as its error; otherwise the
         # engine is made in eager mode (Dynamo is loaded here: it is tracing).
         torch._dynamo.graph_break(msg=_INSIDE_COMPILE)
-    return _engine(strategy, model, min_numel, checkpoint_inputs, smooth)
-
-
-def _engine(
-    strategy: str | Strategy,
-    model: nn.Module | None,
-    min_numel: int,
-    checkpoint_inputs: str,
-    smooth: str,
-) -> Engine:
     return Engine(
         strategy,
         model=model,

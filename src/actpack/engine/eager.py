@@ -948,7 +948,6 @@ class Engine:
         return self._checkpoint_strategy
 
 
-@eager_only  # called when the anchor dies: under compiled code too
 def _table_key(t: Tensor) -> tuple:
     """The key of ``t``'s codes in a forward's table.  Contiguous tensors are
     keyed by their memory alone, so that a view of a saved tensor with another
@@ -957,11 +956,10 @@ def _table_key(t: Tensor) -> tuple:
     return (t.data_ptr(), t.dtype, t.device, layout, t._version)
 
 
-@eager_only
+@eager_only  # called when the anchor dies: under compiled code too
 def _forget(table: dict, key: tuple, _ref: object) -> None:
     """Drop ``table``'s entries at ``key`` (a weak reference's callback: the
-    tensor whose memory they describe died; it runs wherever that happens,
-    compiled code's eager parts included, so Dynamo must never compile it)."""
+    tensor whose memory they describe died)."""
     table.pop(key, None)
 
 

@@ -102,8 +102,7 @@ class Strategy:
         # a torch.Generator (and ActNNMixed's copies) do.
         state = dict(self.__dict__)
         state["_generators"] = {}
-        rng = {str(d): g.get_state() for d, g in self._generators.items()}
-        state["_rng_pending"] = {**self._rng_pending, **rng}
+        state["_rng_pending"] = self._generator_states()
         state.pop("_wrapped_by", None)  # a copy serves no wrapped model yet
         return state
 
@@ -136,9 +135,12 @@ class Strategy:
         uint8 tensors by device name) with the rank that drew it
         (``rng_rank``): a run resumed from it continues the noise stream
         instead of replaying its first steps' noise."""
-        rng = {str(d): g.get_state() for d, g in self._generators.items()}
-        rng.update({d: s for d, s in self._rng_pending.items() if d not in rng})
-        return {"seed": self.seed, "rng": rng, "rng_rank": process_rank()}
+        return {"seed": self.seed, "rng": self._generator_states(), "rng_rank": process_rank()}
+
+    def _generator_states(self) -> dict[str, Tensor]:
+        """Each device's generator state by device name: the live generators',
+        and the loaded states of devices not drawn on yet."""
+        return {**self._rng_pending, **{str(d): g.get_state() for d, g in self._generators.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`: the seed, and the generators' states if
