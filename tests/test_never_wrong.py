@@ -1059,6 +1059,17 @@ _EXACT_AND_CODED = {
     "gelu then max": lambda h, V: (
         F.gelu(h).sum(-1, keepdim=True) + h @ V + h.amax(-1).unsqueeze(-1)
     ),
+    # Other views of the same storage, coded before or after the exact keep.
+    "transposed linear then abs": lambda h, V: (V @ h.t()).t() + h.abs(),
+    "linear then abs of the transpose": lambda h, V: h @ V + h.t().abs().t(),
+    "abs of the transpose then linear": lambda h, V: h.t().abs().t() + h @ V,
+    "sliced linear then clamp": lambda h, V: h[:, :48] @ V[:48] + h.clamp(-0.5, 0.5),
+    "linear then clamp of a slice": lambda h, V: h @ V + F.pad(h[:, :48].clamp(-0.5, 0.5), (0, 16)),
+    "tanh then grid of a view": lambda h, V: F.grid_sample(
+        V[:4, :16].reshape(1, 1, 4, 16).expand(2, 1, 4, 16),
+        torch.tanh(h).t().reshape(2, 32, 64, 2),
+        align_corners=False,
+    ).reshape(128, 32),
 }
 
 

@@ -132,7 +132,8 @@ class _Forward:
 
     __slots__ = (
         "depth", "hooks", "ops", "table", "held", "held_compressed", "kept", "ordinals",
-        "stats", "weights", "settings", "unaccounted", "engine", "thread", "ref", "__weakref__",
+        "stats", "weights", "settings", "unaccounted", "engine", "thread", "ref", "coded",
+        "__weakref__",
     )  # fmt: skip
 
     def __init__(self, tracked: bool) -> None:
@@ -140,6 +141,9 @@ class _Forward:
         self.hooks: Any = None
         self.ops = OpTracker() if tracked else None
         self.table: dict[tuple, list[tuple[weakref.ref, object, Any]]] = {}
+        #: The table's keys by storage, (device, storage address) -> keys: every
+        #: view coded of a storage that a later save keeps exact is found.
+        self.coded: dict[tuple, list[tuple]] = {}
         self.held = StorageSet()
         # Made on first use (most forwards of a lossless strategy need neither).
         self.held_compressed: StorageSet | None = None
@@ -762,6 +766,8 @@ class Engine:
             # per-row metadata on rows of a few elements): the tensor itself
             # costs less and is exact.
             return self._keep_exact(t, CODE_LARGER, st, op, before)
+        if key not in st.table:
+            st.coded.setdefault((t.device, t.untyped_storage().data_ptr()), []).append(key)
         st.table.setdefault(key, []).append(
             (weakref.ref(anchor(t), functools.partial(_forget, st.table, key)), tag, saved)
         )
@@ -854,20 +860,29 @@ class Engine:
             return False
 
     def _codes_to_exact(self, t: Tensor, st: _Forward, module: str | None, op: str | None) -> None:
-        """``t`` is now held exact for an op: earlier saves of this forward that
-        coded the same memory (same address, dtype, layout and version)
-        restore the exact tensor instead, and their codes are freed (a tanh
-        output coded for tanh, then kept exact as grid_sample's grid: the
-        code cost bytes on top and fed tanh's backward other values)."""
-        entries = st.table.pop(_table_key(t), ())
-        freed = 0
-        for ref, _tag, saved in entries:
-            if ref() is not None and isinstance(saved, Saved):
-                freed += saved.encoded.nbytes
-                # Decodes to the tensor itself, in the shape that save had (a
-                # contiguous key serves views of other shapes: tanh's output
-                # and its 4-D reshape as a grid).
-                saved.encoded = Copy(t.detach().view(saved.shape))
+        """``t``'s storage is now held exact for an op: earlier saves of this
+        forward that coded any view of it (same dtype and version: the same
+        values) restore that view of the exact tensor instead, and their codes
+        are freed (a tanh output coded for tanh, then kept exact as
+        grid_sample's grid; a matmul's transposed operand coded, then the
+        tensor kept exact for abs: each code cost bytes on top and fed its
+        op's backward other values)."""
+        storage = t.untyped_storage().data_ptr()
+        keys = st.coded.get((t.device, storage))
+        if not keys:
+            return
+        base, size, freed, left = t.detach(), t.element_size(), 0, []
+        for key in keys:
+            address, dtype, _device, layout, version = key
+            if dtype != t.dtype or version != t._version:
+                left.append(key)  # other values (a dtype view, or before an in-place op)
+                continue
+            for ref, _tag, saved in st.table.pop(key, ()):
+                if ref() is not None and isinstance(saved, Saved):
+                    freed += saved.encoded.nbytes
+                    offset = (address - storage) // size
+                    saved.encoded = Copy(_view(base, saved.shape, layout, offset))
+        st.coded[(t.device, storage)] = left
         if freed:
             st.stats.add(*self._owner(t, st, module, op), 0, -freed)
 
@@ -954,6 +969,19 @@ def _table_key(t: Tensor) -> tuple:
     shape (Flatten before a Linear) shares its code."""
     layout = ("contiguous", t.numel()) if t.is_contiguous() else (tuple(t.shape), t.stride())
     return (t.data_ptr(), t.dtype, t.device, layout, t._version)
+
+
+def _view(base: Tensor, shape: tuple, layout: tuple, offset: int) -> Tensor:
+    """The view of ``base``'s storage that a table key's ``layout`` (see
+    :func:`_table_key`) and element ``offset`` describe, in ``shape`` (the
+    shape of the save a code served; a contiguous key serves any shape)."""
+    if layout[0] == "contiguous":
+        stride, step = [], 1
+        for n in reversed(shape):
+            stride.append(step)
+            step *= n
+        return base.as_strided(shape, tuple(reversed(stride)), offset)
+    return base.as_strided(layout[0], layout[1], offset).view(shape)
 
 
 @eager_only  # called when the anchor dies: under compiled code too
