@@ -22,8 +22,10 @@ thread, it times:
   ``actpack.codecs.compiled.groupquant``, which otherwise follows the CPU's
   vector capability printed in the header):
   the encoders' range reduction (lane split on AVX-512, plain
-  ``amin``/``amax`` elsewhere) and the int8 decoder's input (uint8 codes on
-  AVX-512, pairs of the stream's int32 words elsewhere);
+  ``amin``/``amax`` elsewhere), their passes over the input (two on
+  AVX-512; elsewhere one per group, the group's extremes, scale and codes
+  fused) and the int8 decoder's input (uint8 codes on AVX-512, pairs of the
+  stream's int32 words elsewhere);
 
 each through :mod:`actpack.codecs.backend` with ``backend="reference"`` (the
 pure-PyTorch specification) and ``backend="compiled"`` (TorchInductor,

@@ -137,10 +137,11 @@ def test_groups_packed_in_the_body(bits, shape, gs, dtype):
 
 @pytest.mark.parametrize("split", [True, False])
 def test_groups_both_range_reductions(monkeypatch, split):
-    """Both reductions of the group ranges (``arith.split_extremes``, chosen on
-    AVX-512, and plain ``amin``/``amax``, on other CPUs) code as the reference
-    does, whichever this machine picks: round to nearest with non-finite
-    values and signed zeros, and stochastic codes given the hashed noise."""
+    """Both forms of the group encoders (on AVX-512: ranges by
+    ``arith.split_extremes``, two passes over the input; on other CPUs: plain
+    ``amin``/``amax``, one fused pass per group) code as the reference does,
+    whichever this machine picks: round to nearest with non-finite values and
+    signed zeros, and stochastic codes given the hashed noise."""
     monkeypatch.setattr(cgq, "avx512_vectors", lambda: split)
     keys = []
     run = build.run
@@ -151,7 +152,9 @@ def test_groups_both_range_reductions(monkeypatch, split):
     got = cgq.quantize_groups(x, 2, 256, generator=torch.Generator().manual_seed(3))
     noise = uniform(torch.arange(x.numel()), random_key(torch.Generator().manual_seed(3)))
     same_code(got, rgq.quantize_groups(x, 2, 256, noise=noise))
-    assert {key[7] for key in keys if len(key) == 9} == {split}  # the encoders' ``split``
+    encoders = [key for key in keys if len(key) == 10]
+    assert {key[7] for key in encoders} == {split}  # the encoders' ``split``
+    assert {key[9] for key in encoders} == {not split}  # one pass per group without AVX-512
 
 
 def test_pack_rows_is_the_stream():
@@ -957,7 +960,7 @@ def test_a_check_never_passes_for_another_configuration(monkeypatch):
     raises, and build._verify then keeps the reference, with a warning."""
     monkeypatch.setattr(cgq, "avx512_vectors", lambda: True)
     # Split ranges without packing: 1 bit, whole groups of 16 k always pack.
-    key = (False, False, False, torch.bfloat16, torch.float32, torch.int32, True, True, None)
+    key = (False, False, False, torch.bfloat16, torch.float32, torch.int32, True, True, None, False)
     with pytest.raises(cgq.OtherConfiguration):
         cgq._check_encoder(key)
     # 3-bit codes are never read as words: the probe decodes them from bytes.

@@ -188,7 +188,7 @@ def extremes_ranges(gmin: Tensor, gmax: Tensor, meta: torch.dtype):
     return round_out(gmin, meta, down=True), round_out(gmax, meta, down=False), poisoned
 
 
-def group_scale(lo: Tensor, hi: Tensor, poisoned: Tensor, levels: Tensor):
+def group_scale(lo: Tensor, hi: Tensor, poisoned: Tensor, levels: Tensor, per_group: bool = False):
     """Per-group ``(k, lok, step)`` of the reference's ``_scale``, except that
     ``step`` is +Inf where the reference's is 0 (a constant group) and in a
     poisoned group: :func:`value_codes` divides by it with no per-element test.
@@ -196,8 +196,23 @@ def group_scale(lo: Tensor, hi: Tensor, poisoned: Tensor, levels: Tensor):
     The compiled bodies return these as outputs: Inductor stores an output
     once, where it would recompute an inner per-group value (two divisions)
     in every vector iteration of the loop over the group's elements.
+
+    ``per_group=True`` computes them in a scalar loop over the groups (one
+    int16 step, which Inductor does not vectorise, on the poisoned flag,
+    exactly): every loop of a (groups, group_size) encoder body then steps
+    one group at a time, and Inductor's outer-loop fusion runs the group's
+    extremes, its scale and its codes in one pass over the group, while
+    its values are in L1, instead of reading the whole input twice (the
+    scale loop otherwise steps 8 or 16 groups per vector, and loops of other
+    steps are not fused).  The group encoders use it on CPUs without
+    AVX-512 (:func:`avx512_vectors`), where a 2-bit stochastic encode of 16
+    MiB read from memory took 5.3 ms fused against 6.9 ms in two passes
+    (``benchmarks/bench_codecs_cpu.py --forms both``, BENCHMARKS.md "CPU
+    codecs", round 9); on AVX-512 a per-group fusion measured slower (round 4).
     """
     k, lok, step = _scale(lo.float(), hi.float(), levels)
+    if per_group:
+        poisoned = poisoned.to(torch.int16) != 0
     return k, lok, torch.where(poisoned | (step == 0), math.inf, step)
 
 

@@ -108,7 +108,9 @@ class OtherConfiguration(AssertionError):
     used, rather than passing on another configuration's result."""
 
 
-def _encoder(wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, split: bool, pack):
+def _encoder(
+    wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, split: bool, pack, fused: bool
+):
     def encode_groups(x: Tensor, seed: Tensor, levels: Tensor, lane: Tensor):
         # ``lane``: arange(group_size) in the index dtype.  Its length makes the
         # group size dynamic; its values are the in-group offsets of the noise
@@ -117,6 +119,7 @@ def _encoder(wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, sp
         # ``grouped``: ``x`` is already the (groups, group_size) view.
         # ``split``: the group size is a multiple of LANES and the CPU's vectors
         # have that many lanes (see split_extremes, avx512_vectors).
+        # ``fused``: one pass per group (grouped only; see group_scale).
         group_size = lane.shape[0]
         lane = lane.to(index)  # float32 offsets: see lane_offsets
         if grouped:
@@ -127,7 +130,7 @@ def _encoder(wide, zero_exact, stochastic, meta, dtype, index, grouped: bool, sp
             padded = _padded(x, ngroups * group_size).float()  # (rows, ngroups * group_size)
             g = padded.reshape(rows * ngroups, group_size)
         lo, hi, poisoned = group_ranges(g, meta, zero_exact, split=split)
-        k, lok, step = group_scale(lo, hi, poisoned, levels)
+        k, lok, step = group_scale(lo, hi, poisoned, levels, per_group=fused)
         u = 0.5
         if grouped:
             if stochastic:
@@ -298,7 +301,10 @@ def _quantize(
     # view): rows of another width (a row of the input that is not a whole
     # number of groups) would break the stream at each row's end.
     pack = bits if grouped and packs_rows(bits, group_size) else None
-    key = (bits >= 2, zero_exact, stochastic, meta_dtype, x.dtype, index, grouped, split, pack)
+    # One pass per group where that measured faster (group_scale's per_group).
+    fused = grouped and not avx512_vectors()
+    key = (bits >= 2, zero_exact, stochastic, meta_dtype, x.dtype, index, grouped, split, pack,
+           fused)  # fmt: skip
     args = (view, seed, levels_tensor(bits, zero_exact), lanes(group_size, index, x.device))
     if expect is not None and key != expect:
         raise OtherConfiguration(expect, key)
@@ -427,7 +433,7 @@ def _probe_matrix(group_size: int, levels: int, grouped: bool, zero_exact: bool)
 def _check_encoder(key: tuple) -> bool:
     """Whether the encoder configuration ``key`` codes a probe of it as the
     reference does (the noise of stochastic rounding given to the reference)."""
-    wide, zero_exact, stochastic, meta, dtype, index, grouped, split, pack = key
+    wide, zero_exact, stochastic, meta, dtype, index, grouped, split, pack, _fused = key
     # A group size and bit width that select this configuration (see _quantize).
     # 32, not 16 or 8, wherever 32 selects it: Inductor specialises a group of
     # exactly one vector (16 lanes with AVX-512, 8 with AVX2), and the probe's
