@@ -496,6 +496,11 @@ def test_unknown_strategy_and_bad_knobs_raise_value_error():
         actpack.Division(block_size=0)
     with pytest.raises(ValueError, match="min_numel"):
         actpack.compress("actnn", min_numel=-1)
+    # model= that is not a module: raised at once, not as an AttributeError
+    # on entering the engine.
+    for bad in ("x", nn.Linear(2, 2).weight, [nn.Linear(2, 2)]):
+        with pytest.raises(TypeError, match="model must be the nn.Module"):
+            actpack.compress("actnn", model=bad)
     for make in (actpack.ActNN, actpack.Division, actpack.RowActNN):
         for bad in ("no", 0, None):  # read as booleans, they silently meant True or False
             with pytest.raises(ValueError, match="stochastic must be True or False"):

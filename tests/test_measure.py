@@ -1,6 +1,7 @@
 """actpack.measure: exact byte counts and the ratios the README promises."""
 
 import contextlib
+import copy
 import types
 import warnings
 
@@ -45,6 +46,54 @@ def test_measure_leaves_model_untouched():
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert all(p.grad is None for p in model.parameters())
+
+
+class _Scaled(nn.Module):
+    """A Linear-BN-ReLU block whose forward also reads a non-persistent buffer
+    (absent from state_dict) and changes it, as a step counter would."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU())
+        self.register_buffer("calls", torch.zeros(()), persistent=False)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.body(x)
+
+
+@pytest.mark.parametrize("strategy", ["none", "actnn", "division", "int8"])
+@pytest.mark.parametrize("make", ["mlp", "bn-block", "resnet-tiny"])
+def test_measure_writes_no_parameter_and_a_pending_backward_still_runs(strategy, make):
+    """measure between a forward and its backward (gradient accumulation, a
+    measure inside a training step): the pending backward runs and gives
+    the same gradients, every parameter keeps its version, and the buffers
+    the extra step changed (BatchNorm's statistics, a non-persistent buffer)
+    are put back.  Before 2026-12-03 measure copied every parameter back in
+    place, and the pending backward failed with autograd's in-place error."""
+    torch.manual_seed(0)
+    if make == "mlp":
+        model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 16))
+        inputs = (torch.randn(32, 64),)
+    elif make == "bn-block":
+        model = _Scaled()
+        inputs = (torch.randn(32, 32),)
+    else:
+        model, make_inputs = build_model("resnet", "tiny")
+        inputs = make_inputs(4, "cpu")
+    twin = copy.deepcopy(model)
+    want = torch.autograd.grad(twin(*inputs).float().sum(), list(twin.parameters()))
+    params = list(model.parameters())
+    loss = model(*inputs).float().sum()  # plain autograd: the step in progress
+    after_forward = {k: v.clone() for k, v in model.named_buffers()}
+    versions = [p._version for p in params]
+    actpack.measure(model, *inputs, strategy=strategy)
+    assert [p._version for p in params] == versions
+    for k, v in model.named_buffers():
+        assert torch.equal(v, after_forward[k]), k
+    got = torch.autograd.grad(loss, params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 @pytest.mark.parametrize("strategy", ["actnn", "division"])

@@ -72,6 +72,7 @@ def compress(
     Raises:
         ValueError: an unknown strategy name, a negative ``min_numel``, an
             unknown ``checkpoint_inputs`` or ``smooth``.
+        TypeError: ``model`` is given and is not an ``nn.Module``.
 
     Warns once per engine when entered inside other saved-tensor hooks
     (``save_on_cpu``: only the innermost hooks run) and when a compiled
@@ -380,7 +381,9 @@ def measure(
     The count is exact: every tensor autograd saves is seen by the engine.
     Parameter ``.grad``, buffers (BatchNorm statistics) and torch's CPU and
     CUDA random states are left as they were, so measuring before training
-    does not change the training run.  On CUDA the peak memory of the step is
+    does not change the training run; parameters are never written (their
+    versions unchanged), so a backward pending on them, of an earlier
+    forward, still runs after the call.  On CUDA the peak memory of the step is
     reported with and without compression.  ``loss_fn(output)`` gives the
     scalar loss; by default :func:`actpack.probe.default_loss` (the
     ``.loss`` of a HuggingFace output, else the sum of the outputs).
@@ -499,11 +502,14 @@ def _measure(
     loss_fn: Callable[[Any], Tensor] | None,
     min_numel: int,
 ) -> Report:
-    buffers = {
-        k: v.detach().clone()
-        for k, v in model.state_dict().items()
-        if not isinstance(v, nn.Parameter)
-    }
+    # Buffers the extra step changes (BatchNorm's running statistics) are put
+    # back; nothing else is written: a copy into a parameter would bump its
+    # version and break a backward still pending on it (gradient accumulation,
+    # a measure inside a training step), and would cost a second copy of the
+    # weights.  The step's backward is autograd.grad: no .grad is touched.
+    # (A buffer's version is no guide: BatchNorm's kernel updates its
+    # statistics without bumping it.)
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     engine = Engine(strategy, model=model, min_numel=min_numel, track_modules=True, track_ops=True)
     given = [*inputs, *kwargs.values()]
     device = next((t.device for t in given if isinstance(t, Tensor)), torch.device("cpu"))
@@ -523,9 +529,12 @@ def _measure(
     finally:
         engine.close()
         with torch.no_grad():
-            state = model.state_dict()
-            for k, v in buffers.items():
-                state[k].copy_(v)
+            for buffer, value in buffers:
+                if not torch.equal(buffer, value):
+                    # Through .data, whose version is its own, as BatchNorm's
+                    # kernel updates them: a pending training-mode backward of
+                    # BatchNorm holds its running statistics (unread there).
+                    buffer.data.copy_(value)
     s = engine.stats
     return Report(
         strategy=repr(engine.strategy),

@@ -196,6 +196,11 @@ class Engine:
             )
         if smooth not in ("code", "exact"):
             raise ValueError(f"smooth must be 'code' or 'exact', got {smooth!r}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(
+                f"model must be the nn.Module whose parameters the engine should recognise, "
+                f"got {type(model).__name__}; pass model=your_model, or leave it out"
+            )
         self.smooth = smooth
         self.strategy = resolve(strategy)
         if checkpoint_inputs != "exact" and self.strategy.lossless:
