@@ -1,5 +1,6 @@
 """actpack.gradient_noise: gradient bias and variance against plain autograd."""
 
+import copy
 import math
 
 import pytest
@@ -43,6 +44,26 @@ def test_report_overall_and_per_layer():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("strategy", ["none", "actnn"])
+def test_a_backward_pending_on_the_model_still_runs(strategy):
+    """gradient_noise between a training forward and its backward: the
+    parameters' versions are unchanged, BatchNorm's statistics are put back
+    as the forward left them, and the pending backward (whose BatchNorm holds
+    its running statistics) runs, with autograd's gradients."""
+    model, x, loss = _case()
+    twin = copy.deepcopy(model)
+    want = torch.autograd.grad(loss(twin(x)), list(twin.parameters()))
+    params = list(model.parameters())
+    pending = loss(model(x))
+    after_forward = [b.clone() for b in model.buffers()]
+    versions = [p._version for p in params]
+    actpack.gradient_noise(model, x, strategy=strategy, draws=2, loss_fn=loss)
+    assert [p._version for p in params] == versions
+    assert all(torch.equal(a, b) for a, b in zip(after_forward, model.buffers()))
+    for g, w in zip(torch.autograd.grad(pending, params), want):
+        torch.testing.assert_close(g, w)
 
 
 def test_int8_is_much_quieter_than_two_bit_actnn():

@@ -240,8 +240,11 @@ def gradient_noise(
     def restore() -> None:
         with torch.no_grad():
             for k, v in model.named_buffers():
-                if k in buffers:
-                    v.copy_(buffers[k])
+                if k in buffers and not torch.equal(v, buffers[k]):
+                    # Through .data (its own version), as BatchNorm's kernel
+                    # updates them: a backward pending on the model (whose
+                    # BatchNorm holds its running statistics) still runs.
+                    v.data.copy_(buffers[k])
 
     def run(strat: Strategy | None) -> list[Tensor]:
         restore()
