@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from actpack.engine import DEFAULT_MIN_NUMEL, Engine
 from actpack.probe import (
+    buffer_restorer,
     compile_wrappers,
     default_loss,
     eager_behind,
@@ -502,14 +503,10 @@ def _measure(
     loss_fn: Callable[[Any], Tensor] | None,
     min_numel: int,
 ) -> Report:
-    # Buffers the extra step changes (BatchNorm's running statistics) are put
-    # back; nothing else is written: a copy into a parameter would bump its
-    # version and break a backward still pending on it (gradient accumulation,
-    # a measure inside a training step), and would cost a second copy of the
-    # weights.  The step's backward is autograd.grad: no .grad is touched.
-    # (A buffer's version is no guide: BatchNorm's kernel updates its
-    # statistics without bumping it.)
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    # Parameters are never written: a copy into one would break a backward
+    # still pending on it (gradient accumulation, a measure inside a training
+    # step).  The step's backward is autograd.grad: no .grad is touched.
+    restore_buffers = buffer_restorer(model)
     engine = Engine(strategy, model=model, min_numel=min_numel, track_modules=True, track_ops=True)
     given = [*inputs, *kwargs.values()]
     device = next((t.device for t in given if isinstance(t, Tensor)), torch.device("cpu"))
@@ -528,13 +525,7 @@ def _measure(
             _warn_no_graph(model, given)
     finally:
         engine.close()
-        with torch.no_grad():
-            for buffer, value in buffers:
-                if not torch.equal(buffer, value):
-                    # Through .data, whose version is its own, as BatchNorm's
-                    # kernel updates them: a pending training-mode backward of
-                    # BatchNorm holds its running statistics (unread there).
-                    buffer.data.copy_(value)
+        restore_buffers()
     s = engine.stats
     return Report(
         strategy=repr(engine.strategy),

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from actpack.engine import DEFAULT_MIN_NUMEL, Engine
 from actpack.probe import (
+    buffer_restorer,
     compile_wrappers,
     default_loss,
     eager_behind,
@@ -235,16 +236,7 @@ def gradient_noise(
         raise ValueError("gradient_noise: the model has no parameter that requires grad")
     params = [p for _, p in named]
     named_inputs = dict(kwargs or {})
-    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
-
-    def restore() -> None:
-        with torch.no_grad():
-            for k, v in model.named_buffers():
-                if k in buffers and not torch.equal(v, buffers[k]):
-                    # Through .data (its own version), as BatchNorm's kernel
-                    # updates them: a backward pending on the model (whose
-                    # BatchNorm holds its running statistics) still runs.
-                    v.data.copy_(buffers[k])
+    restore = buffer_restorer(model)
 
     def run(strat: Strategy | None) -> list[Tensor]:
         restore()

@@ -1,4 +1,5 @@
-"""Running a model only to measure it: the loss it is reduced to, and no side effects on RNG.
+"""Running a model only to measure it: the loss it is reduced to, and no side effects
+on its buffers or the RNG.
 
 :func:`actpack.measure` and :func:`actpack.gradient_noise` run extra forward
 and backward passes the user did not ask to train with; these helpers keep
@@ -11,12 +12,19 @@ import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["compile_wrappers", "default_loss", "eager_behind", "eager_calls", "preserved_rng"]
+__all__ = [
+    "buffer_restorer",
+    "compile_wrappers",
+    "default_loss",
+    "eager_behind",
+    "eager_calls",
+    "preserved_rng",
+]
 
 
 def default_loss(output: Any) -> Tensor:
@@ -64,6 +72,29 @@ def preserved_rng(tensors: Iterable[Any]) -> AbstractContextManager:
         }
     )
     return torch.random.fork_rng(devices=devices)
+
+
+def buffer_restorer(model: nn.Module) -> Callable[[], None]:
+    """A function that puts back the values ``model``'s buffers hold now.
+
+    Only buffers whose values changed (BatchNorm's running statistics after
+    a training-mode step) are written, through ``.data``, whose version is
+    its own, as BatchNorm's kernel updates them: a backward still pending
+    on the model (whose BatchNorm holds its running statistics, unread in
+    training mode) runs after the restore.  Parameters are never written, so
+    their versions stay as they are.  A buffer's version is no guide to a
+    change: BatchNorm's kernel does not bump it.  Costs one copy of the
+    buffers, not of the weights.
+    """
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for buffer, value in saved:
+                if not torch.equal(buffer, value):
+                    buffer.data.copy_(value)
+
+    return restore
 
 
 def compile_wrappers(model: nn.Module) -> list[nn.Module]:

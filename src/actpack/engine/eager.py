@@ -882,10 +882,10 @@ class Engine:
             if dtype != t.dtype or version != t._version:
                 left.append(key)  # other values (a dtype view, or before an in-place op)
                 continue
+            offset = (address - storage) // size
             for ref, _tag, saved in st.table.pop(key, ()):
                 if ref() is not None and isinstance(saved, Saved):
                     freed += saved.encoded.nbytes
-                    offset = (address - storage) // size
                     saved.encoded = Copy(_view(base, saved.shape, layout, offset))
         st.coded[(t.device, storage)] = left
         if freed:
@@ -980,12 +980,8 @@ def _view(base: Tensor, shape: tuple, layout: tuple, offset: int) -> Tensor:
     """The view of ``base``'s storage that a table key's ``layout`` (see
     :func:`_table_key`) and element ``offset`` describe, in ``shape`` (the
     shape of the save a code served; a contiguous key serves any shape)."""
-    if layout[0] == "contiguous":
-        stride, step = [], 1
-        for n in reversed(shape):
-            stride.append(step)
-            step *= n
-        return base.as_strided(shape, tuple(reversed(stride)), offset)
+    if layout[0] == "contiguous":  # ("contiguous", numel)
+        return base.as_strided((layout[1],), (1,), offset).view(shape)
     return base.as_strided(layout[0], layout[1], offset).view(shape)
 
 
