@@ -206,9 +206,10 @@ def group_scale(lo: Tensor, hi: Tensor, poisoned: Tensor, levels: Tensor, per_gr
     scale loop otherwise steps 8 or 16 groups per vector, and loops of other
     steps are not fused).  The group encoders use it on CPUs without
     AVX-512 (:func:`avx512_vectors`), where a 2-bit stochastic encode of 16
-    MiB read from memory took 5.3 ms fused against 6.9 ms in two passes
-    (``benchmarks/bench_codecs_cpu.py --forms both``, BENCHMARKS.md "CPU
-    codecs", round 9); on AVX-512 a per-group fusion measured slower (round 4).
+    MiB took 4.9 ms fused against 6.4 ms with the AVX-512 forms in two
+    passes (``benchmarks/bench_codecs_cpu.py --forms both``, BENCHMARKS.md
+    "CPU codecs", round 9); on AVX-512 a per-group fusion measured slower
+    (round 4).
     """
     k, lok, step = _scale(lo.float(), hi.float(), levels)
     if per_group:
