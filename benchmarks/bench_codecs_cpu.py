@@ -11,9 +11,11 @@ thread, it times:
 
 * ``clone``: ``torch.clone(x)``, the plain-copy yardstick;
 * ActNN 2-bit (``actpack.ActNN``'s layout: one row per sample of 4096
-  elements, groups of 256, stochastic rounding) and int8 (the same, 8 bits):
+  elements, or one row below that, groups of 256, stochastic rounding) and
+  int8 (the same, 8 bits):
   encode = quantize + pack, decode = unpack + dequantize to float32;
-* DIVISION (maps (N, 16, 32, 32), 8x8 blocks, 2 bits, stochastic): encode
+* DIVISION (maps (N, 16, 32, 32), or (1, C, 32, 32) below 16 maps, 8x8
+  blocks, 2 bits, stochastic): encode
   and decode, and the encoder's block means alone (compiled, as the encoder
   computes them, beside ATen's ``avg_pool2d`` to bfloat16, which computed
   them until the reference fixed its own summation order);
@@ -116,7 +118,8 @@ def codecs(numel: int) -> dict[str, tuple[Callable, Callable, Callable]]:
 
     def groups(bits: int):
         def make() -> torch.Tensor:
-            return torch.randn(numel // GROUP_ROW, GROUP_ROW, generator=gen)
+            row = min(numel, GROUP_ROW)  # below one row: a single row of numel
+            return torch.randn(numel // row, row, generator=gen)
 
         def enc(x, name):
             return backend.quantize_groups(x, bits, 256, generator=gen, backend=name)
@@ -128,7 +131,8 @@ def codecs(numel: int) -> dict[str, tuple[Callable, Callable, Callable]]:
 
     def division():
         def make() -> torch.Tensor:
-            return torch.randn(numel // (16 * 32 * 32), 16, 32, 32, generator=gen)
+            n, c = max(1, numel // (16 * 32 * 32)), min(16, max(1, numel // (32 * 32)))
+            return torch.randn(n, c, 32, 32, generator=gen)  # below 16 maps: fewer channels
 
         def enc(x, name):
             return backend.division_encode(x, 8, 2, generator=gen, backend=name)

@@ -32,15 +32,22 @@ def served(monkeypatch):
     """Fresh configurations (no artifacts yet); counts the calls an artifact
     served (``hits``) and those it left to torch.compile (``misses``)."""
     build._compiled.cache_clear()
-    counts = {"hits": 0, "misses": 0}
+    counts = {"hits": 0, "misses": 0, "direct": []}
     call = standalone.Standalone.__call__
+    direct = standalone._direct
 
     def counted(self, args, quiet):
         out = call(self, args, quiet)
         counts["misses" if out is standalone.MISS else "hits"] += 1
         return out
 
+    def recorded(fn, args):  # whether each artifact's graph is called directly
+        out = direct(fn, args)
+        counts["direct"].append(out is not None)
+        return out
+
     monkeypatch.setattr(standalone.Standalone, "__call__", counted)
+    monkeypatch.setattr(standalone, "_direct", recorded)
     yield counts
     build._compiled.cache_clear()
 
@@ -77,6 +84,14 @@ def _groups_inputs(dtype):
     yield torch.randn(300, 5, generator=gen).to(dtype).t()  # not contiguous
 
 
+def _assert_direct(served):
+    """Every artifact of the codecs was found to be its Inductor graph
+    called directly (so the equalities asserted were the direct call's),
+    on a torch with the internals that needs."""
+    if standalone.CompiledFxGraph is not None and standalone.get_eval_frame_callback is not None:
+        assert served["direct"] and all(served["direct"]), served["direct"]
+
+
 @pytest.mark.parametrize(("dtype", "stochastic"), _CASES)
 def test_groups_standalone_is_torch_compile_and_reference(served, dtype, stochastic):
     for i, x in enumerate(_groups_inputs(dtype)):
@@ -97,6 +112,7 @@ def test_groups_standalone_is_torch_compile_and_reference(served, dtype, stochas
             same(cgq.dequantize_groups(got, out), want)
             same(want, rgq.dequantize_groups(got, out))
     assert served["hits"] > 0
+    _assert_direct(served)
 
 
 def _division_inputs(dtype):
@@ -131,6 +147,7 @@ def test_division_standalone_is_torch_compile_and_reference(served, dtype, stoch
         same(cdiv.division_decode(got, dtype), want)
         same(want, rdiv.division_decode(got, dtype))
     assert served["hits"] > 0
+    _assert_direct(served)
 
 
 def test_guard_mismatch_falls_back_to_torch_compile(served, monkeypatch):
@@ -350,3 +367,119 @@ def test_missing_internals_fall_back_to_torch_compile(served, monkeypatch, missi
                   rgq.quantize_groups(x, 2, 256, stochastic=False))  # fmt: skip
     assert served["hits"] == 0 and served["misses"] > 0
     assert standalone.supported()  # this torch has them: the test simulated their absence
+
+
+def _direct_bodies():
+    """(body, whether its Inductor graph may be called directly): fresh
+    outputs in a tuple, one output, outputs sharing one buffer; and bodies
+    whose AOTAutograd wrapper does work of its own: an output that is a view
+    or the very tensor of an argument, an argument mutated in place."""
+
+    # Elementwise bodies: Inductor's result is the eager one bit for bit.
+    def pair(x, y):
+        return x * 2, y + 1
+
+    def one(x, y):
+        return x * 2 + y
+
+    def shared(x, y):
+        both = torch.cat([x, y]) * 3
+        return both[: x.shape[0]], both[x.shape[0] :]
+
+    def view_of_argument(x, y):
+        return x[1:], y * 2
+
+    def argument_itself(x, y):
+        return x, y * 2
+
+    def mutates(x, y):
+        y.add_(1)
+        return x * 2
+
+    return [
+        (pair, True),
+        (one, True),
+        (shared, True),
+        (view_of_argument, False),
+        (argument_itself, False),
+        (mutates, False),
+    ]
+
+
+@pytest.mark.skipif(
+    standalone.CompiledFxGraph is None or standalone.get_eval_frame_callback is None,
+    reason="this torch lacks the internals of the direct call",
+)
+@pytest.mark.parametrize(
+    ("body", "direct"), _direct_bodies(), ids=[body.__name__ for body, _ in _direct_bodies()]
+)
+def test_graph_called_directly_only_where_that_is_the_wrapped_call(body, direct):
+    """An artifact's Inductor graph is called without AOTAutograd's wrapper
+    only where the wrapper adds nothing: every output fresh (an output
+    aliasing an argument, or an argument mutated, keep the wrapper).  Either
+    way each call returns what the body returns eagerly, on other sizes
+    too, with the same storage sharing."""
+    from contextlib import nullcontext
+
+    sa = standalone.Standalone(body, body.__name__, build._OPTIONS)
+    for rows in (4, 6, 4):
+        x, y = torch.randn(rows, 5), torch.randn(rows, 5)
+        x2, y2 = x.clone(), y.clone()
+        with torch.no_grad():
+            got = sa((x, y), nullcontext)
+            want = body(x2, y2)
+        assert got is not standalone.MISS
+        got = [got] if isinstance(got, torch.Tensor) else list(got)
+        want = [want] if isinstance(want, torch.Tensor) else list(want)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            same(g, w)
+        same(y, y2)  # the mutation, where the body mutates
+        args = {x.untyped_storage().data_ptr(): "x", y.untyped_storage().data_ptr(): "y"}
+        args2 = {x2.untyped_storage().data_ptr(): "x", y2.untyped_storage().data_ptr(): "y"}
+        owners = [args.get(g.untyped_storage().data_ptr()) for g in got]
+        assert owners == [args2.get(w.untyped_storage().data_ptr()) for w in want]
+        ptrs = [g.untyped_storage().data_ptr() for g in got]
+        ptrs2 = [w.untyped_storage().data_ptr() for w in want]
+        assert [[a == b for b in ptrs] for a in ptrs] == [[a == b for b in ptrs2] for a in ptrs2]
+        (artifact,) = sa.artifacts
+        assert (artifact.direct is not None) == direct
+
+
+@pytest.mark.skipif(
+    standalone.CompiledFxGraph is None or standalone.get_eval_frame_callback is None,
+    reason="this torch lacks the internals of the direct call",
+)
+def test_a_running_compiled_function_gets_the_wrapped_call():
+    """While a torch.compile'd function runs (its eager code after a graph
+    break), Dynamo's frame callback would reach the graph's Python frames:
+    the artifact is called through its wrapper, which disables it there."""
+    from contextlib import nullcontext
+
+    def body(x, y):
+        return x * 2, y + 1
+
+    sa = standalone.Standalone(body, "body", build._OPTIONS)
+    x, y = torch.randn(4, 5), torch.randn(4, 5)
+    with torch.no_grad():
+        sa((x, y), nullcontext)
+    (artifact,) = sa.artifacts
+    calls = []
+    graph = artifact.direct
+    artifact.direct = lambda args: calls.append(1) or graph(args)
+
+    def call():
+        with torch.no_grad():
+            return sa((x, y), nullcontext)
+
+    def compiled_caller(t):
+        torch._dynamo.graph_break()
+        out = call()  # eager code, with Dynamo's callback installed
+        return out, t + 1
+
+    torch._dynamo.reset()
+    out, _ = torch.compile(compiled_caller, backend="eager")(torch.ones(2))
+    assert calls == []
+    same(out[0], x * 2)
+    same(call()[1], y + 1)  # outside: the direct call
+    assert calls == [1]

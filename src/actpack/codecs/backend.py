@@ -79,9 +79,18 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache
+def _module(name: str):
+    """``importlib.import_module(name)``, looked up once: the codecs' entry
+    points run once per saved tensor, where the import system's lookup cost
+    a few microseconds a call (the modules are imported lazily so that the
+    reference path never imports Inductor or Triton)."""
+    return importlib.import_module(name)
+
+
 def compiled_available() -> bool:
     """Whether TorchInductor compiles CPU code here (probed once, warns once if not)."""
-    return importlib.import_module("actpack.codecs.compiled.build").available()
+    return _module("actpack.codecs.compiled.build").available()
 
 
 def _interpreting() -> bool:
@@ -126,7 +135,7 @@ def resolve_backend(t: Tensor, backend: str | None = None, numel: int | None = N
 
 
 def _kernels(name: str):
-    return importlib.import_module(f"actpack.codecs.kernels.{name}")
+    return _module(f"actpack.codecs.kernels.{name}")
 
 
 def _impl(choice: str, name: str, reference):
@@ -134,7 +143,7 @@ def _impl(choice: str, name: str, reference):
     if choice == "triton":
         return _kernels(name)
     if choice == "compiled":
-        return importlib.import_module(f"actpack.codecs.compiled.{name}")
+        return _module(f"actpack.codecs.compiled.{name}")
     return reference
 
 

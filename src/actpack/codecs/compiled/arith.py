@@ -350,15 +350,22 @@ def clamp_finite(v: Tensor, big: float) -> Tensor:
 
 
 def fix_poisoned_values_(
-    out: Tensor, q: Tensor | Callable[[Tensor], Tensor], lo: Tensor, wide: bool
+    out: Tensor,
+    q: Tensor | Callable[[Tensor], Tensor],
+    lo: Tensor,
+    wide: bool,
+    flag: Tensor | None = None,
 ) -> None:
     """Write the decoded classes of poisoned groups (NaN ``lo``) into ``out``.
 
     ``out`` and ``q``: (groups, group_size), or ``q`` a function returning
     the uint8 codes of the groups a bool mask selects (a decoder that never
-    unpacked them); ``lo``: (groups,).  Eager, after the compiled body, on
-    the poisoned groups alone.
+    unpacked them); ``lo``: (groups,); ``flag``: a 0-d bool tensor, whether
+    any ``lo`` is NaN, where the decoder's body computed it (else read
+    here).  Eager, after the compiled body, on the poisoned groups alone.
     """
+    if flag is not None and not flag:
+        return
     poisoned = torch.isnan(lo)
     if any_set(poisoned):
         codes = q(poisoned) if callable(q) else q[poisoned]
@@ -371,9 +378,10 @@ def any_set(mask: Tensor) -> bool:
     The compiled codecs run on CPU tensors only, where reading a flag on
     the host synchronises nothing; skipping the poisoned groups' fix-up
     when there are none saves its ~10 eager ops (25-30 us a call, a third
-    of a 64 KiB encode; ``benchmarks/bench_codecs_cpu.py``).  The
-    reference and Triton paths, which also run on GPUs, never branch on
-    the data."""
+    of a 64 KiB encode; ``benchmarks/bench_codecs_cpu.py``).  The codec
+    bodies return the same flag as their last output (``mask.any()`` in the
+    compiled loop instead of one more eager op per call).  The reference
+    and Triton paths, which also run on GPUs, never branch on the data."""
     return bool(mask.any())
 
 

@@ -36,7 +36,6 @@ from actpack.codecs import division as ref
 from actpack.codecs.compiled import build
 from actpack.codecs.compiled.arith import (
     all_finite,
-    any_set,
     clamp_finite,
     extremes_ranges,
     finish_ranges_,
@@ -145,7 +144,8 @@ def _encoder(wide: bool, stochastic: bool, block, dtype: torch.dtype, index, inn
         codes = value_codes(torch.where(ok, resid, xf), k, lok, step, u, levels, False)
         lfc = torch.where(ok.view(ok.shape[:2] + (1,) * (lfc.dim() - 2)), lfc, 0.0)
         # k, lok, step: returned so that they are stored once (see group_scale).
-        return codes, lo, hi, poisoned, lfc, k, lok, step
+        # Last, whether any row is poisoned (see arith.any_set).
+        return codes, lo, hi, poisoned, lfc, k, lok, step, poisoned.any()
 
     return encode_division
 
@@ -225,8 +225,9 @@ def _decoder(wide: bool, block: tuple[int, ...] | None, dtype: torch.dtype):
         out = clamp_finite(_upsampled(spread_lfc, block, spatial) + hq, big).to(dtype)
         # Poisoned rows (NaN lo) decode to NaN here; their classes are written
         # afterwards, from the classes alone: their LFC must not leak in.
-        # lok, step and inv_k: returned so that they are stored once.
-        return out, lok, step, inv_k
+        # lok, step and inv_k: returned so that they are stored once; last,
+        # whether any row is poisoned.
+        return out, lok, step, inv_k, torch.isnan(lo).any()
 
     return decode_division
 
@@ -322,7 +323,7 @@ def _encode(
         if out is None:
             return None
         codes, lo, hi, poisoned, lfc = out[:5]
-        if any_set(poisoned):
+        if out[-1]:  # any poisoned row (see arith.any_set)
             # A poisoned row's residual is not finite, so its codes classify x itself.
             mask = poisoned.view(shape[0], shape[1])
             fix_poisoned_codes_(codes, lambda m: view[m].float(), mask, bits >= 2)
@@ -373,10 +374,11 @@ def _decode(code: DivisionCode, dtype: torch.dtype, expect: tuple | None = None)
         out = build.run(_decoder, key, args, check)
         if out is None:
             return None
-        out = out[0]
+        out, flag = out[0], out[-1]
         rows = shape[0] * shape[1]
         wide = hfc.bits >= 2
-        fix_poisoned_values_(out.view(rows, -1), q.reshape(rows, -1), hfc.lo.reshape(-1), wide)
+        lo = hfc.lo.reshape(-1)
+        fix_poisoned_values_(out.view(rows, -1), q.reshape(rows, -1), lo, wide, flag)
     return out.view(shape)
 
 

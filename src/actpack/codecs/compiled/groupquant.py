@@ -42,7 +42,6 @@ from actpack.codecs import groupquant as ref
 from actpack.codecs.compiled import build
 from actpack.codecs.compiled.arith import (
     LANES,
-    any_set,
     avx512_vectors,
     clamp_finite,
     finish_ranges_,
@@ -167,7 +166,8 @@ def _encoder(
             codes = pack_rows(codes, pack)
         # (groups, 1) outputs: a view of them would be recomputed; k, lok and
         # step are returned only so that they are stored once (see group_scale).
-        return codes, lo, hi, poisoned, k, lok, step
+        # Last, whether any group is poisoned (see arith.any_set).
+        return codes, lo, hi, poisoned, k, lok, step, poisoned.any()
 
     return encode_groups
 
@@ -191,9 +191,10 @@ def _decoder(wide: bool, zero_exact: bool, meta: torch.dtype, dtype: torch.dtype
             # Code >= 1 means positive: keep it so even if the grid value underflows in dtype.
             v = torch.where(q.float() > 0, v.clamp_min(fin.tiny), 0.0)
         # Poisoned groups (NaN lo) decode to NaN here; their classes are
-        # written afterwards (fix_poisoned_values_).  lok, step and inv_k are
-        # returned only so that they are stored once (see group_scale).
-        return v, lok, step, inv_k
+        # written afterwards (fix_poisoned_values_), where the last output,
+        # whether there are any, says so.  lok, step and inv_k are returned
+        # only so that they are stored once (see group_scale).
+        return v, lok, step, inv_k, torch.isnan(lo).any()
 
     def decode_groups(q: Tensor, lo: Tensor, hi: Tensor, levels: Tensor):
         # q (groups, group_size) in and out: the caller's reshape to (rows, cols) is a view.
@@ -324,7 +325,7 @@ def _quantize(
             hit = by_row.any(1)  # only the rows holding a poisoned group
             return _padded(x[hit], width).float().view(-1, group_size)[by_row[hit].view(-1)]
 
-        if any_set(poisoned):
+        if out[-1]:  # any poisoned group (see arith.any_set)
             if pack:  # codes: the packed bytes of each group, one row per group
                 fix_poisoned_packed_(codes, groups_of, poisoned.view(-1), bits)
             else:
@@ -365,13 +366,13 @@ def _dequantize(code: GroupCode, dtype: torch.dtype, expect: tuple | None = None
         out = build.run(_decoder, key, args, functools.partial(_check_decoder, key))
         if out is None:
             return ref.dequantize_groups(code, dtype)
-        out = out[0].view(-1, code.group_size)
+        out, flag = out[0].view(-1, code.group_size), out[-1]
 
         def codes_of(mask: Tensor) -> Tensor:  # poisoned groups only: rare
             q_ = unpack_codes(code.packed, code.bits, n) if words is not None else q
             return q_.view(-1, code.group_size)[mask]
 
-        fix_poisoned_values_(out, codes_of, code.lo.reshape(-1), code.bits >= 2)
+        fix_poisoned_values_(out, codes_of, code.lo.reshape(-1), code.bits >= 2, flag)
     out = out.view(code.rows, code.ngroups * code.group_size)
     return out if out.shape[1] == code.cols else out[:, : code.cols].contiguous()
 
@@ -400,7 +401,9 @@ def _words(code: GroupCode) -> Tensor | None:
     if bits not in word_bits() or code.group_size % _chunk(bits) or sys.byteorder != "little":
         return None
     n = code.rows * code.ngroups * code.group_size
-    stream = code.packed.detach().reshape(-1)[: n * bits // 8]
+    stream = code.packed  # as the encoders write it: 1-D uint8 (no grad), no tail
+    if stream.dtype != torch.uint8 or stream.dim() != 1 or stream.numel() * 8 != n * bits:
+        stream = stream.detach().reshape(-1)[: n * bits // 8]
     if stream.numel() * 8 != n * bits or stream.stride(0) != 1 or stream.data_ptr() % 4:
         return None  # a strided stream (a hand-built code's view) is unpacked instead
     return stream.view(torch.int32).view(-1, code.group_size * bits // 32)

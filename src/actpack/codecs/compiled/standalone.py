@@ -41,6 +41,15 @@ compile answer :data:`MISS`: the caller then runs the ``torch.compile`` path,
 which guards itself.  So does every call on a torch without the private
 internals used here (:func:`supported`); ``standalone_compile``'s
 ``donate_graph_module`` is passed only where it exists (torch 2.13, not 2.11).
+
+An artifact is itself three wrappers (Dynamo's disable context, AOTAutograd's
+``forward`` and its runtime wrapper) around Inductor's compiled graph.  For
+the codec bodies (no grad, no mutation, no randomness, no output aliasing an
+argument) they add nothing but marks for Dynamo on the outputs, and cost
+~10-15 us a call on a small CPU, where a 64 KiB encode's kernels take ~25 us:
+where a check at compile time finds the graph's outputs to be the wrapped
+call's (:func:`_direct`), calls made while no compiled function runs call the
+graph directly.
 """
 
 from __future__ import annotations
@@ -60,6 +69,11 @@ try:  # private internals: a torch without them keeps the torch.compile path alo
     from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 except ImportError:  # pragma: no cover - depends on the torch version
     fx_config = make_fx = SYMPY_INTERP = None
+try:  # the direct call of an artifact's Inductor graph (see _direct); optional
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    from torch._inductor.output_code import CompiledFxGraph
+except ImportError:  # pragma: no cover - depends on the torch version
+    get_eval_frame_callback = CompiledFxGraph = None
 
 __all__ = ["MAX_ARTIFACTS", "MISS", "Standalone"]
 
@@ -77,6 +91,8 @@ MAX_ARTIFACTS = 4
 #: and a dictionary lookup costs ~1 us where evaluating the guards costs
 #: several (see Standalone.__call__).
 MAX_LAYOUTS = 256
+
+_dispatch_keys = torch._C._dispatch_keys
 
 # Remembered for a layout no artifact serves once no more may be compiled.
 _NONE: Any = object()
@@ -160,15 +176,23 @@ def _facts(args: tuple) -> tuple | None:
     for a in args:
         if type(a) is not torch.Tensor:
             return None
-        keys = torch._C._dispatch_keys(a).raw_repr()  # the key set's bits: hashable
+        keys = _dispatch_keys(a).raw_repr()  # the key set's bits: hashable
         facts += (a.dtype, a.device, a.dim(), keys, a.requires_grad)
     return tuple(facts)
 
 
-def _layout(args: tuple) -> tuple:
-    """Everything the shape guards read: each argument's sizes, strides and
-    storage offset."""
-    return tuple((a.shape, a.stride(), a.storage_offset()) for a in args)
+def _seen(args: tuple) -> tuple | None:
+    """What a call's artifact depends on, as one hashable key: the
+    :func:`_facts` and the layout the shape guards read (each argument's
+    sizes, strides and storage offset), in one loop; None unless every
+    argument is a plain tensor."""
+    seen: list[Any] = [torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled()]
+    for a in args:
+        if type(a) is not torch.Tensor:
+            return None
+        seen += (a.dtype, a.device, a.shape, a.stride(), a.storage_offset(),
+                 _dispatch_keys(a).raw_repr(), a.requires_grad)  # fmt: skip
+    return tuple(seen)
 
 
 def _guard_function(expr: str | None, n: int) -> Callable[..., bool]:
@@ -195,9 +219,121 @@ _SUPPORTED = supported()
 _DONATE = _donate_kwargs()
 
 
+def _inductor_graph(fn: Any) -> Any:
+    """The one ``CompiledFxGraph`` inside a standalone artifact's wrappers
+    (found through their closures: Dynamo's disable context, AOTAutograd's
+    ``forward`` and runtime wrapper); None if there is not exactly one."""
+    found: list[Any] = []
+    stack, seen = [getattr(fn, "_compiled_fn", None)], set()
+    while stack and len(seen) < 64:
+        f = stack.pop()
+        if f is None or id(f) in seen:
+            continue
+        seen.add(id(f))
+        if isinstance(f, CompiledFxGraph):
+            found.append(f)
+            continue
+        for cell in getattr(f, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if callable(value) and not isinstance(value, type):
+                stack.append(value)
+    return found[0] if len(found) == 1 else None
+
+
+def _storages(outs: Any) -> list[int] | None:
+    """Each output's storage address; None unless ``outs`` is a tuple or list
+    of plain dense tensors."""
+    if not isinstance(outs, (tuple, list)):
+        return None
+    if any(type(o) is not torch.Tensor or o.layout is not torch.strided for o in outs):
+        return None
+    return [o.untyped_storage().data_ptr() for o in outs]
+
+
+def _same_outputs(wrapped: Any, direct: Any, args: tuple) -> bool:
+    """Whether ``direct`` holds ``wrapped``'s tensors: as many, each of the same
+    dtype, sizes, strides and offset, bit for bit equal, sharing storage
+    with each other as ``wrapped``'s do and with no argument."""
+    a, b = _storages(wrapped), _storages(direct)
+    if a is None or b is None or len(a) != len(b):
+        return False
+    inputs = {t.untyped_storage().data_ptr() for t in args if t.untyped_storage().nbytes()}
+    for i, (w, d) in enumerate(zip(wrapped, direct)):
+        if (w.dtype, w.shape, w.stride(), w.storage_offset()) != (
+            d.dtype,
+            d.shape,
+            d.stride(),
+            d.storage_offset(),
+        ):
+            return False
+        if d.numel() and (b[i] in inputs or not torch.equal(_bits(w), _bits(d))):
+            return False
+    share = [[x == y for y in a] for x in a]
+    return share == [[x == y for y in b] for x in b]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes (NaNs compare equal as bits, unlike values)."""
+    flat = t.contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.dtype != torch.bool else flat
+
+
+def _direct(fn: Any, args: tuple) -> Callable[[list], Any] | None:
+    """The Inductor graph inside artifact ``fn``, to be called on a list of
+    the arguments (its single output unwrapped where ``fn`` returns one
+    tensor), where that is the same computation as calling ``fn``; else None.
+
+    ``fn`` is Dynamo's disable context around AOTAutograd's ``forward``
+    around its runtime wrapper around Inductor's graph: ~10-15 us a call
+    on a small CPU, a tenth of a small tensor's encode.  For a body
+    without grad, mutation, randomness or aliased outputs the wrappers add
+    nothing but Dynamo's dynamic-dimension marks on the outputs (unused:
+    build.run marks its arguments itself).  That is checked on the traced
+    arguments: the graph mutates no input (Inductor's own record, and no
+    argument's version moves), and its outputs are the wrapped call's,
+    bit for bit, aliasing nothing the wrapped ones do not.  A body whose
+    wrapper regenerates an output as a view of an input fails the check
+    (another count, or storage shared with an argument).  Dynamo's disable
+    context matters only while a compiled function runs (its frame callback
+    would reach Inductor's Python frames), so :meth:`Standalone.__call__`
+    calls the graph directly only when no callback is installed."""
+    if CompiledFxGraph is None or get_eval_frame_callback is None:
+        return None
+    graph = _inductor_graph(fn)
+    if (
+        graph is None
+        or getattr(graph, "mutated_inputs", True)
+        or not getattr(graph, "_boxed_call", False)
+    ):
+        return None
+    try:
+        versions = [a._version for a in args]
+        wrapped = fn(*args)
+        direct = graph(list(args))
+        kind = type(wrapped)  # AOTAutograd returns a list, Inductor's graph a tuple
+        if kind is torch.Tensor:  # a body returning one tensor
+            wrapped = [wrapped]
+        same = type(direct) in (tuple, list) and _same_outputs(list(wrapped), list(direct), args)
+        same = same and [a._version for a in args] == versions
+    except Exception as exc:  # the wrapped call serves: it is what was checked before
+        log.debug("actpack: no direct call of %r (%r)", fn, exc)
+        return None
+    if not same or kind not in (torch.Tensor, tuple, list):
+        return None
+    if kind is torch.Tensor:
+        return lambda args: graph(args)[0]
+    return graph if type(direct) is kind else lambda args: kind(graph(args))
+
+
 class _Artifact:
-    def __init__(self, fn: Callable[..., Any], facts: tuple, guard: Callable[..., bool]) -> None:
-        self.fn, self.facts, self.guard = fn, facts, guard
+    def __init__(
+        self, fn: Callable[..., Any], facts: tuple, guard: Callable[..., bool], direct: Any = None
+    ) -> None:
+        # direct: the Inductor graph inside fn, called with a list (see _direct).
+        self.fn, self.facts, self.guard, self.direct = fn, facts, guard, direct
 
 
 class Standalone:
@@ -207,7 +343,7 @@ class Standalone:
         self.body, self.name, self.options = body, name, options
         self.artifacts: tuple[_Artifact, ...] = ()  # replaced whole: readers need no lock
         self.broken = False  # tracing or compiling failed once: the torch.compile path only
-        # (facts, layout) -> the artifact that serves it, or _NONE.  The shape
+        # _seen(args) (facts and layout) -> the artifact that serves it, or _NONE.  The shape
         # guards are a function of the layout alone (sizes, strides, storage
         # offsets), so a layout they accepted once they accept again.  Dict
         # reads and writes are atomic; a full dict is replaced, not cleared.
@@ -218,20 +354,21 @@ class Standalone:
         (compiling one if there is room), or :data:`MISS`."""
         if self.broken or not _SUPPORTED or not _plain():
             return MISS
-        facts = _facts(args)
-        if facts is None:
+        seen = _seen(args)
+        if seen is None:
             return MISS
-        seen = (facts, _layout(args))
         artifact = self.layouts.get(seen)
         if artifact is _NONE:
             return MISS
         if artifact is None:
-            artifact = self._serving(facts, args, quiet)
+            artifact = self._serving(_facts(args), args, quiet)
             if artifact is not None or len(self.artifacts) >= MAX_ARTIFACTS:
                 self._remember(seen, _NONE if artifact is None else artifact)
         if artifact is None:
             return MISS
         try:
+            if artifact.direct is not None and get_eval_frame_callback() is None:
+                return artifact.direct(list(args))
             return artifact.fn(*args)
         except Exception as exc:  # pragma: no cover - the torch.compile path decides
             log.debug("actpack: standalone %s failed (%r); using torch.compile", self.name, exc)
@@ -298,10 +435,11 @@ class Standalone:
             guard = _guard_function(expr, len(args))
             if not guard(*args):  # the trace's own arguments must pass
                 raise RuntimeError(f"shape guards reject the traced arguments: {expr}")
+            direct = _direct(fn, args)
         except Exception as exc:  # any failure: the torch.compile path serves this configuration
             log.debug("actpack: no standalone %s (%r); using torch.compile", self.name, exc)
             self.broken = True
             return None
-        artifact = _Artifact(fn, facts, guard)
+        artifact = _Artifact(fn, facts, guard, direct)
         self.artifacts = (*self.artifacts, artifact)
         return artifact
