@@ -378,10 +378,13 @@ def any_set(mask: Tensor) -> bool:
     The compiled codecs run on CPU tensors only, where reading a flag on
     the host synchronises nothing; skipping the poisoned groups' fix-up
     when there are none saves its ~10 eager ops (25-30 us a call, a third
-    of a 64 KiB encode; ``benchmarks/bench_codecs_cpu.py``).  The codec
-    bodies return the same flag as their last output (``mask.any()`` in the
-    compiled loop instead of one more eager op per call).  The reference
-    and Triton paths, which also run on GPUs, never branch on the data."""
+    of a 64 KiB encode; ``benchmarks/bench_codecs_cpu.py``).  The decoder
+    bodies return the same flag as their last output (``isnan(lo).any()``
+    in the compiled call instead of two eager ops); in the encoders' bodies
+    that reduction cost more than it saved (16 MiB 2-bit and int8 encodes
+    ~10% slower on an AVX2 VM: it broke their one pass per group).  The
+    reference and Triton paths, which also run on GPUs, never branch on
+    the data."""
     return bool(mask.any())
 
 

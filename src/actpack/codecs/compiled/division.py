@@ -36,6 +36,7 @@ from actpack.codecs import division as ref
 from actpack.codecs.compiled import build
 from actpack.codecs.compiled.arith import (
     all_finite,
+    any_set,
     clamp_finite,
     extremes_ranges,
     finish_ranges_,
@@ -144,8 +145,7 @@ def _encoder(wide: bool, stochastic: bool, block, dtype: torch.dtype, index, inn
         codes = value_codes(torch.where(ok, resid, xf), k, lok, step, u, levels, False)
         lfc = torch.where(ok.view(ok.shape[:2] + (1,) * (lfc.dim() - 2)), lfc, 0.0)
         # k, lok, step: returned so that they are stored once (see group_scale).
-        # Last, whether any row is poisoned (see arith.any_set).
-        return codes, lo, hi, poisoned, lfc, k, lok, step, poisoned.any()
+        return codes, lo, hi, poisoned, lfc, k, lok, step
 
     return encode_division
 
@@ -323,7 +323,7 @@ def _encode(
         if out is None:
             return None
         codes, lo, hi, poisoned, lfc = out[:5]
-        if out[-1]:  # any poisoned row (see arith.any_set)
+        if any_set(poisoned):
             # A poisoned row's residual is not finite, so its codes classify x itself.
             mask = poisoned.view(shape[0], shape[1])
             fix_poisoned_codes_(codes, lambda m: view[m].float(), mask, bits >= 2)

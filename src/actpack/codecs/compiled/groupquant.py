@@ -42,6 +42,7 @@ from actpack.codecs import groupquant as ref
 from actpack.codecs.compiled import build
 from actpack.codecs.compiled.arith import (
     LANES,
+    any_set,
     avx512_vectors,
     clamp_finite,
     finish_ranges_,
@@ -166,8 +167,7 @@ def _encoder(
             codes = pack_rows(codes, pack)
         # (groups, 1) outputs: a view of them would be recomputed; k, lok and
         # step are returned only so that they are stored once (see group_scale).
-        # Last, whether any group is poisoned (see arith.any_set).
-        return codes, lo, hi, poisoned, k, lok, step, poisoned.any()
+        return codes, lo, hi, poisoned, k, lok, step
 
     return encode_groups
 
@@ -325,7 +325,7 @@ def _quantize(
             hit = by_row.any(1)  # only the rows holding a poisoned group
             return _padded(x[hit], width).float().view(-1, group_size)[by_row[hit].view(-1)]
 
-        if out[-1]:  # any poisoned group (see arith.any_set)
+        if any_set(poisoned):
             if pack:  # codes: the packed bytes of each group, one row per group
                 fix_poisoned_packed_(codes, groups_of, poisoned.view(-1), bits)
             else:
