@@ -131,7 +131,7 @@ def codecs(numel: int) -> dict[str, tuple[Callable, Callable, Callable]]:
 
     def division():
         def make() -> torch.Tensor:
-            n, c = max(1, numel // (16 * 32 * 32)), min(16, max(1, numel // (32 * 32)))
+            n, c = max(1, numel // (16 * 32 * 32)), min(16, numel // (32 * 32))
             return torch.randn(n, c, 32, 32, generator=gen)  # below 16 maps: fewer channels
 
         def enc(x, name):
@@ -149,7 +149,10 @@ def measure(
     mib: float, rounds: int, budget: float, clock, forms: str = "auto"
 ) -> tuple[list[dict], dict[str, float]]:
     numel = int(mib * 2**20) // 4
-    numel -= numel % (16 * 32 * 32)
+    # Whole DIVISION maps (16 of 32x32 per sample), or below 16 maps whole maps.
+    numel -= numel % (16 * 32 * 32 if numel >= 16 * 32 * 32 else 32 * 32)
+    if numel == 0:
+        raise SystemExit(f"--sizes: {mib} MiB is below one 32x32 map of float32 (4 KiB)")
     ops: dict[str, Callable[[], object]] = {}
     first: dict[str, float] = {}
     x = torch.randn(numel)

@@ -296,6 +296,8 @@ def test_layouts_are_remembered_with_the_artifact_that_serves_them(monkeypatch):
             ((torch.randn(6, 4).t(), y), False),  # another stride
             ((torch.randn(10, 6)[1:5], y), False),  # a storage offset
             ((x.double(), y.double()), False),  # other facts: no guard to evaluate
+            ((torch.randn(4, 6).requires_grad_(), y), False),  # requires_grad
+            ((torch._neg_view(torch.randn(4, 6)), y), False),  # a dispatch key (Negative)
             ((torch.randn(5, 6), torch.randn(7, 6)), True),  # other sizes
         ]
         for again in (False, True, True):
