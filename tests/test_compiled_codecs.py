@@ -43,6 +43,7 @@ from fused_checks import (
     same,
     same_bound,
     same_code,
+    same_division,
 )
 
 import actpack
@@ -1063,3 +1064,62 @@ def test_codes_unlike_the_reference_fall_back_with_one_warning(monkeypatch, code
                 same(g, w)
     finally:
         build._compiled.cache_clear()
+
+
+def test_codec_calls_traced_by_dynamo_warn_nothing():
+    """The backend's entry points traced in a user's compiled region (a
+    codec called inside ``torch.compile``) raise no warning: Dynamo warns
+    about every ``functools.cache``d function it meets, and the backend's
+    module lookup once was one (a new user's finding)."""
+    from actpack.codecs import backend as dispatch
+
+    x = torch.randn(64, 512)  # over COMPILED_MIN_NUMEL: "auto" picks the compiled codecs
+    maps = torch.randn(2, 4, 16, 16)
+    mask = torch.randn(64, 512) > 0
+
+    def codes(x, maps, mask):
+        code = dispatch.quantize_groups(x * 1.0, 2, 256, stochastic=False)
+        dual = dispatch.division_encode(maps * 1.0, 8, 2, stochastic=False)
+        bits = dispatch.unpack_mask(dispatch.pack_mask(mask), mask.shape)
+        y = dispatch.dequantize_groups(code, torch.float32)
+        return y + 0, dispatch.division_decode(dual, torch.float32) + 0, bits
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(codes, backend="eager")(x, maps, mask)
+    assert [str(w.message)[:120] for w in caught] == []
+    want = codes(x, maps, mask)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_torch_compile_path_traces_each_body_in_one_graph(monkeypatch):
+    """Layouts no standalone artifact serves (beyond MAX_ARTIFACTS) take a
+    configuration's torch.compile path: each body must trace as one graph.
+    The group step's divisor was ``full_like(lok, levels)`` with a 0-d tensor
+    ``levels``, a data-dependent ``.item()``: Dynamo broke the graph there
+    and recompiled the resumed pieces per row count until its recompile
+    limit warned (a new user's finding).  Codes stay the reference's."""
+    from torch._dynamo.utils import counters
+
+    from actpack.codecs.compiled import standalone
+
+    monkeypatch.setattr(standalone.Standalone, "__call__", lambda self, args, q: standalone.MISS)
+    base = torch.randn(40, 600, generator=torch.Generator().manual_seed(3))
+    inputs = [base[:, :256].t(), base[3:19, 5:261], base[3:19, 1:258]]
+    inputs += [base[:rows, :512] for rows in (8, 16, 24, 32)]
+    counters.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for bits in (2, 8):
+            for x in inputs:
+                got = cgq.quantize_groups(x, bits, 256, stochastic=False)
+                same_code(got, rgq.quantize_groups(x, bits, 256, stochastic=False))
+                same(cgq.dequantize_groups(got), rgq.dequantize_groups(got))
+        for n in (1, 2, 3):
+            maps = torch.randn(n, 4, 16, 16)
+            got = cdiv.division_encode(maps, 8, 2, stochastic=False)
+            same_division(got, rdiv.division_encode(maps, 8, 2, stochastic=False))
+    assert dict(counters["graph_break"]) == {}
+    assert [str(w.message)[:100] for w in caught if "recompile" in str(w.message)] == []

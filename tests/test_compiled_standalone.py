@@ -13,6 +13,7 @@ the plain state never reach an artifact.
 from __future__ import annotations
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from actpack.codecs import groupquant as rgq
 from actpack.codecs.compiled import build, standalone
 from actpack.codecs.compiled import division as cdiv
 from actpack.codecs.compiled import groupquant as cgq
+from actpack.engine.untraced import eager_only
 
 pytestmark = compiled_codecs_only()
 
@@ -452,10 +454,12 @@ def test_graph_called_directly_only_where_that_is_the_wrapped_call(body, direct)
     standalone.CompiledFxGraph is None or standalone.get_eval_frame_callback is None,
     reason="this torch lacks the internals of the direct call",
 )
-def test_a_running_compiled_function_gets_the_wrapped_call():
-    """While a torch.compile'd function runs (its eager code after a graph
-    break), Dynamo's frame callback would reach the graph's Python frames:
-    the artifact is called through its wrapper, which disables it there."""
+def test_a_running_compiled_function_gets_the_wrapped_call(monkeypatch):
+    """While Dynamo's frame callback is installed (a compiled function's
+    eager code), it would reach the graph's Python frames: the artifact is
+    called through its wrapper, whose disable context keeps Dynamo out.  In
+    the engine's hooks (run as plain Python, ``eager_only``) Dynamo clears
+    its callback, and a call there is served right, with no warning."""
     from contextlib import nullcontext
 
     def body(x, y):
@@ -474,14 +478,25 @@ def test_a_running_compiled_function_gets_the_wrapped_call():
         with torch.no_grad():
             return sa((x, y), nullcontext)
 
+    monkeypatch.setattr(standalone, "get_eval_frame_callback", lambda: object())
+    same(call()[0], x * 2)  # a callback installed: the wrapper
+    assert calls == []
+    monkeypatch.setattr(standalone, "get_eval_frame_callback", lambda: None)
+    same(call()[1], y + 1)  # none: the graph directly
+    assert calls == [1]
+    monkeypatch.undo()
+
+    eager_only(call)  # as the engine's pack hooks are
+
     def compiled_caller(t):
         torch._dynamo.graph_break()
-        out = call()  # eager code, with Dynamo's callback installed
+        out = call()  # eager code of a compiled function
         return out, t + 1
 
     torch._dynamo.reset()
-    out, _ = torch.compile(compiled_caller, backend="eager")(torch.ones(2))
-    assert calls == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _ = torch.compile(compiled_caller, backend="eager")(torch.ones(2))
+    assert [str(w.message)[:100] for w in caught] == []  # Dynamo traced none of it
     same(out[0], x * 2)
-    same(call()[1], y + 1)  # outside: the direct call
-    assert calls == [1]
+    same(out[1], y + 1)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 
 import torch
 from torch import Tensor
@@ -79,13 +80,18 @@ def triton_available() -> bool:
     return True
 
 
-@functools.cache
 def _module(name: str):
-    """``importlib.import_module(name)``, looked up once: the codecs' entry
-    points run once per saved tensor, where the import system's lookup cost
-    a few microseconds a call (the modules are imported lazily so that the
-    reference path never imports Inductor or Triton)."""
-    return importlib.import_module(name)
+    """``importlib.import_module(name)``, read from ``sys.modules`` once
+    imported: the codecs' entry points run once per saved tensor, where the
+    import system's lookup cost a few microseconds a call (the modules are
+    imported lazily so that the reference path never imports Inductor or
+    Triton).  While Dynamo traces a codec call in a user's compiled region,
+    the import itself, as before this shortcut: Dynamo does not trace
+    ``import_module`` (it runs it as a graph break), and a lookup it could
+    trace led it into the ``functools.cache`` functions beyond (the compiled
+    codecs' availability probe), each a warning."""
+    module = None if torch.compiler.is_compiling() else sys.modules.get(name)
+    return module if module is not None else importlib.import_module(name)
 
 
 def compiled_available() -> bool:

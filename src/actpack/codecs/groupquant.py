@@ -89,19 +89,26 @@ def _round_out_bf16(v: Tensor, down: bool) -> Tensor:
     return m.clamp(-big, big).to(torch.bfloat16)
 
 
-def _scale(lo: Tensor, hi: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
+def _scale(lo: Tensor, hi: Tensor, levels: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per-group pre-scale ``k``, scaled lower bound ``lo*k`` and step ``(hi-lo)*k/levels``.
 
     ``k`` is 0.5 only where ``hi - lo`` overflows float32 (e.g. -3e38..3e38),
     so ordinary groups are computed exactly as written in the algorithm.
+    ``levels``: an int, or (the compiled codecs) a 0-d float32 tensor.
     """
     k = torch.where(torch.isfinite(hi - lo), 1.0, 0.5)
     lok = lo * k
     # A tensor divisor, not the Python int: CUDA divides by a CPU scalar as a
     # multiplication by its reciprocal (ATen's div_true_kernel_cuda), which is
     # one ulp off for levels = 3 and made CUDA's reference differ from the CPU's
-    # and from the kernels' IEEE division (tests/test_kernels.py on CUDA).
-    step = (hi * k - lok) / torch.full_like(lok, levels)
+    # and from the kernels' IEEE division (tests/test_kernels.py on CUDA).  A
+    # tensor ``levels`` is broadcast, not read into a fill value: Dynamo
+    # breaks its graph at a data-dependent ``.item()``.
+    if isinstance(levels, Tensor):
+        divisor = levels.to(lok.dtype).expand_as(lok)
+    else:
+        divisor = torch.full_like(lok, levels)
+    step = (hi * k - lok) / divisor
     return k, lok, step
 
 
