@@ -48,8 +48,10 @@ the codec bodies (no grad, no mutation, no randomness, no output aliasing an
 argument) they add nothing but marks for Dynamo on the outputs, and cost
 ~10-15 us a call on a small CPU, where a 64 KiB encode's kernels take ~25 us:
 where a check at compile time finds the graph's outputs to be the wrapped
-call's (:func:`_direct`), calls made while no compiled function runs call the
-graph directly.
+call's (:func:`_direct`), calls made while Dynamo's frame callback is not
+installed (no compiled function running, or one running the engine's hooks,
+which Dynamo runs as plain Python with its callback cleared) call the graph
+directly.
 """
 
 from __future__ import annotations
