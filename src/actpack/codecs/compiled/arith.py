@@ -350,22 +350,16 @@ def clamp_finite(v: Tensor, big: float) -> Tensor:
 
 
 def fix_poisoned_values_(
-    out: Tensor,
-    q: Tensor | Callable[[Tensor], Tensor],
-    lo: Tensor,
-    wide: bool,
-    flag: Tensor | None = None,
+    out: Tensor, q: Tensor | Callable[[Tensor], Tensor], lo: Tensor, wide: bool
 ) -> None:
     """Write the decoded classes of poisoned groups (NaN ``lo``) into ``out``.
 
     ``out`` and ``q``: (groups, group_size), or ``q`` a function returning
     the uint8 codes of the groups a bool mask selects (a decoder that never
-    unpacked them); ``lo``: (groups,); ``flag``: a 0-d bool tensor, whether
-    any ``lo`` is NaN, where the decoder's body computed it (else read
-    here).  Eager, after the compiled body, on the poisoned groups alone.
+    unpacked them); ``lo``: (groups,).  Eager, after the compiled body, on
+    the poisoned groups alone; the decoders call it only where their body's
+    flag says there are any (see :func:`any_set`).
     """
-    if flag is not None and not flag:
-        return
     poisoned = torch.isnan(lo)
     if any_set(poisoned):
         codes = q(poisoned) if callable(q) else q[poisoned]

@@ -374,11 +374,11 @@ def _decode(code: DivisionCode, dtype: torch.dtype, expect: tuple | None = None)
         out = build.run(_decoder, key, args, check)
         if out is None:
             return None
-        out, flag = out[0], out[-1]
-        rows = shape[0] * shape[1]
-        wide = hfc.bits >= 2
-        lo = hfc.lo.reshape(-1)
-        fix_poisoned_values_(out.view(rows, -1), q.reshape(rows, -1), lo, wide, flag)
+        poisoned, out = out[-1], out[0]
+        if poisoned:  # any poisoned row: the body's flag (see arith.any_set)
+            rows = shape[0] * shape[1]
+            wide = hfc.bits >= 2
+            fix_poisoned_values_(out.view(rows, -1), q.reshape(rows, -1), hfc.lo.reshape(-1), wide)
     return out.view(shape)
 
 

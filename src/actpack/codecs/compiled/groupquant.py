@@ -366,13 +366,14 @@ def _dequantize(code: GroupCode, dtype: torch.dtype, expect: tuple | None = None
         out = build.run(_decoder, key, args, functools.partial(_check_decoder, key))
         if out is None:
             return ref.dequantize_groups(code, dtype)
-        out, flag = out[0].view(-1, code.group_size), out[-1]
+        poisoned, out = out[-1], out[0].view(-1, code.group_size)
+        if poisoned:  # any poisoned group: the body's flag (see arith.any_set)
 
-        def codes_of(mask: Tensor) -> Tensor:  # poisoned groups only: rare
-            q_ = unpack_codes(code.packed, code.bits, n) if words is not None else q
-            return q_.view(-1, code.group_size)[mask]
+            def codes_of(mask: Tensor) -> Tensor:
+                q_ = unpack_codes(code.packed, code.bits, n) if words is not None else q
+                return q_.view(-1, code.group_size)[mask]
 
-        fix_poisoned_values_(out, codes_of, code.lo.reshape(-1), code.bits >= 2, flag)
+            fix_poisoned_values_(out, codes_of, code.lo.reshape(-1), code.bits >= 2)
     out = out.view(code.rows, code.ngroups * code.group_size)
     return out if out.shape[1] == code.cols else out[:, : code.cols].contiguous()
 

@@ -171,23 +171,13 @@ def _plain() -> bool:
     )
 
 
-def _facts(args: tuple) -> tuple | None:
-    """What shape guards do not say about the call (hashable); None unless
-    every argument is a plain tensor."""
-    facts: list[Any] = [torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled()]
-    for a in args:
-        if type(a) is not torch.Tensor:
-            return None
-        keys = _dispatch_keys(a).raw_repr()  # the key set's bits: hashable
-        facts += (a.dtype, a.device, a.dim(), keys, a.requires_grad)
-    return tuple(facts)
-
-
 def _seen(args: tuple) -> tuple | None:
-    """What a call's artifact depends on, as one hashable key: the
-    :func:`_facts` and the layout the shape guards read (each argument's
-    sizes, strides and storage offset), in one loop; None unless every
-    argument is a plain tensor."""
+    """What a call's artifact depends on, as one hashable key: the global
+    state Dynamo guards (default dtype, deterministic mode), then per
+    argument its dtype, device, sizes, strides, storage offset, dispatch
+    keys (layout, subclass, conj/neg views, functorch wrappers: the key
+    set's bits) and ``requires_grad``; None unless every argument is a
+    plain tensor.  The single reader of these: :func:`_facts` is derived."""
     seen: list[Any] = [torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled()]
     for a in args:
         if type(a) is not torch.Tensor:
@@ -195,6 +185,27 @@ def _seen(args: tuple) -> tuple | None:
         seen += (a.dtype, a.device, a.shape, a.stride(), a.storage_offset(),
                  _dispatch_keys(a).raw_repr(), a.requires_grad)  # fmt: skip
     return tuple(seen)
+
+
+#: Entries of :func:`_seen` per argument, after its two global ones.
+_PER_ARGUMENT = 7
+
+
+def _facts_of(seen: tuple) -> tuple:
+    """What the shape guards do not say about a call, from its :func:`_seen`
+    key: everything but the sizes, strides and offsets (the rank stays)."""
+    facts = list(seen[:2])
+    for i in range(2, len(seen), _PER_ARGUMENT):
+        dtype, device, shape, _stride, _offset, keys, grad = seen[i : i + _PER_ARGUMENT]
+        facts += (dtype, device, len(shape), keys, grad)
+    return tuple(facts)
+
+
+def _facts(args: tuple) -> tuple | None:
+    """What shape guards do not say about the call (hashable); None unless
+    every argument is a plain tensor."""
+    seen = _seen(args)
+    return None if seen is None else _facts_of(seen)
 
 
 def _guard_function(expr: str | None, n: int) -> Callable[..., bool]:
@@ -363,7 +374,7 @@ class Standalone:
         if artifact is _NONE:
             return MISS
         if artifact is None:
-            artifact = self._serving(_facts(args), args, quiet)
+            artifact = self._serving(_facts_of(seen), args, quiet)
             if artifact is not None or len(self.artifacts) >= MAX_ARTIFACTS:
                 self._remember(seen, _NONE if artifact is None else artifact)
         if artifact is None:
