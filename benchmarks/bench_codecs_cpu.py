@@ -19,6 +19,13 @@ thread, it times:
   and decode, and the encoder's block means alone (compiled, as the encoder
   computes them, beside ATen's ``avg_pool2d`` to bfloat16, which computed
   them until the reference fixed its own summation order);
+* the Hadamard-rotated 3-bit code of ``actpack.RowActNN``'s Linear inputs
+  (token rows of 256 features, one group a row, 64-column blocks, adaptive,
+  stochastic): its ``"reference"`` rows are the reference rotation, whose
+  quantization takes the backend ``ACTPACK_BACKEND`` selects (unset: the
+  compiled one at these sizes), i.e. what ``RowActNN`` ran before the
+  rotation's row selection was compiled, its ``"compiled"`` rows what it
+  runs now (:mod:`actpack.codecs.compiled.hadamard`);
 * with ``--forms both``, the compiled 2-bit and int8 codecs again with the
   code forms of each vector width forced (the name ``avx512_vectors`` in
   ``actpack.codecs.compiled.groupquant``, which otherwise follows the CPU's
@@ -72,6 +79,7 @@ from actpack.codecs.compiled import groupquant as cgq  # noqa: E402
 
 BACKENDS = ("reference", "compiled")
 GROUP_ROW = 4096  # elements per sample row for the ActNN layout
+HADAMARD_ROW = 256  # features per token row for the rotated code
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -142,7 +150,26 @@ def codecs(numel: int) -> dict[str, tuple[Callable, Callable, Callable]]:
 
         return make, enc, dec
 
-    return {"actnn-2bit": groups(2), "int8": groups(8), "division-2bit": division()}
+    def hadamard():
+        def make() -> torch.Tensor:
+            return torch.randn(
+                max(1, numel // HADAMARD_ROW), min(numel, HADAMARD_ROW), generator=gen
+            )
+
+        def enc(x, name):
+            return backend.hadamard_encode(x, 3, 64, adaptive=True, generator=gen, backend=name)
+
+        def dec(code, name):
+            return backend.hadamard_decode(code, torch.float32, backend=name)
+
+        return make, enc, dec
+
+    return {
+        "actnn-2bit": groups(2),
+        "int8": groups(8),
+        "division-2bit": division(),
+        "hadamard-3bit": hadamard(),
+    }
 
 
 def measure(
@@ -177,7 +204,7 @@ def measure(
             ops["division-2bit block means (ATen avg_pool2d)"] = lambda xc=xc: F.avg_pool2d(
                 xc, 8, 8, 0, True, False
             ).to(torch.bfloat16)
-        if forms == "both" and codec != "division-2bit":
+        if forms == "both" and codec in ("actnn-2bit", "int8"):
             for avx512 in (True, False):
                 what = "AVX-512 forms" if avx512 else "AVX2 forms"
 

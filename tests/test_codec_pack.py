@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actpack.codecs import pack_bits, packed_numel, unpack_bits
+from actpack.codecs import pack, pack_bits, packed_numel, unpack_bits
 
 DEVICES = [
     "cpu",
@@ -62,3 +62,44 @@ def test_invalid_bits(bits) -> None:
 def test_unpack_too_short() -> None:
     with pytest.raises(ValueError, match="needed"):
         unpack_bits(torch.zeros(1, dtype=torch.uint8), 3, 5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape",
+    [(0,), (1,), (7,), (8,), (13,), (3, 64), (5, 7, 9)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_masks_are_the_one_bit_stream(shape, device) -> None:
+    gen = torch.Generator().manual_seed(len(shape) * 100 + shape[-1])
+    mask = (torch.rand(shape, generator=gen) > 0.4).to(device)
+    packed = pack.pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (-(-mask.numel() // 8),)
+    assert torch.equal(packed, pack_bits(mask.reshape(-1).to(torch.uint8), 1))
+    back = pack.unpack_mask(packed, shape)
+    assert back.dtype == torch.bool and torch.equal(back, mask)
+
+
+def test_masks_of_strided_and_sliced_views() -> None:
+    base = torch.rand(9, 31, generator=torch.Generator().manual_seed(3)) > 0.5
+    for mask in (base.t(), base[:, 5:17], base[::2], base.t()[3]):
+        packed = pack.pack_mask(mask)
+        assert torch.equal(packed, pack_bits(mask.reshape(-1).to(torch.uint8), 1))
+        assert torch.equal(pack.unpack_mask(packed, mask.shape), mask)
+    # a packed stream read from a longer buffer: only its first bytes count
+    longer = torch.cat([pack.pack_mask(base), torch.full((3,), 255, dtype=torch.uint8)])
+    assert torch.equal(pack.unpack_mask(longer, base.shape), base)
+
+
+def test_mask_errors() -> None:
+    with pytest.raises(ValueError, match="bool"):
+        pack.pack_mask(torch.ones(4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="2 needed for 9 bits"):
+        pack.unpack_mask(torch.zeros(1, dtype=torch.uint8), (9,))
+    # the backend reads another dtype as mask != 0 (a 2 would otherwise set two bits)
+    from actpack.codecs import backend
+
+    codes = torch.tensor([0, 2, 1, 0, 3], dtype=torch.uint8)
+    assert torch.equal(
+        backend.pack_mask(codes, backend="reference"), torch.tensor([0b10110]).to(torch.uint8)
+    )

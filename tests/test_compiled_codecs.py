@@ -169,10 +169,13 @@ def test_pack_rows_is_the_stream():
 
 @pytest.mark.parametrize(("bits", "gs", "dtype"), [
     (1, 64, torch.float32), (2, 256, torch.float32), (2, 16, torch.bfloat16),
-    (4, 24, torch.float16), (8, 40, torch.float32), (8, 12, torch.float32)])  # fmt: skip
+    (4, 24, torch.float16), (8, 40, torch.float32), (8, 12, torch.float32),
+    (3, 64, torch.float32), (3, 48, torch.float32), (6, 96, torch.float16),
+    (7, 32, torch.bfloat16)])  # fmt: skip
 def test_decoder_reads_the_streams_words(monkeypatch, bits, gs, dtype):
     """Bit widths dividing 32 with whole words per group (8 bits: pairs of
-    words, on CPUs without AVX-512, forced here) decode straight from the
+    words; 3, 5, 6, 7 bits: chunks of 32 codes, some straddling two words;
+    both on CPUs without AVX-512, forced here) decode straight from the
     packed stream's int32 words (no uint8 codes array); a stream whose
     bytes are not 4-aligned (a view at an odd offset) takes the unpacking
     path; both decode as the reference, poisoned groups' classes included."""
@@ -182,7 +185,7 @@ def test_decoder_reads_the_streams_words(monkeypatch, bits, gs, dtype):
     x = (torch.randn(6, 4 * gs) * 3).to(dtype)
     ref = rgq.quantize_groups(x, bits, gs, stochastic=False)
     monkeypatch.setattr(cgq, "avx512_vectors", lambda: False)
-    words = gs % max(32 // bits, 8) == 0
+    words = gs % (32 if bits in (3, 5, 6, 7) else max(32 // bits, 8)) == 0
     assert (cgq._words(ref) is not None) == words
     same(cgq.dequantize_groups(ref, dtype), rgq.dequantize_groups(ref, dtype))
     unpacked.clear()  # the first call's verification probe holds poisoned groups
@@ -210,11 +213,15 @@ def _spaced(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("avx512", [True, False])
 def test_eight_bit_words_only_without_avx512(monkeypatch, avx512):
-    """8-bit codes are read as word pairs only where vectors are not AVX-512's
-    (slower there, BENCHMARKS.md round 6); 2-bit codes as words on both."""
+    """8-bit codes are read as word pairs, and codes straddling words (3, 5, 6,
+    7 bits) as chunks of words, only where vectors are not AVX-512's (8 bits
+    slower there, BENCHMARKS.md round 6; the others not measured there);
+    2-bit codes as words on both."""
     monkeypatch.setattr(cgq, "avx512_vectors", lambda: avx512)
     x = torch.randn(4, 256)
-    assert (cgq._words(rgq.quantize_groups(x, 8, 64, stochastic=False)) is None) == avx512
+    for bits in (3, 5, 6, 7, 8):
+        code = rgq.quantize_groups(x, bits, 64, stochastic=False)
+        assert (cgq._words(code) is None) == avx512
     assert cgq._words(rgq.quantize_groups(x, 2, 64, stochastic=False)) is not None
 
 

@@ -50,6 +50,8 @@ __all__ = [
     "dequantize_groups",
     "division_decode",
     "division_encode",
+    "hadamard_decode",
+    "hadamard_encode",
     "pack_bits",
     "pack_mask",
     "quantize_groups",
@@ -212,6 +214,40 @@ def division_decode(
     return _impl(choice, "division", _ref_division).division_decode(code, dtype)
 
 
+def hadamard_encode(
+    x: Tensor,
+    bits: int,
+    block: int = 64,
+    group_size: int | None = None,
+    *,
+    adaptive: bool = False,
+    stochastic: bool = True,
+    generator: torch.Generator | None = None,
+    meta_dtype: torch.dtype = torch.bfloat16,
+    backend: str | None = None,
+):
+    """:func:`actpack.codecs.hadamard.hadamard_encode` on the chosen backend:
+    the compiled row selection (:mod:`actpack.codecs.compiled.hadamard`) for
+    ``"compiled"``, else the reference, whose quantization then runs on the
+    backend ``ACTPACK_BACKEND`` selects (there are no Triton kernels of the
+    rotation).  Imported at the call: the Hadamard codec quantizes through
+    this module."""
+    x = x.resolve_neg()  # a pending negation: fused code reads the stored values
+    compiled = resolve_backend(x, backend) == "compiled"
+    impl = _module("actpack.codecs.compiled.hadamard" if compiled else "actpack.codecs.hadamard")
+    return impl.hadamard_encode(x, bits, block, group_size, adaptive=adaptive,
+                                stochastic=stochastic, generator=generator,
+                                meta_dtype=meta_dtype)  # fmt: skip
+
+
+def hadamard_decode(code, dtype: torch.dtype = torch.float32, *, backend: str | None = None):
+    """:func:`actpack.codecs.hadamard.hadamard_decode` on the chosen backend
+    (see :func:`hadamard_encode`)."""
+    compiled = resolve_backend(code.inner.packed, backend, code.rows * code.cols) == "compiled"
+    impl = _module("actpack.codecs.compiled.hadamard" if compiled else "actpack.codecs.hadamard")
+    return impl.hadamard_decode(code, dtype)
+
+
 def pack_bits(codes: Tensor, bits: int, *, backend: str | None = None) -> Tensor:
     """:func:`actpack.codecs.pack_bits` on the chosen backend."""
     choice = resolve_backend(codes, backend)
@@ -227,10 +263,12 @@ def unpack_bits(packed: Tensor, bits: int, numel: int, *, backend: str | None = 
 
 
 def pack_mask(mask: Tensor, *, backend: str | None = None) -> Tensor:
-    """A bool tensor packed 1 bit per element (the byte stream of ``pack_bits(., 1)``)."""
+    """A bool tensor packed 1 bit per element (the byte stream of ``pack_bits(., 1)``);
+    another dtype is read as ``mask != 0``."""
+    mask = mask if mask.dtype == torch.bool else mask != 0
     choice = resolve_backend(mask, backend)
     if choice == "reference":
-        return _ref_pack.pack_bits(mask.reshape(-1).to(torch.uint8), 1)
+        return _ref_pack.pack_mask(mask)
     return _impl(choice, "bits", _ref_pack).pack_mask(mask)
 
 
@@ -239,5 +277,5 @@ def unpack_mask(packed: Tensor, shape: torch.Size, *, backend: str | None = None
     shape = torch.Size(shape)
     choice = resolve_backend(packed, backend, shape.numel())
     if choice == "reference":
-        return _ref_pack.unpack_bits(packed, 1, shape.numel()).view(shape).bool()
+        return _ref_pack.unpack_mask(packed, shape)
     return _impl(choice, "bits", _ref_pack).unpack_mask(packed, shape)

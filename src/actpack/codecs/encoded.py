@@ -18,10 +18,11 @@ from actpack.codecs import DivisionCode, GroupCode
 from actpack.codecs.backend import (
     dequantize_groups,
     division_decode,
+    hadamard_decode,
     pack_mask,
     unpack_mask,
 )
-from actpack.codecs.hadamard import RotatedCode, hadamard_decode
+from actpack.codecs.hadamard import RotatedCode
 from actpack.codecs.traceable import half_scaled_on_host, half_unscaled
 
 

@@ -50,11 +50,15 @@ from actpack.codecs.groupquant import GroupCode, check_float32_range
 
 __all__ = [
     "RotatedCode",
+    "apply_blocks",
     "chunk_sizes",
     "hadamard_decode",
     "hadamard_encode",
     "hadamard_matrix",
+    "plain_limit",
+    "random_signs",
     "rotate",
+    "rotated_rows",
     "unrotate",
 ]
 
@@ -104,8 +108,9 @@ def _matrix(n: int, device: torch.device) -> Tensor:
     return h / math.sqrt(n)
 
 
-def _apply_blocks(y: Tensor, block: int) -> Tensor:
-    """``y @ blockdiag(H_c for c in chunk_sizes)`` for float32 ``y`` (rows, cols)."""
+def apply_blocks(y: Tensor, block: int) -> Tensor:
+    """``y @ blockdiag(H_c for c in chunk_sizes)`` for float32 ``y`` (rows, cols): a
+    new float32 tensor (the matmul of each block's columns; ``block`` unchecked)."""
     rows, cols = y.shape
     out = torch.empty_like(y)
     full = (cols // block) * block
@@ -129,8 +134,8 @@ def _range_sq(m: Tensor, group_size: int) -> Tensor:
     pad = ngroups * group_size - cols
     if pad:
         m = torch.cat([m, m[:, -1:].expand(rows, pad)], dim=1)
-    g = m.view(rows, ngroups, group_size)
-    return (g.amax(dim=-1) - g.amin(dim=-1)).square().sum(dim=-1)
+    lo, hi = torch.aminmax(m.view(rows, ngroups, group_size), dim=-1)
+    return (hi - lo).square().sum(dim=-1)
 
 
 def _signs(packed: Tensor, cols: int) -> Tensor:
@@ -144,12 +149,12 @@ def rotate(x: Tensor, signs: Tensor, block: int) -> Tensor:
 
     ``signs`` is a (cols,) tensor of +-1.  Orthogonal: :func:`unrotate` inverts it.
     """
-    return _apply_blocks(x.to(torch.float32) * signs, _check_block(block))
+    return apply_blocks(x.to(torch.float32) * signs, _check_block(block))
 
 
 def unrotate(y: Tensor, signs: Tensor, block: int) -> Tensor:
     """Inverse of :func:`rotate` (``H`` is symmetric and orthonormal): float32."""
-    out = _apply_blocks(y.to(torch.float32), _check_block(block))
+    out = apply_blocks(y.to(torch.float32), _check_block(block))
     return out.mul_(signs)
 
 
@@ -221,22 +226,8 @@ def hadamard_encode(
     if group_size is None:
         group_size = max(cols, 1)
     with torch.no_grad():
-        neg = torch.randint(0, 2, (cols,), generator=generator, device=x.device, dtype=torch.uint8)
-        signs = 1.0 - 2.0 * neg.to(torch.float32)
-        # A rotated value sums up to `block` inputs over sqrt(block): keep rows
-        # whose sum could overflow float32 (and non-finite rows) unrotated.
-        # Rows rotate independently, so a NaN never leaks into another row.
-        limit = torch.finfo(torch.float32).max / math.sqrt(block)
-        if cols:
-            plain = ~(x.detach().abs().amax(dim=1).to(torch.float32) <= limit)  # NaN: True
-        else:
-            plain = torch.zeros(rows, dtype=torch.bool, device=x.device)
-        xf = x.detach().to(torch.float32)
-        y = rotate(xf, signs, block)
-        if adaptive and cols:
-            plain |= ~(_range_sq(y, group_size) < _range_sq(xf, group_size))
-        torch.where(plain.unsqueeze(1), xf, y, out=y)
-        del xf
+        neg = random_signs(cols, generator, x.device)
+        y, plain = rotated_rows(x, neg, block, group_size, adaptive)
         inner = quantize_groups(
             y,
             bits,
@@ -246,6 +237,44 @@ def hadamard_encode(
             meta_dtype=meta_dtype,
         )
     return RotatedCode(inner, pack_mask(neg.bool()), pack_mask(plain), block)
+
+
+def random_signs(cols: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """One uniform random bit per column (uint8 0/1; 1: the column's sign is -1),
+    drawn from ``generator``: what every encode draws first."""
+    return torch.randint(0, 2, (cols,), generator=generator, device=device, dtype=torch.uint8)
+
+
+def plain_limit(block: int) -> float:
+    """The largest magnitude a row may hold and still be rotated: a rotated
+    value sums up to ``block`` inputs over ``sqrt(block)``, so rows beyond it
+    could overflow float32 (compared in float32, like the rows' maxima)."""
+    return torch.finfo(torch.float32).max / math.sqrt(block)
+
+
+def rotated_rows(
+    x: Tensor, neg: Tensor, block: int, group_size: int, adaptive: bool
+) -> tuple[Tensor, Tensor]:
+    """What :func:`hadamard_encode` quantizes: ``(values, plain)``.
+
+    ``values``: float32 (rows, cols), each row of ``x`` rotated by the signs
+    ``neg`` (:func:`random_signs`) and ``H``, or unrotated where ``plain``
+    ((rows,) bool) is set: rows holding a non-finite value or a magnitude
+    beyond :func:`plain_limit`, and (``adaptive``) rows whose sum of squared
+    group ranges the rotation does not shrink.  Rows rotate independently, so
+    a NaN never leaks into another row.
+    """
+    rows, cols = x.shape
+    signs = 1.0 - 2.0 * neg.to(torch.float32)
+    if cols:
+        plain = ~(x.detach().abs().amax(dim=1).to(torch.float32) <= plain_limit(block))  # NaN: True
+    else:
+        plain = torch.zeros(rows, dtype=torch.bool, device=x.device)
+    xf = x.detach().to(torch.float32)
+    y = rotate(xf, signs, block)
+    if adaptive and cols:
+        plain |= ~(_range_sq(y, group_size) < _range_sq(xf, group_size))
+    return torch.where(plain.unsqueeze(1), xf, y, out=y), plain
 
 
 def hadamard_decode(code: RotatedCode, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -8,6 +8,8 @@ synchronises with the device.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -76,3 +78,45 @@ def unpack_bits(packed: Tensor, bits: int, numel: int) -> Tensor:
     stream = (flat.unsqueeze(1) >> _shifts(8, 1, flat.device)) & 1
     planes = stream.reshape(-1)[: numel * bits].view(numel, bits)
     return (planes << _shifts(bits, 1, flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _bit_values(device: torch.device) -> Tensor:
+    # Cached, never written: a mask of a small model's layer costs a few eager
+    # ops, and allocating this each time was one of them.
+    with torch.inference_mode(False):
+        return torch.tensor([1 << i for i in range(8)], dtype=torch.uint8, device=device)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """A bool tensor (any shape) packed 1 bit per element: 1-D uint8 of
+    ``ceil(numel / 8)`` bytes, the stream of ``pack_bits(mask, 1)`` (element
+    ``i`` at bit ``i % 8`` of byte ``i // 8``; the last byte's unused bits 0).
+
+    Three eager ops (a uint8 view of the bools, a multiply by each bit's
+    value, a uint8 sum): masks are saved per layer, and a small layer's mask
+    cost more in the generic packer's ops than in its bytes.
+    """
+    if mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+    flat = mask.detach().reshape(-1).view(torch.uint8)  # bools are the bytes 0 and 1
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    # Disjoint bits: the uint8 sum of the products is their bitwise OR.
+    return (flat.view(-1, 8) * _bit_values(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`pack_mask`: a bool tensor of ``shape``.
+
+    Raises ValueError when ``packed`` holds fewer than ``ceil(numel / 8)`` bytes.
+    """
+    shape = torch.Size(shape)
+    numel = shape.numel()
+    need = (numel + 7) // 8
+    if packed.numel() < need:
+        raise ValueError(f"packed holds {packed.numel()} bytes, {need} needed for {numel} bits")
+    flat = packed.detach().reshape(-1)[:need]
+    bits = (flat.unsqueeze(1) & _bit_values(flat.device)).ne(0).view(-1)
+    return (bits if bits.numel() == numel else bits[:numel]).view(shape)

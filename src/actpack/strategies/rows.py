@@ -36,9 +36,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from actpack.codecs.backend import quantize_groups
+from actpack.codecs.backend import hadamard_encode, quantize_groups
 from actpack.codecs.encoded import Copy, Encoded, Groups, Rotated
-from actpack.codecs.hadamard import hadamard_encode
 from actpack.policy.ops import CHANNEL_FIRST_OPS, ROW_NORM_OPS
 from actpack.policy.rules import ReluOutput
 from actpack.strategies.actnn import ActNN, as_int, check_bits, check_int

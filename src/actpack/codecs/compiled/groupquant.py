@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -212,13 +213,34 @@ def _decoder(wide: bool, zero_exact: bool, meta: torch.dtype, dtype: torch.dtype
         # 8 bits (word_bits): 4 codes a word, half an AVX2 vector; the codes
         # go by 8, the first four from a chunk's first word, the rest from its
         # second.
+        # 3, 5, 6 and 7 bits: a chunk is 32 codes in ``bits`` words, and a
+        # code may straddle two of them: each code reads the word holding its
+        # first bit and the next (selects over the chunk's words, no gather).
         shift = shifts.to(torch.int32)
+        mask = (1 << bits) - 1
         if bits == 8:
             pair = words.view(words.shape[0], -1, 2)
             word, shift = torch.where(shift >= 32, pair[..., 1:], pair[..., :1]), shift & 31
+        elif bits in STRADDLING:
+            chunk = words.view(words.shape[0], -1, bits)
+            first = shift >> 5
+            low = high = chunk[..., bits - 1 :]  # the last word: no code straddles it
+            for j in range(bits - 1):
+                low = torch.where(first == j, chunk[..., j : j + 1], low)
+                high = torch.where(first == j, chunk[..., j + 1 : j + 2], high)
+            # In int32 (AVX2 shifts int32 lanes by vectors of counts, not
+            # int64 ones): a straddling code's low part is the word's top
+            # 32 - s bits (cleared above them: the shift is arithmetic), its
+            # high part the next word's bottom bits.  Counts stay in 0..31.
+            s = shift & 31
+            straddles = s > 32 - bits
+            rest = (32 - s) & 31
+            part = (low >> s) & torch.where(straddles, (1 << rest) - 1, mask)
+            q = (part | torch.where(straddles, high << rest, 0)) & mask
+            return values(q, lo.unsqueeze(-1), hi.unsqueeze(-1), levels)
         else:
             word = words.unsqueeze(-1)
-        q = (word >> shift) & ((1 << bits) - 1)
+        q = (word >> shift) & mask
         return values(q, lo.unsqueeze(-1), hi.unsqueeze(-1), levels)
 
     return decode_groups if bits is None else decode_words
@@ -288,6 +310,41 @@ def _quantize(
     ``expect``: the configuration a check's probe must select, else
     :class:`OtherConfiguration` (a check must never pass for another one)."""
     x = x.detach()
+    key, view, args = encoder_setup(x, bits, group_size, stochastic, generator, zero_exact,
+                                    meta_dtype, index)  # fmt: skip
+    if expect is not None and key != expect:
+        raise OtherConfiguration(expect, key)
+    rows, cols = x.shape
+    with torch.no_grad():
+        out = build.run(_encoder, key, args, functools.partial(_check_encoder, key))
+        if out is None:
+            return None
+
+        def groups_of(mask: Tensor) -> Tensor:
+            if view is not x:  # grouped: two eager ops rather than eight
+                return view[mask].float()
+            by_row = mask.view(rows, -1)
+            hit = by_row.any(1)  # only the rows holding a poisoned group
+            width = -(-cols // group_size) * group_size
+            return _padded(x[hit], width).float().view(-1, group_size)[by_row[hit].view(-1)]
+
+        return encoder_finish(out, key, rows, cols, group_size, bits, zero_exact, groups_of)
+
+
+def encoder_setup(
+    x: Tensor,
+    bits: int,
+    group_size: int,
+    stochastic: bool,
+    generator: torch.Generator | None,
+    zero_exact: bool,
+    meta_dtype: torch.dtype,
+    index: torch.dtype | None = None,
+) -> tuple[tuple, Tensor, tuple]:
+    """``(key, view, args)`` of an encode of valid 2-D ``x``: the configuration
+    of :func:`_encoder`, the matrix its body reads (the (groups, group_size)
+    view of ``x`` where its rows are whole groups, else ``x``), and the body's
+    arguments.  Draws the stochastic rounding's key from ``generator``."""
     zero_exact, stochastic = bool(zero_exact), bool(stochastic)
     seed = random_key(generator, x.device) if stochastic else zero_key(x.device)
     rows, cols = x.shape
@@ -306,32 +363,36 @@ def _quantize(
     fused = grouped and not avx512_vectors()
     key = (bits >= 2, zero_exact, stochastic, meta_dtype, x.dtype, index, grouped, split, pack,
            fused)  # fmt: skip
-    args = (view, seed, levels_tensor(bits, zero_exact), lanes(group_size, index, x.device))
-    if expect is not None and key != expect:
-        raise OtherConfiguration(expect, key)
-    with torch.no_grad():
-        out = build.run(_encoder, key, args, functools.partial(_check_encoder, key))
-        if out is None:
-            return None
-        codes, lo, hi, poisoned = out[:4]
-        width = -(-cols // group_size) * group_size
-        if not grouped:
-            codes = codes.view(-1, group_size)  # from (rows, width), row-major
+    constants = (levels_tensor(bits, zero_exact), lanes(group_size, index, x.device))
+    return key, view, (view, seed, *constants)
 
-        def groups_of(mask: Tensor) -> Tensor:
-            if grouped:  # two eager ops rather than eight (~40 us an encode)
-                return view[mask].float()
-            by_row = mask.view(rows, -1)
-            hit = by_row.any(1)  # only the rows holding a poisoned group
-            return _padded(x[hit], width).float().view(-1, group_size)[by_row[hit].view(-1)]
 
-        if any_set(poisoned):
-            if pack:  # codes: the packed bytes of each group, one row per group
-                fix_poisoned_packed_(codes, groups_of, poisoned.view(-1), bits)
-            else:
-                fix_poisoned_codes_(codes, groups_of, poisoned.view(-1), bits >= 2)
-            finish_ranges_(lo, hi, poisoned)
-        packed = codes.view(-1) if pack else pack_codes(codes, bits)
+def encoder_finish(
+    out: tuple,
+    key: tuple,
+    rows: int,
+    cols: int,
+    group_size: int,
+    bits: int,
+    zero_exact: bool,
+    groups_of: Callable[[Tensor], Tensor],
+) -> GroupCode:
+    """The :class:`GroupCode` of an encoder body's first four outputs (codes,
+    lo, hi, poisoned flags) for configuration ``key``: the classes of
+    poisoned groups written, the codes packed.  ``groups_of(mask)``: the
+    float32 (n, group_size) values the body coded, of the groups ``mask``
+    (one bool per group) selects; called only when a group is poisoned."""
+    codes, lo, hi, poisoned = out[:4]
+    grouped, pack = key[6], key[8]
+    if not grouped:
+        codes = codes.view(-1, group_size)  # from (rows, width), row-major
+    if any_set(poisoned):
+        if pack:  # codes: the packed bytes of each group, one row per group
+            fix_poisoned_packed_(codes, groups_of, poisoned.view(-1), bits)
+        else:
+            fix_poisoned_codes_(codes, groups_of, poisoned.view(-1), bits >= 2)
+        finish_ranges_(lo, hi, poisoned)
+    packed = codes.view(-1) if pack else pack_codes(codes, bits)
     lo, hi = lo.view(rows, -1), hi.view(rows, -1)
     return GroupCode(packed, lo, hi, rows, cols, group_size, bits, zero_exact)
 
@@ -378,6 +439,10 @@ def _dequantize(code: GroupCode, dtype: torch.dtype, expect: tuple | None = None
     return out if out.shape[1] == code.cols else out[:, : code.cols].contiguous()
 
 
+#: Bit widths whose codes straddle the packed stream's 32-bit words.
+STRADDLING = (3, 5, 6, 7)
+
+
 def word_bits() -> tuple[int, ...]:
     """Bit widths whose codes the decoder unpacks from the packed stream's
     int32 words in its body (one compiled call, no uint8 codes array).
@@ -387,8 +452,10 @@ def word_bits() -> tuple[int, ...]:
     2-core AMD EPYC with AVX2 an int8 decode of 16 MiB ran 7.6 -> 4.3 ms
     this way (round 6), and on another 8.55 -> 7.39 ms (round 7), on an
     AVX-512 machine 4-9x slower (BENCHMARKS.md "CPU codecs", round 6);
-    there it reads the unpacked uint8 codes."""
-    return (1, 2, 4) if avx512_vectors() else (1, 2, 4, 8)
+    there it reads the unpacked uint8 codes.  The widths whose codes
+    straddle words (:data:`STRADDLING`; 3 bits is ``RowActNN``'s default
+    for matmul inputs) likewise, measured on AVX2 only (round 11)."""
+    return (1, 2, 4) if avx512_vectors() else (1, 2, 4, 8, *STRADDLING)
 
 
 def _words(code: GroupCode) -> Tensor | None:
@@ -411,8 +478,9 @@ def _words(code: GroupCode) -> Tensor | None:
 
 
 def _chunk(bits: int) -> int:
-    """Codes the word decoder unpacks together: a word's, or two words' (8 bits)."""
-    return max(32 // bits, 8)
+    """Codes the word decoder unpacks together: a word's, two words' (8 bits),
+    or 32 codes in ``bits`` words (:data:`STRADDLING`)."""
+    return 32 if bits in STRADDLING else max(32 // bits, 8)
 
 
 @functools.lru_cache(maxsize=16)
@@ -434,19 +502,24 @@ def _probe_matrix(group_size: int, levels: int, grouped: bool, zero_exact: bool)
     return x.abs() if zero_exact else x
 
 
-def _check_encoder(key: tuple) -> bool:
-    """Whether the encoder configuration ``key`` codes a probe of it as the
-    reference does (the noise of stochastic rounding given to the reference)."""
-    wide, zero_exact, stochastic, meta, dtype, index, grouped, split, pack, _fused = key
-    # A group size and bit width that select this configuration (see _quantize).
+def probe_size(key: tuple) -> tuple[int, int]:
+    """A group size and bit width that select the encoder configuration ``key``
+    (see :func:`encoder_setup`) for a probe of it."""
+    wide, grouped, split, pack = key[0], key[6], key[7], key[8]
     # 32, not 16 or 8, wherever 32 selects it: Inductor specialises a group of
     # exactly one vector (16 lanes with AVX-512, 8 with AVX2), and the probe's
     # artifact would then serve no other group size (a second compile for the
     # first real call).  8 bits: a code that is never packed in the body.
     if (split or not avx512_vectors()) and (pack or wide or not grouped):
-        group_size, bits = 32, pack or (8 if grouped else (3 if wide else 1))
-    else:
-        group_size, bits = (8 if pack else 6), pack or (3 if wide else 1)
+        return 32, pack or (8 if grouped else (3 if wide else 1))
+    return (8 if pack else 6), pack or (3 if wide else 1)
+
+
+def _check_encoder(key: tuple) -> bool:
+    """Whether the encoder configuration ``key`` codes a probe of it as the
+    reference does (the noise of stochastic rounding given to the reference)."""
+    wide, zero_exact, stochastic, meta, dtype, index, grouped, split, pack, _fused = key
+    group_size, bits = probe_size(key)
     levels = (1 << bits) - 1 - int(zero_exact)
     x = _probe_matrix(group_size, levels, grouped, zero_exact).to(dtype)
     x = x.contiguous() if grouped else x  # the tail view: not whole groups, not contiguous
