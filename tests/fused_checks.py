@@ -257,3 +257,26 @@ def assert_division_matches_reference(fused, device):
     z = two_sample_z(yk, yr, (step**2 * p * (1 - p)).reshape(49), float(step))
     assert z.abs().max() < 5, z
     assert 0.45 <= z.square().mean() <= 1.7, z.square().mean()  # chi^2_49 / 49, sd 0.2
+
+
+def perturbed(factory):
+    """``factory`` whose bodies return the first output (the codes) with one
+    bit flipped in its first element: what an Inductor that rounds otherwise
+    would compute."""
+
+    def make(*key):
+        body = factory(*key)
+
+        def flipped_body(*args):
+            out = body(*args)
+            first = out[0]
+            flat = (
+                first.view(torch.uint8).view(-1) if first.dtype != torch.uint8 else first.view(-1)
+            )
+            flipped = torch.cat([flat[:1] ^ 1, flat[1:]]).view(first.dtype).view(first.shape)
+            return (flipped, *out[1:])
+
+        return flipped_body
+
+    make.__name__ = factory.__name__
+    return make

@@ -40,6 +40,7 @@ from fused_checks import (
     check_groups,
     compiled_codecs_only,
     order_sensitive_map,
+    perturbed,
     same,
     same_bound,
     same_code,
@@ -939,29 +940,6 @@ def test_rows_that_are_not_whole_groups_code_as_the_reference(dtype, bits, zero_
 # --------------------------------------------------------------------------------------
 
 
-def _perturbed(factory):
-    """``factory`` whose bodies return the first output (the codes) with one
-    bit flipped in its first element: what an Inductor that rounds otherwise
-    would compute."""
-
-    def make(*key):
-        body = factory(*key)
-
-        def perturbed(*args):
-            out = body(*args)
-            first = out[0]
-            flat = (
-                first.view(torch.uint8).view(-1) if first.dtype != torch.uint8 else first.view(-1)
-            )
-            flipped = torch.cat([flat[:1] ^ 1, flat[1:]]).view(first.dtype).view(first.shape)
-            return (flipped, *out[1:])
-
-        return perturbed
-
-    make.__name__ = factory.__name__
-    return make
-
-
 def test_a_check_never_passes_for_another_configuration(monkeypatch):
     """A configuration's check must run that configuration on its probe: where
     the probe would select another one (keys no input reaches here), the check
@@ -1034,19 +1012,19 @@ def test_codes_unlike_the_reference_fall_back_with_one_warning(monkeypatch, code
     build._compiled.cache_clear()
     x = torch.randn(4, 512)
     if codec == "encode":
-        monkeypatch.setattr(cgq, "_encoder", _perturbed(cgq._encoder))
+        monkeypatch.setattr(cgq, "_encoder", perturbed(cgq._encoder))
         tail = torch.randn(3, 300)  # another configuration: no second warning
         calls = [lambda: cgq.quantize_groups(x, 2, 256, stochastic=False),
                  lambda: cgq.quantize_groups(tail, 2, 256, stochastic=False)]  # fmt: skip
         want = [rgq.quantize_groups(v, 2, 256, stochastic=False) for v in (x, tail)]
     elif codec == "decode":
-        monkeypatch.setattr(cgq, "_decoder", _perturbed(cgq._decoder))
+        monkeypatch.setattr(cgq, "_decoder", perturbed(cgq._decoder))
         code = rgq.quantize_groups(x, 2, 256, stochastic=False)
         calls = [lambda: cgq.dequantize_groups(code), lambda: cgq.dequantize_groups(code)]
         want = [rgq.dequantize_groups(code), rgq.dequantize_groups(code)]
     else:
         if codec == "division":
-            monkeypatch.setattr(cdiv, "_encoder", _perturbed(cdiv._encoder))
+            monkeypatch.setattr(cdiv, "_encoder", perturbed(cdiv._encoder))
             xd = torch.randn(2, 3, 9, 9)
         else:
             monkeypatch.setattr(cdiv, "_pooler", _avg_pool_order)

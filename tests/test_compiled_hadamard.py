@@ -15,9 +15,11 @@ asserted to be.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from fused_checks import DTYPES, compiled_codecs_only, same
+from fused_checks import DTYPES, compiled_codecs_only, perturbed, same
 
 from actpack.codecs import backend
 from actpack.codecs import groupquant as rgq
@@ -221,3 +223,43 @@ def test_large_codes_decode_with_the_reference_tail(monkeypatch, bodies):
     assert "_unrotated_decoder" not in bodies
     want = _reference(monkeypatch, lambda: ref.hadamard_decode(code, torch.bfloat16))
     assert same_values(got, want)
+
+
+@pytest.mark.parametrize("codec", ["encode", "decode"])
+def test_codes_unlike_the_reference_fall_back_with_one_warning(monkeypatch, codec):
+    """A configuration whose result differs from the reference's on its probe
+    (here one bit flipped, as an Inductor rounding otherwise would) is never
+    used: the reference serves it, after one NumericsFallbackWarning."""
+    monkeypatch.setattr(build, "_numerics_warned", False)
+    build._compiled.cache_clear()
+    x = _rows(24, 64, torch.float32)
+
+    def encode(fn):
+        return fn(x, 3, 64, adaptive=True, stochastic=False,
+                  generator=torch.Generator().manual_seed(8))  # fmt: skip
+
+    code = _reference(monkeypatch, lambda: encode(ref.hadamard_encode))
+    if codec == "encode":
+        monkeypatch.setattr(chad, "_rotated_encoder", perturbed(chad._rotated_encoder))
+
+        def call():
+            return encode(chad.hadamard_encode)
+    else:
+        monkeypatch.setattr(chad, "_unrotated_decoder", perturbed(chad._unrotated_decoder))
+
+        def call():
+            return chad.hadamard_decode(code, torch.bfloat16)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = [call(), call()]
+        assert [w.category for w in caught] == [build.NumericsFallbackWarning]
+        for g in got:
+            if codec == "encode":
+                _same_rotated(g, code)
+            else:
+                want = _reference(monkeypatch, lambda: ref.hadamard_decode(code, torch.bfloat16))
+                assert same_values(g, want)
+    finally:
+        build._compiled.cache_clear()

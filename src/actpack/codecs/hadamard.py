@@ -227,6 +227,26 @@ def hadamard_encode(
         group_size = max(cols, 1)
     with torch.no_grad():
         neg = random_signs(cols, generator, x.device)
+    return encode_with_signs(x, neg, bits, block, group_size, adaptive=adaptive,
+                             stochastic=stochastic, generator=generator,
+                             meta_dtype=meta_dtype)  # fmt: skip
+
+
+def encode_with_signs(
+    x: Tensor,
+    neg: Tensor,
+    bits: int,
+    block: int,
+    group_size: int,
+    *,
+    adaptive: bool,
+    stochastic: bool,
+    generator: torch.Generator | None,
+    meta_dtype: torch.dtype,
+) -> RotatedCode:
+    """:func:`hadamard_encode` of valid arguments after its signs ``neg``
+    (:func:`random_signs`) are drawn; ``group_size`` an int."""
+    with torch.no_grad():
         y, plain = rotated_rows(x, neg, block, group_size, adaptive)
         inner = quantize_groups(
             y,

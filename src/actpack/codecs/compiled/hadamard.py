@@ -140,8 +140,7 @@ def hadamard_encode(
 
     if torch.compiler.is_compiling() or not _served(x, bits, block, group_size, meta_dtype):
         return reference()
-    code = _encode(x.detach(), bits, block, bool(adaptive), stochastic, generator, meta_dtype)
-    return reference() if code is None else code
+    return _encode(x.detach(), bits, block, bool(adaptive), stochastic, generator, meta_dtype)
 
 
 def _encode(
@@ -154,6 +153,10 @@ def _encode(
     meta: torch.dtype,
     expect: tuple | None = None,
 ) -> RotatedCode | None:
+    """The compiled encode of served arguments; where the body cannot serve
+    (it does not compile, or failed its check), the reference's with the
+    signs already drawn (so that round to nearest gives the reference's code
+    for the same generator), or None for a check's probe (``expect``)."""
     rows, cols = x.shape
     with torch.no_grad():
         neg = random_signs(cols, generator, x.device)  # drawn first, as the reference does
@@ -165,7 +168,11 @@ def _encode(
         check = functools.partial(_check_rotated, key)
         out = build.run(_rotated_encoder, key, (x, y, _limit(block), *args[1:]), check)
         if out is None:
-            return None
+            if expect is not None:
+                return None
+            return ref.encode_with_signs(x, neg, bits, block, cols, adaptive=adaptive,
+                                         stochastic=stochastic, generator=generator,
+                                         meta_dtype=meta)  # fmt: skip
         plain = out[-1]
 
         def groups_of(mask: Tensor) -> Tensor:  # the rows the body coded, poisoned ones
