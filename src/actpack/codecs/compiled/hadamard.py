@@ -152,16 +152,18 @@ def _encode(
     generator: torch.Generator | None,
     meta: torch.dtype,
     expect: tuple | None = None,
+    index: torch.dtype | None = None,
 ) -> RotatedCode | None:
     """The compiled encode of served arguments; where the body cannot serve
     (it does not compile, or failed its check), the reference's with the
     signs already drawn (so that round to nearest gives the reference's code
-    for the same generator), or None for a check's probe (``expect``)."""
+    for the same generator), or None for a check's probe (``expect``, the
+    configuration it must select; ``index``: its noise counter's dtype)."""
     rows, cols = x.shape
     with torch.no_grad():
         neg = random_signs(cols, generator, x.device)  # drawn first, as the reference does
         y = rotate(x, 1.0 - 2.0 * neg.to(torch.float32), block)
-        group_key, _, args = encoder_setup(y, bits, cols, stochastic, generator, False, meta)
+        group_key, _, args = encoder_setup(y, bits, cols, stochastic, generator, False, meta, index)
         key = (adaptive, x.dtype, *group_key)
         if expect is not None and key != expect:
             raise AssertionError(f"the probe selected {key}, not {expect}")
@@ -206,7 +208,7 @@ def _check_rotated(key: tuple) -> bool:
     cols, bits = probe_size(tuple(group_key))
     x = _probe(cols, (1 << bits) - 1, dtype)
     got = _encode(x, bits, block, adaptive, stochastic, torch.Generator().manual_seed(0), meta,
-                  expect=key)  # fmt: skip
+                  expect=key, index=group_key[5])  # fmt: skip
     if got is None:  # the body could not be compiled: the reference serves anyway
         return True
     gen = torch.Generator().manual_seed(0)
