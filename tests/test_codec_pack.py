@@ -91,6 +91,13 @@ def test_masks_of_strided_and_sliced_views() -> None:
     assert torch.equal(pack.unpack_mask(longer, base.shape), base)
 
 
+def test_masks_of_bools_that_are_not_zero_or_one_bytes() -> None:
+    # a bool view of arbitrary bytes: nonzero is True, as .to(uint8) reads it
+    raw = torch.tensor([0, 1, 2, 255, 0, 0, 0, 4, 1], dtype=torch.uint8)
+    mask = raw.view(torch.bool)
+    assert torch.equal(pack.pack_mask(mask), pack_bits((raw != 0).to(torch.uint8), 1))
+
+
 def test_mask_errors() -> None:
     with pytest.raises(ValueError, match="bool"):
         pack.pack_mask(torch.ones(4, dtype=torch.uint8))

@@ -1108,3 +1108,19 @@ def test_torch_compile_path_traces_each_body_in_one_graph(monkeypatch):
             same_division(got, rdiv.division_encode(maps, 8, 2, stochastic=False))
     assert dict(counters["graph_break"]) == {}
     assert [str(w.message)[:100] for w in caught if "recompile" in str(w.message)] == []
+
+
+@pytest.mark.parametrize("codec", ["groups", "division"])
+def test_a_pending_negation_is_read_as_its_values(codec):
+    """A negated view (``torch._neg_view``, what ``z.conj().imag`` gives) holds
+    -x in memory, which the compiled bodies read: the compiled entry points
+    resolve it (the backend's did already; called directly they did not)."""
+    gen = torch.Generator().manual_seed(13)
+    if codec == "groups":
+        x = torch.randn(4, 512, generator=gen)
+        same_code(cgq.quantize_groups(torch._neg_view(x), 2, 256, stochastic=False),
+                  rgq.quantize_groups(-x, 2, 256, stochastic=False))  # fmt: skip
+    else:
+        x = torch.randn(2, 3, 16, 16, generator=gen)
+        same_division(cdiv.division_encode(torch._neg_view(x), 8, 2, stochastic=False),
+                      rdiv.division_encode(-x, 8, 2, stochastic=False))  # fmt: skip

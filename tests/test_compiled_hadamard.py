@@ -263,3 +263,38 @@ def test_codes_unlike_the_reference_fall_back_with_one_warning(monkeypatch, code
                 assert same_values(g, want)
     finally:
         build._compiled.cache_clear()
+
+
+def test_a_pending_negation_is_read_as_its_values(monkeypatch, bodies):
+    """A negated view (``torch._neg_view``: what ``z.conj().imag`` gives)
+    holds -x in memory; the compiled body reads memory, so the encode
+    resolves it first (as the group and DIVISION encoders do)."""
+    x = _rows(24, 64, torch.float32)
+    neg = torch._neg_view(x)
+
+    def encode(fn, v):
+        return fn(v, 3, 64, adaptive=True, stochastic=False,
+                  generator=torch.Generator().manual_seed(9))  # fmt: skip
+
+    got = encode(chad.hadamard_encode, neg)
+    assert "_rotated_encoder" in bodies
+    _same_rotated(got, _reference(monkeypatch, lambda: encode(ref.hadamard_encode, -x)))
+
+
+def test_a_fall_back_draws_the_signs_once(monkeypatch):
+    """Where the body cannot serve (here: another default dtype, which the
+    bodies are not compiled for), the reference codes the signs already
+    drawn: round to nearest still gives the reference's code for the same
+    generator, and the generator moves as the reference's does."""
+    x = _rows(24, 64, torch.float32)
+    gens = [torch.Generator().manual_seed(12) for _ in range(2)]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = chad.hadamard_encode(x, 3, 64, adaptive=True, stochastic=False, generator=gens[0])
+        want = _reference(monkeypatch, lambda: ref.hadamard_encode(
+            x, 3, 64, adaptive=True, stochastic=False, generator=gens[1]))  # fmt: skip
+    finally:
+        torch.set_default_dtype(previous)
+    _same_rotated(got, want)
+    assert torch.equal(gens[0].get_state(), gens[1].get_state())

@@ -93,13 +93,15 @@ def pack_mask(mask: Tensor) -> Tensor:
     ``ceil(numel / 8)`` bytes, the stream of ``pack_bits(mask, 1)`` (element
     ``i`` at bit ``i % 8`` of byte ``i // 8``; the last byte's unused bits 0).
 
-    Three eager ops (a uint8 view of the bools, a multiply by each bit's
-    value, a uint8 sum): masks are saved per layer, and a small layer's mask
+    Three eager ops (the bools' bytes clamped to 1, a multiply by each
+    bit's value, a uint8 sum): masks are saved per layer, and a small layer's mask
     cost more in the generic packer's ops than in its bytes.
     """
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
-    flat = mask.detach().reshape(-1).view(torch.uint8)  # bools are the bytes 0 and 1
+    # Bools are the bytes 0 and 1, but a bool view of other bytes is nonzero
+    # True too: clamped to 1, or the uint8 sum below would carry.
+    flat = mask.detach().reshape(-1).view(torch.uint8).clamp_max(1)
     pad = -flat.numel() % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])

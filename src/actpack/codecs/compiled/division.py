@@ -269,6 +269,7 @@ def division_encode(
 
     if torch.compiler.is_compiling() or not _valid(x, block, bits):  # see groupquant's
         return reference()
+    x = x.resolve_neg()  # a pending negation: the body would read -x (see groupquant's)
     code = _encode(x, block, bits, stochastic, generator)
     return reference() if code is None else code
 

@@ -289,6 +289,9 @@ def quantize_groups(
     # cached constants, whose lru_cache Dynamo warns that it ignores.
     if torch.compiler.is_compiling() or not _valid(x, bits, group_size, zero_exact, meta_dtype):
         return reference()
+    # A pending negation (``torch._neg_view``, ``z.conj().imag``): the body
+    # would read the stored values, -x.
+    x = x.resolve_neg()
     code = _quantize(x, bits, group_size, stochastic, generator, zero_exact, meta_dtype)
     return reference() if code is None else code
 

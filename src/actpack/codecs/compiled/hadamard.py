@@ -140,7 +140,8 @@ def hadamard_encode(
 
     if torch.compiler.is_compiling() or not _served(x, bits, block, group_size, meta_dtype):
         return reference()
-    return _encode(x.detach(), bits, block, bool(adaptive), stochastic, generator, meta_dtype)
+    x = x.detach().resolve_neg()  # a pending negation: the body would read -x
+    return _encode(x, bits, block, bool(adaptive), stochastic, generator, meta_dtype)
 
 
 def _encode(
