@@ -273,7 +273,9 @@ def _check_decoder(dtype: torch.dtype) -> bool:
     """Whether the decoder for ``dtype`` decodes a reference code of the
     probe's rows (rotated and unrotated, non-finite and huge) as the
     reference, NaN payloads aside (:func:`~actpack.codecs.compiled.verify.same_values`)."""
-    x = _probe(32, 7, torch.float32)
+    # 64 columns: the group decoder's 3-bit words then come in two chunks a
+    # group, as in its own check (one chunk would compile another artifact).
+    x = _probe(64, 7, torch.float32)
     x[-1, 3] = 1e6  # beyond float16's range once decoded
     code = ref.hadamard_encode(x, 3, 16, adaptive=True, stochastic=False)
     got = hadamard_decode(code, dtype)
