@@ -232,7 +232,7 @@ def hadamard_encode(
     backend ``ACTPACK_BACKEND`` selects (there are no Triton kernels of the
     rotation).  Imported at the call: the Hadamard codec quantizes through
     this module."""
-    x = x.resolve_neg()  # a pending negation: fused code reads the stored values
+    # (A pending negation: the compiled encode resolves it, the reference reads values.)
     compiled = resolve_backend(x, backend) == "compiled"
     impl = _module("actpack.codecs.compiled.hadamard" if compiled else "actpack.codecs.hadamard")
     return impl.hadamard_encode(x, bits, block, group_size, adaptive=adaptive,
